@@ -1,0 +1,93 @@
+//! Service-to-service HTTP: bounded timeouts, the request id carried along, upstream failures
+//! turned into problems that name the dependency without leaking its internals.
+
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::problem::Problem;
+use crate::REQUEST_ID_HEADER;
+
+/// The request id of the request being handled, to pass on to downstream calls.
+#[derive(Debug, Clone, Default)]
+pub struct RequestId(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(RequestId(
+            parts
+                .headers
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ))
+    }
+}
+
+/// A client for one downstream service.
+#[derive(Clone, Debug)]
+pub struct ServiceClient {
+    name: &'static str,
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0} answered 404")]
+    NotFound(&'static str),
+    #[error("{service} is unavailable: {reason}")]
+    Unavailable { service: &'static str, reason: String },
+}
+
+impl From<CallError> for Problem {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::NotFound(s) => Problem::not_found(format!("not found in {s}")),
+            CallError::Unavailable { service, reason } => {
+                tracing::warn!(service, reason, "dependency call failed");
+                Problem::unavailable(format!("a dependency ({service}) is unavailable"))
+            }
+        }
+    }
+}
+
+impl ServiceClient {
+    pub fn new(name: &'static str, base: impl Into<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(32)
+            .build()
+            .expect("static client settings are valid");
+        Self {
+            name,
+            base: base.into().trim_end_matches('/').to_owned(),
+            http,
+        }
+    }
+
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        path_and_query: &str,
+        rid: &RequestId,
+    ) -> Result<T, CallError> {
+        let mut req = self.http.get(format!("{}{}", self.base, path_and_query));
+        if let Some(id) = &rid.0 {
+            req = req.header(REQUEST_ID_HEADER, id);
+        }
+        let unavailable = |reason: String| CallError::Unavailable {
+            service: self.name,
+            reason,
+        };
+        let res = req.send().await.map_err(|e| unavailable(e.to_string()))?;
+        match res.status() {
+            s if s.is_success() => res.json().await.map_err(|e| unavailable(e.to_string())),
+            http::StatusCode::NOT_FOUND => Err(CallError::NotFound(self.name)),
+            s => Err(unavailable(format!("status {s}"))),
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Storage: sqlx on SQLite by default (one file per service under the data dir, WAL) or on
+//! PostgreSQL (one schema per service in the given database). Services write portable SQL
+//! (TEXT, BIGINT, `$n` placeholders, `ON CONFLICT`) and run it through [`sqlx::Any`], so one
+//! code path and one test suite cover both backends.
+
+use std::path::PathBuf;
+use std::sync::Once;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Connection, Executor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database configuration: {0}")]
+    Config(String),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Where all services keep their data: either SQLite files under `data_dir`, or a PostgreSQL
+/// database in which each service gets its own schema.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    Sqlite { data_dir: PathBuf },
+    Postgres { url: String, schema_prefix: String },
+}
+
+impl Storage {
+    /// `database` is a `postgres://` URL, or `None` for SQLite under `data_dir`.
+    pub fn from_args(database: Option<&str>, data_dir: PathBuf) -> Result<Self, DbError> {
+        match database {
+            None => Ok(Storage::Sqlite { data_dir }),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Storage::Postgres {
+                    url: url.to_owned(),
+                    schema_prefix: String::new(),
+                })
+            }
+            Some(url) if url.starts_with("sqlite:") => Err(DbError::Config(format!(
+                "use --data-dir for SQLite instead of `{url}`"
+            ))),
+            Some(_) => Err(DbError::Config(
+                "--database must be a postgres:// URL (SQLite is the default)".into(),
+            )),
+        }
+    }
+
+    /// The database of one service.
+    pub fn for_service(&self, service: &str) -> DbConfig {
+        match self {
+            Storage::Sqlite { data_dir } => DbConfig::Sqlite {
+                path: data_dir.join(format!("{service}.db")),
+            },
+            Storage::Postgres { url, schema_prefix } => DbConfig::Postgres {
+                url: url.clone(),
+                schema: format!("{schema_prefix}{service}"),
+            },
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Storage::Sqlite { data_dir } => format!("SQLite under {}", data_dir.display()),
+            Storage::Postgres { schema_prefix, .. } => {
+                format!("PostgreSQL, schemas {schema_prefix}<service>")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum DbConfig {
+    Sqlite { path: PathBuf },
+    Postgres { url: String, schema: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A service's connection pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub pool: AnyPool,
+    pub backend: Backend,
+}
+
+impl Db {
+    /// Connects (creating the SQLite file or the PostgreSQL schema if needed) and runs the
+    /// service's migrations.
+    pub async fn connect(
+        cfg: &DbConfig,
+        max_connections: u32,
+        migrator: &Migrator,
+    ) -> Result<Self, DbError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+
+        let db = match cfg {
+            DbConfig::Sqlite { path } => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| DbError::DataDir {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+                }
+                let url = format!("sqlite://{}?mode=rwc", path.display());
+                let opts: AnyConnectOptions =
+                    url.parse().map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(opts)
+                    .await
+                    .map_err(DbError::Connect)?;
+                Db {
+                    pool,
+                    backend: Backend::Sqlite,
+                }
+            }
+            DbConfig::Postgres { url, schema } => {
+                if schema.is_empty()
+                    || !schema
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                {
+                    return Err(DbError::Config(format!("invalid schema name `{schema}`")));
+                }
+                let opts: AnyConnectOptions =
+                    url.parse().map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
+                let mut conn = sqlx::AnyConnection::connect_with(&opts)
+                    .await
+                    .map_err(DbError::Connect)?;
+                if let Err(e) = conn
+                    .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+                    .await
+                {
+                    // Two processes creating the same schema race on the catalog; the loser
+                    // sees a unique violation and the schema exists, which is all we need.
+                    tracing::debug!(error = %e, "create schema raced");
+                }
+                let _ = conn.close().await;
+                let set_path = format!("SET search_path TO \"{schema}\"");
+                let pool = AnyPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(move |conn, _| {
+                        let set_path = set_path.clone();
+                        Box::pin(async move {
+                            conn.execute(set_path.as_str()).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(opts)
+                    .await
+                    .map_err(DbError::Connect)?;
+                Db {
+                    pool,
+                    backend: Backend::Postgres,
+                }
+            }
+        };
+        migrator.run(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// Readiness probe.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+}
+
+/// True when `e` is a unique-constraint violation (on either backend).
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.is_unique_violation(),
+        _ => false,
+    }
+}
+
+/// `LIKE` pattern matching `needle` anywhere, with `%`, `_` and `\` escaped (use with
+/// `ESCAPE '\'`).
+pub fn like_contains(needle: &str) -> String {
+    let mut s = String::with_capacity(needle.len() + 2);
+    s.push('%');
+    for c in needle.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s.push('%');
+    s
+}
