@@ -13,7 +13,10 @@ use crate::store;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "shopmesh catalog", description = "Products: list, search, get, create."),
+    info(
+        title = "shopmesh catalog",
+        description = "Products: list, search, get, create."
+    ),
     paths(list_products, get_product, create_product),
     components(schemas(Product, NewProduct, ProductPage))
 )]
@@ -23,10 +26,7 @@ pub fn routes(state: State) -> Router {
     Router::new()
         .route("/api/products", get(list_products).post(create_product))
         .route("/api/products/{id}", get(get_product))
-        .route(
-            "/openapi.json",
-            get(|| async { Json(ApiDoc::openapi()) }),
-        )
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(state)
 }
 
@@ -40,13 +40,21 @@ async fn list_products(
     let limit = q.limit.unwrap_or(20);
     let offset = q.offset.unwrap_or(0);
     let mut errs = Errors::new();
-    errs.check((1..=100).contains(&limit), "limit", "must be between 1 and 100")
-        .check((0..=1_000_000).contains(&offset), "offset", "must be between 0 and 1000000")
-        .check(
-            q.q.as_ref().is_none_or(|t| t.len() <= 200),
-            "q",
-            "at most 200 characters",
-        );
+    errs.check(
+        (1..=100).contains(&limit),
+        "limit",
+        "must be between 1 and 100",
+    )
+    .check(
+        (0..=1_000_000).contains(&offset),
+        "offset",
+        "must be between 0 and 1000000",
+    )
+    .check(
+        q.q.as_ref().is_none_or(|t| t.len() <= 200),
+        "q",
+        "at most 200 characters",
+    );
     errs.into_result()?;
     let filter = store::Filter {
         q: q.q.as_deref().map(str::trim).filter(|t| !t.is_empty()),
@@ -85,14 +93,26 @@ async fn create_product(
 ) -> Result<(StatusCode, Json<Product>), Problem> {
     caller.require_role("admin")?;
     let mut errs = Errors::new();
-    errs.check(!p.sku.trim().is_empty() && p.sku.len() <= 64, "sku", "1 to 64 characters")
-        .check(!p.name.trim().is_empty() && p.name.len() <= 200, "name", "1 to 200 characters")
-        .check(p.description.len() <= 10_000, "description", "at most 10000 characters")
-        .check(
-            !p.category.trim().is_empty() && p.category.len() <= 100,
-            "category",
-            "1 to 100 characters",
-        );
+    errs.check(
+        !p.sku.trim().is_empty() && p.sku.len() <= 64,
+        "sku",
+        "1 to 64 characters",
+    )
+    .check(
+        !p.name.trim().is_empty() && p.name.len() <= 200,
+        "name",
+        "1 to 200 characters",
+    )
+    .check(
+        p.description.len() <= 10_000,
+        "description",
+        "at most 10000 characters",
+    )
+    .check(
+        !p.category.trim().is_empty() && p.category.len() <= 100,
+        "category",
+        "1 to 100 characters",
+    );
     errs.into_result()?;
     let product = Product {
         id: uuid::Uuid::now_v7().to_string(),

@@ -1,1 +1,38 @@
+//! Orders service: an authenticated user places an order; its line items are priced from the
+//! pricing service over HTTP and it is stored as `PENDING` (the saga that confirms or cancels
+//! it comes with the messaging layer). Users get and list their own orders only.
+//! Same layout as every shopmesh service.
 
+pub mod api;
+pub mod model;
+pub mod store;
+
+use shopmesh_platform::client::ServiceClient;
+use shopmesh_platform::db::Db;
+
+pub const NAME: &str = "orders";
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Where the services orders depends on live.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub pricing_url: String,
+}
+
+#[derive(Clone)]
+pub struct State {
+    pub db: Db,
+    pub pricing: ServiceClient,
+}
+
+pub fn app(db: Db, deps: Deps) -> axum::Router {
+    let state = State {
+        db,
+        pricing: ServiceClient::new("pricing", deps.pricing_url),
+    };
+    shopmesh_platform::serve::stack(
+        NAME,
+        api::routes(state),
+        shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
+    )
+}

@@ -7,8 +7,8 @@ use axum::extract::FromRequestParts;
 use http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::problem::Problem;
 use crate::REQUEST_ID_HEADER;
+use crate::problem::Problem;
 
 /// The request id of the request being handled, to pass on to downstream calls.
 #[derive(Debug, Clone, Default)]
@@ -40,7 +40,10 @@ pub enum CallError {
     #[error("{0} answered 404")]
     NotFound(&'static str),
     #[error("{service} is unavailable: {reason}")]
-    Unavailable { service: &'static str, reason: String },
+    Unavailable {
+        service: &'static str,
+        reason: String,
+    },
 }
 
 impl From<CallError> for Problem {

@@ -116,8 +116,9 @@ impl Db {
                     })?;
                 }
                 let url = format!("sqlite://{}?mode=rwc", path.display());
-                let opts: AnyConnectOptions =
-                    url.parse().map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
+                let opts: AnyConnectOptions = url
+                    .parse()
+                    .map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
                 let pool = AnyPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(Duration::from_secs(5))
@@ -147,8 +148,9 @@ impl Db {
                 {
                     return Err(DbError::Config(format!("invalid schema name `{schema}`")));
                 }
-                let opts: AnyConnectOptions =
-                    url.parse().map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
+                let opts: AnyConnectOptions = url
+                    .parse()
+                    .map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
                 let mut conn = sqlx::AnyConnection::connect_with(&opts)
                     .await
                     .map_err(DbError::Connect)?;
@@ -187,7 +189,10 @@ impl Db {
 
     /// Readiness probe.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 }
 

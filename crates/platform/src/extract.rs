@@ -39,12 +39,10 @@ impl From<JsonRejection> for Problem {
                 "The request is not valid",
             )
             .detail(e.body_text()),
-            JsonRejection::JsonSyntaxError(e) => Problem::typed(
-                StatusCode::BAD_REQUEST,
-                "malformed-json",
-                "Malformed JSON",
-            )
-            .detail(e.body_text()),
+            JsonRejection::JsonSyntaxError(e) => {
+                Problem::typed(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON")
+                    .detail(e.body_text())
+            }
             JsonRejection::MissingJsonContentType(_) => {
                 Problem::unsupported_media_type("expected `Content-Type: application/json`")
             }

@@ -28,7 +28,9 @@ impl Caller {
         if self.has_role(role) {
             Ok(())
         } else {
-            Err(Problem::forbidden(format!("this action needs the `{role}` role")))
+            Err(Problem::forbidden(format!(
+                "this action needs the `{role}` role"
+            )))
         }
     }
 }

@@ -72,9 +72,15 @@ impl Problem {
         Self::typed(StatusCode::CONFLICT, "conflict", "Conflict").detail(detail)
     }
     pub fn payload_too_large(limit: usize) -> Self {
-        Self::typed(StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large")
-            .detail(format!("the request body exceeds the limit of {limit} bytes"))
-            .with("limit_bytes", limit)
+        Self::typed(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Payload too large",
+        )
+        .detail(format!(
+            "the request body exceeds the limit of {limit} bytes"
+        ))
+        .with("limit_bytes", limit)
     }
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
         Self::typed(
@@ -130,8 +136,12 @@ impl Problem {
         Self::typed(StatusCode::BAD_GATEWAY, "bad-gateway", "Bad gateway").detail(detail)
     }
     pub fn gateway_timeout(detail: impl Into<String>) -> Self {
-        Self::typed(StatusCode::GATEWAY_TIMEOUT, "gateway-timeout", "Gateway timeout")
-            .detail(detail)
+        Self::typed(
+            StatusCode::GATEWAY_TIMEOUT,
+            "gateway-timeout",
+            "Gateway timeout",
+        )
+        .detail(detail)
     }
 
     /// The serialized body (for callers that are not axum handlers, e.g. the gateway).

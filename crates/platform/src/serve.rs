@@ -16,8 +16,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::problem::Problem;
 use crate::REQUEST_ID_HEADER;
+use crate::problem::Problem;
 
 /// Default cap on request bodies (services take small JSON documents).
 pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
@@ -57,9 +57,11 @@ pub fn stack(service: &'static str, routes: Router, body_limit: usize) -> Router
                     }),
                 )
                 .layer(PropagateRequestIdLayer::new(request_id))
-                .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-                    Problem::internal(&"handler panicked").into_response()
-                })),
+                .layer(CatchPanicLayer::custom(
+                    |_: Box<dyn std::any::Any + Send>| {
+                        Problem::internal(&"handler panicked").into_response()
+                    },
+                )),
         )
 }
 
@@ -93,7 +95,11 @@ pub struct Server {
 }
 
 impl Server {
-    pub async fn bind(name: &'static str, addr: SocketAddr, router: Router) -> std::io::Result<Self> {
+    pub async fn bind(
+        name: &'static str,
+        addr: SocketAddr,
+        router: Router,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("{name}: cannot listen on {addr}: {e}"))
         })?;

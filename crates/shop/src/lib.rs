@@ -1,1 +1,259 @@
+//! The shop as one system: the seven services, each on its own loopback port with its own
+//! storage, and the gateway in front of them reaching them over real HTTP.
+//!
+//! [`System::start`] is what `shopmesh up` runs and what the end-to-end tests start;
+//! [`services::build`] is what `shopmesh service NAME` runs for one service alone.
 
+pub mod seed;
+pub mod services;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use shopmesh_gateway::config::JwtConfig;
+use shopmesh_gateway::{Gateway, GatewayConfig, RouteAuth, RouteConfig};
+use shopmesh_platform::db::{DbError, Storage};
+use shopmesh_platform::serve::Server;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use services::ServiceName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{service}: {reason}")]
+    Service {
+        service: &'static str,
+        reason: String,
+    },
+    #[error("gateway configuration: {0}")]
+    Gateway(#[from] shopmesh_gateway::config::ConfigError),
+    #[error("seeding failed: {0}")]
+    Seed(#[from] sqlx_error::SeedError),
+}
+
+mod sqlx_error {
+    /// Seeding failure (kept opaque: it only ever ends start-up with a message).
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    pub struct SeedError(pub String);
+}
+pub use sqlx_error::SeedError;
+
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    pub host: IpAddr,
+    /// Gateway port (0 = any free port).
+    pub port: u16,
+    /// Admin/metrics port (0 = any free port).
+    pub admin_port: u16,
+    pub storage: Storage,
+    /// Products to seed on first start (0 = none).
+    pub seed_products: usize,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub drain: Duration,
+}
+
+impl SystemConfig {
+    pub fn new(storage: Storage) -> Self {
+        Self {
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 8080,
+            admin_port: 9901,
+            storage,
+            seed_products: seed::DEFAULT_PRODUCTS,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running system. Dropping it does not stop it: call [`System::shutdown`].
+pub struct System {
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    pub services: Vec<(ServiceName, SocketAddr)>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// Gateway routes for the shop.
+pub fn shop_routes(addr: impl Fn(ServiceName) -> SocketAddr) -> Vec<RouteConfig> {
+    use ServiceName::*;
+    let r = |name: &str, prefix: &str, svc: ServiceName, auth: RouteAuth| RouteConfig {
+        name: name.into(),
+        prefix: prefix.into(),
+        upstream: format!("http://{}", addr(svc)),
+        auth,
+    };
+    vec![
+        r("products", "/api/products", Catalog, RouteAuth::Optional),
+        r(
+            "inventory",
+            "/api/inventory",
+            Inventory,
+            RouteAuth::Optional,
+        ),
+        r("prices", "/api/prices", Pricing, RouteAuth::Optional),
+        r(
+            "promotions",
+            "/api/promotions",
+            Promotions,
+            RouteAuth::Optional,
+        ),
+        r("users", "/api/users", Users, RouteAuth::Optional),
+        r("auth", "/api/auth", Users, RouteAuth::Optional),
+        r("jwks", "/.well-known/jwks.json", Users, RouteAuth::Optional),
+        r("orders", "/api/orders", Orders, RouteAuth::Required),
+        r("payments", "/api/payments", Payments, RouteAuth::Required),
+    ]
+}
+
+impl System {
+    pub async fn start(cfg: SystemConfig) -> Result<System, Error> {
+        let loopback = |port| SocketAddr::new(cfg.host, port);
+        // Bind everything first so every address is known before anything serves.
+        let gateway_listener = TcpListener::bind(loopback(cfg.port)).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("gateway: cannot listen on {}: {e}", loopback(cfg.port)),
+            )
+        })?;
+        let admin_listener = TcpListener::bind(loopback(cfg.admin_port))
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("admin: cannot listen on {}: {e}", loopback(cfg.admin_port)),
+                )
+            })?;
+        let mut listeners = Vec::new();
+        for name in ServiceName::ALL {
+            let l = TcpListener::bind(SocketAddr::new(cfg.host, 0)).await?;
+            listeners.push((name, l));
+        }
+        let addrs: Vec<(ServiceName, SocketAddr)> = listeners
+            .iter()
+            .map(|(n, l)| Ok((*n, l.local_addr()?)))
+            .collect::<Result<_, std::io::Error>>()?;
+        let addr_of = |n: ServiceName| {
+            addrs
+                .iter()
+                .find(|(m, _)| *m == n)
+                .map(|(_, a)| *a)
+                .expect("every service has an address")
+        };
+        let deps = services::Deps {
+            pricing_url: format!("http://{}", addr_of(ServiceName::Pricing)),
+        };
+
+        // Connect, migrate and build all services concurrently.
+        let built = futures::future::try_join_all(
+            ServiceName::ALL
+                .iter()
+                .map(|n| services::open(*n, &cfg.storage, &deps)),
+        )
+        .await?;
+        if cfg.seed_products > 0 {
+            let dbs = |n: ServiceName| {
+                built
+                    .iter()
+                    .find(|b| b.name == n)
+                    .map(|b| b.db.clone())
+                    .expect("every service is built")
+            };
+            seed::seed(
+                &seed::Dbs {
+                    catalog: dbs(ServiceName::Catalog),
+                    inventory: dbs(ServiceName::Inventory),
+                    pricing: dbs(ServiceName::Pricing),
+                    promotions: dbs(ServiceName::Promotions),
+                },
+                cfg.seed_products,
+            )
+            .await?;
+        }
+
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        for (b, (_, listener)) in built.into_iter().zip(listeners) {
+            let server = Server {
+                name: b.name.as_str(),
+                listener,
+                router: b.router,
+            };
+            let (token, drain) = (shutdown.clone(), cfg.drain);
+            tasks.spawn(async move {
+                if let Err(e) = server.run(token, drain).await {
+                    tracing::error!(error = %e, "service server failed");
+                }
+            });
+        }
+
+        let gateway = Gateway::new(GatewayConfig {
+            routes: shop_routes(addr_of),
+            jwt: Some(JwtConfig {
+                jwks_url: format!(
+                    "http://{}/.well-known/jwks.json",
+                    addr_of(ServiceName::Users)
+                ),
+                issuer: shopmesh_users::ISSUER.into(),
+                audience: shopmesh_users::AUDIENCE.into(),
+                leeway_secs: 30,
+                min_refetch_secs: 10,
+            }),
+            max_body_bytes: 1024 * 1024,
+            upstream_timeout_ms: 15_000,
+            connect_timeout_ms: 2_000,
+        })?;
+        let gateway_addr = gateway_listener.local_addr()?;
+        let (token, drain) = (shutdown.clone(), cfg.drain);
+        tasks.spawn(shopmesh_gateway::server::serve(
+            gateway_listener,
+            gateway,
+            token,
+            drain,
+        ));
+
+        let admin = Server {
+            name: "admin",
+            listener: admin_listener,
+            router: shopmesh_platform::telemetry::admin_router(),
+        };
+        let admin_addr = admin.local_addr();
+        let (token, drain) = (shutdown.clone(), Duration::from_secs(1));
+        tasks.spawn(async move {
+            let _ = admin.run(token, drain).await;
+        });
+
+        Ok(System {
+            gateway: gateway_addr,
+            admin: admin_addr,
+            services: addrs,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn service_addr(&self, name: ServiceName) -> SocketAddr {
+        self.services
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| *a)
+            .expect("every service runs")
+    }
+
+    /// Stops accepting, lets in-flight requests finish, waits for every server.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

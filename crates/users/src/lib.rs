@@ -1,1 +1,72 @@
+//! User center: the one source of truth for users and identity.
+//!
+//! Registration and login (argon2id), short-lived JWT access tokens signed with Ed25519
+//! (`EdDSA`, with `kid`), the public keys as a JWKS at `/.well-known/jwks.json`, and the
+//! caller's own profile. Same layout as every shopmesh service.
 
+pub mod api;
+pub mod keys;
+pub mod model;
+pub mod password;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shopmesh_platform::db::Db;
+
+pub const NAME: &str = "users";
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Issuer (`iss`) of the access tokens.
+pub const ISSUER: &str = "shopmesh-users";
+/// Audience (`aud`) of the access tokens.
+pub const AUDIENCE: &str = "shopmesh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("signing key: {0}")]
+    Key(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Token settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            issuer: ISSUER.into(),
+            audience: AUDIENCE.into(),
+            access_ttl: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct State {
+    pub db: Db,
+    pub keys: Arc<keys::SigningKeys>,
+    pub settings: Arc<Settings>,
+}
+
+/// The service's HTTP application. Loads (or on first start creates) the signing key.
+pub async fn app(db: Db, settings: Settings) -> Result<axum::Router, Error> {
+    let keys = Arc::new(keys::SigningKeys::load_or_create(&db).await?);
+    let state = State {
+        db,
+        keys,
+        settings: Arc::new(settings),
+    };
+    Ok(shopmesh_platform::serve::stack(
+        NAME,
+        api::routes(state),
+        shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
+    ))
+}

@@ -1,0 +1,184 @@
+//! Bearer-token verification against a JWKS.
+//!
+//! Keys are cached by `kid`. A token signed with an unknown `kid` triggers one refetch, at
+//! most once per `min_refetch_secs`, so a flood of forged `kid`s cannot hammer the identity
+//! provider. The algorithm comes from the key, never from the token: `alg: none`, HS/RS
+//! confusion and any mismatch between the token's `alg` and its key's are refused.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http_body_util::BodyExt;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::JwtConfig;
+use crate::proxy::{Body, HttpClient, empty};
+
+/// The identity a verified token carries.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("token algorithm not accepted")]
+    Algorithm,
+    #[error("token signed with an unknown key")]
+    UnknownKey,
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid: {0}")]
+    Invalid(String),
+    #[error("identity provider keys unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+struct Key {
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+pub struct JwtVerifier {
+    cfg: JwtConfig,
+    client: HttpClient,
+    keys: RwLock<HashMap<String, Key>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl JwtVerifier {
+    pub fn new(cfg: JwtConfig, client: HttpClient) -> Self {
+        Self {
+            cfg,
+            client,
+            keys: RwLock::new(HashMap::new()),
+            last_fetch: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        let kid = header.kid.ok_or(AuthError::Malformed)?;
+        if !self.has_key(&kid) {
+            self.refresh().await?;
+        }
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let key = keys.get(&kid).ok_or(AuthError::UnknownKey)?;
+        if header.alg != key.alg {
+            return Err(AuthError::Algorithm);
+        }
+        let mut v = Validation::new(key.alg);
+        v.set_issuer(&[&self.cfg.issuer]);
+        v.set_audience(&[&self.cfg.audience]);
+        v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        v.validate_nbf = true;
+        v.leeway = self.cfg.leeway_secs;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => AuthError::Expired,
+                K::InvalidAlgorithm => AuthError::Algorithm,
+                K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => AuthError::Malformed,
+                other => AuthError::Invalid(format!("{other:?}")),
+            }
+        })?;
+        if data.claims.sub.is_empty() {
+            return Err(AuthError::Invalid("empty subject".into()));
+        }
+        Ok(Identity {
+            subject: data.claims.sub,
+            roles: data.claims.roles,
+        })
+    }
+
+    fn has_key(&self, kid: &str) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(kid)
+    }
+
+    /// Refetches the JWKS unless it was fetched less than `min_refetch_secs` ago.
+    async fn refresh(&self) -> Result<(), AuthError> {
+        let mut last = self.last_fetch.lock().await;
+        if let Some(t) = *last {
+            if t.elapsed() < Duration::from_secs(self.cfg.min_refetch_secs) {
+                return Ok(());
+            }
+        }
+        let fetched = self.fetch().await;
+        match fetched {
+            Ok(keys) => {
+                *last = Some(Instant::now());
+                tracing::info!(keys = keys.len(), "JWKS refreshed");
+                *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+                Ok(())
+            }
+            Err(e) => {
+                // A failed fetch does not start the quiet period: the next token retries.
+                tracing::warn!(error = %e, "JWKS fetch failed");
+                Err(AuthError::KeysUnavailable(e))
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<HashMap<String, Key>, String> {
+        let req = http::Request::get(&self.cfg.jwks_url)
+            .header(http::header::ACCEPT, "application/json")
+            .body::<Body>(empty())
+            .map_err(|e| e.to_string())?;
+        let res = tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        if !res.status().is_success() {
+            return Err(format!("status {}", res.status()));
+        }
+        let body = http_body_util::Limited::new(res.into_body(), 256 * 1024)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
+            let alg = match &jwk.algorithm {
+                AlgorithmParameters::OctetKeyPair(p) => {
+                    // Guard the verifier: an Ed25519 public key is exactly 32 bytes.
+                    match URL_SAFE_NO_PAD.decode(&p.x) {
+                        Ok(x) if x.len() == 32 => Algorithm::EdDSA,
+                        _ => continue,
+                    }
+                }
+                AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+                    Algorithm::ES256
+                }
+                AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                // Symmetric keys are never accepted from a JWKS (no HS/RS confusion).
+                _ => continue,
+            };
+            if let Ok(key) = DecodingKey::from_jwk(jwk) {
+                keys.insert(kid, Key { alg, key });
+            }
+        }
+        Ok(keys)
+    }
+}

@@ -1,0 +1,268 @@
+use std::collections::{HashMap, HashSet};
+
+use axum::Router;
+use axum::extract::State as S;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use shopmesh_platform::Problem;
+use shopmesh_platform::client::RequestId;
+use shopmesh_platform::db::is_unique_violation;
+use shopmesh_platform::extract::{Json, Path, Query};
+use shopmesh_platform::identity::Caller;
+use shopmesh_platform::validate::{Errors, luhn_valid};
+use utoipa::OpenApi;
+
+use crate::State;
+use crate::model::{ListQuery, NewItem, NewOrder, Order, OrderItem, OrderPage, PriceList};
+use crate::store;
+
+pub const MAX_ITEMS: usize = 50;
+pub const MAX_QUANTITY: i64 = 1000;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "shopmesh orders",
+        description = "Place, get and list your own orders."
+    ),
+    paths(create_order, get_order, list_orders),
+    components(schemas(NewOrder, NewItem, Order, OrderItem, OrderPage))
+)]
+pub struct ApiDoc;
+
+pub fn routes(state: State) -> Router {
+    Router::new()
+        .route("/api/orders", get(list_orders).post(create_order))
+        .route("/api/orders/{id}", get(get_order))
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .with_state(state)
+}
+
+fn validate(o: &NewOrder) -> Result<(), Problem> {
+    let mut errs = Errors::new();
+    errs.check(
+        (1..=MAX_ITEMS).contains(&o.items.len()),
+        "items",
+        "must hold 1 to 50 items",
+    );
+    let mut seen = HashSet::new();
+    for (i, it) in o.items.iter().enumerate() {
+        if it.product_id.is_empty() || it.product_id.len() > 64 {
+            errs.push(
+                format!("items[{i}].product_id"),
+                "must be 1 to 64 characters",
+            );
+        }
+        if !(1..=MAX_QUANTITY).contains(&it.quantity) {
+            errs.push(format!("items[{i}].quantity"), "must be between 1 and 1000");
+        }
+        if !seen.insert(it.product_id.as_str()) {
+            errs.push(format!("items[{i}].product_id"), "appears more than once");
+        }
+    }
+    errs.check(
+        luhn_valid(&o.card.replace(' ', "")),
+        "card",
+        "must be a valid card number",
+    );
+    errs.into_result()
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(s) if !s.is_empty() && s.len() <= 200 => Ok(Some(s.to_owned())),
+            _ => Err(Problem::bad_request(
+                "Idempotency-Key must be 1 to 200 visible ASCII characters",
+            )),
+        },
+    }
+}
+
+fn accepted(order: Order) -> Response {
+    let location = format!("/api/orders/{}", order.id);
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(order),
+    )
+        .into_response()
+}
+
+fn replayed(order: Order) -> Response {
+    (
+        StatusCode::OK,
+        [("idempotent-replayed", "true")],
+        Json(order),
+    )
+        .into_response()
+}
+
+/// Place an order. Accepted as PENDING; prices come from the pricing service. With an
+/// `Idempotency-Key` header a retried request returns the original order.
+#[utoipa::path(post, path = "/api/orders", request_body = NewOrder,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses((status = 202, body = Order), (status = 200, body = Order, description = "Replay"),
+              (status = 401, description = "No identity"), (status = 422, description = "Invalid order")))]
+async fn create_order(
+    S(s): S<State>,
+    caller: Caller,
+    rid: RequestId,
+    headers: HeaderMap,
+    Json(o): Json<NewOrder>,
+) -> Result<Response, Problem> {
+    validate(&o)?;
+    let key = idempotency_key(&headers)?;
+    if let Some(k) = &key {
+        if let Some(existing) = store::find_by_idempotency_key(&s.db, &caller.user_id, k).await? {
+            return Ok(replayed(existing));
+        }
+    }
+
+    let ids: Vec<&str> = o.items.iter().map(|i| i.product_id.as_str()).collect();
+    let prices: PriceList = s
+        .pricing
+        .get_json(&format!("/api/prices?ids={}", encode_ids(&ids)), &rid)
+        .await?;
+    let prices: HashMap<&str, _> = prices
+        .items
+        .iter()
+        .map(|p| (p.product_id.as_str(), p))
+        .collect();
+    let unknown: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !prices.contains_key(id))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Problem::unprocessable(format!(
+            "unknown or unpriced products: {}",
+            unknown.join(", ")
+        ))
+        .with("unknown_products", unknown));
+    }
+    let currency = prices[ids[0]].currency.clone();
+    if prices.values().any(|p| p.currency != currency) {
+        return Err(Problem::unprocessable(
+            "all items of an order must be priced in one currency",
+        ));
+    }
+    let mut total: i64 = 0;
+    let mut items = Vec::with_capacity(o.items.len());
+    for it in &o.items {
+        let unit = prices[it.product_id.as_str()].amount_minor;
+        let line = unit
+            .checked_mul(it.quantity)
+            .ok_or_else(|| Problem::unprocessable("order total is too large"))?;
+        total = total
+            .checked_add(line)
+            .ok_or_else(|| Problem::unprocessable("order total is too large"))?;
+        items.push(OrderItem {
+            product_id: it.product_id.clone(),
+            quantity: it.quantity,
+            unit_price_minor: unit,
+            line_total_minor: line,
+        });
+    }
+    let card = o.card.replace(' ', "");
+    let id = uuid::Uuid::now_v7().to_string();
+    let row = store::NewOrderRow {
+        id: &id,
+        user_id: &caller.user_id,
+        total_minor: total,
+        currency: &currency,
+        card_last4: &card[card.len() - 4..],
+        idempotency_key: key.as_deref(),
+        items: &items,
+    };
+    match store::insert(&s.db, &row).await {
+        Ok(()) => {}
+        Err(e) if is_unique_violation(&e) => {
+            // A concurrent retry with the same key won the race: answer with its order.
+            if let Some(k) = &key {
+                if let Some(existing) =
+                    store::find_by_idempotency_key(&s.db, &caller.user_id, k).await?
+                {
+                    return Ok(replayed(existing));
+                }
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(order_id = %id, user_id = %caller.user_id, total, "order placed");
+    let order = store::get_owned(&s.db, &caller.user_id, &id)
+        .await?
+        .ok_or_else(|| Problem::internal(&"placed order vanished"))?;
+    Ok(accepted(order))
+}
+
+/// Product ids are opaque; percent-encode anything outside the unreserved set.
+fn encode_ids(ids: &[&str]) -> String {
+    let mut out = String::new();
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for b in id.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
+}
+
+/// One of the caller's orders (another user's order is 404, never 403).
+#[utoipa::path(get, path = "/api/orders/{id}",
+    responses((status = 200, body = Order), (status = 404, description = "No such order of yours")))]
+async fn get_order(
+    S(s): S<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, Problem> {
+    store::get_owned(&s.db, &caller.user_id, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no order `{id}`")))
+}
+
+/// The caller's orders, newest first.
+#[utoipa::path(get, path = "/api/orders", params(ListQuery),
+    responses((status = 200, body = OrderPage), (status = 401, description = "No identity")))]
+async fn list_orders(
+    S(s): S<State>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<OrderPage>, Problem> {
+    let limit = q.limit.unwrap_or(20);
+    let offset = q.offset.unwrap_or(0);
+    let mut errs = Errors::new();
+    errs.check(
+        (1..=100).contains(&limit),
+        "limit",
+        "must be between 1 and 100",
+    )
+    .check(offset >= 0, "offset", "must not be negative");
+    errs.into_result()?;
+    let items = store::list_owned(&s.db, &caller.user_id, limit, offset).await?;
+    Ok(Json(OrderPage {
+        items,
+        limit,
+        offset,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_encoded() {
+        assert_eq!(encode_ids(&["a-1", "b c", "x,y"]), "a-1,b%20c,x%2Cy");
+    }
+}

@@ -1,0 +1,71 @@
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    pub items: Vec<NewItem>,
+    /// Card number (test cards: 4242424242424242 succeeds, 4000000000000002 is declined).
+    /// Only its last four digits are kept.
+    pub card: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewItem {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Order {
+    pub id: String,
+    pub user_id: String,
+    /// PENDING, CONFIRMED or CANCELLED.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub items: Vec<OrderItem>,
+    pub total_minor: i64,
+    pub currency: String,
+    pub card_last4: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OrderItem {
+    pub product_id: String,
+    pub quantity: i64,
+    pub unit_price_minor: i64,
+    pub line_total_minor: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OrderPage {
+    pub items: Vec<Order>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// 1 to 100, default 20.
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+/// A price as the pricing service returns it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Price {
+    pub product_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PriceList {
+    pub items: Vec<Price>,
+}

@@ -1,0 +1,203 @@
+//! `shopmesh`: a thin command over the library crates.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shopmesh_platform::db::Storage;
+use shopmesh_platform::serve::Server;
+use shopmesh_platform::telemetry::{self, LogFormat};
+use shopmesh_shop::services::{self, Deps, ServiceName};
+use shopmesh_shop::{System, SystemConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "shopmesh",
+    version,
+    about = "Microservice patterns in one real shop"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text, env = "SHOPMESH_LOG_FORMAT")]
+    log_format: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole shop in one process: seven services and the gateway.
+    Up(UpArgs),
+    /// Run one service alone (for separate processes).
+    Service(ServiceArgs),
+}
+
+#[derive(Args)]
+struct StorageArgs {
+    /// PostgreSQL URL (one schema per service). Default: SQLite files under --data-dir.
+    #[arg(long, env = "SHOPMESH_DATABASE")]
+    database: Option<String>,
+    /// Directory of the SQLite files.
+    #[arg(long, env = "SHOPMESH_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+}
+
+impl StorageArgs {
+    fn storage(&self) -> anyhow::Result<Storage> {
+        Ok(Storage::from_args(
+            self.database.as_deref(),
+            self.data_dir.clone(),
+        )?)
+    }
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Address every listener binds to.
+    #[arg(long, env = "SHOPMESH_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Gateway port.
+    #[arg(long, env = "SHOPMESH_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Admin and metrics port.
+    #[arg(long, env = "SHOPMESH_ADMIN_PORT", default_value_t = 9901)]
+    admin_port: u16,
+    /// Products to seed on first start (0: none).
+    #[arg(long, env = "SHOPMESH_SEED_PRODUCTS", default_value_t = shopmesh_shop::seed::DEFAULT_PRODUCTS)]
+    seed_products: usize,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+#[derive(Args)]
+struct ServiceArgs {
+    /// catalog, inventory, pricing, promotions, users, orders or payments.
+    name: ServiceName,
+    #[arg(long, env = "SHOPMESH_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    #[arg(long, env = "SHOPMESH_PORT")]
+    port: u16,
+    /// Admin and metrics port (none if absent).
+    #[arg(long, env = "SHOPMESH_ADMIN_PORT")]
+    admin_port: Option<u16>,
+    /// Base URL of the pricing service (orders only).
+    #[arg(
+        long,
+        env = "SHOPMESH_PRICING_URL",
+        default_value = "http://127.0.0.1:7003"
+    )]
+    pricing_url: String,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init_tracing(match cli.log_format {
+        Format::Text => LogFormat::Text,
+        Format::Json => LogFormat::Json,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Up(a) => up(a).await,
+            Command::Service(a) => service(a).await,
+        }
+    })
+}
+
+async fn up(a: UpArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let _ = telemetry::prometheus();
+    let storage = a.storage.storage()?;
+    let mut cfg = SystemConfig::new(storage.clone());
+    cfg.host = a.host;
+    cfg.port = a.port;
+    cfg.admin_port = a.admin_port;
+    cfg.seed_products = a.seed_products;
+    let system = System::start(cfg).await?;
+    println!("shopmesh is up ({})", storage.describe());
+    println!("  gateway    http://{}", system.gateway);
+    println!("  admin      http://{}/metrics", system.admin);
+    for (name, addr) in &system.services {
+        println!("  {:<11}http://{addr}", name.as_str());
+    }
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    system.shutdown().await;
+    Ok(())
+}
+
+async fn service(a: ServiceArgs) -> anyhow::Result<()> {
+    let _ = telemetry::prometheus();
+    let storage = a.storage.storage()?;
+    let built = services::open(
+        a.name,
+        &storage,
+        &Deps {
+            pricing_url: a.pricing_url.clone(),
+        },
+    )
+    .await?;
+    let server = Server::bind(
+        a.name.as_str(),
+        SocketAddr::new(a.host, a.port),
+        built.router,
+    )
+    .await?;
+    println!("{} listening on http://{}", a.name, server.local_addr());
+    let token = CancellationToken::new();
+    let drain = Duration::from_secs(10);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(server.run(token.clone(), drain));
+    if let Some(port) = a.admin_port {
+        let admin = Server::bind(
+            "admin",
+            SocketAddr::new(a.host, port),
+            telemetry::admin_router(),
+        )
+        .await?;
+        println!("admin listening on http://{}/metrics", admin.local_addr());
+        tasks.spawn(admin.run(token.clone(), Duration::from_secs(1)));
+    }
+    shutdown_signal().await;
+    token.cancel();
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
