@@ -116,10 +116,10 @@ impl JwtVerifier {
     /// Refetches the JWKS unless it was fetched less than `min_refetch_secs` ago.
     async fn refresh(&self) -> Result<(), AuthError> {
         let mut last = self.last_fetch.lock().await;
-        if let Some(t) = *last {
-            if t.elapsed() < Duration::from_secs(self.cfg.min_refetch_secs) {
-                return Ok(());
-            }
+        if let Some(t) = *last
+            && t.elapsed() < Duration::from_secs(self.cfg.min_refetch_secs)
+        {
+            return Ok(());
         }
         let fetched = self.fetch().await;
         match fetched {

@@ -315,13 +315,12 @@ async fn route_and_forward(inner: &Inner, mut req: Request<Body>) -> (Arc<str>, 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > inner.max_body
     {
-        if len > inner.max_body {
-            return (
-                name,
-                problem(Problem::payload_too_large(inner.max_body as usize)),
-            );
-        }
+        return (
+            name,
+            problem(Problem::payload_too_large(inner.max_body as usize)),
+        );
     }
 
     // 5. Forward.

@@ -115,10 +115,10 @@ async fn create_order(
 ) -> Result<Response, Problem> {
     validate(&o)?;
     let key = idempotency_key(&headers)?;
-    if let Some(k) = &key {
-        if let Some(existing) = store::find_by_idempotency_key(&s.db, &caller.user_id, k).await? {
-            return Ok(replayed(existing));
-        }
+    if let Some(k) = &key
+        && let Some(existing) = store::find_by_idempotency_key(&s.db, &caller.user_id, k).await?
+    {
+        return Ok(replayed(existing));
     }
 
     let ids: Vec<&str> = o.items.iter().map(|i| i.product_id.as_str()).collect();
@@ -181,12 +181,11 @@ async fn create_order(
         Ok(()) => {}
         Err(e) if is_unique_violation(&e) => {
             // A concurrent retry with the same key won the race: answer with its order.
-            if let Some(k) = &key {
-                if let Some(existing) =
+            if let Some(k) = &key
+                && let Some(existing) =
                     store::find_by_idempotency_key(&s.db, &caller.user_id, k).await?
-                {
-                    return Ok(replayed(existing));
-                }
+            {
+                return Ok(replayed(existing));
             }
             return Err(e.into());
         }

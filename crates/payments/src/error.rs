@@ -32,7 +32,7 @@ impl From<PaymentError> for Problem {
                 "Invalid payment transition",
             )
             .detail(e.to_string())
-            .with("status", from.as_str())
+            .with("current_status", from.as_str())
             .with("target_status", to.as_str()),
             PaymentError::InvalidRefundAmount { .. } => {
                 Problem::validation(vec![FieldError::new("amount_minor", e.to_string())])
@@ -56,7 +56,7 @@ mod tests {
             to: Status::Voided,
         });
         assert_eq!(p.status, StatusCode::CONFLICT);
-        assert_eq!(p.extensions["status"], "CAPTURED");
+        assert_eq!(p.extensions["current_status"], "CAPTURED");
         assert!(p.detail.as_deref().is_some_and(|d| d.contains("CAPTURED")));
 
         let p = Problem::from(PaymentError::InvalidRefundAmount { remaining: 5 });

@@ -164,7 +164,7 @@ mod tests {
             )
             .await;
         assert_eq!(st, StatusCode::CONFLICT);
-        assert_eq!(p["status"], "CAPTURED");
+        assert_eq!(p["current_status"], "CAPTURED");
         let (st, _) = s
             .call(
                 Method::POST,
@@ -219,7 +219,7 @@ mod tests {
             .call(Method::POST, &refund, Some("alice"), &[], None)
             .await;
         assert_eq!(st, StatusCode::CONFLICT);
-        assert_eq!(p["status"], "REFUNDED");
+        assert_eq!(p["current_status"], "REFUNDED");
 
         let (st, p) = s.pay("alice", "4000000000009995", None).await;
         assert_eq!(st, StatusCode::CREATED);

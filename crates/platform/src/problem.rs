@@ -5,6 +5,8 @@ use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+const RESERVED: [&str; 5] = ["type", "title", "status", "detail", "instance"];
+
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
 /// A problem+json response. Internal details never go into it: `detail` is written for the
@@ -51,8 +53,16 @@ impl Problem {
         self
     }
 
+    /// Adds an extension member. The standard members (`type`, `title`, `status`, `detail`,
+    /// `instance`) cannot be overridden this way.
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.extensions.insert(key.into(), value.into());
+        debug_assert!(
+            !RESERVED.contains(&key),
+            "`{key}` is a standard problem member"
+        );
+        if !RESERVED.contains(&key) {
+            self.extensions.insert(key.into(), value.into());
+        }
         self
     }
 

@@ -47,7 +47,7 @@ pub fn luhn_valid(card: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Parses a comma-separated id list (`?ids=a,b,c`), bounded.

@@ -57,6 +57,12 @@ pub struct SystemConfig {
     pub seed_products: usize,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain: Duration,
+    /// Lifetime of access tokens.
+    pub token_ttl: Duration,
+    /// Clock skew the gateway tolerates on token `exp`/`nbf`.
+    pub jwt_leeway_secs: u64,
+    /// Largest request body the gateway forwards.
+    pub max_body_bytes: u64,
 }
 
 impl SystemConfig {
@@ -68,6 +74,9 @@ impl SystemConfig {
             storage,
             seed_products: seed::DEFAULT_PRODUCTS,
             drain: Duration::from_secs(10),
+            token_ttl: Duration::from_secs(15 * 60),
+            jwt_leeway_secs: 30,
+            max_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -155,7 +164,7 @@ impl System {
         let built = futures::future::try_join_all(
             ServiceName::ALL
                 .iter()
-                .map(|n| services::open(*n, &cfg.storage, &deps)),
+                .map(|n| services::open(*n, &cfg.storage, &deps, cfg.token_ttl)),
         )
         .await?;
         if cfg.seed_products > 0 {
@@ -203,10 +212,10 @@ impl System {
                 ),
                 issuer: shopmesh_users::ISSUER.into(),
                 audience: shopmesh_users::AUDIENCE.into(),
-                leeway_secs: 30,
+                leeway_secs: cfg.jwt_leeway_secs,
                 min_refetch_secs: 10,
             }),
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: cfg.max_body_bytes,
             upstream_timeout_ms: 15_000,
             connect_timeout_ms: 2_000,
         })?;

@@ -16,7 +16,7 @@ use crate::SeedError;
 pub const DEFAULT_PRODUCTS: usize = 10_000;
 
 /// Namespace of the seeded ids (`uuid v5(namespace, sku)`).
-const NAMESPACE: Uuid = Uuid::from_u128(0x5e0d_5eed_0000_4000_8000_73686f706d73);
+const NAMESPACE: Uuid = Uuid::from_u128(0x5e0d_5eed_0000_4000_8000_7368_6f70_6d73);
 
 pub const CATEGORIES: [(&str, [&str; 4]); 20] = [
     (

@@ -77,7 +77,12 @@ pub struct Built {
 const POOL_SIZE: u32 = 8;
 
 /// Opens the service's storage (running its migrations) and builds its HTTP app.
-pub async fn open(name: ServiceName, storage: &Storage, deps: &Deps) -> Result<Built, Error> {
+pub async fn open(
+    name: ServiceName,
+    storage: &Storage,
+    deps: &Deps,
+    token_ttl: std::time::Duration,
+) -> Result<Built, Error> {
     let cfg = storage.for_service(name.as_str());
     let migrator = match name {
         ServiceName::Catalog => &shopmesh_catalog::MIGRATOR,
@@ -94,12 +99,18 @@ pub async fn open(name: ServiceName, storage: &Storage, deps: &Deps) -> Result<B
         ServiceName::Inventory => shopmesh_inventory::app(db.clone()),
         ServiceName::Pricing => shopmesh_pricing::app(db.clone()),
         ServiceName::Promotions => shopmesh_promotions::app(db.clone()),
-        ServiceName::Users => shopmesh_users::app(db.clone(), Default::default())
-            .await
-            .map_err(|e| Error::Service {
-                service: shopmesh_users::NAME,
-                reason: e.to_string(),
-            })?,
+        ServiceName::Users => shopmesh_users::app(
+            db.clone(),
+            shopmesh_users::Settings {
+                access_ttl: token_ttl,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::Service {
+            service: shopmesh_users::NAME,
+            reason: e.to_string(),
+        })?,
         ServiceName::Orders => shopmesh_orders::app(
             db.clone(),
             shopmesh_orders::Deps {

@@ -150,6 +150,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         &Deps {
             pricing_url: a.pricing_url.clone(),
         },
+        std::time::Duration::from_secs(15 * 60),
     )
     .await?;
     let server = Server::bind(

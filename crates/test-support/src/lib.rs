@@ -1,1 +1,188 @@
+//! Test helpers shared by the test suites.
+//!
+//! The backend comes from `SHOPMESH_TEST_DATABASE`: unset → SQLite in a temporary directory;
+//! a `postgres://` URL → that database, with a fresh schema prefix per test so tests never
+//! see each other's data. When PostgreSQL is asked for and cannot be reached, the test fails:
+//! it never falls back to SQLite.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shopmesh_platform::db::Storage;
+use shopmesh_shop::{System, SystemConfig};
+use tempfile::TempDir;
+
+pub use shopmesh_shop::ServiceName;
+pub use shopmesh_shop::seed::product_id;
+
+/// Products every test shop is seeded with.
+pub const TEST_PRODUCTS: usize = 60;
+
+/// Where a test keeps its data; kept alive as long as the shop.
+pub struct TestStorage {
+    pub storage: Storage,
+    _dir: Option<TempDir>,
+}
+
+impl TestStorage {
+    pub fn new() -> Self {
+        match std::env::var("SHOPMESH_TEST_DATABASE") {
+            Ok(url) if !url.is_empty() => {
+                let prefix = format!("t{}_", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+                assert!(
+                    url.starts_with("postgres"),
+                    "SHOPMESH_TEST_DATABASE must be a postgres:// URL"
+                );
+                TestStorage {
+                    storage: Storage::Postgres {
+                        url,
+                        schema_prefix: prefix,
+                    },
+                    _dir: None,
+                }
+            }
+            _ => {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                TestStorage {
+                    storage: Storage::Sqlite {
+                        data_dir: PathBuf::from(dir.path()),
+                    },
+                    _dir: Some(dir),
+                }
+            }
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.storage, Storage::Postgres { .. })
+    }
+}
+
+impl Default for TestStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The whole shop on ephemeral loopback ports.
+pub struct TestShop {
+    pub system: Option<System>,
+    pub storage: TestStorage,
+    pub base: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+}
+
+impl TestShop {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a shop after letting the test adjust the configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut SystemConfig)) -> Self {
+        Self::start_on(TestStorage::new(), adjust).await
+    }
+
+    pub async fn start_on(storage: TestStorage, adjust: impl FnOnce(&mut SystemConfig)) -> Self {
+        let mut cfg = SystemConfig::new(storage.storage.clone());
+        cfg.port = 0;
+        cfg.admin_port = 0;
+        cfg.seed_products = TEST_PRODUCTS;
+        cfg.drain = Duration::from_secs(5);
+        adjust(&mut cfg);
+        let system = System::start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("the test shop did not start: {e}"));
+        let base = format!("http://{}", system.gateway);
+        let admin = format!("http://{}", system.admin);
+        TestShop {
+            system: Some(system),
+            storage,
+            base,
+            admin,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    /// Stops the shop and starts it again on the same storage.
+    pub async fn restart(mut self) -> Self {
+        if let Some(s) = self.system.take() {
+            s.shutdown().await;
+        }
+        let storage = std::mem::take(&mut self.storage);
+        Self::start_on(storage, |_| {}).await
+    }
+
+    pub fn system(&self) -> &System {
+        self.system.as_ref().expect("running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Base URL of one service, bypassing the gateway.
+    pub fn service_url(&self, name: ServiceName, path: &str) -> String {
+        format!("http://{}{path}", self.system().service_addr(name))
+    }
+
+    /// The id of the `n`-th seeded product (1-based).
+    pub fn product(&self, n: usize) -> String {
+        product_id(&format!("SKU-{n:06}"))
+    }
+
+    /// Registers a new user and logs in: (user id, access token).
+    pub async fn user(&self) -> (String, String) {
+        let email = format!("{}@example.test", uuid::Uuid::new_v4().simple());
+        let res = self
+            .http
+            .post(self.url("/api/users"))
+            .json(&json!({"email": email, "password": "correct horse battery", "name": "Test"}))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(res.status(), 201, "register");
+        let user: Value = res.json().await.expect("user json");
+        let token = self.login(&email, "correct horse battery").await;
+        (user["id"].as_str().expect("id").to_owned(), token)
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> String {
+        let res = self
+            .http
+            .post(self.url("/api/auth/token"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(res.status(), 200, "login");
+        let body: Value = res.json().await.expect("token json");
+        body["access_token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.system.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// Asserts a problem+json answer with `status`, returning the problem document.
+pub async fn expect_problem(res: reqwest::Response, status: u16) -> Value {
+    assert_eq!(res.status().as_u16(), status, "status");
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(ct, "application/problem+json", "content type");
+    let body: Value = res.json().await.expect("problem json");
+    assert_eq!(body["status"], status, "status member");
+    assert!(body["title"].is_string(), "title member");
+    body
+}

@@ -1,0 +1,732 @@
+//! The shop through its gateway: browse, register, log in, order; errors as problem+json.
+
+use serde_json::{Value, json};
+use shopmesh_test_support::{ServiceName, TEST_PRODUCTS, TestShop, expect_problem};
+
+#[tokio::test]
+async fn browse_products() {
+    let shop = TestShop::start().await;
+    let res = shop
+        .http
+        .get(shop.url("/api/products?limit=5"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let page: Value = res.json().await.unwrap();
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    assert_eq!(page["total"], TEST_PRODUCTS);
+    let id = items[0]["id"].as_str().unwrap();
+
+    let one: Value = shop
+        .http
+        .get(shop.url(&format!("/api/products/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["id"], id);
+    assert!(one["sku"].as_str().unwrap().starts_with("SKU-"));
+
+    // Search by category and text, pagination.
+    let cat: Value = shop
+        .http
+        .get(shop.url("/api/products?category=books&limit=100"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let books = cat["items"].as_array().unwrap();
+    assert_eq!(books.len(), TEST_PRODUCTS / 20);
+    assert!(books.iter().all(|p| p["category"] == "books"));
+    let name = books[0]["name"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .nth(2)
+        .unwrap()
+        .to_lowercase();
+    let found: Value = shop
+        .http
+        .get(shop.url(&format!("/api/products?q={name}&limit=100")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(found["total"].as_i64().unwrap() >= 1);
+    assert!(found["items"].as_array().unwrap().iter().all(|p| {
+        let hay = format!("{} {} {}", p["name"], p["description"], p["sku"]).to_lowercase();
+        hay.contains(&name)
+    }));
+    let page2: Value = shop
+        .http
+        .get(shop.url("/api/products?limit=5&offset=5"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(page2["items"][0]["id"], items[0]["id"]);
+    assert_eq!(page2["items"][0]["sku"], "SKU-000006");
+
+    // Unknown product, bad paging.
+    let p = expect_problem(
+        shop.http
+            .get(shop.url("/api/products/nope"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("nope"));
+    expect_problem(
+        shop.http
+            .get(shop.url("/api/products?limit=0"))
+            .send()
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    expect_problem(
+        shop.http
+            .get(shop.url("/api/products?limit=abc"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn stock_prices_and_promotions_are_seeded_and_served() {
+    let shop = TestShop::start().await;
+    let id = shop.product(1);
+    let stock: Value = shop
+        .http
+        .get(shop.url(&format!("/api/inventory/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        stock["available"].as_i64().unwrap(),
+        stock["on_hand"].as_i64().unwrap() - stock["reserved"].as_i64().unwrap()
+    );
+    let price: Value = shop
+        .http
+        .get(shop.url(&format!("/api/prices/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(price["currency"], "USD");
+    assert!(price["amount_minor"].as_i64().unwrap() > 0);
+    let batch: Value = shop
+        .http
+        .get(shop.url(&format!(
+            "/api/prices?ids={},{},unknown",
+            shop.product(1),
+            shop.product(2)
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch["items"].as_array().unwrap().len(), 2);
+    let promos: Value = shop
+        .http
+        .get(shop.url("/api/promotions?active=false&limit=100"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // One per 30th product plus three per category.
+    assert_eq!(promos["total"], TEST_PRODUCTS.div_ceil(30) as i64 + 60);
+}
+
+#[tokio::test]
+async fn register_login_and_order() {
+    let shop = TestShop::start().await;
+    let email = format!("{}@example.test", uuid::Uuid::new_v4().simple());
+    let reg = json!({"email": email, "password": "s3cret-enough", "name": "Ada"});
+    let res = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let user: Value = res.json().await.unwrap();
+    assert!(user.get("password_hash").is_none());
+    let dup = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(dup, 409).await;
+    let bad = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&json!({"email": "not-an-email", "password": "short", "name": ""}))
+        .send()
+        .await
+        .unwrap();
+    let p = expect_problem(bad, 422).await;
+    assert_eq!(p["errors"].as_array().unwrap().len(), 3);
+
+    // Login: right password → token; wrong password and unknown email → the same 401.
+    let res = shop
+        .http
+        .post(shop.url("/api/auth/token"))
+        .json(&json!({"email": email, "password": "s3cret-enough"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let tok: Value = res.json().await.unwrap();
+    assert_eq!(tok["token_type"], "Bearer");
+    assert!(tok["expires_in"].as_u64().unwrap() > 0);
+    let token = tok["access_token"].as_str().unwrap().to_owned();
+    let wrong = expect_problem(
+        shop.http
+            .post(shop.url("/api/auth/token"))
+            .json(&json!({"email": email, "password": "nope-nope"}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+    let unknown = expect_problem(
+        shop.http
+            .post(shop.url("/api/auth/token"))
+            .json(&json!({"email": "nobody@example.test", "password": "nope-nope"}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+    assert_eq!(wrong, unknown);
+
+    // Profile.
+    let me: Value = shop
+        .http
+        .get(shop.url("/api/users/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["email"], email);
+    let me: Value = shop
+        .http
+        .patch(shop.url("/api/users/me"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Ada L."}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["name"], "Ada L.");
+
+    // Order.
+    let (p1, p2) = (shop.product(3), shop.product(4));
+    let order = json!({"items": [{"product_id": p1, "quantity": 2}, {"product_id": p2, "quantity": 1}], "card": "4242424242424242"});
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .json(&order)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let placed: Value = res.json().await.unwrap();
+    assert_eq!(placed["status"], "PENDING");
+    let prices: Value = shop
+        .http
+        .get(shop.url(&format!("/api/prices?ids={p1},{p2}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let expected: i64 = prices["items"][0]["amount_minor"].as_i64().unwrap() * 2
+        + prices["items"][1]["amount_minor"].as_i64().unwrap();
+    assert_eq!(placed["total_minor"], expected);
+    assert_eq!(placed["card_last4"], "4242");
+    let id = placed["id"].as_str().unwrap();
+
+    let got: Value = shop
+        .http
+        .get(shop.url(&format!("/api/orders/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["status"], "PENDING");
+    assert_eq!(got["items"].as_array().unwrap().len(), 2);
+    let mine: Value = shop
+        .http
+        .get(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["items"].as_array().unwrap().len(), 1);
+
+    // Someone else sees neither the order nor it in their list.
+    let (_, other) = shop.user().await;
+    expect_problem(
+        shop.http
+            .get(shop.url(&format!("/api/orders/{id}")))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    let theirs: Value = shop
+        .http
+        .get(shop.url("/api/orders"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(theirs["items"].as_array().unwrap().is_empty());
+
+    // No token.
+    expect_problem(
+        shop.http.get(shop.url("/api/orders")).send().await.unwrap(),
+        401,
+    )
+    .await;
+    expect_problem(
+        shop.http
+            .post(shop.url("/api/orders"))
+            .json(&order)
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn order_validation() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let post = |body: String, ct: &'static str| {
+        shop.http
+            .post(shop.url("/api/orders"))
+            .bearer_auth(&token)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    expect_problem(
+        post("{\"items\": [".into(), "application/json")
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    expect_problem(post("{}".into(), "text/plain").await.unwrap(), 415).await;
+    expect_problem(
+        post("{\"items\": 3, \"card\": 1}".into(), "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    let p1 = shop.product(1);
+    let body = |items: Value, card: &str| json!({"items": items, "card": card}).to_string();
+    expect_problem(
+        post(body(json!([]), "4242424242424242"), "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    expect_problem(
+        post(
+            body(
+                json!([{"product_id": p1, "quantity": 0}]),
+                "4242424242424242",
+            ),
+            "application/json",
+        )
+        .await
+        .unwrap(),
+        422,
+    )
+    .await;
+    let p = expect_problem(
+        post(
+            body(
+                json!([{"product_id": p1, "quantity": 1}]),
+                "4242424242424241",
+            ),
+            "application/json",
+        )
+        .await
+        .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(p["errors"][0]["field"], "card");
+    let p = expect_problem(
+        post(
+            body(
+                json!([{"product_id": "no-such-product", "quantity": 1}]),
+                "4242424242424242",
+            ),
+            "application/json",
+        )
+        .await
+        .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(p["unknown_products"][0], "no-such-product");
+    expect_problem(
+        post(
+            body(
+                json!([{"product_id": p1, "quantity": 1}, {"product_id": p1, "quantity": 2}]),
+                "4242424242424242",
+            ),
+            "application/json",
+        )
+        .await
+        .unwrap(),
+        422,
+    )
+    .await;
+
+    // Idempotency-Key: a retried request returns the original order.
+    let good = body(
+        json!([{"product_id": p1, "quantity": 1}]),
+        "4242424242424242",
+    );
+    let send = || {
+        shop.http
+            .post(shop.url("/api/orders"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "k-1")
+            .header("content-type", "application/json")
+            .body(good.clone())
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first["id"], again["id"]);
+    let mine: Value = shop
+        .http
+        .get(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn payments_with_test_cards() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let authorize = |card: &str| {
+        shop.http
+            .post(shop.url("/api/payments"))
+            .bearer_auth(&token)
+            .json(
+                &json!({"order_id": "o-1", "amount_minor": 1250, "currency": "USD", "card": card}),
+            )
+            .send()
+    };
+    let ok: Value = authorize("4242424242424242")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ok["status"], "AUTHORIZED");
+    let declined: Value = authorize("4000000000000002")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(declined["status"], "DECLINED");
+    let id = ok["id"].as_str().unwrap();
+    let act = |what: &str| {
+        shop.http
+            .post(shop.url(&format!("/api/payments/{id}/{what}")))
+            .bearer_auth(&token)
+            .send()
+    };
+    let captured: Value = act("capture").await.unwrap().json().await.unwrap();
+    assert_eq!(captured["status"], "CAPTURED");
+    expect_problem(act("void").await.unwrap(), 409).await;
+    let refunded: Value = act("refund").await.unwrap().json().await.unwrap();
+    assert_eq!(refunded["status"], "REFUNDED");
+    expect_problem(
+        shop.http
+            .post(shop.url("/api/payments"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods() {
+    let shop = TestShop::start().await;
+    expect_problem(
+        shop.http.get(shop.url("/nowhere")).send().await.unwrap(),
+        404,
+    )
+    .await;
+    expect_problem(
+        shop.http
+            .get(shop.url("/api/productsx"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    expect_problem(
+        shop.http
+            .delete(shop.url("/api/products"))
+            .send()
+            .await
+            .unwrap(),
+        405,
+    )
+    .await;
+    expect_problem(
+        shop.http
+            .get(shop.url("/api/products/1/2/3"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    // Over the gateway's 1 MiB limit: refused by the gateway from Content-Length.
+    let huge = format!(
+        "{{\"items\": [], \"card\": \"{}\"}}",
+        "4".repeat(2 * 1024 * 1024)
+    );
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(res, 413).await;
+    // Under the gateway's limit, over the service's 64 KiB: refused by the service.
+    let big = format!(
+        "{{\"items\": [], \"card\": \"{}\"}}",
+        "4".repeat(100 * 1024)
+    );
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(res, 413).await;
+}
+
+#[tokio::test]
+async fn streamed_bodies_are_cut_at_the_gateway_limit() {
+    // The gateway's limit below the service's, so the gateway is the one that cuts.
+    let shop = TestShop::start_with(|c| c.max_body_bytes = 16 * 1024).await;
+    let (_, token) = shop.user().await;
+    // No Content-Length (chunked): the gateway counts while streaming and stops at the limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b' '; 8 * 1024])).collect();
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(res, 413).await;
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_or_minted() {
+    let shop = TestShop::start().await;
+    let res = shop
+        .http
+        .get(shop.url("/api/products?limit=1"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "trace-me-42");
+    let res = shop
+        .http
+        .get(shop.url("/api/products?limit=1"))
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers()["x-request-id"].len() >= 32);
+    let res = shop
+        .http
+        .get(shop.url("/nowhere"))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-request-id"], "bad id with spaces");
+}
+
+#[tokio::test]
+async fn metrics_and_openapi() {
+    let shop = TestShop::start().await;
+    shop.http
+        .get(shop.url("/api/products?limit=1"))
+        .send()
+        .await
+        .unwrap();
+    let res = shop
+        .http
+        .get(format!("{}/metrics", shop.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = res.text().await.unwrap();
+    assert!(text.contains("gateway_requests_total{"), "{text}");
+    assert!(text.contains("http_server_requests_total{"), "{text}");
+    assert!(
+        text.contains("gateway_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    for name in ServiceName::ALL {
+        let doc: Value = shop
+            .http
+            .get(shop.service_url(name, "/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            doc["openapi"].as_str().unwrap().starts_with("3.1"),
+            "{name}"
+        );
+        assert!(!doc["paths"].as_object().unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_restart_reuses_the_data() {
+    let shop = TestShop::start().await;
+    let email = format!("{}@example.test", uuid::Uuid::new_v4().simple());
+    let res = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&json!({"email": email, "password": "persisted!", "name": "P"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let token = shop.login(&email, "persisted!").await;
+    let shop = shop.restart().await;
+    // The same signing key verifies the old token; the user and the catalog are still there.
+    let me = shop
+        .http
+        .get(shop.url("/api/users/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+    shop.login(&email, "persisted!").await;
+    let page: Value = shop
+        .http
+        .get(shop.url("/api/products?limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["total"], TEST_PRODUCTS);
+    shop.shutdown().await;
+}
