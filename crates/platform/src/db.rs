@@ -104,6 +104,13 @@ impl Db {
         max_connections: u32,
         migrator: &Migrator,
     ) -> Result<Self, DbError> {
+        let db = Self::open(cfg, max_connections).await?;
+        migrator.run(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// Connects (creating the SQLite file or the PostgreSQL schema if needed), no migrations.
+    pub async fn open(cfg: &DbConfig, max_connections: u32) -> Result<Self, DbError> {
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
 
@@ -183,7 +190,6 @@ impl Db {
                 }
             }
         };
-        migrator.run(&db.pool).await?;
         Ok(db)
     }
 

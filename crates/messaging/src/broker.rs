@@ -1,0 +1,62 @@
+//! The broker abstraction every adapter (embedded, RabbitMQ, NATS) implements.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::Envelope;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker storage: {0}")]
+    Storage(#[from] sqlx::Error),
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker closed")]
+    Closed,
+}
+
+/// One message handed to a subscriber. `attempt` counts deliveries, starting at 1.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Broker-specific handle used to ack/nack.
+    pub tag: i64,
+    pub topic: String,
+    /// The raw message; a subscriber decodes it (a malformed one is a poison message).
+    pub payload: String,
+    pub attempt: u32,
+}
+
+/// A durable subscription: messages published to its topics while the subscriber is away
+/// wait for it.
+pub trait Subscription: Send + Sync {
+    /// Up to `max` deliveries, waiting until at least one is available or `wait` elapses.
+    fn next(&self, max: usize, wait: Duration)
+    -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>>;
+    /// Done with the message: it is never delivered again.
+    fn ack<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Deliver the message again after `delay` (and keep later messages of its key waiting).
+    fn nack<'a>(
+        &'a self,
+        d: &'a Delivery,
+        delay: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Messages waiting (or in flight) in this subscription.
+    fn backlog(&self) -> BoxFuture<'_, Result<u64, BrokerError>>;
+}
+
+pub trait Broker: Send + Sync {
+    /// Publishes a batch to `topic`; returns once the broker holds them durably.
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        batch: &'a [Envelope],
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Opens the durable subscription `group` to `topics` (creating it if needed). One
+    /// subscription per group per process.
+    fn subscribe<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>>;
+}

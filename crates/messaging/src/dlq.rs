@@ -1,0 +1,128 @@
+//! Dead letters: messages a consumer gave up on, with the reason and the attempts, kept in
+//! the consumer's own database. Replay republishes the original message (same id) to its
+//! topic: the failed consumer has no inbox record of it and handles it again, every other
+//! consumer's inbox skips it.
+
+use serde::Serialize;
+use shopmesh_platform::db::Db;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{Broker, BrokerError, Envelope};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub consumer: String,
+    pub topic: String,
+    pub message_id: Option<String>,
+    pub payload: String,
+    pub reason: String,
+    pub attempts: i64,
+    pub failed_at: String,
+}
+
+pub struct NewDeadLetter<'a> {
+    pub consumer: &'a str,
+    pub topic: &'a str,
+    pub message_id: Option<&'a str>,
+    pub payload: &'a str,
+    pub reason: &'a str,
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("no dead letter `{0}`")]
+    NotFound(String),
+    #[error("dead letter `{0}` is not a readable message and cannot be replayed")]
+    Unreplayable(String),
+}
+
+const COLUMNS: &str = "id, consumer, topic, message_id, payload, reason, attempts, failed_at";
+
+fn from_row(r: &AnyRow) -> Result<DeadLetter, sqlx::Error> {
+    Ok(DeadLetter {
+        id: r.try_get("id")?,
+        consumer: r.try_get("consumer")?,
+        topic: r.try_get("topic")?,
+        message_id: r.try_get("message_id")?,
+        payload: r.try_get("payload")?,
+        reason: r.try_get("reason")?,
+        attempts: r.try_get("attempts")?,
+        failed_at: shopmesh_platform::millis_to_rfc3339(r.try_get("failed_at")?),
+    })
+}
+
+pub async fn insert(db: &Db, d: &NewDeadLetter<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO dead_letters ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    ))
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(d.consumer)
+    .bind(d.topic)
+    .bind(d.message_id)
+    .bind(d.payload)
+    .bind(d.reason)
+    .bind(i64::from(d.attempts))
+    .bind(shopmesh_platform::now_millis())
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn list(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM dead_letters ORDER BY failed_at, id LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+pub async fn get(db: &Db, id: &str) -> Result<Option<DeadLetter>, sqlx::Error> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+/// Republishes the dead letter's message to its topic, then removes it.
+pub async fn replay(db: &Db, broker: &dyn Broker, id: &str) -> Result<(), DlqError> {
+    let d = get(db, id)
+        .await?
+        .ok_or_else(|| DlqError::NotFound(id.into()))?;
+    let env = Envelope::from_json(&d.payload).map_err(|_| DlqError::Unreplayable(id.into()))?;
+    broker.publish(&d.topic, std::slice::from_ref(&env)).await?;
+    sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Removes one dead letter, or all of them with `None`. Returns how many went.
+pub async fn purge(db: &Db, id: Option<&str>) -> Result<u64, sqlx::Error> {
+    let r = match id {
+        Some(id) => {
+            sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+                .bind(id)
+                .execute(&db.pool)
+                .await?
+        }
+        None => {
+            sqlx::query("DELETE FROM dead_letters")
+                .execute(&db.pool)
+                .await?
+        }
+    };
+    Ok(r.rows_affected())
+}

@@ -1,0 +1,271 @@
+//! A durable, in-process broker on SQLite: no server to run, and `kill -9` loses nothing.
+//!
+//! Each subscription group is a queue. A publish fans a message out to the queue of every
+//! group subscribed to its topic, in one transaction, fsynced (WAL, `synchronous = FULL`)
+//! before `publish` returns. A subscriber leases messages for a while; an ack deletes the
+//! message, a nack makes it available again after a delay, and a lease that runs out (the
+//! subscriber died) makes it deliverable again. Only the oldest message of each subject in a
+//! queue can be leased, so messages of one key are handled in order while different keys run
+//! concurrently. Waiting subscribers are woken at once by publishes in the same process and
+//! poll for publishes from other processes.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use tokio::sync::Notify;
+
+use crate::Envelope;
+use crate::broker::{Broker, BrokerError, Delivery, Subscription};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS subscriptions (
+    grp   TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    PRIMARY KEY (grp, topic)
+);
+CREATE TABLE IF NOT EXISTS queue (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    grp          TEXT NOT NULL,
+    topic        TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    available_at INTEGER NOT NULL,
+    leased_until INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS queue_by_subject ON queue (grp, subject, seq);
+CREATE INDEX IF NOT EXISTS queue_by_time ON queue (grp, available_at, seq);
+";
+
+/// How long a delivery stays leased to a subscriber before it is handed out again.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct EmbeddedBroker {
+    pool: SqlitePool,
+    notify: Arc<Notify>,
+    lease: Duration,
+    poll: Duration,
+}
+
+fn now_ms() -> i64 {
+    shopmesh_platform::now_millis()
+}
+
+impl EmbeddedBroker {
+    /// Opens (creating if needed) the broker stored in the file `path`.
+    pub async fn open(path: &Path) -> Result<Self, BrokerError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        }
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(Self {
+            pool,
+            notify: Arc::new(Notify::new()),
+            lease: DEFAULT_LEASE,
+            poll: Duration::from_millis(200),
+        })
+    }
+
+    /// Changes how long deliveries stay leased (tests use short leases).
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Messages waiting in every queue, by group.
+    pub async fn backlogs(&self) -> Result<Vec<(String, u64)>, BrokerError> {
+        let rows = sqlx::query("SELECT grp, COUNT(*) FROM queue GROUP BY grp ORDER BY grp")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u64)))
+            .collect()
+    }
+
+    async fn publish_batch(&self, topic: &str, batch: &[Envelope]) -> Result<(), BrokerError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for env in batch {
+            sqlx::query(
+                "INSERT INTO queue (grp, topic, subject, payload, available_at) \
+                 SELECT grp, ?1, ?2, ?3, ?4 FROM subscriptions WHERE topic = ?1",
+            )
+            .bind(topic)
+            .bind(&env.subject)
+            .bind(env.to_json())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        metrics::counter!("messaging_published_total", "topic" => topic.to_owned())
+            .increment(batch.len() as u64);
+        self.notify.notify_waiters();
+        Ok(())
+    }
+}
+
+impl Broker for EmbeddedBroker {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        batch: &'a [Envelope],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.publish_batch(topic, batch).boxed()
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>> {
+        async move {
+            let mut tx = self.pool.begin().await?;
+            for t in topics {
+                sqlx::query(
+                    "INSERT INTO subscriptions (grp, topic) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                )
+                .bind(group)
+                .bind(*t)
+                .execute(&mut *tx)
+                .await?;
+            }
+            // The embedded broker lives in one process, so whatever this group had leased
+            // belonged to a previous run of it: hand it out again now rather than after the
+            // lease runs out.
+            sqlx::query("UPDATE queue SET leased_until = 0 WHERE grp = ?1 AND leased_until > 0")
+                .bind(group)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Box::new(EmbeddedSubscription {
+                broker: self.clone(),
+                group: group.to_owned(),
+            }) as Box<dyn Subscription>)
+        }
+        .boxed()
+    }
+}
+
+struct EmbeddedSubscription {
+    broker: EmbeddedBroker,
+    group: String,
+}
+
+impl EmbeddedSubscription {
+    async fn lease(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        let now = now_ms();
+        let until = now + self.broker.lease.as_millis() as i64;
+        let rows = sqlx::query(
+            "UPDATE queue SET leased_until = ?1, attempts = attempts + 1 WHERE seq IN (\
+                SELECT q.seq FROM queue q \
+                WHERE q.grp = ?2 AND q.available_at <= ?3 AND q.leased_until <= ?3 \
+                  AND NOT EXISTS (SELECT 1 FROM queue p \
+                                  WHERE p.grp = q.grp AND p.subject = q.subject AND p.seq < q.seq) \
+                ORDER BY q.seq LIMIT ?4) \
+             RETURNING seq, topic, payload, attempts",
+        )
+        .bind(until)
+        .bind(&self.group)
+        .bind(now)
+        .bind(max as i64)
+        .fetch_all(&self.broker.pool)
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok(Delivery {
+                    tag: r.try_get(0)?,
+                    topic: r.try_get(1)?,
+                    payload: r.try_get(2)?,
+                    attempt: r.try_get::<i64, _>(3)? as u32,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        out.sort_by_key(|d| d.tag);
+        Ok(out)
+    }
+}
+
+impl Subscription for EmbeddedSubscription {
+    fn next(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
+        async move {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                // Register for wake-ups before looking, so a publish in between is not missed.
+                let notified = self.broker.notify.notified();
+                let got = self.lease(max).await?;
+                if !got.is_empty() {
+                    return Ok(got);
+                }
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Ok(Vec::new());
+                }
+                let nap = self.broker.poll.min(deadline - now);
+                let _ = tokio::time::timeout(nap, notified).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn ack<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            sqlx::query("DELETE FROM queue WHERE seq = ?1")
+                .bind(d.tag)
+                .execute(&self.broker.pool)
+                .await?;
+            // The next message of the same key may be deliverable now.
+            self.broker.notify.notify_waiters();
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn nack<'a>(
+        &'a self,
+        d: &'a Delivery,
+        delay: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            sqlx::query("UPDATE queue SET available_at = ?1, leased_until = 0 WHERE seq = ?2")
+                .bind(now_ms() + delay.as_millis() as i64)
+                .bind(d.tag)
+                .execute(&self.broker.pool)
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<u64, BrokerError>> {
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE grp = ?1")
+                .bind(&self.group)
+                .fetch_one(&self.broker.pool)
+                .await?;
+            Ok(n as u64)
+        }
+        .boxed()
+    }
+}
