@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod model;
+pub mod saga;
 pub mod store;
 
 use shopmesh_platform::db::Db;

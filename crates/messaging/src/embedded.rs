@@ -52,6 +52,7 @@ pub struct EmbeddedBroker {
     notify: Arc<Notify>,
     lease: Duration,
     poll: Duration,
+    duplicate: bool,
 }
 
 fn now_ms() -> i64 {
@@ -79,12 +80,20 @@ impl EmbeddedBroker {
             notify: Arc::new(Notify::new()),
             lease: DEFAULT_LEASE,
             poll: Duration::from_millis(200),
+            duplicate: false,
         })
     }
 
     /// Changes how long deliveries stay leased (tests use short leases).
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Test mode: every message is delivered twice (same id), as a broker may do after a
+    /// failover or a lost ack. Consumers must apply it once.
+    pub fn with_duplicate_deliveries(mut self, on: bool) -> Self {
+        self.duplicate = on;
         self
     }
 
@@ -101,7 +110,8 @@ impl EmbeddedBroker {
     async fn publish_batch(&self, topic: &str, batch: &[Envelope]) -> Result<(), BrokerError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        for env in batch {
+        let copies = if self.duplicate { 2 } else { 1 };
+        for env in batch.iter().flat_map(|e| std::iter::repeat_n(e, copies)) {
             sqlx::query(
                 "INSERT INTO queue (grp, topic, subject, payload, available_at) \
                  SELECT grp, ?1, ?2, ?3, ?4 FROM subscriptions WHERE topic = ?1",

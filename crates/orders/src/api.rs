@@ -13,6 +13,9 @@ use shopmesh_platform::identity::Caller;
 use shopmesh_platform::validate::{Errors, luhn_valid};
 use utoipa::OpenApi;
 
+use shopmesh_events::{Line, OrderPlaced};
+use shopmesh_messaging::Envelope;
+
 use crate::State;
 use crate::model::{ListQuery, NewItem, NewOrder, Order, OrderItem, OrderPage, PriceList};
 use crate::store;
@@ -115,10 +118,11 @@ async fn create_order(
 ) -> Result<Response, Problem> {
     validate(&o)?;
     let key = idempotency_key(&headers)?;
+    let hash = fingerprint(&o);
     if let Some(k) = &key
         && let Some(existing) = store::find_by_idempotency_key(&s.db, &caller.user_id, k).await?
     {
-        return Ok(replayed(existing));
+        return same_request(&s, &caller.user_id, k, &hash, existing).await;
     }
 
     let ids: Vec<&str> = o.items.iter().map(|i| i.product_id.as_str()).collect();
@@ -168,7 +172,27 @@ async fn create_order(
     }
     let card = o.card.replace(' ', "");
     let id = uuid::Uuid::now_v7().to_string();
+    let placed = OrderPlaced {
+        order_id: id.clone(),
+        user_id: caller.user_id.clone(),
+        items: o
+            .items
+            .iter()
+            .map(|i| Line {
+                product_id: i.product_id.clone(),
+                quantity: i.quantity,
+            })
+            .collect(),
+        amount_minor: total,
+        currency: currency.clone(),
+        card: card.clone(),
+    };
+    let placed = Envelope::new(crate::NAME, &id, &placed)
+        .map_err(|e| Problem::internal(&e))?
+        .with_traceparent(traceparent(&headers));
     let row = store::NewOrderRow {
+        placed: &placed,
+        request_hash: &hash,
         id: &id,
         user_id: &caller.user_id,
         total_minor: total,
@@ -185,17 +209,56 @@ async fn create_order(
                 && let Some(existing) =
                     store::find_by_idempotency_key(&s.db, &caller.user_id, k).await?
             {
-                return Ok(replayed(existing));
+                return same_request(&s, &caller.user_id, k, &hash, existing).await;
             }
             return Err(e.into());
         }
         Err(e) => return Err(e.into()),
     }
+    s.relay.notify();
     tracing::info!(order_id = %id, user_id = %caller.user_id, total, "order placed");
     let order = store::get_owned(&s.db, &caller.user_id, &id)
         .await?
         .ok_or_else(|| Problem::internal(&"placed order vanished"))?;
     Ok(accepted(order))
+}
+
+/// A retry with the same key must be the same request: same order, else 422.
+async fn same_request(
+    s: &State,
+    user_id: &str,
+    key: &str,
+    hash: &str,
+    existing: Order,
+) -> Result<Response, Problem> {
+    match store::request_hash(&s.db, user_id, key).await? {
+        Some(h) if h != hash => Err(Problem::unprocessable(
+            "this Idempotency-Key was used for a different request",
+        )),
+        _ => Ok(replayed(existing)),
+    }
+}
+
+/// SHA-256 of what defines the order (lines and card), for Idempotency-Key checks.
+fn fingerprint(o: &NewOrder) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for it in &o.items {
+        h.update(it.product_id.as_bytes());
+        h.update([0]);
+        h.update(it.quantity.to_be_bytes());
+    }
+    h.update(o.card.replace(' ', "").as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The W3C trace context of the request, carried into the saga's messages.
+fn traceparent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 55)
+        .map(str::to_owned)
 }
 
 /// Product ids are opaque; percent-encode anything outside the unreserved set.

@@ -1,12 +1,15 @@
 //! Orders service: an authenticated user places an order; its line items are priced from the
-//! pricing service over HTTP and it is stored as `PENDING` (the saga that confirms or cancels
-//! it comes with the messaging layer). Users get and list their own orders only.
+//! pricing service over HTTP and it is stored as `PENDING` together with its `OrderPlaced`
+//! event (transactional outbox). The orders service then orchestrates the saga
+//! ([`saga`]) that confirms or cancels it. Users get and list their own orders only.
 //! Same layout as every shopmesh service.
 
 pub mod api;
 pub mod model;
+pub mod saga;
 pub mod store;
 
+use shopmesh_messaging::outbox::Relay;
 use shopmesh_platform::client::ServiceClient;
 use shopmesh_platform::db::Db;
 
@@ -23,12 +26,15 @@ pub struct Deps {
 pub struct State {
     pub db: Db,
     pub pricing: ServiceClient,
+    /// Woken after an order commits, to publish its `OrderPlaced` at once.
+    pub relay: Relay,
 }
 
-pub fn app(db: Db, deps: Deps) -> axum::Router {
+pub fn app(db: Db, deps: Deps, relay: Relay) -> axum::Router {
     let state = State {
         db,
         pricing: ServiceClient::new("pricing", deps.pricing_url),
+        relay,
     };
     shopmesh_platform::serve::stack(
         NAME,

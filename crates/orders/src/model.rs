@@ -26,11 +26,23 @@ pub struct Order {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub items: Vec<OrderItem>,
+    /// The saga's timeline (on `GET /api/orders/{id}`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<Step>,
     pub total_minor: i64,
     pub currency: String,
     pub card_last4: String,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// One step of an order's saga.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Step {
+    pub step: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -4,7 +4,11 @@ use shopmesh_platform::db::Db;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::model::{Order, OrderItem};
+use shopmesh_events::TOPIC_ORDERS;
+use shopmesh_messaging::{Envelope, outbox};
+use sqlx::{Any, Transaction};
+
+use crate::model::{Order, OrderItem, Step};
 
 const COLUMNS: &str =
     "id, user_id, status, status_reason, total_minor, currency, card_last4, created_at, updated_at";
@@ -16,6 +20,7 @@ fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
         status: row.try_get("status")?,
         reason: row.try_get("status_reason")?,
         items: Vec::new(),
+        steps: Vec::new(),
         total_minor: row.try_get("total_minor")?,
         currency: row.try_get("currency")?,
         card_last4: row.try_get("card_last4")?,
@@ -25,6 +30,9 @@ fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
 }
 
 pub struct NewOrderRow<'a> {
+    /// The `OrderPlaced` event, staged in the same transaction.
+    pub placed: &'a Envelope,
+    pub request_hash: &'a str,
     pub id: &'a str,
     pub user_id: &'a str,
     pub total_minor: i64,
@@ -34,14 +42,15 @@ pub struct NewOrderRow<'a> {
     pub items: &'a [OrderItem],
 }
 
-/// Stores the order and its lines in one transaction, as PENDING.
+/// Stores the order (PENDING), its lines, the first step of its timeline and its
+/// `OrderPlaced` event in one transaction.
 pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     let now = shopmesh_platform::now_millis();
     let mut tx = db.pool.begin().await?;
     sqlx::query(
         "INSERT INTO orders (id, user_id, status, status_reason, total_minor, currency, \
-         card_last4, idempotency_key, created_at, updated_at) \
-         VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7)",
+         card_last4, idempotency_key, created_at, updated_at, request_hash) \
+         VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8)",
     )
     .bind(o.id)
     .bind(o.user_id)
@@ -50,6 +59,7 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     .bind(o.card_last4)
     .bind(o.idempotency_key)
     .bind(now)
+    .bind(o.request_hash)
     .execute(&mut *tx)
     .await?;
     for (i, item) in o.items.iter().enumerate() {
@@ -65,7 +75,62 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     }
+    add_step(&mut tx, o.id, "placed", None).await?;
+    outbox::stage(&mut tx, TOPIC_ORDERS, o.placed).await?;
     tx.commit().await
+}
+
+/// Appends a step to the order's timeline.
+pub async fn add_step(
+    tx: &mut Transaction<'static, Any>,
+    order_id: &str,
+    step: &str,
+    detail: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO order_steps (id, order_id, step, detail, at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(order_id)
+    .bind(step)
+    .bind(detail)
+    .bind(shopmesh_platform::now_millis())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn steps(db: &Db, order_id: &str) -> Result<Vec<Step>, sqlx::Error> {
+    let rows =
+        sqlx::query("SELECT step, detail, at FROM order_steps WHERE order_id = $1 ORDER BY id")
+            .bind(order_id)
+            .fetch_all(&db.pool)
+            .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Step {
+                step: r.try_get("step")?,
+                detail: r.try_get("detail")?,
+                at: shopmesh_platform::millis_to_rfc3339(r.try_get("at")?),
+            })
+        })
+        .collect()
+}
+
+/// The fingerprint of the request behind an idempotency key.
+pub async fn request_hash(
+    db: &Db,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT request_hash FROM orders WHERE user_id = $1 AND idempotency_key = $2",
+    )
+    .bind(user_id)
+    .bind(key)
+    .fetch_optional(&db.pool)
+    .await
+    .map(Option::flatten)
 }
 
 /// The order if it belongs to `user_id`.
@@ -80,7 +145,11 @@ pub async fn get_owned(db: &Db, user_id: &str, id: &str) -> Result<Option<Order>
     let Some(row) = row else { return Ok(None) };
     let mut orders = vec![from_row(&row)?];
     attach_items(db, &mut orders).await?;
-    Ok(orders.pop())
+    let mut order = orders.pop();
+    if let Some(o) = order.as_mut() {
+        o.steps = steps(db, &o.id).await?;
+    }
+    Ok(order)
 }
 
 pub async fn find_by_idempotency_key(

@@ -131,7 +131,7 @@ async fn create_payment(
         idempotency_key: key,
         now: shopmesh_platform::now_millis(),
     };
-    if let Err(e) = store::insert(&s.db, &record).await {
+    if let Err(e) = store::insert(&s.db.pool, &record).await {
         // A concurrent request with the same key won the race: answer with its payment.
         if let Some(key) = key
             && is_unique_violation(&e)

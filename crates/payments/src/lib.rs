@@ -10,6 +10,7 @@
 pub mod api;
 pub mod error;
 pub mod model;
+pub mod saga;
 pub mod store;
 
 use shopmesh_platform::db::Db;

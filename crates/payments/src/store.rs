@@ -44,7 +44,10 @@ pub struct NewRecord<'a> {
 
 /// Inserts a payment. A repeated `(user_id, idempotency_key)` is a unique violation
 /// (see [`shopmesh_platform::db::is_unique_violation`]).
-pub async fn insert(db: &Db, r: &NewRecord<'_>) -> Result<(), sqlx::Error> {
+pub async fn insert<'e, E>(ex: E, r: &NewRecord<'_>) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
     sqlx::query(
         "INSERT INTO payments (id, order_id, user_id, amount_minor, currency, card_brand, \
          card_last4, status, decline_code, captured_minor, refunded_minor, idempotency_key, \
@@ -65,7 +68,7 @@ pub async fn insert(db: &Db, r: &NewRecord<'_>) -> Result<(), sqlx::Error> {
     .bind(r.idempotency_key)
     .bind(r.now)
     .bind(r.now)
-    .execute(&db.pool)
+    .execute(ex)
     .await
     .map(|_| ())
 }

@@ -8,6 +8,8 @@ pub mod seed;
 pub mod services;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shopmesh_gateway::config::JwtConfig;
@@ -63,11 +65,23 @@ pub struct SystemConfig {
     pub jwt_leeway_secs: u64,
     /// Largest request body the gateway forwards.
     pub max_body_bytes: u64,
+    /// The embedded broker's file.
+    pub broker_path: PathBuf,
+    /// Deliver every message twice (tests the consumers' idempotency).
+    pub duplicate_deliveries: bool,
+    /// A saga participant silent this long cancels the order (`timeout`).
+    pub saga_deadline: Duration,
+    /// Services whose consumer does not run (fault injection: a silent participant).
+    pub silent: Vec<ServiceName>,
 }
 
 impl SystemConfig {
-    pub fn new(storage: Storage) -> Self {
+    pub fn new(storage: Storage, data_dir: &std::path::Path) -> Self {
         Self {
+            broker_path: data_dir.join("broker.db"),
+            duplicate_deliveries: false,
+            saga_deadline: Duration::from_secs(10),
+            silent: Vec::new(),
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 8080,
             admin_port: 9901,
@@ -160,11 +174,24 @@ impl System {
             pricing_url: format!("http://{}", addr_of(ServiceName::Pricing)),
         };
 
+        let broker = shopmesh_messaging::embedded::EmbeddedBroker::open(&cfg.broker_path)
+            .await
+            .map_err(|e| Error::Service {
+                service: "broker",
+                reason: e.to_string(),
+            })?
+            .with_duplicate_deliveries(cfg.duplicate_deliveries);
+        services::declare(&broker).await?;
+        let messaging = services::Messaging {
+            broker: Arc::new(broker),
+            saga_deadline: cfg.saga_deadline,
+            silent: cfg.silent.clone(),
+        };
         // Connect, migrate and build all services concurrently.
         let built = futures::future::try_join_all(
             ServiceName::ALL
                 .iter()
-                .map(|n| services::open(*n, &cfg.storage, &deps, cfg.token_ttl)),
+                .map(|n| services::open(*n, &cfg.storage, &deps, cfg.token_ttl, &messaging)),
         )
         .await?;
         if cfg.seed_products > 0 {
@@ -189,7 +216,10 @@ impl System {
 
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        for (b, (_, listener)) in built.into_iter().zip(listeners) {
+        for (mut b, (_, listener)) in built.into_iter().zip(listeners) {
+            for task in b.tasks.drain(..) {
+                tasks.spawn(task(shutdown.clone()));
+            }
             let server = Server {
                 name: b.name.as_str(),
                 listener,

@@ -3,8 +3,16 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::Router;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use shopmesh_messaging::outbox::{self, Relay};
+use shopmesh_messaging::{Broker, Consumer, ConsumerConfig, Handler};
 use shopmesh_platform::db::{Db, Storage};
+use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 
@@ -68,10 +76,71 @@ pub struct Deps {
     pub pricing_url: String,
 }
 
+/// Messaging settings shared by the services that take part in the order saga.
+#[derive(Clone)]
+pub struct Messaging {
+    pub broker: Arc<dyn Broker>,
+    /// A participant silent this long after an order was placed cancels it (`timeout`).
+    pub saga_deadline: Duration,
+    /// Services whose consumer is not started (fault injection: a silent participant).
+    pub silent: Vec<ServiceName>,
+}
+
+/// A background task of a service (outbox relay, consumer, sweeper).
+pub type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
 pub struct Built {
     pub name: ServiceName,
     pub db: Db,
     pub router: Router,
+    pub tasks: Vec<Task>,
+}
+
+/// Declares every subscription of the shop on the broker, before anything publishes.
+pub async fn declare(broker: &dyn Broker) -> Result<(), Error> {
+    for (group, topics) in shopmesh_events::SUBSCRIPTIONS {
+        broker
+            .subscribe(group, topics)
+            .await
+            .map_err(|e| Error::Service {
+                service: "broker",
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// The relay and (unless silenced) the consumer of a saga participant.
+async fn saga_tasks(
+    name: ServiceName,
+    consumer: &str,
+    topics: &[&str],
+    db: &Db,
+    m: &Messaging,
+    relay: &Relay,
+    handler: Arc<dyn Handler>,
+) -> Result<Vec<Task>, Error> {
+    let err = |e: &dyn std::fmt::Display| Error::Service {
+        service: name.as_str(),
+        reason: e.to_string(),
+    };
+    let mut tasks: Vec<Task> = Vec::new();
+    let r = relay.clone();
+    tasks.push(Box::new(move |t| r.run(t).boxed()));
+    if !m.silent.contains(&name) {
+        let c = Consumer::new(
+            ConsumerConfig::new(consumer, topics),
+            db.clone(),
+            m.broker.as_ref(),
+            handler,
+        )
+        .await
+        .map_err(|e| err(&e))?;
+        let waker = relay.waker();
+        let c = c.after_commit(Arc::new(move || waker.notify_one()));
+        tasks.push(Box::new(move |t| c.run(t).boxed()));
+    }
+    Ok(tasks)
 }
 
 const POOL_SIZE: u32 = 8;
@@ -82,6 +151,7 @@ pub async fn open(
     storage: &Storage,
     deps: &Deps,
     token_ttl: std::time::Duration,
+    m: &Messaging,
 ) -> Result<Built, Error> {
     let cfg = storage.for_service(name.as_str());
     let migrator = match name {
@@ -94,6 +164,59 @@ pub async fn open(
         ServiceName::Payments => &shopmesh_payments::MIGRATOR,
     };
     let db = Db::connect(&cfg, POOL_SIZE, migrator).await?;
+    let mut tasks = Vec::new();
+    let relay = Relay::new(db.clone(), m.broker.clone());
+    if matches!(
+        name,
+        ServiceName::Inventory | ServiceName::Payments | ServiceName::Orders
+    ) {
+        outbox::install(&db).await.map_err(|e| Error::Service {
+            service: name.as_str(),
+            reason: e.to_string(),
+        })?;
+    }
+    use shopmesh_events as ev;
+    match name {
+        ServiceName::Inventory => {
+            let h = Arc::new(shopmesh_inventory::saga::InventorySaga);
+            tasks = saga_tasks(
+                name,
+                ev::CONSUMER_INVENTORY,
+                &[ev::TOPIC_ORDERS],
+                &db,
+                m,
+                &relay,
+                h,
+            )
+            .await?;
+        }
+        ServiceName::Payments => {
+            let h = Arc::new(shopmesh_payments::saga::PaymentsSaga);
+            tasks = saga_tasks(
+                name,
+                ev::CONSUMER_PAYMENTS,
+                &[ev::TOPIC_ORDERS],
+                &db,
+                m,
+                &relay,
+                h,
+            )
+            .await?;
+        }
+        ServiceName::Orders => {
+            let h = Arc::new(shopmesh_orders::saga::OrderSaga);
+            let topics = [ev::TOPIC_INVENTORY, ev::TOPIC_PAYMENTS];
+            tasks = saga_tasks(name, ev::CONSUMER_ORDERS, &topics, &db, m, &relay, h).await?;
+            let sweeper = shopmesh_orders::saga::TimeoutSweeper {
+                db: db.clone(),
+                relay: relay.clone(),
+                deadline: m.saga_deadline,
+                every: Duration::from_millis(500).min(m.saga_deadline / 2),
+            };
+            tasks.push(Box::new(move |t| sweeper.run(t).boxed()));
+        }
+        _ => {}
+    }
     let router = match name {
         ServiceName::Catalog => shopmesh_catalog::app(db.clone()),
         ServiceName::Inventory => shopmesh_inventory::app(db.clone()),
@@ -116,8 +239,14 @@ pub async fn open(
             shopmesh_orders::Deps {
                 pricing_url: deps.pricing_url.clone(),
             },
+            relay,
         ),
         ServiceName::Payments => shopmesh_payments::app(db.clone()),
     };
-    Ok(Built { name, db, router })
+    Ok(Built {
+        name,
+        db,
+        router,
+        tasks,
+    })
 }

@@ -2,10 +2,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use shopmesh_messaging::embedded::EmbeddedBroker;
 use shopmesh_platform::db::Storage;
 use shopmesh_platform::serve::Server;
 use shopmesh_platform::telemetry::{self, LogFormat};
@@ -122,7 +124,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let _ = telemetry::prometheus();
     let storage = a.storage.storage()?;
-    let mut cfg = SystemConfig::new(storage.clone());
+    let mut cfg = SystemConfig::new(storage.clone(), &a.storage.data_dir);
     cfg.host = a.host;
     cfg.port = a.port;
     cfg.admin_port = a.admin_port;
@@ -144,13 +146,22 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
 async fn service(a: ServiceArgs) -> anyhow::Result<()> {
     let _ = telemetry::prometheus();
     let storage = a.storage.storage()?;
-    let built = services::open(
+    // Separate processes share the embedded broker's file (SQLite handles the locking).
+    let broker = EmbeddedBroker::open(&a.storage.data_dir.join("broker.db")).await?;
+    services::declare(&broker).await?;
+    let messaging = services::Messaging {
+        broker: Arc::new(broker),
+        saga_deadline: Duration::from_secs(10),
+        silent: Vec::new(),
+    };
+    let mut built = services::open(
         a.name,
         &storage,
         &Deps {
             pricing_url: a.pricing_url.clone(),
         },
         std::time::Duration::from_secs(15 * 60),
+        &messaging,
     )
     .await?;
     let server = Server::bind(
@@ -164,6 +175,13 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
     let drain = Duration::from_secs(10);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(server.run(token.clone(), drain));
+    for task in built.tasks.drain(..) {
+        let t = task(token.clone());
+        tasks.spawn(async move {
+            t.await;
+            Ok(())
+        });
+    }
     if let Some(port) = a.admin_port {
         let admin = Server::bind(
             "admin",

@@ -22,7 +22,8 @@ pub const TEST_PRODUCTS: usize = 60;
 /// Where a test keeps its data; kept alive as long as the shop.
 pub struct TestStorage {
     pub storage: Storage,
-    _dir: Option<TempDir>,
+    /// SQLite files (if SQLite) and the embedded broker's file.
+    pub dir: TempDir,
 }
 
 impl TestStorage {
@@ -39,7 +40,7 @@ impl TestStorage {
                         url,
                         schema_prefix: prefix,
                     },
-                    _dir: None,
+                    dir: tempfile::tempdir().expect("temporary directory"),
                 }
             }
             _ => {
@@ -48,7 +49,7 @@ impl TestStorage {
                     storage: Storage::Sqlite {
                         data_dir: PathBuf::from(dir.path()),
                     },
-                    _dir: Some(dir),
+                    dir,
                 }
             }
         }
@@ -85,7 +86,7 @@ impl TestShop {
     }
 
     pub async fn start_on(storage: TestStorage, adjust: impl FnOnce(&mut SystemConfig)) -> Self {
-        let mut cfg = SystemConfig::new(storage.storage.clone());
+        let mut cfg = SystemConfig::new(storage.storage.clone(), storage.dir.path());
         cfg.port = 0;
         cfg.admin_port = 0;
         cfg.seed_products = TEST_PRODUCTS;

@@ -1,0 +1,262 @@
+//! The order saga end to end: placed → reserved + authorized → confirmed, or compensated.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shopmesh_test_support::{ServiceName, TestShop, expect_problem};
+
+async fn place(shop: &TestShop, token: &str, product: &str, quantity: i64, card: &str) -> String {
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(token)
+        .json(&json!({"items": [{"product_id": product, "quantity": quantity}], "card": card}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let o: Value = res.json().await.unwrap();
+    o["id"].as_str().unwrap().to_owned()
+}
+
+/// Polls the order until it leaves PENDING (at most 10 s).
+async fn settled(shop: &TestShop, token: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o: Value = shop
+            .http
+            .get(shop.url(&format!("/api/orders/{id}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if o["status"] != "PENDING" {
+            return o;
+        }
+        assert!(Instant::now() < deadline, "order {id} still pending: {o}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn stock(shop: &TestShop, product: &str) -> Value {
+    shop.http
+        .get(shop.url(&format!("/api/inventory/{product}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn payments(shop: &TestShop, token: &str, order: &str) -> Vec<Value> {
+    let v: Value = shop
+        .http
+        .get(shop.url(&format!("/api/payments?order_id={order}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["items"].as_array().unwrap().clone()
+}
+
+fn steps(o: &Value) -> Vec<String> {
+    o["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A product with at least `n` available.
+async fn product_with(shop: &TestShop, n: i64) -> (String, Value) {
+    for i in 1..=60 {
+        let p = shop.product(i);
+        let s = stock(shop, &p).await;
+        if s["available"].as_i64().unwrap() >= n {
+            return (p, s);
+        }
+    }
+    panic!("no product with {n} available");
+}
+
+#[tokio::test]
+async fn a_paid_order_for_available_stock_is_confirmed() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let (p, before) = product_with(&shop, 2).await;
+    let started = Instant::now();
+    let id = place(&shop, &token, &p, 2, "4242424242424242").await;
+    let o = settled(&shop, &token, &id).await;
+    assert_eq!(o["status"], "CONFIRMED", "{o}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(o.get("reason").is_none());
+    let s = steps(&o);
+    assert_eq!(s.first().unwrap(), "placed");
+    assert_eq!(s.last().unwrap(), "confirmed");
+    assert!(
+        s.contains(&"stock_reserved".into()) && s.contains(&"payment_authorized".into()),
+        "{s:?}"
+    );
+    // The stock left the shelf, the reservation is gone, the payment is captured.
+    let after = stock(&shop, &p).await;
+    assert_eq!(
+        after["on_hand"].as_i64().unwrap(),
+        before["on_hand"].as_i64().unwrap() - 2
+    );
+    assert_eq!(after["reserved"], before["reserved"]);
+    // Capture follows the confirmation asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pays = payments(&shop, &token, &id).await;
+        assert_eq!(pays.len(), 1);
+        if pays[0]["status"] == "CAPTURED" {
+            assert_eq!(pays[0]["captured_minor"], o["total_minor"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "payment not captured: {pays:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_declined_card_cancels_and_releases_the_stock() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let (p, before) = product_with(&shop, 1).await;
+    let id = place(&shop, &token, &p, 1, "4000000000000002").await;
+    let o = settled(&shop, &token, &id).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(o["reason"], "payment_declined");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stock(&shop, &p).await["available"] != before["available"] {
+        assert!(Instant::now() < deadline, "stock not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stock(&shop, &p).await["on_hand"], before["on_hand"]);
+    assert_eq!(payments(&shop, &token, &id).await[0]["status"], "DECLINED");
+}
+
+#[tokio::test]
+async fn too_many_units_cancel_as_out_of_stock_and_void_the_payment() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let p = shop.product(1);
+    let before = stock(&shop, &p).await;
+    let too_many = (before["available"].as_i64().unwrap() + 1).min(1000);
+    assert!(too_many > before["available"].as_i64().unwrap());
+    let id = place(&shop, &token, &p, too_many, "4242424242424242").await;
+    let o = settled(&shop, &token, &id).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(o["reason"], "out_of_stock");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pays = payments(&shop, &token, &id).await;
+        if pays.len() == 1 && pays[0]["status"] == "VOIDED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "payment not voided: {pays:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stock(&shop, &p).await, before);
+}
+
+#[tokio::test]
+async fn a_silent_participant_times_the_order_out_and_compensates() {
+    let shop = TestShop::start_with(|c| {
+        c.silent = vec![ServiceName::Payments];
+        c.saga_deadline = Duration::from_millis(800);
+    })
+    .await;
+    let (_, token) = shop.user().await;
+    let (p, before) = product_with(&shop, 1).await;
+    let id = place(&shop, &token, &p, 1, "4242424242424242").await;
+    let o = settled(&shop, &token, &id).await;
+    assert_eq!(o["status"], "CANCELLED");
+    assert_eq!(o["reason"], "timeout");
+    // Inventory reserved, then released on the cancellation.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stock(&shop, &p).await != before {
+        assert!(Instant::now() < deadline, "stock not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_message_delivered_twice_still_adds_up() {
+    let shop = TestShop::start_with(|c| c.duplicate_deliveries = true).await;
+    let (_, token) = shop.user().await;
+    let (p, before) = product_with(&shop, 6).await;
+    let mut ids = Vec::new();
+    for card in [
+        "4242424242424242",
+        "4000000000000002",
+        "4242424242424242",
+        "4242424242424242",
+    ] {
+        ids.push((place(&shop, &token, &p, 2, card).await, card));
+    }
+    ids.push((
+        place(&shop, &token, &p, 1000, "4242424242424242").await,
+        "oos",
+    ));
+    let mut confirmed = 0;
+    for (id, card) in &ids {
+        let o = settled(&shop, &token, id).await;
+        match *card {
+            "4242424242424242" => {
+                assert_eq!(o["status"], "CONFIRMED", "{o}");
+                confirmed += 1;
+            }
+            "4000000000000002" => assert_eq!(o["reason"], "payment_declined"),
+            _ => assert_eq!(o["reason"], "out_of_stock"),
+        }
+        // One payment per order, never two.
+        assert_eq!(payments(&shop, &token, id).await.len(), 1);
+    }
+    // Stock moved exactly once per confirmed order; all reservations settled.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let after = stock(&shop, &p).await;
+        if after["reserved"] == before["reserved"] {
+            assert_eq!(
+                after["on_hand"].as_i64().unwrap(),
+                before["on_hand"].as_i64().unwrap() - 2 * confirmed
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reservations not settled: {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_is_bound_to_its_request() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let post = |qty: i64| {
+        shop.http
+            .post(shop.url("/api/orders"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "same-key")
+            .json(&json!({"items": [{"product_id": shop.product(2), "quantity": qty}], "card": "4242424242424242"}))
+            .send()
+    };
+    assert_eq!(post(1).await.unwrap().status(), 202);
+    assert_eq!(post(1).await.unwrap().status(), 200);
+    expect_problem(post(2).await.unwrap(), 422).await;
+}

@@ -1,0 +1,142 @@
+//! Payments' part in the order saga: authorize on `OrderPlaced`, capture on
+//! `OrderConfirmed`, void on `OrderCancelled`. The saga's payment for an order carries the
+//! idempotency key `saga:<order id>`, so each step finds it and changes it at most once.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use shopmesh_events::{
+    OrderCancelled, OrderConfirmed, OrderPlaced, PaymentAuthorized, PaymentDeclined, TOPIC_PAYMENTS,
+};
+use shopmesh_messaging::{Envelope, Event, Handler, HandlerError, outbox};
+use sqlx::{Any, Transaction};
+
+use crate::model::{CardOutcome, Status, card_brand, card_last4, card_outcome, normalize_card};
+use crate::store;
+
+pub struct PaymentsSaga;
+
+fn permanent(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::Permanent(e.to_string())
+}
+
+fn key(order_id: &str) -> String {
+    format!("saga:{order_id}")
+}
+
+async fn reply<E: Event>(
+    tx: &mut Transaction<'static, Any>,
+    order_id: &str,
+    ev: &E,
+    cause: &Envelope,
+) -> Result<(), HandlerError> {
+    let env = Envelope::new("payments", order_id, ev)
+        .map_err(permanent)?
+        .with_traceparent(cause.traceparent.clone());
+    outbox::stage(tx, TOPIC_PAYMENTS, &env).await?;
+    Ok(())
+}
+
+async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
+    let ev: OrderPlaced = env.decode().map_err(permanent)?;
+    let key = key(&ev.order_id);
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT id FROM payments WHERE user_id = $1 AND idempotency_key = $2")
+            .bind(&ev.user_id)
+            .bind(&key)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    let card = normalize_card(&ev.card);
+    let (status, decline) = match card.as_deref().map(card_outcome) {
+        Some(CardOutcome::Authorized) => (Status::Authorized, None),
+        Some(CardOutcome::Declined(code)) => (Status::Declined, Some(code)),
+        None => (Status::Declined, Some("invalid_card")),
+    };
+    let number = card.unwrap_or_default();
+    let id = uuid::Uuid::now_v7().to_string();
+    store::insert(
+        &mut **tx,
+        &store::NewRecord {
+            id: &id,
+            order_id: &ev.order_id,
+            user_id: &ev.user_id,
+            amount_minor: ev.amount_minor,
+            currency: &ev.currency,
+            card_brand: card_brand(&number),
+            card_last4: card_last4(&number),
+            status,
+            decline_code: decline,
+            idempotency_key: Some(&key),
+            now: shopmesh_platform::now_millis(),
+        },
+    )
+    .await?;
+    match decline {
+        None => {
+            let r = PaymentAuthorized {
+                order_id: ev.order_id.clone(),
+                payment_id: id,
+            };
+            reply(tx, &ev.order_id, &r, env).await
+        }
+        Some(code) => {
+            let r = PaymentDeclined {
+                order_id: ev.order_id.clone(),
+                reason: code.into(),
+            };
+            reply(tx, &ev.order_id, &r, env).await
+        }
+    }
+}
+
+/// Moves the saga's AUTHORIZED payment of `order_id` on; a no-op in any other state.
+async fn settle(
+    tx: &mut Transaction<'static, Any>,
+    order_id: &str,
+    to: Status,
+) -> Result<(), HandlerError> {
+    let captured = if to == Status::Captured {
+        "amount_minor"
+    } else {
+        "captured_minor"
+    };
+    sqlx::query(&format!(
+        "UPDATE payments SET status = $1, captured_minor = {captured}, updated_at = $2 \
+         WHERE order_id = $3 AND idempotency_key = $4 AND status = 'AUTHORIZED'"
+    ))
+    .bind(to.as_str())
+    .bind(shopmesh_platform::now_millis())
+    .bind(order_id)
+    .bind(key(order_id))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Handler for PaymentsSaga {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut Transaction<'static, Any>,
+        env: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            if env.is::<OrderPlaced>() {
+                placed(tx, env).await
+            } else if env.is::<OrderConfirmed>() {
+                let ev: OrderConfirmed = env.decode().map_err(permanent)?;
+                settle(tx, &ev.order_id, Status::Captured).await
+            } else if env.is::<OrderCancelled>() {
+                let ev: OrderCancelled = env.decode().map_err(permanent)?;
+                settle(tx, &ev.order_id, Status::Voided).await
+            } else {
+                Err(HandlerError::Permanent(format!(
+                    "unknown event type `{}`",
+                    env.kind
+                )))
+            }
+        }
+        .boxed()
+    }
+}
