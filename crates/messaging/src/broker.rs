@@ -33,8 +33,8 @@ pub trait Subscription: Send + Sync {
     /// Up to `max` deliveries, waiting until at least one is available or `wait` elapses.
     fn next(&self, max: usize, wait: Duration)
     -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>>;
-    /// Done with the message: it is never delivered again.
-    fn ack<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Done with these messages: they are never delivered again.
+    fn ack<'a>(&'a self, ds: &'a [Delivery]) -> BoxFuture<'a, Result<(), BrokerError>>;
     /// Deliver the message again after `delay` (and keep later messages of its key waiting).
     fn nack<'a>(
         &'a self,

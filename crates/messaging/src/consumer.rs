@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use rand::Rng;
 use shopmesh_platform::db::Db;
 use sqlx::{Any, Transaction};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::{Broker, BrokerError, Delivery, Subscription};
 use crate::{Envelope, dlq};
@@ -45,7 +45,8 @@ pub struct ConsumerConfig {
     /// The consumer's name: its subscription group and its inbox namespace.
     pub name: String,
     pub topics: Vec<String>,
-    /// Messages handled at once (different keys; one key is always sequential).
+    /// Messages taken per batch and applied in one transaction (different keys; one key is
+    /// always sequential).
     pub concurrency: usize,
     /// Deliveries before a failing message goes to the dead letters.
     pub max_attempts: u32,
@@ -59,7 +60,7 @@ impl ConsumerConfig {
         Self {
             name: name.into(),
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-            concurrency: 16,
+            concurrency: 64,
             max_attempts: 5,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
@@ -78,12 +79,18 @@ impl ConsumerConfig {
 }
 
 /// A running consumer: subscription + handler + inbox + retries + dead letters.
+///
+/// Deliveries are taken in batches and applied in one database transaction, each message
+/// inside its own savepoint: a failing message is rolled back alone, and the batch pays for
+/// one commit instead of one per message. The broker hands out at most one message per
+/// subject at a time, so a batch never holds two messages of one key.
 pub struct Consumer {
     cfg: ConsumerConfig,
     db: Db,
     sub: Box<dyn Subscription>,
     handler: Arc<dyn Handler>,
     after_commit: Option<Arc<dyn Fn() + Send + Sync>>,
+    last_backlog: std::sync::Mutex<Option<Instant>>,
 }
 
 /// What happened to one delivery.
@@ -93,6 +100,26 @@ pub enum Outcome {
     Duplicate,
     Retry,
     DeadLettered,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Retry => "retry",
+            Outcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Why one message was not applied.
+enum Failure {
+    Dead {
+        message_id: Option<String>,
+        reason: String,
+    },
+    Retry(String),
 }
 
 impl Consumer {
@@ -111,10 +138,11 @@ impl Consumer {
             sub,
             handler,
             after_commit: None,
+            last_backlog: std::sync::Mutex::new(None),
         })
     }
 
-    /// Called after each applied message (e.g. to wake the outbox relay).
+    /// Called after each batch that applied something (e.g. to wake the outbox relay).
     pub fn after_commit(mut self, f: Arc<dyn Fn() + Send + Sync>) -> Self {
         self.after_commit = Some(f);
         self
@@ -123,26 +151,72 @@ impl Consumer {
     /// Handles one batch; returns how many deliveries it saw.
     pub async fn poll_once(&self, wait: Duration) -> Result<usize, BrokerError> {
         let batch = self.sub.next(self.cfg.concurrency, wait).await?;
-        let n = batch.len();
-        futures::stream::iter(batch)
-            .for_each_concurrent(self.cfg.concurrency, |d| async move {
-                let outcome = self.process(&d).await;
-                metrics::counter!(
-                    "messaging_consumed_total",
-                    "consumer" => self.cfg.name.clone(),
-                    "outcome" => format!("{outcome:?}").to_lowercase()
-                )
-                .increment(1);
-            })
-            .await;
+        self.report_backlog().await;
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let outcomes = match self.apply_batch(&batch).await {
+            Ok(o) => o,
+            Err(e) => {
+                // The transaction itself failed (database down, commit refused): nothing was
+                // applied, everything comes again later.
+                tracing::warn!(consumer = %self.cfg.name, error = %e, "batch failed; will retry");
+                for d in &batch {
+                    let _ = self.sub.nack(d, self.cfg.backoff(d.attempt)).await;
+                }
+                return Ok(batch.len());
+            }
+        };
+        let mut done = Vec::with_capacity(batch.len());
+        let mut applied = false;
+        for (d, outcome) in batch.iter().zip(&outcomes) {
+            metrics::counter!(
+                "messaging_consumed_total",
+                "consumer" => self.cfg.name.clone(),
+                "outcome" => outcome.label()
+            )
+            .increment(1);
+            match outcome {
+                Outcome::Retry => {
+                    if let Err(e) = self.sub.nack(d, self.cfg.backoff(d.attempt)).await {
+                        tracing::warn!(error = %e, "nack failed; the lease will expire instead");
+                    }
+                }
+                o => {
+                    applied |= *o == Outcome::Applied;
+                    done.push(d.clone());
+                }
+            }
+        }
+        if let Err(e) = self.sub.ack(&done).await {
+            // Applied but not acked: they will come again and the inbox will skip them.
+            tracing::warn!(error = %e, "ack failed");
+        }
+        if applied && let Some(f) = &self.after_commit {
+            f();
+        }
+        metrics::histogram!("messaging_batch_duration_seconds", "consumer" => self.cfg.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        Ok(batch.len())
+    }
+
+    /// Publishes the subscription's backlog as a gauge, at most once a second.
+    async fn report_backlog(&self) {
+        {
+            let mut last = self.last_backlog.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         if let Ok(backlog) = self.sub.backlog().await {
             metrics::gauge!("messaging_backlog", "consumer" => self.cfg.name.clone())
                 .set(backlog as f64);
         }
-        Ok(n)
     }
 
-    /// Runs until `shutdown`; a message being handled finishes first.
+    /// Runs until `shutdown`; the batch being handled finishes first.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
@@ -160,16 +234,66 @@ impl Consumer {
         }
     }
 
-    async fn process(&self, d: &Delivery) -> Outcome {
-        let started = Instant::now();
-        let env = match Envelope::from_json(&d.payload) {
-            Ok(env) => env,
-            Err(e) => {
-                return self
-                    .dead_letter(d, None, &format!("malformed message: {e}"))
-                    .await;
-            }
-        };
+    /// Applies a batch in one transaction, one savepoint per message.
+    async fn apply_batch(&self, batch: &[Delivery]) -> Result<Vec<Outcome>, sqlx::Error> {
+        let mut tx = self.db.pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for d in batch {
+            sqlx::query("SAVEPOINT msg").execute(&mut *tx).await?;
+            let result = self.apply_one(&mut tx, d).await;
+            let outcome = match result {
+                Ok(o) => o,
+                Err(failure) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT msg")
+                        .execute(&mut *tx)
+                        .await?;
+                    match failure {
+                        Failure::Retry(reason) => {
+                            tracing::warn!(consumer = %self.cfg.name, topic = %d.topic,
+                                attempt = d.attempt, reason, "handler failed; will retry");
+                            Outcome::Retry
+                        }
+                        Failure::Dead { message_id, reason } => {
+                            tracing::error!(consumer = %self.cfg.name, topic = %d.topic,
+                                attempts = d.attempt, reason, "message dead-lettered");
+                            dlq::insert(
+                                &mut *tx,
+                                &dlq::NewDeadLetter {
+                                    consumer: &self.cfg.name,
+                                    topic: &d.topic,
+                                    message_id: message_id.as_deref(),
+                                    payload: &d.payload,
+                                    reason: &reason,
+                                    attempts: d.attempt,
+                                },
+                            )
+                            .await?;
+                            metrics::counter!("messaging_dead_lettered_total", "consumer" => self.cfg.name.clone())
+                                .increment(1);
+                            Outcome::DeadLettered
+                        }
+                    }
+                }
+            };
+            sqlx::query("RELEASE SAVEPOINT msg")
+                .execute(&mut *tx)
+                .await?;
+            outcomes.push(outcome);
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Inbox + effect for one message, inside the batch's transaction.
+    async fn apply_one(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        d: &Delivery,
+    ) -> Result<Outcome, Failure> {
+        let env = Envelope::from_json(&d.payload).map_err(|e| Failure::Dead {
+            message_id: None,
+            reason: format!("malformed message: {e}"),
+        })?;
         let span = tracing::info_span!(
             "consume",
             consumer = %self.cfg.name,
@@ -179,51 +303,7 @@ impl Consumer {
             attempt = d.attempt,
             traceparent = env.traceparent.as_deref().unwrap_or(""),
         );
-        let _enter = span.enter();
-        let result = self.apply(&env).await;
-        drop(_enter);
-        let outcome = match result {
-            Ok(true) => Outcome::Applied,
-            Ok(false) => Outcome::Duplicate,
-            Err(HandlerError::Permanent(reason)) => {
-                return self.dead_letter(d, Some(&env), &reason).await;
-            }
-            Err(HandlerError::Retryable(reason)) if d.attempt >= self.cfg.max_attempts => {
-                return self
-                    .dead_letter(
-                        d,
-                        Some(&env),
-                        &format!("gave up after {} attempts: {reason}", d.attempt),
-                    )
-                    .await;
-            }
-            Err(HandlerError::Retryable(reason)) => {
-                let delay = self.cfg.backoff(d.attempt);
-                tracing::warn!(consumer = %self.cfg.name, message_id = %env.id, attempt = d.attempt,
-                    retry_in_ms = delay.as_millis() as u64, reason, "handler failed; will retry");
-                if let Err(e) = self.sub.nack(d, delay).await {
-                    tracing::warn!(error = %e, "nack failed; the lease will expire instead");
-                }
-                return Outcome::Retry;
-            }
-        };
-        if let Err(e) = self.sub.ack(d).await {
-            // Applied but not acked: it will come again and the inbox will skip it.
-            tracing::warn!(error = %e, "ack failed");
-        }
-        if outcome == Outcome::Applied
-            && let Some(f) = &self.after_commit
-        {
-            f();
-        }
-        metrics::histogram!("messaging_handle_duration_seconds", "consumer" => self.cfg.name.clone())
-            .record(started.elapsed().as_secs_f64());
-        outcome
-    }
-
-    /// Inbox + effect in one transaction. `Ok(false)`: already processed.
-    async fn apply(&self, env: &Envelope) -> Result<bool, HandlerError> {
-        let mut tx = self.db.pool.begin().await?;
+        let retry = |e: sqlx::Error| Failure::Retry(e.to_string());
         let inserted = sqlx::query(
             "INSERT INTO inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
@@ -231,47 +311,27 @@ impl Consumer {
         .bind(&self.cfg.name)
         .bind(&env.id)
         .bind(shopmesh_platform::now_millis())
-        .execute(&mut *tx)
-        .await?
+        .execute(&mut **tx)
+        .instrument(span.clone())
+        .await
+        .map_err(retry)?
         .rows_affected();
         if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(false);
+            return Ok(Outcome::Duplicate);
         }
-        self.handler.handle(&mut tx, env).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn dead_letter(&self, d: &Delivery, env: Option<&Envelope>, reason: &str) -> Outcome {
-        tracing::error!(consumer = %self.cfg.name, topic = %d.topic, attempts = d.attempt, reason, "message dead-lettered");
-        let stored = dlq::insert(
-            &self.db,
-            &dlq::NewDeadLetter {
-                consumer: &self.cfg.name,
-                topic: &d.topic,
-                message_id: env.map(|e| e.id.as_str()),
-                payload: &d.payload,
+        match self.handler.handle(tx, &env).instrument(span).await {
+            Ok(()) => Ok(Outcome::Applied),
+            Err(HandlerError::Permanent(reason)) => Err(Failure::Dead {
+                message_id: Some(env.id),
                 reason,
-                attempts: d.attempt,
-            },
-        )
-        .await;
-        match stored {
-            Ok(()) => {
-                if let Err(e) = self.sub.ack(d).await {
-                    tracing::warn!(error = %e, "ack of a dead-lettered message failed");
-                }
-                metrics::counter!("messaging_dead_lettered_total", "consumer" => self.cfg.name.clone())
-                    .increment(1);
-                Outcome::DeadLettered
+            }),
+            Err(HandlerError::Retryable(reason)) if d.attempt >= self.cfg.max_attempts => {
+                Err(Failure::Dead {
+                    message_id: Some(env.id),
+                    reason: format!("gave up after {} attempts: {reason}", d.attempt),
+                })
             }
-            Err(e) => {
-                // Never drop a message we could not park: try again later.
-                tracing::error!(error = %e, "cannot store dead letter; will retry");
-                let _ = self.sub.nack(d, self.cfg.max_backoff).await;
-                Outcome::Retry
-            }
+            Err(HandlerError::Retryable(reason)) => Err(Failure::Retry(reason)),
         }
     }
 }

@@ -58,7 +58,10 @@ fn from_row(r: &AnyRow) -> Result<DeadLetter, sqlx::Error> {
     })
 }
 
-pub async fn insert(db: &Db, d: &NewDeadLetter<'_>) -> Result<(), sqlx::Error> {
+pub async fn insert<'e, E>(ex: E, d: &NewDeadLetter<'_>) -> Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
     sqlx::query(&format!(
         "INSERT INTO dead_letters ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
     ))
@@ -70,7 +73,7 @@ pub async fn insert(db: &Db, d: &NewDeadLetter<'_>) -> Result<(), sqlx::Error> {
     .bind(d.reason)
     .bind(i64::from(d.attempts))
     .bind(shopmesh_platform::now_millis())
-    .execute(&db.pool)
+    .execute(ex)
     .await?;
     Ok(())
 }

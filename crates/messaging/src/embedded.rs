@@ -48,7 +48,12 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct EmbeddedBroker {
+    /// Publishes: every commit is fsynced before `publish` returns.
     pool: SqlitePool,
+    /// Leases, acks and nacks: committed to the WAL without waiting for fsync. A process
+    /// crash loses none of them (the WAL is in the OS's hands); a power cut may lose the last
+    /// acks, which means redeliveries the inboxes absorb.
+    work: SqlitePool,
     notify: Arc<Notify>,
     lease: Duration,
     poll: Duration,
@@ -71,12 +76,17 @@ impl EmbeddedBroker {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
+            .max_connections(2)
+            .connect_with(opts.clone())
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        let work = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.synchronous(SqliteSynchronous::Normal))
+            .await?;
         Ok(Self {
             pool,
+            work,
             notify: Arc::new(Notify::new()),
             lease: DEFAULT_LEASE,
             poll: Duration::from_millis(200),
@@ -195,7 +205,7 @@ impl EmbeddedSubscription {
         .bind(&self.group)
         .bind(now)
         .bind(max as i64)
-        .fetch_all(&self.broker.pool)
+        .fetch_all(&self.broker.work)
         .await?;
         let mut out = rows
             .iter()
@@ -239,11 +249,18 @@ impl Subscription for EmbeddedSubscription {
         .boxed()
     }
 
-    fn ack<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<(), BrokerError>> {
+    fn ack<'a>(&'a self, ds: &'a [Delivery]) -> BoxFuture<'a, Result<(), BrokerError>> {
         async move {
-            sqlx::query("DELETE FROM queue WHERE seq = ?1")
-                .bind(d.tag)
-                .execute(&self.broker.pool)
+            if ds.is_empty() {
+                return Ok(());
+            }
+            let list = ds
+                .iter()
+                .map(|d| d.tag.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            sqlx::query(&format!("DELETE FROM queue WHERE seq IN ({list})"))
+                .execute(&self.broker.work)
                 .await?;
             // The next message of the same key may be deliverable now.
             self.broker.notify.notify_waiters();
@@ -261,7 +278,7 @@ impl Subscription for EmbeddedSubscription {
             sqlx::query("UPDATE queue SET available_at = ?1, leased_until = 0 WHERE seq = ?2")
                 .bind(now_ms() + delay.as_millis() as i64)
                 .bind(d.tag)
-                .execute(&self.broker.pool)
+                .execute(&self.broker.work)
                 .await?;
             Ok(())
         }
@@ -272,7 +289,7 @@ impl Subscription for EmbeddedSubscription {
         async move {
             let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE grp = ?1")
                 .bind(&self.group)
-                .fetch_one(&self.broker.pool)
+                .fetch_one(&self.broker.work)
                 .await?;
             Ok(n as u64)
         }

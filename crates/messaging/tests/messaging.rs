@@ -152,7 +152,7 @@ async fn published_messages_survive_a_restart_of_the_broker() {
         for d in &got {
             let env = Envelope::from_json(&d.payload).unwrap();
             seen.push(env.decode::<Credit>().unwrap().amount);
-            sub.ack(d).await.unwrap();
+            sub.ack(std::slice::from_ref(d)).await.unwrap();
         }
     }
     seen.sort();
@@ -194,11 +194,11 @@ async fn one_key_is_delivered_in_order_even_across_retries() {
     // Only the head of each key: k1's second message waits for its first.
     assert_eq!(amounts(&first), vec![1, 3]);
     sub.nack(&first[0], Duration::ZERO).await.unwrap();
-    sub.ack(&first[1]).await.unwrap();
+    sub.ack(&first[1..2]).await.unwrap();
     let again = sub.next(10, Duration::ZERO).await.unwrap();
     assert_eq!(amounts(&again), vec![1]);
     assert_eq!(again[0].attempt, 2);
-    sub.ack(&again[0]).await.unwrap();
+    sub.ack(&again[..1]).await.unwrap();
     let last = sub.next(10, Duration::ZERO).await.unwrap();
     assert_eq!(amounts(&last), vec![2]);
 }

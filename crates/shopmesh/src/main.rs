@@ -41,6 +41,35 @@ enum Command {
     Up(UpArgs),
     /// Run one service alone (for separate processes).
     Service(ServiceArgs),
+    /// Inspect and act on the dead letters of the saga's consumers.
+    Dlq(DlqArgs),
+}
+
+#[derive(Args)]
+struct DlqArgs {
+    #[command(subcommand)]
+    action: DlqAction,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters (oldest first).
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one dead letter in full.
+    Show { id: String },
+    /// Republish a dead letter's message to its topic (its consumer handles it again).
+    Replay { id: String },
+    /// Delete one dead letter, or all of them with --all.
+    Purge {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
 }
 
 #[derive(Args)]
@@ -116,6 +145,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Up(a) => up(a).await,
             Command::Service(a) => service(a).await,
+            Command::Dlq(a) => dlq(a).await,
         }
     })
 }
@@ -198,6 +228,96 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         r??;
     }
     Ok(())
+}
+
+/// The services whose consumers keep dead letters.
+const CONSUMING: [ServiceName; 3] = [
+    ServiceName::Inventory,
+    ServiceName::Payments,
+    ServiceName::Orders,
+];
+
+async fn dlq(a: DlqArgs) -> anyhow::Result<()> {
+    use shopmesh_messaging::{dlq, outbox};
+    let storage = a.storage.storage()?;
+    let mut dbs = Vec::new();
+    for name in CONSUMING {
+        let db = shopmesh_platform::db::Db::open(&storage.for_service(name.as_str()), 2).await?;
+        outbox::install(&db).await?;
+        dbs.push((name, db));
+    }
+    match a.action {
+        DlqAction::List { limit } => {
+            let mut n = 0;
+            for (name, db) in &dbs {
+                for d in dlq::list(db, limit).await? {
+                    n += 1;
+                    println!(
+                        "{}  {:<10} {:<12} {:<10} attempts={} {}  {}",
+                        d.id,
+                        name.as_str(),
+                        d.consumer,
+                        d.topic,
+                        d.attempts,
+                        d.failed_at,
+                        d.reason
+                    );
+                }
+            }
+            if n == 0 {
+                println!("no dead letters");
+            }
+        }
+        DlqAction::Show { id } => {
+            let (name, _, d) = find_dead_letter(&dbs, &id).await?;
+            let mut v = serde_json::to_value(&d)?;
+            v["service"] = name.as_str().into();
+            if let Ok(payload) = serde_json::from_str::<serde_json::Value>(&d.payload) {
+                v["payload"] = payload;
+            }
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        DlqAction::Replay { id } => {
+            let (_, db, d) = find_dead_letter(&dbs, &id).await?;
+            let broker = EmbeddedBroker::open(&a.storage.data_dir.join("broker.db")).await?;
+            dlq::replay(&db, &broker, &d.id).await?;
+            println!("replayed {} to `{}`", d.id, d.topic);
+        }
+        DlqAction::Purge { id, all } => {
+            let n = match (id, all) {
+                (Some(id), _) => {
+                    let (_, db, d) = find_dead_letter(&dbs, &id).await?;
+                    dlq::purge(&db, Some(&d.id)).await?
+                }
+                (None, true) => {
+                    let mut n = 0;
+                    for (_, db) in &dbs {
+                        n += dlq::purge(db, None).await?;
+                    }
+                    n
+                }
+                (None, false) => anyhow::bail!("give a dead letter id, or --all"),
+            };
+            println!("purged {n}");
+        }
+    }
+    Ok(())
+}
+
+async fn find_dead_letter(
+    dbs: &[(ServiceName, shopmesh_platform::db::Db)],
+    id: &str,
+) -> anyhow::Result<(
+    ServiceName,
+    shopmesh_platform::db::Db,
+    shopmesh_messaging::dlq::DeadLetter,
+)> {
+    for (name, db) in dbs {
+        if let Some(d) = shopmesh_messaging::dlq::get(db, id).await? {
+            return Ok((*name, db.clone(), d));
+        }
+    }
+    anyhow::bail!("no dead letter `{id}`")
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# End-to-end order saga throughput and latency on `shopmesh up` (embedded broker), with the
+# services on SQLite and on PostgreSQL; pgbench -N on the same machine as the database's
+# ceiling. Orders are driven through the gateway with hey; saga latency is measured per
+# order from its own timestamps (placed → CONFIRMED/CANCELLED).
+#
+# Needs: hey, sqlite3, psql, pgbench (Debian: hey sqlite3 postgresql-client postgresql-contrib).
+# Usage: bench/orders.sh [seconds-of-load (default 10)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+CONC=32
+PG_ADMIN="postgres://postgres@127.0.0.1:5432/test"
+PG_DB=shopmesh_bench
+for tool in hey sqlite3 psql pgbench curl; do command -v $tool >/dev/null || { echo "missing: $tool"; exit 1; }; done
+
+cargo build --release -q
+BIN=$PWD/target/release/shopmesh
+WORK=$(mktemp -d)
+UP_PID=
+trap '[ -n "$UP_PID" ] && kill $UP_PID 2>/dev/null; rm -rf "$WORK"' EXIT
+GW=http://127.0.0.1:18080
+
+start() { # args: extra flags
+  "$BIN" up --data-dir "$WORK/data" --port 18080 --admin-port 19901 "$@" >>"$WORK/up.log" 2>&1 &
+  UP_PID=$!
+  until curl -fs -o /dev/null "$GW/api/products?limit=1"; do sleep 0.05; done
+}
+stop() { kill -TERM $UP_PID; wait $UP_PID 2>/dev/null || true; UP_PID=; }
+
+sql() { # config, query → rows (| separated)
+  if [ "$1" = sqlite ]; then sqlite3 "$WORK/data/orders.db" "$2"
+  else psql -qtA -F'|' "postgres://postgres@127.0.0.1:5432/$PG_DB" -c "SET search_path TO orders" -c "$2"; fi
+}
+stock_sql() {
+  if [ "$1" = sqlite ]; then sqlite3 "$WORK/data/inventory.db" "$2"
+  else psql -qtA "postgres://postgres@127.0.0.1:5432/$PG_DB" -c "SET search_path TO inventory" -c "$2"; fi
+}
+
+# Drives load for $SECS seconds (optionally rate-limited), waits for every order to finish,
+# prints "<orders/s> <p50 ms> <p99 ms> <placed> <rejected>".
+drive() { # config, [per-worker rate]
+  local cfg=$1 rate=${2:-0}
+  sql "$cfg" "DELETE FROM order_steps; DELETE FROM order_items; DELETE FROM orders" >/dev/null
+  local email="bench$(date +%s%N)@example.test"
+  curl -fs -XPOST "$GW/api/users" -H 'content-type: application/json' \
+    -d "{\"email\":\"$email\",\"password\":\"benchmark-pw\",\"name\":\"Bench\"}" >/dev/null
+  local token
+  token=$(curl -fs -XPOST "$GW/api/auth/token" -H 'content-type: application/json' \
+    -d "{\"email\":\"$email\",\"password\":\"benchmark-pw\"}" | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+  local product
+  product=$(curl -fs "$GW/api/products?limit=1&offset=77" | sed -E 's/.*"items":\[\{"id":"([^"]+)".*/\1/')
+  local body="{\"items\":[{\"product_id\":\"$product\",\"quantity\":1}],\"card\":\"4242424242424242\"}"
+  local q=()
+  [ "$rate" != 0 ] && q=(-q "$rate")
+  hey -z "${SECS}s" -c $CONC "${q[@]}" -m POST -T application/json \
+    -H "authorization: Bearer $token" -d "$body" "$GW/api/orders" >"$WORK/hey-$cfg.txt"
+  # Wait for the backlog to drain: every order terminal.
+  for _ in $(seq 1 600); do
+    [ "$(sql "$cfg" "SELECT COUNT(*) FROM orders WHERE status = 'PENDING'")" = 0 ] && break
+    sleep 0.5
+  done
+  local n first last
+  n=$(sql "$cfg" "SELECT COUNT(*) FROM orders")
+  first=$(sql "$cfg" "SELECT MIN(created_at) FROM orders")
+  last=$(sql "$cfg" "SELECT MAX(updated_at) FROM orders")
+  sql "$cfg" "SELECT updated_at - created_at FROM orders WHERE status <> 'PENDING' ORDER BY 1" >"$WORK/lat.txt"
+  local rejected
+  rejected=$(awk '/\[[0-9]+\]/ && $1 !~ /\[202\]/ {s+=$2} END {print s+0}' "$WORK/hey-$cfg.txt")
+  awk -v n="$n" -v span="$((last - first))" -v rej="$rejected" '
+    {v[NR]=$1} END {
+      p50=v[int(NR*0.50)>0?int(NR*0.50):1]; p99=v[int(NR*0.99)>0?int(NR*0.99):1];
+      printf "%.0f %d %d %d %d\n", n*1000/(span>0?span:1), p50, p99, n, rej }' "$WORK/lat.txt"
+}
+
+bench_config() { # config, extra flags...
+  local cfg=$1; shift
+  rm -rf "$WORK/data"
+  start --seed-products 1000 "$@"; stop
+  # Plenty of stock so every order can be confirmed.
+  stock_sql "$cfg" "UPDATE stock SET on_hand = 100000000" >/dev/null
+  start --seed-products 1000 "$@"
+  read -r max_rate max50 max99 max_n max_rej < <(drive "$cfg")
+  local half=$(( max_rate / 2 / CONC )); [ $half -lt 1 ] && half=1
+  read -r half_rate half50 half99 half_n half_rej < <(drive "$cfg" $half)
+  stop
+  echo "$cfg max: ${max_rate} orders/s end-to-end over ${max_n} orders (p50=${max50}ms p99=${max99}ms, ${max_rej} rejected)" >&2
+  echo "$cfg at half rate ($((half * CONC)) req/s offered): p50=${half50}ms p99=${half99}ms over ${half_n} orders, ${half_rej} rejected" >&2
+  echo "orders: $cfg $max_rate orders/s p50=${half50}ms p99=${half99}ms"
+}
+
+psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" -c "CREATE DATABASE $PG_DB"
+pgbench -q -i -s 10 "postgres://postgres@127.0.0.1:5432/$PG_DB" >/dev/null 2>&1
+PGB=$(pgbench -N -c 8 -j 2 -T "$SECS" "postgres://postgres@127.0.0.1:5432/$PG_DB" 2>/dev/null | awk '/^tps/ {printf "%.0f", $3}')
+
+echo "shopmesh order saga benchmark ($(nproc) cores, $(date -u +%F)); ${SECS}s of load per run, $CONC connections"
+L1=$(bench_config sqlite)
+L2=$(bench_config postgres --database "postgres://postgres@127.0.0.1:5432/$PG_DB")
+echo "pgbench -N on the same PostgreSQL: ${PGB} TPS (the database's ceiling here)"
+echo "$L1"
+echo "$L2"
