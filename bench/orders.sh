@@ -55,9 +55,13 @@ drive() { # config, [per-worker rate]
   [ "$rate" != 0 ] && q=(-q "$rate")
   hey -z "${SECS}s" -c $CONC "${q[@]}" -m POST -T application/json \
     -H "authorization: Bearer $token" -d "$body" "$GW/api/orders" >"$WORK/hey-$cfg.txt"
-  # Wait for the backlog to drain: every order terminal.
-  for _ in $(seq 1 600); do
-    [ "$(sql "$cfg" "SELECT COUNT(*) FROM orders WHERE status = 'PENDING'")" = 0 ] && break
+  # Wait for the backlog to drain: every order terminal and every queue empty (captures and
+  # stock commits included), so that the next run starts from rest.
+  for _ in $(seq 1 1200); do
+    if [ "$(sql "$cfg" "SELECT COUNT(*) FROM orders WHERE status = 'PENDING'")" = 0 ] &&
+       [ "$(sqlite3 "$WORK/data/broker.db" "SELECT COUNT(*) FROM queue")" = 0 ]; then
+      break
+    fi
     sleep 0.5
   done
   local n first last

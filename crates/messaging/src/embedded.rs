@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS queue (
     leased_until INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS queue_by_subject ON queue (grp, subject, seq);
-CREATE INDEX IF NOT EXISTS queue_by_time ON queue (grp, available_at, seq);
+DROP INDEX IF EXISTS queue_by_time;
+CREATE INDEX IF NOT EXISTS queue_by_group ON queue (grp, seq);
 ";
 
 /// How long a delivery stays leased to a subscriber before it is handed out again.

@@ -217,10 +217,21 @@ async fn create_order(
     }
     s.relay.notify();
     tracing::info!(order_id = %id, user_id = %caller.user_id, total, "order placed");
-    let order = store::get_owned(&s.db, &caller.user_id, &id)
-        .await?
-        .ok_or_else(|| Problem::internal(&"placed order vanished"))?;
-    Ok(accepted(order))
+    // Answer from what was just written rather than reading it back.
+    let now = shopmesh_platform::millis_to_rfc3339(shopmesh_platform::now_millis());
+    Ok(accepted(Order {
+        id,
+        user_id: caller.user_id,
+        status: "PENDING".into(),
+        reason: None,
+        items,
+        steps: Vec::new(),
+        total_minor: total,
+        currency,
+        card_last4: card[card.len() - 4..].to_owned(),
+        created_at: now.clone(),
+        updated_at: now,
+    }))
 }
 
 /// A retry with the same key must be the same request: same order, else 422.

@@ -114,25 +114,19 @@ async fn on_reply(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<
             env.kind
         )));
     };
-    let updated = sqlx::query(&format!(
-        "UPDATE orders SET {column} = $1, updated_at = $2 WHERE id = $3"
+    let state: Option<(String, String, String)> = sqlx::query_as(&format!(
+        "UPDATE orders SET {column} = $1, updated_at = $2 WHERE id = $3 \
+         RETURNING status, stock_state, payment_state"
     ))
     .bind(value)
     .bind(shopmesh_platform::now_millis())
     .bind(&order_id)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if updated == 0 {
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((status, stock, payment)) = state else {
         return Err(HandlerError::Permanent(format!("no order `{order_id}`")));
-    }
+    };
     add_step(tx, &order_id, step, detail.as_deref()).await?;
-
-    let (status, stock, payment): (String, String, String) =
-        sqlx::query_as("SELECT status, stock_state, payment_state FROM orders WHERE id = $1")
-            .bind(&order_id)
-            .fetch_one(&mut **tx)
-            .await?;
     if status != "PENDING" {
         return Ok(());
     }
