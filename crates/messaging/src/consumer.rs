@@ -176,6 +176,7 @@ impl Consumer {
                 return Ok(batch.len());
             }
         };
+        crate::failpoint::hit("consumer.after_commit");
         let mut done = Vec::with_capacity(batch.len());
         let mut applied = false;
         for (d, outcome) in batch.iter().zip(&outcomes) {

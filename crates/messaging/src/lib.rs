@@ -39,6 +39,7 @@ pub mod consumer;
 pub mod dlq;
 pub mod embedded;
 pub mod envelope;
+pub mod failpoint;
 pub mod outbox;
 
 pub use broker::{Broker, BrokerError, Delivery, Subscription};

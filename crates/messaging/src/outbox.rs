@@ -130,6 +130,7 @@ impl Relay {
                 }
             }
         }
+        crate::failpoint::hit("relay.before_publish");
         // Publish runs of the same topic together, in order.
         let mut start = 0;
         while start < staged.len() {
@@ -145,6 +146,7 @@ impl Relay {
             self.broker.publish(topic, &batch).await?;
             start = end;
         }
+        crate::failpoint::hit("relay.after_publish");
         let ids: Vec<String> = staged
             .into_iter()
             .map(|(id, _, _)| id)
