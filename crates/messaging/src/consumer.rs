@@ -1,5 +1,6 @@
 //! Idempotent consumers: inbox, retries with backoff and jitter, dead letters.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,12 @@ impl Outcome {
             Outcome::DeadLettered => "dead_lettered",
         }
     }
+}
+
+/// Just the id of a message, read without decoding the rest.
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    id: String,
 }
 
 /// Why one message was not applied.
@@ -253,11 +260,23 @@ impl Consumer {
     ) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
         let mut tx = self.db.pool.begin().await?;
         let mut outcomes = Vec::with_capacity(batch.len());
+        // Optimistically, the whole batch's inbox records go in one statement.
+        let mut fresh = if savepoints {
+            None
+        } else {
+            match self.record_batch(&mut tx, batch).await? {
+                Some(fresh) => Some(fresh),
+                None => {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+            }
+        };
         for d in batch {
             if savepoints {
                 sqlx::query("SAVEPOINT msg").execute(&mut *tx).await?;
             }
-            let result = self.apply_one(&mut tx, d).await;
+            let result = self.apply_one(&mut tx, d, fresh.as_mut()).await;
             let outcome = match result {
                 Ok(o) => o,
                 Err(_) if !savepoints => {
@@ -308,10 +327,45 @@ impl Consumer {
     }
 
     /// Inbox + effect for one message, inside the batch's transaction.
+    /// Inserts the inbox records of a whole batch in one statement; returns the ids that were
+    /// new (the rest are duplicates), or `None` if a payload is unreadable.
+    async fn record_batch(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        batch: &[Delivery],
+    ) -> Result<Option<HashSet<String>>, sqlx::Error> {
+        let mut ids = Vec::with_capacity(batch.len());
+        for d in batch {
+            match serde_json::from_str::<IdOnly>(&d.payload) {
+                Ok(m) => ids.push(m.id),
+                Err(_) => return Ok(None),
+            }
+        }
+        let mut sql =
+            String::from("INSERT INTO inbox (consumer, message_id, processed_at) VALUES ");
+        for i in 0..ids.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("($1, ${}, $2)", i + 3));
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING RETURNING message_id");
+        let mut q = sqlx::query_scalar::<_, String>(&sql)
+            .bind(&self.cfg.name)
+            .bind(shopmesh_platform::now_millis());
+        for id in ids {
+            q = q.bind(id);
+        }
+        Ok(Some(q.fetch_all(&mut **tx).await?.into_iter().collect()))
+    }
+
+    /// `fresh`: the batch's inbox records are already written and these ids were new (each is
+    /// removed as it is applied).
     async fn apply_one(
         &self,
         tx: &mut Transaction<'static, Any>,
         d: &Delivery,
+        fresh: Option<&mut HashSet<String>>,
     ) -> Result<Outcome, Failure> {
         let env = Envelope::from_json(&d.payload).map_err(|e| Failure::Dead {
             message_id: None,
@@ -327,6 +381,13 @@ impl Consumer {
             traceparent = env.traceparent.as_deref().unwrap_or(""),
         );
         let retry = |e: sqlx::Error| Failure::Retry(e.to_string());
+        if let Some(fresh) = fresh {
+            // Taken out once applied: a second copy in the same batch is a duplicate too.
+            if !fresh.remove(&env.id) {
+                return Ok(Outcome::Duplicate);
+            }
+            return self.run_handler(tx, d, env, span).await;
+        }
         let inserted = sqlx::query(
             "INSERT INTO inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
@@ -342,6 +403,16 @@ impl Consumer {
         if inserted == 0 {
             return Ok(Outcome::Duplicate);
         }
+        self.run_handler(tx, d, env, span).await
+    }
+
+    async fn run_handler(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        d: &Delivery,
+        env: Envelope,
+        span: tracing::Span,
+    ) -> Result<Outcome, Failure> {
         match self.handler.handle(tx, &env).instrument(span).await {
             Ok(()) => Ok(Outcome::Applied),
             Err(HandlerError::Permanent(reason)) => Err(Failure::Dead {

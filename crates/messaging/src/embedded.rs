@@ -119,22 +119,31 @@ impl EmbeddedBroker {
     }
 
     async fn publish_batch(&self, topic: &str, batch: &[Envelope]) -> Result<(), BrokerError> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
         let copies = if self.duplicate { 2 } else { 1 };
-        for env in batch.iter().flat_map(|e| std::iter::repeat_n(e, copies)) {
-            sqlx::query(
+        let messages: Vec<&Envelope> = batch
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e, copies))
+            .collect();
+        // One statement per chunk: the whole chunk fans out to every subscribed group, in
+        // message order (the ordinal column), in one fsynced commit.
+        for chunk in messages.chunks(200) {
+            let mut sql = String::from(
                 "INSERT INTO queue (grp, topic, subject, payload, available_at) \
-                 SELECT grp, ?1, ?2, ?3, ?4 FROM subscriptions WHERE topic = ?1",
-            )
-            .bind(topic)
-            .bind(&env.subject)
-            .bind(env.to_json())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+                 SELECT s.grp, ?1, v.column2, v.column3, ?2 FROM (VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("({i}, ?{}, ?{})", 3 + 2 * i, 4 + 2 * i));
+            }
+            sql.push_str(") AS v JOIN subscriptions s ON s.topic = ?1 ORDER BY v.column1, s.grp");
+            let mut q = sqlx::query(&sql).bind(topic).bind(now_ms());
+            for env in chunk {
+                q = q.bind(&env.subject).bind(env.to_json());
+            }
+            q.execute(&self.pool).await?;
         }
-        tx.commit().await?;
         metrics::counter!("messaging_published_total", "topic" => topic.to_owned())
             .increment(batch.len() as u64);
         self.notify.notify_waiters();

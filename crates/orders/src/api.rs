@@ -216,7 +216,7 @@ async fn create_order(
         Err(e) => return Err(e.into()),
     }
     s.relay.notify();
-    tracing::info!(order_id = %id, user_id = %caller.user_id, total, "order placed");
+    tracing::debug!(order_id = %id, total, "order placed");
     // Answer from what was just written rather than reading it back.
     let now = shopmesh_platform::millis_to_rfc3339(shopmesh_platform::now_millis());
     Ok(accepted(Order {

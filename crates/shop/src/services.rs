@@ -145,6 +145,23 @@ async fn saga_tasks(
 
 const POOL_SIZE: u32 = 8;
 
+/// Connections per service. SQLite admits one writer at a time and makes the others poll
+/// with sleeps (busy timeout); for the write-heavy saga services one connection, whose
+/// async wait queue serializes writers without sleeping, is faster than several.
+fn pool_size(name: ServiceName, storage: &Storage) -> u32 {
+    let write_heavy = matches!(
+        name,
+        ServiceName::Orders | ServiceName::Inventory | ServiceName::Payments
+    );
+    match storage {
+        Storage::Sqlite { .. } if write_heavy => std::env::var("SHOPMESH_SQLITE_WRITER_POOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+        _ => POOL_SIZE,
+    }
+}
+
 /// Opens the service's storage (running its migrations) and builds its HTTP app.
 pub async fn open(
     name: ServiceName,
@@ -163,7 +180,7 @@ pub async fn open(
         ServiceName::Orders => &shopmesh_orders::MIGRATOR,
         ServiceName::Payments => &shopmesh_payments::MIGRATOR,
     };
-    let db = Db::connect(&cfg, POOL_SIZE, migrator).await?;
+    let db = Db::connect(&cfg, pool_size(name, storage), migrator).await?;
     let mut tasks = Vec::new();
     let relay = Relay::new(db.clone(), m.broker.clone());
     if matches!(
