@@ -260,3 +260,147 @@ async fn an_idempotency_key_is_bound_to_its_request() {
     assert_eq!(post(1).await.unwrap().status(), 200);
     expect_problem(post(2).await.unwrap(), 422).await;
 }
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_handled_over_the_admin_api() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    // A message no consumer understands, staged the way orders stages its events.
+    let db = shopmesh_platform::db::Db::open(&shop.storage.storage.for_service("orders"), 1)
+        .await
+        .unwrap();
+    let poison = json!({"specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "test",
+        "type": "shop.order.unheard_of", "time": "2026-01-01T00:00:00Z", "subject": "poison",
+        "datacontenttype": "application/json", "data": {}});
+    sqlx::query(
+        "INSERT INTO outbox (id, topic, envelope, created_at) VALUES ($1, 'orders', $2, 0)",
+    )
+    .bind("00000000-poison")
+    .bind(poison.to_string())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // Inventory and payments both park it, and keep working.
+    let (p, _) = product_with(&shop, 1).await;
+    let id = place(&shop, &token, &p, 1, "4242424242424242").await;
+    assert_eq!(settled(&shop, &token, &id).await["status"], "CONFIRMED");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let letters = loop {
+        let v: Value = shop
+            .http
+            .get(format!("{}/dlq", shop.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v.as_array().unwrap().len() == 2 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "dead letters: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut services: Vec<&str> = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["service"].as_str().unwrap())
+        .collect();
+    services.sort();
+    assert_eq!(services, ["inventory", "payments"]);
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unknown event type")
+    );
+    let first = letters[0]["id"].as_str().unwrap();
+
+    let one: Value = shop
+        .http
+        .get(format!("{}/dlq/{first}", shop.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["id"], first);
+    expect_problem(
+        shop.http
+            .get(format!("{}/dlq/nope", shop.admin))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    // Replay: it is handled again (and, still poison, parked again under a new id).
+    let res = shop
+        .http
+        .post(format!("{}/dlq/{first}/replay", shop.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    expect_problem(
+        shop.http
+            .get(format!("{}/dlq/{first}", shop.admin))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v: Value = shop
+            .http
+            .get(format!("{}/dlq", shop.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v.as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replayed message not parked again: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Purge.
+    let v: Value = shop
+        .http
+        .get(format!("{}/dlq", shop.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for l in v.as_array().unwrap() {
+        let res = shop
+            .http
+            .delete(format!("{}/dlq/{}", shop.admin, l["id"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 204);
+    }
+    let v: Value = shop
+        .http
+        .get(format!("{}/dlq", shop.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v.as_array().unwrap().is_empty());
+}

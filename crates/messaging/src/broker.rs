@@ -27,6 +27,14 @@ pub struct Delivery {
     pub attempt: u32,
 }
 
+/// The state of a subscription's queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub messages: u64,
+    /// Age of the oldest message (zero when empty): the consumer's lag.
+    pub oldest: Duration,
+}
+
 /// A durable subscription: messages published to its topics while the subscriber is away
 /// wait for it.
 pub trait Subscription: Send + Sync {
@@ -41,14 +49,23 @@ pub trait Subscription: Send + Sync {
         d: &'a Delivery,
         delay: Duration,
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
-    /// Messages waiting (or in flight) in this subscription.
-    fn backlog(&self) -> BoxFuture<'_, Result<u64, BrokerError>>;
+    /// Messages waiting (or in flight) in this subscription, and how long the oldest has
+    /// been deliverable.
+    fn backlog(&self) -> BoxFuture<'_, Result<Backlog, BrokerError>>;
 }
 
 pub trait Broker: Send + Sync {
     /// Publishes a batch to `topic`; returns once the broker holds them durably.
     fn publish<'a>(
         &'a self,
+        topic: &'a str,
+        batch: &'a [Envelope],
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Delivers messages to one subscription only (dead-letter replay: the consumer that
+    /// gave up gets the message again; the others, which handled it, are not bothered).
+    fn deliver_to<'a>(
+        &'a self,
+        group: &'a str,
         topic: &'a str,
         batch: &'a [Envelope],
     ) -> BoxFuture<'a, Result<(), BrokerError>>;

@@ -226,9 +226,11 @@ impl Consumer {
             }
             *last = Some(Instant::now());
         }
-        if let Ok(backlog) = self.sub.backlog().await {
+        if let Ok(b) = self.sub.backlog().await {
             metrics::gauge!("messaging_backlog", "consumer" => self.cfg.name.clone())
-                .set(backlog as f64);
+                .set(b.messages as f64);
+            metrics::gauge!("messaging_lag_seconds", "consumer" => self.cfg.name.clone())
+                .set(b.oldest.as_secs_f64());
         }
     }
 

@@ -1,7 +1,7 @@
 //! Dead letters: messages a consumer gave up on, with the reason and the attempts, kept in
-//! the consumer's own database. Replay republishes the original message (same id) to its
-//! topic: the failed consumer has no inbox record of it and handles it again, every other
-//! consumer's inbox skips it.
+//! the consumer's own database. Replay delivers the original message (same id) again to the
+//! consumer that gave up on it, and only to it; having no inbox record of it, it handles it
+//! again.
 
 use serde::Serialize;
 use shopmesh_platform::db::Db;
@@ -98,13 +98,15 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<DeadLetter>, sqlx::Error> {
         .transpose()
 }
 
-/// Republishes the dead letter's message to its topic, then removes it.
+/// Delivers the dead letter's message again to its consumer, then removes it.
 pub async fn replay(db: &Db, broker: &dyn Broker, id: &str) -> Result<(), DlqError> {
     let d = get(db, id)
         .await?
         .ok_or_else(|| DlqError::NotFound(id.into()))?;
     let env = Envelope::from_json(&d.payload).map_err(|_| DlqError::Unreplayable(id.into()))?;
-    broker.publish(&d.topic, std::slice::from_ref(&env)).await?;
+    broker
+        .deliver_to(&d.consumer, &d.topic, std::slice::from_ref(&env))
+        .await?;
     sqlx::query("DELETE FROM dead_letters WHERE id = $1")
         .bind(id)
         .execute(&db.pool)

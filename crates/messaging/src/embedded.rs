@@ -21,7 +21,7 @@ use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 
 use crate::Envelope;
-use crate::broker::{Broker, BrokerError, Delivery, Subscription};
+use crate::broker::{Backlog, Broker, BrokerError, Delivery, Subscription};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -160,6 +160,34 @@ impl Broker for EmbeddedBroker {
         self.publish_batch(topic, batch).boxed()
     }
 
+    fn deliver_to<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        batch: &'a [Envelope],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            let mut tx = self.pool.begin().await?;
+            for env in batch {
+                sqlx::query(
+                    "INSERT INTO queue (grp, topic, subject, payload, available_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .bind(group)
+                .bind(topic)
+                .bind(&env.subject)
+                .bind(env.to_json())
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            self.notify.notify_waiters();
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn subscribe<'a>(
         &'a self,
         group: &'a str,
@@ -295,13 +323,18 @@ impl Subscription for EmbeddedSubscription {
         .boxed()
     }
 
-    fn backlog(&self) -> BoxFuture<'_, Result<u64, BrokerError>> {
+    fn backlog(&self) -> BoxFuture<'_, Result<Backlog, BrokerError>> {
         async move {
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue WHERE grp = ?1")
-                .bind(&self.group)
-                .fetch_one(&self.broker.work)
-                .await?;
-            Ok(n as u64)
+            let (n, oldest): (i64, Option<i64>) =
+                sqlx::query_as("SELECT COUNT(*), MIN(available_at) FROM queue WHERE grp = ?1")
+                    .bind(&self.group)
+                    .fetch_one(&self.broker.work)
+                    .await?;
+            let age = oldest.map_or(0, |t| (now_ms() - t).max(0)) as u64;
+            Ok(Backlog {
+                messages: n as u64,
+                oldest: Duration::from_millis(age),
+            })
         }
         .boxed()
     }

@@ -42,6 +42,6 @@ pub mod envelope;
 pub mod failpoint;
 pub mod outbox;
 
-pub use broker::{Broker, BrokerError, Delivery, Subscription};
+pub use broker::{Backlog, Broker, BrokerError, Delivery, Subscription};
 pub use consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
 pub use envelope::{Envelope, Event};

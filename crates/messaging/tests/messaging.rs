@@ -145,7 +145,7 @@ async fn published_messages_survive_a_restart_of_the_broker() {
     }
     let b = EmbeddedBroker::open(&path).await.unwrap();
     let sub = b.subscribe("g", &["t"]).await.unwrap();
-    assert_eq!(sub.backlog().await.unwrap(), 3);
+    assert_eq!(sub.backlog().await.unwrap().messages, 3);
     let mut seen = Vec::new();
     for _ in 0..3 {
         let got = sub.next(10, Duration::from_millis(100)).await.unwrap();
@@ -157,7 +157,9 @@ async fn published_messages_survive_a_restart_of_the_broker() {
     }
     seen.sort();
     assert_eq!(seen, vec![1, 2, 3]);
-    assert_eq!(sub.backlog().await.unwrap(), 0);
+    let empty = sub.backlog().await.unwrap();
+    assert_eq!(empty.messages, 0);
+    assert_eq!(empty.oldest, Duration::ZERO);
 }
 
 #[tokio::test]

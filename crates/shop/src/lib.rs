@@ -4,6 +4,8 @@
 //! [`System::start`] is what `shopmesh up` runs and what the end-to-end tests start;
 //! [`services::build`] is what `shopmesh service NAME` runs for one service alone.
 
+pub mod admin;
+pub mod dlq;
 pub mod seed;
 pub mod services;
 
@@ -182,8 +184,9 @@ impl System {
             })?
             .with_duplicate_deliveries(cfg.duplicate_deliveries);
         services::declare(&broker).await?;
+        let broker: Arc<dyn shopmesh_messaging::Broker> = Arc::new(broker);
         let messaging = services::Messaging {
-            broker: Arc::new(broker),
+            broker: broker.clone(),
             saga_deadline: cfg.saga_deadline,
             silent: cfg.silent.clone(),
         };
@@ -214,6 +217,14 @@ impl System {
             .await?;
         }
 
+        let dead_letters = dlq::DeadLetters::new(
+            built
+                .iter()
+                .filter(|b| dlq::CONSUMING.contains(&b.name))
+                .map(|b| (b.name, b.db.clone()))
+                .collect(),
+            broker,
+        );
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for (mut b, (_, listener)) in built.into_iter().zip(listeners) {
@@ -261,7 +272,7 @@ impl System {
         let admin = Server {
             name: "admin",
             listener: admin_listener,
-            router: shopmesh_platform::telemetry::admin_router(),
+            router: admin::router(dead_letters),
         };
         let admin_addr = admin.local_addr();
         let (token, drain) = (shutdown.clone(), Duration::from_secs(1));

@@ -11,6 +11,7 @@ use shopmesh_messaging::embedded::EmbeddedBroker;
 use shopmesh_platform::db::Storage;
 use shopmesh_platform::serve::Server;
 use shopmesh_platform::telemetry::{self, LogFormat};
+use shopmesh_shop::dlq::DeadLetters;
 use shopmesh_shop::services::{self, Deps, ServiceName};
 use shopmesh_shop::{System, SystemConfig};
 use tokio_util::sync::CancellationToken;
@@ -230,94 +231,46 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The services whose consumers keep dead letters.
-const CONSUMING: [ServiceName; 3] = [
-    ServiceName::Inventory,
-    ServiceName::Payments,
-    ServiceName::Orders,
-];
-
 async fn dlq(a: DlqArgs) -> anyhow::Result<()> {
-    use shopmesh_messaging::{dlq, outbox};
     let storage = a.storage.storage()?;
-    let mut dbs = Vec::new();
-    for name in CONSUMING {
-        let db = shopmesh_platform::db::Db::open(&storage.for_service(name.as_str()), 2).await?;
-        outbox::install(&db).await?;
-        dbs.push((name, db));
-    }
+    let broker = EmbeddedBroker::open(&a.storage.data_dir.join("broker.db")).await?;
+    let letters = DeadLetters::open(&storage, Arc::new(broker)).await?;
     match a.action {
         DlqAction::List { limit } => {
-            let mut n = 0;
-            for (name, db) in &dbs {
-                for d in dlq::list(db, limit).await? {
-                    n += 1;
-                    println!(
-                        "{}  {:<10} {:<12} {:<10} attempts={} {}  {}",
-                        d.id,
-                        name.as_str(),
-                        d.consumer,
-                        d.topic,
-                        d.attempts,
-                        d.failed_at,
-                        d.reason
-                    );
-                }
-            }
-            if n == 0 {
+            let all = letters.list(limit).await?;
+            if all.is_empty() {
                 println!("no dead letters");
+            }
+            for e in all {
+                let d = e.letter;
+                println!(
+                    "{}  {:<10} {:<12} {:<10} attempts={} {}  {}",
+                    d.id, e.service, d.consumer, d.topic, d.attempts, d.failed_at, d.reason
+                );
             }
         }
         DlqAction::Show { id } => {
-            let (name, _, d) = find_dead_letter(&dbs, &id).await?;
-            let mut v = serde_json::to_value(&d)?;
-            v["service"] = name.as_str().into();
-            if let Ok(payload) = serde_json::from_str::<serde_json::Value>(&d.payload) {
+            let e = letters.get(&id).await?;
+            let mut v = serde_json::to_value(&e)?;
+            if let Ok(payload) = serde_json::from_str::<serde_json::Value>(&e.letter.payload) {
                 v["payload"] = payload;
             }
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         DlqAction::Replay { id } => {
-            let (_, db, d) = find_dead_letter(&dbs, &id).await?;
-            let broker = EmbeddedBroker::open(&a.storage.data_dir.join("broker.db")).await?;
-            dlq::replay(&db, &broker, &d.id).await?;
-            println!("replayed {} to `{}`", d.id, d.topic);
+            let e = letters.replay(&id).await?;
+            println!("replayed {} to `{}`", e.letter.id, e.letter.topic);
         }
         DlqAction::Purge { id, all } => {
             let n = match (id, all) {
-                (Some(id), _) => {
-                    let (_, db, d) = find_dead_letter(&dbs, &id).await?;
-                    dlq::purge(&db, Some(&d.id)).await?
-                }
-                (None, true) => {
-                    let mut n = 0;
-                    for (_, db) in &dbs {
-                        n += dlq::purge(db, None).await?;
-                    }
-                    n
-                }
+                (Some(id), _) => letters.purge(Some(&id)).await?,
+                (None, true) => letters.purge(None).await?,
                 (None, false) => anyhow::bail!("give a dead letter id, or --all"),
             };
             println!("purged {n}");
         }
     }
     Ok(())
-}
-
-async fn find_dead_letter(
-    dbs: &[(ServiceName, shopmesh_platform::db::Db)],
-    id: &str,
-) -> anyhow::Result<(
-    ServiceName,
-    shopmesh_platform::db::Db,
-    shopmesh_messaging::dlq::DeadLetter,
-)> {
-    for (name, db) in dbs {
-        if let Some(d) = shopmesh_messaging::dlq::get(db, id).await? {
-            return Ok((*name, db.clone(), d));
-        }
-    }
-    anyhow::bail!("no dead letter `{id}`")
 }
 
 async fn shutdown_signal() {

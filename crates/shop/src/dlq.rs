@@ -1,0 +1,110 @@
+//! The dead letters of the saga's consumers, across the services that keep them: one place
+//! used by `shopmesh dlq` and by the admin API (`/dlq`).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use shopmesh_messaging::dlq::{self, DeadLetter, DlqError};
+use shopmesh_messaging::{Broker, outbox};
+use shopmesh_platform::db::{Db, Storage};
+
+use crate::services::ServiceName;
+
+/// The services whose consumers keep dead letters.
+pub const CONSUMING: [ServiceName; 3] = [
+    ServiceName::Inventory,
+    ServiceName::Payments,
+    ServiceName::Orders,
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub service: &'static str,
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+}
+
+#[derive(Clone)]
+pub struct DeadLetters {
+    dbs: Vec<(ServiceName, Db)>,
+    broker: Arc<dyn Broker>,
+}
+
+impl DeadLetters {
+    pub fn new(dbs: Vec<(ServiceName, Db)>, broker: Arc<dyn Broker>) -> Self {
+        Self { dbs, broker }
+    }
+
+    /// Opens the consuming services' databases directly (for the CLI).
+    pub async fn open(storage: &Storage, broker: Arc<dyn Broker>) -> Result<Self, crate::Error> {
+        let mut dbs = Vec::new();
+        for name in CONSUMING {
+            let db = Db::open(&storage.for_service(name.as_str()), 2).await?;
+            outbox::install(&db)
+                .await
+                .map_err(|e| crate::Error::Service {
+                    service: name.as_str(),
+                    reason: e.to_string(),
+                })?;
+            dbs.push((name, db));
+        }
+        Ok(Self { dbs, broker })
+    }
+
+    pub async fn list(&self, limit: i64) -> Result<Vec<Entry>, DlqError> {
+        let mut out = Vec::new();
+        for (name, db) in &self.dbs {
+            for letter in dlq::list(db, limit).await? {
+                out.push(Entry {
+                    service: name.as_str(),
+                    letter,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.letter.failed_at.cmp(&b.letter.failed_at));
+        out.truncate(limit.max(0) as usize);
+        Ok(out)
+    }
+
+    async fn find(&self, id: &str) -> Result<(&Db, Entry), DlqError> {
+        for (name, db) in &self.dbs {
+            if let Some(letter) = dlq::get(db, id).await? {
+                return Ok((
+                    db,
+                    Entry {
+                        service: name.as_str(),
+                        letter,
+                    },
+                ));
+            }
+        }
+        Err(DlqError::NotFound(id.into()))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Entry, DlqError> {
+        self.find(id).await.map(|(_, e)| e)
+    }
+
+    pub async fn replay(&self, id: &str) -> Result<Entry, DlqError> {
+        let (db, entry) = self.find(id).await?;
+        dlq::replay(db, self.broker.as_ref(), id).await?;
+        Ok(entry)
+    }
+
+    /// Deletes one dead letter, or all with `None`.
+    pub async fn purge(&self, id: Option<&str>) -> Result<u64, DlqError> {
+        match id {
+            Some(id) => {
+                let (db, _) = self.find(id).await?;
+                Ok(dlq::purge(db, Some(id)).await?)
+            }
+            None => {
+                let mut n = 0;
+                for (_, db) in &self.dbs {
+                    n += dlq::purge(db, None).await?;
+                }
+                Ok(n)
+            }
+        }
+    }
+}
