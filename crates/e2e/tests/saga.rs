@@ -404,3 +404,28 @@ async fn poison_messages_are_dead_lettered_and_handled_over_the_admin_api() {
         .unwrap();
     assert!(v.as_array().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn the_saga_carries_the_request_trace() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&json!({"items": [{"product_id": shop.product(5), "quantity": 1}], "card": "4242424242424242"}))
+        .send()
+        .await
+        .unwrap();
+    let placed: Value = res.json().await.unwrap();
+    assert_eq!(placed["trace_id"], trace);
+    let o = settled(&shop, &token, placed["id"].as_str().unwrap()).await;
+    assert_eq!(o["trace_id"], trace);
+    // Without one, the gateway starts a trace.
+    let id = place(&shop, &token, &shop.product(5), 1, "4242424242424242").await;
+    let o = settled(&shop, &token, &id).await;
+    let t = o["trace_id"].as_str().unwrap();
+    assert!(t.len() == 32 && t != trace, "{t}");
+}

@@ -155,15 +155,45 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
 }
 
+/// W3C trace context for the upstream hop: the client's trace continues (with this hop as
+/// the parent span), or a new trace starts. Returns the header and the trace id.
+fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let parts: Vec<&str> = v.split('-').collect();
+            let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+            (parts.len() == 4
+                && parts[0] == "00"
+                && hex(parts[1], 32)
+                && parts[1] != "00000000000000000000000000000000"
+                && hex(parts[2], 16)
+                && hex(parts[3], 2))
+            .then(|| (parts[1].to_ascii_lowercase(), parts[3].to_owned()))
+        });
+    let (trace_id, flags) =
+        incoming.unwrap_or_else(|| (uuid::Uuid::new_v4().simple().to_string(), "01".to_owned()));
+    let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    let value = format!("00-{trace_id}-{span_id}-{flags}");
+    (
+        HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("")),
+        trace_id,
+    )
+}
+
 async fn handle(inner: Arc<Inner>, mut req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
     let rid = request_id(req.headers());
     req.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
+    let (tp, trace_id) = traceparent(req.headers());
+    req.headers_mut().insert("traceparent", tp);
     let span = tracing::info_span!(
         "gateway",
         method = %req.method(),
         path = %req.uri().path(),
         request_id = rid.to_str().unwrap_or(""),
+        trace_id = %trace_id,
         route = tracing::field::Empty,
         status = tracing::field::Empty,
     );
@@ -443,6 +473,25 @@ mod tests {
         assert!(!r.matches("/api/ordersx"));
         assert!(!r.matches("/api"));
         assert!(route("/").matches("/anything"));
+    }
+
+    #[test]
+    fn trace_context_continues_or_starts() {
+        let mut h = HeaderMap::new();
+        let (v, id) = traceparent(&h);
+        assert_eq!(id.len(), 32);
+        assert!(v.to_str().unwrap().starts_with(&format!("00-{id}-")));
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let (v, id) = traceparent(&h);
+        assert_eq!(id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let v = v.to_str().unwrap().to_owned();
+        assert!(v.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && v.ends_with("-01"));
+        assert!(!v.contains("00f067aa0ba902b7"));
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        assert_ne!(traceparent(&h).1, "garbage");
     }
 
     #[test]

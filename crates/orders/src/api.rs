@@ -229,6 +229,11 @@ async fn create_order(
         total_minor: total,
         currency,
         card_last4: card[card.len() - 4..].to_owned(),
+        trace_id: placed
+            .traceparent
+            .as_deref()
+            .and_then(|t| t.split('-').nth(1))
+            .map(str::to_owned),
         created_at: now.clone(),
         updated_at: now,
     }))

@@ -32,6 +32,9 @@ pub struct Order {
     pub total_minor: i64,
     pub currency: String,
     pub card_last4: String,
+    /// The W3C trace id the order and every message of its saga carry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }

@@ -179,21 +179,21 @@ impl TimeoutSweeper {
     /// One pass; returns how many orders it cancelled.
     pub async fn sweep(&self) -> Result<usize, sqlx::Error> {
         let cutoff = shopmesh_platform::now_millis() - self.deadline.as_millis() as i64;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM orders WHERE status = 'PENDING' AND created_at < $1 \
+        let due: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT id, traceparent FROM orders WHERE status = 'PENDING' AND created_at < $1 \
              ORDER BY created_at LIMIT 100",
         )
         .bind(cutoff)
         .fetch_all(&self.db.pool)
         .await?;
         let mut cancelled = 0;
-        for id in ids {
+        for (id, tp) in due {
             let mut tx = self.db.pool.begin().await?;
             let ev = OrderCancelled {
                 order_id: id.clone(),
                 reason: "timeout".into(),
             };
-            if decide(&mut tx, &id, "CANCELLED", Some("timeout"), &ev, None).await? {
+            if decide(&mut tx, &id, "CANCELLED", Some("timeout"), &ev, tp).await? {
                 cancelled += 1;
             }
             tx.commit().await?;

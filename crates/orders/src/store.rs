@@ -10,8 +10,8 @@ use sqlx::{Any, Transaction};
 
 use crate::model::{Order, OrderItem, Step};
 
-const COLUMNS: &str =
-    "id, user_id, status, status_reason, total_minor, currency, card_last4, created_at, updated_at";
+const COLUMNS: &str = "id, user_id, status, status_reason, total_minor, currency, card_last4, \
+                       created_at, updated_at, traceparent";
 
 fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
@@ -24,6 +24,9 @@ fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
         total_minor: row.try_get("total_minor")?,
         currency: row.try_get("currency")?,
         card_last4: row.try_get("card_last4")?,
+        trace_id: row
+            .try_get::<Option<String>, _>("traceparent")?
+            .and_then(|t| t.split('-').nth(1).map(str::to_owned)),
         created_at: shopmesh_platform::millis_to_rfc3339(row.try_get("created_at")?),
         updated_at: shopmesh_platform::millis_to_rfc3339(row.try_get("updated_at")?),
     })
@@ -49,8 +52,8 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     let mut tx = db.pool.begin().await?;
     sqlx::query(
         "INSERT INTO orders (id, user_id, status, status_reason, total_minor, currency, \
-         card_last4, idempotency_key, created_at, updated_at, request_hash) \
-         VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8)",
+         card_last4, idempotency_key, created_at, updated_at, request_hash, traceparent) \
+         VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8, $9)",
     )
     .bind(o.id)
     .bind(o.user_id)
@@ -60,6 +63,7 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     .bind(o.idempotency_key)
     .bind(now)
     .bind(o.request_hash)
+    .bind(o.placed.traceparent.as_deref())
     .execute(&mut *tx)
     .await?;
     for (i, item) in o.items.iter().enumerate() {

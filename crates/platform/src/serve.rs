@@ -47,12 +47,20 @@ pub fn stack(service: &'static str, routes: Router, body_limit: usize) -> Router
                             .get(REQUEST_ID_HEADER)
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("");
+                        // The trace id of the W3C trace context, if any.
+                        let trace_id = req
+                            .headers()
+                            .get("traceparent")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.split('-').nth(1))
+                            .unwrap_or("");
                         tracing::info_span!(
                             "request",
                             service,
                             method = %req.method(),
                             path = %req.uri().path(),
                             request_id = rid,
+                            trace_id,
                         )
                     }),
                 )
