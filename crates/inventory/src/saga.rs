@@ -60,10 +60,21 @@ async fn reply<E: Event>(
 
 async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
     let ev: OrderPlaced = env.decode().map_err(permanent)?;
-    if reservation(tx, &ev.order_id).await?.is_some() {
+    let now = shopmesh_platform::now_millis();
+    // Claim the order first: a second attempt finds the row and stops here.
+    let claimed = sqlx::query(
+        "INSERT INTO reservations (order_id, status, items, created_at, updated_at) \
+         VALUES ($1, 'RESERVED', $2, $3, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(&ev.order_id)
+    .bind(serde_json::to_string(&ev.items).map_err(permanent)?)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if claimed == 0 {
         return Ok(());
     }
-    let now = shopmesh_platform::now_millis();
     let mut reserved: Vec<&Line> = Vec::new();
     let mut short = false;
     for line in &ev.items {
@@ -83,34 +94,8 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
         }
         reserved.push(line);
     }
-    if short {
-        // Undo the lines already reserved in this transaction, record the rejection.
-        for line in reserved {
-            sqlx::query("UPDATE stock SET reserved = reserved - $1 WHERE product_id = $2")
-                .bind(line.quantity)
-                .bind(&line.product_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-    }
-    sqlx::query(
-        "INSERT INTO reservations (order_id, status, items, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $4)",
-    )
-    .bind(&ev.order_id)
-    .bind(if short { "REJECTED" } else { "RESERVED" })
-    .bind(serde_json::to_string(&ev.items).map_err(permanent)?)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    if short {
-        let r = StockRejected {
-            order_id: ev.order_id.clone(),
-            reason: "out_of_stock".into(),
-        };
-        reply(tx, &ev.order_id, &r, env).await
-    } else {
-        reply(
+    if !short {
+        return reply(
             tx,
             &ev.order_id,
             &StockReserved {
@@ -118,8 +103,22 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
             },
             env,
         )
-        .await
+        .await;
     }
+    // Undo the lines already reserved in this transaction, record the rejection.
+    for line in reserved {
+        sqlx::query("UPDATE stock SET reserved = reserved - $1 WHERE product_id = $2")
+            .bind(line.quantity)
+            .bind(&line.product_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    set_status(tx, &ev.order_id, "REJECTED").await?;
+    let r = StockRejected {
+        order_id: ev.order_id.clone(),
+        reason: "out_of_stock".into(),
+    };
+    reply(tx, &ev.order_id, &r, env).await
 }
 
 async fn confirmed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {

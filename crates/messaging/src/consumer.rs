@@ -61,7 +61,7 @@ impl ConsumerConfig {
         Self {
             name: name.into(),
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
-            concurrency: 64,
+            concurrency: 256,
             max_attempts: 5,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),

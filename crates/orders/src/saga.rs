@@ -1,5 +1,6 @@
 //! The order saga, orchestrated by the orders service. Its state lives on the order row
-//! (`status`, `stock_state`, `payment_state`) and its timeline in `order_steps`.
+//! (`status`, `stock_state`, `payment_state`) and its timeline in `timeline`, appended by
+//! the same statements.
 //!
 //! - `StockReserved` + `PaymentAuthorized` → `CONFIRMED`, publish `OrderConfirmed`
 //!   (inventory commits the stock, payments captures).
@@ -26,7 +27,7 @@ use shopmesh_platform::db::Db;
 use sqlx::{Any, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::add_step;
+use crate::store::step_line;
 
 pub struct OrderSaga;
 
@@ -45,25 +46,27 @@ async fn decide<E: Event>(
     traceparent: Option<String>,
 ) -> Result<bool, sqlx::Error> {
     let n = sqlx::query(
-        "UPDATE orders SET status = $1, status_reason = $2, updated_at = $3 \
-         WHERE id = $4 AND status = 'PENDING'",
+        "UPDATE orders SET status = $1, status_reason = $2, updated_at = $3, \
+         timeline = timeline || $5 WHERE id = $4 AND status = 'PENDING'",
     )
     .bind(status)
     .bind(reason)
     .bind(shopmesh_platform::now_millis())
     .bind(order_id)
+    .bind(step_line(
+        if status == "CONFIRMED" {
+            "confirmed"
+        } else {
+            "cancelled"
+        },
+        reason,
+    ))
     .execute(&mut **tx)
     .await?
     .rows_affected();
     if n == 0 {
         return Ok(false);
     }
-    let step = if status == "CONFIRMED" {
-        "confirmed"
-    } else {
-        "cancelled"
-    };
-    add_step(tx, order_id, step, reason).await?;
     let env = Envelope::new(crate::NAME, order_id, event)
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?
         .with_traceparent(traceparent);
@@ -115,18 +118,18 @@ async fn on_reply(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<
         )));
     };
     let state: Option<(String, String, String)> = sqlx::query_as(&format!(
-        "UPDATE orders SET {column} = $1, updated_at = $2 WHERE id = $3 \
-         RETURNING status, stock_state, payment_state"
+        "UPDATE orders SET {column} = $1, updated_at = $2, timeline = timeline || $4 \
+         WHERE id = $3 RETURNING status, stock_state, payment_state"
     ))
     .bind(value)
     .bind(shopmesh_platform::now_millis())
     .bind(&order_id)
+    .bind(step_line(step, detail.as_deref()))
     .fetch_optional(&mut **tx)
     .await?;
     let Some((status, stock, payment)) = state else {
         return Err(HandlerError::Permanent(format!("no order `{order_id}`")));
     };
-    add_step(tx, &order_id, step, detail.as_deref()).await?;
     if status != "PENDING" {
         return Ok(());
     }

@@ -6,12 +6,11 @@ use sqlx::any::AnyRow;
 
 use shopmesh_events::TOPIC_ORDERS;
 use shopmesh_messaging::{Envelope, outbox};
-use sqlx::{Any, Transaction};
 
 use crate::model::{Order, OrderItem, Step};
 
 const COLUMNS: &str = "id, user_id, status, status_reason, total_minor, currency, card_last4, \
-                       created_at, updated_at, traceparent";
+                       created_at, updated_at, traceparent, timeline";
 
 fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
@@ -20,7 +19,7 @@ fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
         status: row.try_get("status")?,
         reason: row.try_get("status_reason")?,
         items: Vec::new(),
-        steps: Vec::new(),
+        steps: parse_timeline(&row.try_get::<String, _>("timeline")?),
         total_minor: row.try_get("total_minor")?,
         currency: row.try_get("currency")?,
         card_last4: row.try_get("card_last4")?,
@@ -52,8 +51,8 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     let mut tx = db.pool.begin().await?;
     sqlx::query(
         "INSERT INTO orders (id, user_id, status, status_reason, total_minor, currency, \
-         card_last4, idempotency_key, created_at, updated_at, request_hash, traceparent) \
-         VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8, $9)",
+         card_last4, idempotency_key, created_at, updated_at, request_hash, traceparent, \
+         timeline) VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8, $9, $10)",
     )
     .bind(o.id)
     .bind(o.user_id)
@@ -64,6 +63,7 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     .bind(now)
     .bind(o.request_hash)
     .bind(o.placed.traceparent.as_deref())
+    .bind(step_line("placed", None))
     .execute(&mut *tx)
     .await?;
     for (i, item) in o.items.iter().enumerate() {
@@ -79,44 +79,32 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     }
-    add_step(&mut tx, o.id, "placed", None).await?;
     outbox::stage(&mut tx, TOPIC_ORDERS, o.placed).await?;
     tx.commit().await
 }
 
-/// Appends a step to the order's timeline.
-pub async fn add_step(
-    tx: &mut Transaction<'static, Any>,
-    order_id: &str,
-    step: &str,
-    detail: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO order_steps (id, order_id, step, detail, at) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(uuid::Uuid::now_v7().to_string())
-    .bind(order_id)
-    .bind(step)
-    .bind(detail)
-    .bind(shopmesh_platform::now_millis())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+/// One timeline entry, as appended to `orders.timeline` (`timeline = timeline || $n`).
+pub fn step_line(step: &str, detail: Option<&str>) -> String {
+    let mut line = serde_json::json!({"step": step, "at": shopmesh_platform::now_millis()});
+    if let Some(d) = detail {
+        line["detail"] = d.into();
+    }
+    format!("{line}\n")
 }
 
-async fn steps(db: &Db, order_id: &str) -> Result<Vec<Step>, sqlx::Error> {
-    let rows =
-        sqlx::query("SELECT step, detail, at FROM order_steps WHERE order_id = $1 ORDER BY id")
-            .bind(order_id)
-            .fetch_all(&db.pool)
-            .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Step {
-                step: r.try_get("step")?,
-                detail: r.try_get("detail")?,
-                at: shopmesh_platform::millis_to_rfc3339(r.try_get("at")?),
-            })
+fn parse_timeline(raw: &str) -> Vec<Step> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        step: String,
+        at: i64,
+        detail: Option<String>,
+    }
+    raw.lines()
+        .filter_map(|l| serde_json::from_str::<Line>(l).ok())
+        .map(|l| Step {
+            step: l.step,
+            detail: l.detail,
+            at: shopmesh_platform::millis_to_rfc3339(l.at),
         })
         .collect()
 }
@@ -149,11 +137,7 @@ pub async fn get_owned(db: &Db, user_id: &str, id: &str) -> Result<Option<Order>
     let Some(row) = row else { return Ok(None) };
     let mut orders = vec![from_row(&row)?];
     attach_items(db, &mut orders).await?;
-    let mut order = orders.pop();
-    if let Some(o) = order.as_mut() {
-        o.steps = steps(db, &o.id).await?;
-    }
-    Ok(order)
+    Ok(orders.pop())
 }
 
 pub async fn find_by_idempotency_key(

@@ -39,15 +39,6 @@ async fn reply<E: Event>(
 async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
     let ev: OrderPlaced = env.decode().map_err(permanent)?;
     let key = key(&ev.order_id);
-    let exists: Option<String> =
-        sqlx::query_scalar("SELECT id FROM payments WHERE user_id = $1 AND idempotency_key = $2")
-            .bind(&ev.user_id)
-            .bind(&key)
-            .fetch_optional(&mut **tx)
-            .await?;
-    if exists.is_some() {
-        return Ok(());
-    }
     let card = normalize_card(&ev.card);
     let (status, decline) = match card.as_deref().map(card_outcome) {
         Some(CardOutcome::Authorized) => (Status::Authorized, None),
@@ -56,7 +47,8 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
     };
     let number = card.unwrap_or_default();
     let id = uuid::Uuid::now_v7().to_string();
-    store::insert(
+    // A second attempt hits the (user, idempotency key) constraint and stops here.
+    let inserted = store::insert_new(
         &mut **tx,
         &store::NewRecord {
             id: &id,
@@ -73,6 +65,9 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
         },
     )
     .await?;
+    if !inserted {
+        return Ok(());
+    }
     match decline {
         None => {
             let r = PaymentAuthorized {

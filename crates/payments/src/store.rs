@@ -73,6 +73,35 @@ where
     .map(|_| ())
 }
 
+/// Inserts a payment unless `(user_id, idempotency_key)` already exists; returns whether it
+/// was inserted.
+pub async fn insert_new<'e, E>(ex: E, r: &NewRecord<'_>) -> Result<bool, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query(
+        "INSERT INTO payments (id, order_id, user_id, amount_minor, currency, card_brand, \
+         card_last4, status, decline_code, captured_minor, refunded_minor, idempotency_key, \
+         created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, $10, $11, $11) \
+         ON CONFLICT (user_id, idempotency_key) DO NOTHING",
+    )
+    .bind(r.id)
+    .bind(r.order_id)
+    .bind(r.user_id)
+    .bind(r.amount_minor)
+    .bind(r.currency)
+    .bind(r.card_brand)
+    .bind(r.card_last4)
+    .bind(r.status.as_str())
+    .bind(r.decline_code)
+    .bind(r.idempotency_key)
+    .bind(r.now)
+    .execute(ex)
+    .await
+    .map(|r| r.rows_affected() == 1)
+}
+
 /// One of `user_id`'s payments.
 pub async fn get(db: &Db, user_id: &str, id: &str) -> Result<Option<Payment>, sqlx::Error> {
     sqlx::query(&format!(
