@@ -38,7 +38,7 @@ stock_sql() {
 }
 
 # Drives load for $SECS seconds (optionally rate-limited), waits for every order to finish,
-# prints "<orders/s> <p50 ms> <p99 ms> <placed> <rejected>".
+# prints "<orders/s> <p50 ms> <p99 ms> <orders> <rejected> <drain ms after the load>".
 drive() { # config, [per-worker rate]
   local cfg=$1 rate=${2:-0}
   sql "$cfg" "DELETE FROM order_steps; DELETE FROM order_items; DELETE FROM orders" >/dev/null
@@ -69,12 +69,21 @@ drive() { # config, [per-worker rate]
   first=$(sql "$cfg" "SELECT MIN(created_at) FROM orders")
   last=$(sql "$cfg" "SELECT MAX(updated_at) FROM orders")
   sql "$cfg" "SELECT updated_at - created_at FROM orders WHERE status <> 'PENDING' ORDER BY 1" >"$WORK/lat.txt"
-  local rejected
-  rejected=$(awk '/\[[0-9]+\]/ && $1 !~ /\[202\]/ {s+=$2} END {print s+0}' "$WORK/hey-$cfg.txt")
-  awk -v n="$n" -v span="$((last - first))" -v rej="$rejected" '
+  local rejected accepted pending
+  # Non-202 statuses ("[503] 3 responses") and transport errors ("[3] Post …: reset").
+  rejected=$(awk '/^ *\[[0-9]+\]/ {
+      if ($3 == "responses") { if ($1 != "[202]") s += $2 }
+      else { gsub(/[][]/, "", $1); s += $1 } }
+    END {print s+0}' "$WORK/hey-$cfg.txt")
+  accepted=$(awk '/\[202\]/ {print $2}' "$WORK/hey-$cfg.txt")
+  pending=$(sql "$cfg" "SELECT COUNT(*) FROM orders WHERE status = 'PENDING'")
+  [ "$pending" = 0 ] || echo "WARNING: $pending orders still pending" >&2
+  [ "$n" -ge "${accepted:-0}" ] || echo "WARNING: $(( accepted - n )) accepted orders missing" >&2
+  awk -v n="$n" -v span="$((last - first))" -v rej="$rejected" -v load="$((SECS * 1000))" '
     {v[NR]=$1} END {
       p50=v[int(NR*0.50)>0?int(NR*0.50):1]; p99=v[int(NR*0.99)>0?int(NR*0.99):1];
-      printf "%.0f %d %d %d %d\n", n*1000/(span>0?span:1), p50, p99, n, rej }' "$WORK/lat.txt"
+      drain=span-load; if (drain<0) drain=0;
+      printf "%.0f %d %d %d %d %d\n", n*1000/(span>0?span:1), p50, p99, n, rej, drain }' "$WORK/lat.txt"
 }
 
 bench_config() { # config, extra flags...
@@ -84,12 +93,16 @@ bench_config() { # config, extra flags...
   # Plenty of stock so every order can be confirmed.
   stock_sql "$cfg" "UPDATE stock SET on_hand = 100000000" >/dev/null
   start --seed-products 1000 "$@"
-  read -r max_rate max50 max99 max_n max_rej < <(drive "$cfg")
+  read -r max_rate max50 max99 max_n max_rej _ < <(drive "$cfg")
   local half=$(( max_rate / 2 / CONC )); [ $half -lt 1 ] && half=1
-  read -r half_rate half50 half99 half_n half_rej < <(drive "$cfg" $half)
+  read -r half_rate half50 half99 half_n half_rej _ < <(drive "$cfg" $half)
+  # A 10x burst: ten times a steady tenth of the maximum, for $SECS seconds.
+  local burst=$(( max_rate / CONC )); [ $burst -lt 1 ] && burst=1
+  read -r _ b50 b99 b_n b_rej b_drain < <(drive "$cfg" $burst)
   stop
   echo "$cfg max: ${max_rate} orders/s end-to-end over ${max_n} orders (p50=${max50}ms p99=${max99}ms, ${max_rej} rejected)" >&2
   echo "$cfg at half rate ($((half * CONC)) req/s offered): p50=${half50}ms p99=${half99}ms over ${half_n} orders, ${half_rej} rejected" >&2
+  echo "$cfg burst 10x ($((burst * CONC)) req/s offered for ${SECS}s, 10x a steady $((burst * CONC / 10))/s): ${b_n} orders, ${b_rej} rejected, every one terminal, backlog drained ${b_drain}ms after the burst (p99=${b99}ms)" >&2
   echo "orders: $cfg $max_rate orders/s p50=${half50}ms p99=${half99}ms"
 }
 
