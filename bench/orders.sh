@@ -79,10 +79,10 @@ drive() { # config, [per-worker rate]
   pending=$(sql "$cfg" "SELECT COUNT(*) FROM orders WHERE status = 'PENDING'")
   [ "$pending" = 0 ] || echo "WARNING: $pending orders still pending" >&2
   [ "$n" -ge "${accepted:-0}" ] || echo "WARNING: $(( accepted - n )) accepted orders missing" >&2
-  awk -v n="$n" -v span="$((last - first))" -v rej="$rejected" -v load="$((SECS * 1000))" '
+  awk -v n="$n" -v span="$((last - first))" -v rej="$rejected" -v loadms="$((SECS * 1000))" '
     {v[NR]=$1} END {
       p50=v[int(NR*0.50)>0?int(NR*0.50):1]; p99=v[int(NR*0.99)>0?int(NR*0.99):1];
-      drain=span-load; if (drain<0) drain=0;
+      drain=span-loadms; if (drain<0) drain=0;
       printf "%.0f %d %d %d %d %d\n", n*1000/(span>0?span:1), p50, p99, n, rej, drain }' "$WORK/lat.txt"
 }
 
