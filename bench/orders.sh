@@ -77,6 +77,9 @@ drive() { # config, [per-worker rate]
     END {print s+0}' "$WORK/hey-$cfg.txt")
   accepted=$(awk '/\[202\]/ {print $2}' "$WORK/hey-$cfg.txt")
   pending=$(sql "$cfg" "SELECT COUNT(*) FROM orders WHERE status = 'PENDING'")
+  local outcomes
+  outcomes=$(sql "$cfg" "SELECT status || COALESCE(':' || status_reason, '') || '=' || COUNT(*) FROM orders GROUP BY status, status_reason ORDER BY 1" | tr '\n' ' ')
+  echo "  $cfg run: $outcomes" >&2
   [ "$pending" = 0 ] || echo "WARNING: $pending orders still pending" >&2
   [ "$n" -ge "${accepted:-0}" ] || echo "WARNING: $(( accepted - n )) accepted orders missing" >&2
   awk -v n="$n" -v span="$((last - first))" -v rej="$rejected" -v loadms="$((SECS * 1000))" '

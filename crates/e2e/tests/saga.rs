@@ -109,13 +109,17 @@ async fn a_paid_order_for_available_stock_is_confirmed() {
         s.contains(&"stock_reserved".into()) && s.contains(&"payment_authorized".into()),
         "{s:?}"
     );
-    // The stock left the shelf, the reservation is gone, the payment is captured.
-    let after = stock(&shop, &p).await;
-    assert_eq!(
-        after["on_hand"].as_i64().unwrap(),
-        before["on_hand"].as_i64().unwrap() - 2
-    );
-    assert_eq!(after["reserved"], before["reserved"]);
+    // The stock leaves the shelf and the reservation goes, asynchronously after the decision.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let after = stock(&shop, &p).await;
+        if after["on_hand"].as_i64().unwrap() == before["on_hand"].as_i64().unwrap() - 2 {
+            assert_eq!(after["reserved"], before["reserved"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "stock not committed: {after}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Capture follows the confirmation asynchronously.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -49,6 +49,10 @@ mod sqlx_error {
 }
 pub use sqlx_error::SeedError;
 
+/// How long the saga waits for a participant before cancelling (`timeout`). Long enough that
+/// a backlog after a burst is not mistaken for a silent participant.
+pub const DEFAULT_SAGA_DEADLINE: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct SystemConfig {
     pub host: IpAddr,
@@ -82,7 +86,7 @@ impl SystemConfig {
         Self {
             broker_path: data_dir.join("broker.db"),
             duplicate_deliveries: false,
-            saga_deadline: Duration::from_secs(10),
+            saga_deadline: DEFAULT_SAGA_DEADLINE,
             silent: Vec::new(),
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 8080,

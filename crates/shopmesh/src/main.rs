@@ -182,7 +182,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
     services::declare(&broker).await?;
     let messaging = services::Messaging {
         broker: Arc::new(broker),
-        saga_deadline: Duration::from_secs(10),
+        saga_deadline: shopmesh_shop::DEFAULT_SAGA_DEADLINE,
         silent: Vec::new(),
     };
     let mut built = services::open(
