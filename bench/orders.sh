@@ -5,7 +5,7 @@
 # order from its own timestamps (placed → CONFIRMED/CANCELLED).
 #
 # Needs: hey, sqlite3, psql, pgbench (Debian: hey sqlite3 postgresql-client postgresql-contrib).
-# Usage: bench/orders.sh [seconds-of-load (default 10)]   (SQLITE_ONLY=1 skips PostgreSQL)
+# Usage: bench/orders.sh [seconds-of-load (default 10)]   (SQLITE_ONLY=1 skips PostgreSQL, PG_ONLY=1 SQLite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -114,7 +114,8 @@ pgbench -q -i -s 10 "postgres://postgres@127.0.0.1:5432/$PG_DB" >/dev/null 2>&1
 PGB=$(pgbench -N -c 8 -j 2 -T "$SECS" "postgres://postgres@127.0.0.1:5432/$PG_DB" 2>/dev/null | awk '/^tps/ {printf "%.0f", $3}')
 
 echo "shopmesh order saga benchmark ($(nproc) cores, $(date -u +%F)); ${SECS}s of load per run, $CONC connections"
-L1=$(bench_config sqlite)
+L1="orders: sqlite skipped (PG_ONLY set)"
+[ -n "${PG_ONLY:-}" ] || L1=$(bench_config sqlite)
 L2="orders: postgres skipped (SQLITE_ONLY set)"
 [ -n "${SQLITE_ONLY:-}" ] || L2=$(bench_config postgres --database "postgres://postgres@127.0.0.1:5432/$PG_DB")
 echo "pgbench -N on the same PostgreSQL: ${PGB} TPS (the database's ceiling here)"

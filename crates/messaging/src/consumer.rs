@@ -54,6 +54,8 @@ pub struct ConsumerConfig {
     /// First retry delay; doubles per attempt, with full jitter, up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long a small batch waits for more messages before it is applied.
+    pub linger: Duration,
 }
 
 impl ConsumerConfig {
@@ -65,6 +67,7 @@ impl ConsumerConfig {
             max_attempts: 5,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            linger: Duration::from_millis(5),
         }
     }
 
@@ -157,7 +160,18 @@ impl Consumer {
 
     /// Handles one batch; returns how many deliveries it saw.
     pub async fn poll_once(&self, wait: Duration) -> Result<usize, BrokerError> {
-        let batch = self.sub.next(self.cfg.concurrency, wait).await?;
+        let mut batch = self.sub.next(self.cfg.concurrency, wait).await?;
+        // A small batch under a steady trickle costs a commit per few messages; waiting a
+        // moment gathers more into the same transaction (like Kafka's linger.ms).
+        if !batch.is_empty() && batch.len() < self.cfg.concurrency / 8 && !self.cfg.linger.is_zero()
+        {
+            tokio::time::sleep(self.cfg.linger).await;
+            let more = self
+                .sub
+                .next(self.cfg.concurrency - batch.len(), Duration::ZERO)
+                .await?;
+            batch.extend(more);
+        }
         self.report_backlog().await;
         if batch.is_empty() {
             return Ok(0);
