@@ -56,6 +56,9 @@ pub struct ConsumerConfig {
     pub max_backoff: Duration,
     /// How long a small batch waits for more messages before it is applied.
     pub linger: Duration,
+    /// How long processed message ids are remembered. Redeliveries come within minutes (a
+    /// relay or consumer crash); the default is a week.
+    pub inbox_retention: Duration,
 }
 
 impl ConsumerConfig {
@@ -68,6 +71,7 @@ impl ConsumerConfig {
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
             linger: Duration::from_millis(5),
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -248,10 +252,31 @@ impl Consumer {
         }
     }
 
-    /// Runs until `shutdown`; the batch being handled finishes first.
+    /// Forgets processed message ids older than the retention; returns how many went.
+    pub async fn prune_inbox(&self) -> Result<u64, sqlx::Error> {
+        let cutoff = shopmesh_platform::now_millis() - self.cfg.inbox_retention.as_millis() as i64;
+        let r = sqlx::query("DELETE FROM inbox WHERE consumer = $1 AND processed_at < $2")
+            .bind(&self.cfg.name)
+            .bind(cutoff)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Runs until `shutdown`; the batch being handled finishes first. Prunes the inbox hourly.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        let mut pruned = Instant::now();
         while !shutdown.is_cancelled() {
+            if pruned.elapsed() > Duration::from_secs(3600) {
+                pruned = Instant::now();
+                match self.prune_inbox().await {
+                    Ok(n) => tracing::debug!(consumer = %self.cfg.name, pruned = n, "inbox pruned"),
+                    Err(e) => {
+                        tracing::warn!(consumer = %self.cfg.name, error = %e, "inbox prune failed")
+                    }
+                }
+            }
             tokio::select! {
                 r = self.poll_once(Duration::from_secs(1)) => match r {
                     Ok(_) => backoff = Duration::from_millis(100),

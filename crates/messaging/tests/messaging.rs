@@ -234,6 +234,34 @@ async fn duplicates_have_no_second_effect() {
 }
 
 #[tokio::test]
+async fn the_inbox_forgets_after_its_retention() {
+    let e = env().await;
+    let ledger = Arc::new(Ledger::default());
+    let mut cfg = ConsumerConfig::new("ledger", &["t"]);
+    cfg.inbox_retention = Duration::from_secs(3600);
+    let consumer = Consumer::new(cfg.clone(), e.db.clone(), &e.broker, ledger.clone())
+        .await
+        .unwrap();
+    e.broker.publish("t", &[credit("acct", 1)]).await.unwrap();
+    drain(&consumer, &e.broker).await;
+    let remembered = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM inbox")
+            .fetch_one(&e.db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(consumer.prune_inbox().await.unwrap(), 0);
+    assert_eq!(remembered().await, 1);
+    cfg.inbox_retention = Duration::ZERO;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let consumer = Consumer::new(cfg, e.db.clone(), &e.broker, ledger)
+        .await
+        .unwrap();
+    assert_eq!(consumer.prune_inbox().await.unwrap(), 1);
+    assert_eq!(remembered().await, 0);
+}
+
+#[tokio::test]
 async fn failures_are_retried_then_dead_lettered_and_replay_works() {
     let e = env().await;
     let ledger = Arc::new(Ledger::default());
