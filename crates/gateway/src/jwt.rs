@@ -58,8 +58,12 @@ pub struct JwtVerifier {
     cfg: JwtConfig,
     client: HttpClient,
     keys: RwLock<HashMap<String, Key>>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last fetch was tried, and whether it worked.
+    last_fetch: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
+
+/// Quiet period after a failed fetch: short, but a down identity provider is not hammered.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl JwtVerifier {
     pub fn new(cfg: JwtConfig, client: HttpClient) -> Self {
@@ -116,21 +120,30 @@ impl JwtVerifier {
     /// Refetches the JWKS unless it was fetched less than `min_refetch_secs` ago.
     async fn refresh(&self) -> Result<(), AuthError> {
         let mut last = self.last_fetch.lock().await;
-        if let Some(t) = *last
-            && t.elapsed() < Duration::from_secs(self.cfg.min_refetch_secs)
-        {
-            return Ok(());
+        if let Some((t, ok)) = *last {
+            let quiet = if ok {
+                Duration::from_secs(self.cfg.min_refetch_secs)
+            } else {
+                RETRY_AFTER_FAILURE
+            };
+            if t.elapsed() < quiet {
+                return if ok {
+                    Ok(())
+                } else {
+                    Err(AuthError::KeysUnavailable("recent fetch failed".into()))
+                };
+            }
         }
         let fetched = self.fetch().await;
         match fetched {
             Ok(keys) => {
-                *last = Some(Instant::now());
+                *last = Some((Instant::now(), true));
                 tracing::info!(keys = keys.len(), "JWKS refreshed");
                 *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
                 Ok(())
             }
             Err(e) => {
-                // A failed fetch does not start the quiet period: the next token retries.
+                *last = Some((Instant::now(), false));
                 tracing::warn!(error = %e, "JWKS fetch failed");
                 Err(AuthError::KeysUnavailable(e))
             }

@@ -184,6 +184,8 @@ fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
 
 async fn handle(inner: Arc<Inner>, mut req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
+    // First, so that a client's `Connection: <name>` cannot remove what the gateway adds.
+    strip_hop_by_hop(req.headers_mut());
     let rid = request_id(req.headers());
     req.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
     let (tp, trace_id) = traceparent(req.headers());
@@ -376,7 +378,6 @@ async fn route_and_forward(inner: &Inner, mut req: Request<Body>) -> (Arc<str>, 
         }
     };
     let original_host = parts.headers.remove(header::HOST);
-    strip_hop_by_hop(&mut parts.headers);
     if let Some(ip) = client_ip {
         let xff = match parts
             .headers

@@ -146,6 +146,16 @@ async fn confirmed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result
 async fn cancelled(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
     let ev: OrderCancelled = env.decode().map_err(permanent)?;
     let Some((status, items)) = reservation(tx, &ev.order_id).await? else {
+        // Cancelled before we reserved (e.g. timed out while `OrderPlaced` sat in the dead
+        // letters): leave a marker so that a late `OrderPlaced` reserves nothing.
+        sqlx::query(
+            "INSERT INTO reservations (order_id, status, items, created_at, updated_at) \
+             VALUES ($1, 'RELEASED', '[]', $2, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(&ev.order_id)
+        .bind(shopmesh_platform::now_millis())
+        .execute(&mut **tx)
+        .await?;
         return Ok(());
     };
     if status != "RESERVED" {

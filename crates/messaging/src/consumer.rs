@@ -337,6 +337,20 @@ impl Consumer {
                         Failure::Dead { message_id, reason } => {
                             tracing::error!(consumer = %self.cfg.name, topic = %d.topic,
                                 attempts = d.attempt, reason, "message dead-lettered");
+                            // Remembered as handled: a redelivery (lost ack, crash before the
+                            // ack) is then a duplicate, not a second dead letter. Replay
+                            // forgets it first.
+                            if let Some(id) = &message_id {
+                                sqlx::query(
+                                    "INSERT INTO inbox (consumer, message_id, processed_at) \
+                                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                                )
+                                .bind(&self.cfg.name)
+                                .bind(id)
+                                .bind(shopmesh_platform::now_millis())
+                                .execute(&mut *tx)
+                                .await?;
+                            }
                             dlq::insert(
                                 &mut *tx,
                                 &dlq::NewDeadLetter {

@@ -104,6 +104,14 @@ pub async fn replay(db: &Db, broker: &dyn Broker, id: &str) -> Result<(), DlqErr
         .await?
         .ok_or_else(|| DlqError::NotFound(id.into()))?;
     let env = Envelope::from_json(&d.payload).map_err(|_| DlqError::Unreplayable(id.into()))?;
+    // The consumer recorded the message as handled when it parked it; forget that, or the
+    // replay would be skipped as a duplicate. (A crash from here until the dead letter is
+    // removed leaves the dead letter in place: replay again.)
+    sqlx::query("DELETE FROM inbox WHERE consumer = $1 AND message_id = $2")
+        .bind(&d.consumer)
+        .bind(&env.id)
+        .execute(&db.pool)
+        .await?;
     broker
         .deliver_to(&d.consumer, &d.topic, std::slice::from_ref(&env))
         .await?;

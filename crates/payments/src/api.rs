@@ -80,6 +80,11 @@ async fn create_payment(
                 "Idempotency-Key",
                 "1 to 200 visible ASCII characters",
             );
+            errs.check(
+                !key.is_some_and(|k| k.starts_with("saga:")),
+                "Idempotency-Key",
+                "the `saga:` prefix is reserved",
+            );
             key
         }
     };

@@ -39,6 +39,14 @@ async fn reply<E: Event>(
 async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
     let ev: OrderPlaced = env.decode().map_err(permanent)?;
     let key = key(&ev.order_id);
+    let cancelled: Option<String> =
+        sqlx::query_scalar("SELECT order_id FROM saga_cancellations WHERE order_id = $1")
+            .bind(&ev.order_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if cancelled.is_some() {
+        return Ok(());
+    }
     let card = normalize_card(&ev.card);
     let (status, decline) = match card.as_deref().map(card_outcome) {
         Some(CardOutcome::Authorized) => (Status::Authorized, None),
@@ -124,6 +132,15 @@ impl Handler for PaymentsSaga {
                 settle(tx, &ev.order_id, Status::Captured).await
             } else if env.is::<OrderCancelled>() {
                 let ev: OrderCancelled = env.decode().map_err(permanent)?;
+                // Remember the cancellation, so that a late `OrderPlaced` authorizes nothing.
+                sqlx::query(
+                    "INSERT INTO saga_cancellations (order_id, cancelled_at) VALUES ($1, $2) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&ev.order_id)
+                .bind(shopmesh_platform::now_millis())
+                .execute(&mut **tx)
+                .await?;
                 settle(tx, &ev.order_id, Status::Voided).await
             } else {
                 Err(HandlerError::Permanent(format!(
