@@ -51,9 +51,7 @@ async fn reply<E: Event>(
     ev: &E,
     cause: &Envelope,
 ) -> Result<(), HandlerError> {
-    let env = Envelope::new("inventory", order_id, ev)
-        .map_err(permanent)?
-        .with_traceparent(cause.traceparent.clone());
+    let env = Envelope::caused_by("inventory", order_id, ev, cause).map_err(permanent)?;
     outbox::stage(tx, TOPIC_INVENTORY, &env).await?;
     Ok(())
 }

@@ -60,6 +60,16 @@ impl Envelope {
         })
     }
 
+    /// An event caused by `cause` (a reply, a next step): same trace.
+    pub fn caused_by<E: Event>(
+        source: &str,
+        subject: &str,
+        event: &E,
+        cause: &Envelope,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(source, subject, event)?.with_traceparent(cause.traceparent.clone()))
+    }
+
     pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
         self.traceparent = traceparent;
         self

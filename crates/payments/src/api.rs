@@ -6,7 +6,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use shopmesh_platform::Problem;
-use shopmesh_platform::db::is_unique_violation;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
 use shopmesh_platform::validate::Errors;
@@ -136,16 +135,17 @@ async fn create_payment(
         idempotency_key: key,
         now: shopmesh_platform::now_millis(),
     };
-    if let Err(e) = store::insert(&s.db.pool, &record).await {
+    if !store::insert_new(&s.db.pool, &record).await? {
         // A concurrent request with the same key won the race: answer with its payment.
         if let Some(key) = key
-            && is_unique_violation(&e)
             && let Some(original) =
                 store::get_by_idempotency_key(&s.db, &caller.user_id, key).await?
         {
             return Ok((StatusCode::OK, Json(original)));
         }
-        return Err(e.into());
+        return Err(Problem::conflict(
+            "a payment with this Idempotency-Key already exists",
+        ));
     }
     let created = store::get(&s.db, &caller.user_id, &id)
         .await?

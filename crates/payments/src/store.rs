@@ -42,37 +42,6 @@ pub struct NewRecord<'a> {
     pub now: i64,
 }
 
-/// Inserts a payment. A repeated `(user_id, idempotency_key)` is a unique violation
-/// (see [`shopmesh_platform::db::is_unique_violation`]).
-pub async fn insert<'e, E>(ex: E, r: &NewRecord<'_>) -> Result<(), sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Any>,
-{
-    sqlx::query(
-        "INSERT INTO payments (id, order_id, user_id, amount_minor, currency, card_brand, \
-         card_last4, status, decline_code, captured_minor, refunded_minor, idempotency_key, \
-         created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-    )
-    .bind(r.id)
-    .bind(r.order_id)
-    .bind(r.user_id)
-    .bind(r.amount_minor)
-    .bind(r.currency)
-    .bind(r.card_brand)
-    .bind(r.card_last4)
-    .bind(r.status.as_str())
-    .bind(r.decline_code)
-    .bind(0_i64)
-    .bind(0_i64)
-    .bind(r.idempotency_key)
-    .bind(r.now)
-    .bind(r.now)
-    .execute(ex)
-    .await
-    .map(|_| ())
-}
-
 /// Inserts a payment unless `(user_id, idempotency_key)` already exists; returns whether it
 /// was inserted.
 pub async fn insert_new<'e, E>(ex: E, r: &NewRecord<'_>) -> Result<bool, sqlx::Error>
