@@ -10,20 +10,28 @@ use serde::de::DeserializeOwned;
 use crate::REQUEST_ID_HEADER;
 use crate::problem::Problem;
 
-/// The request id of the request being handled, to pass on to downstream calls.
+/// What a downstream call carries from the request being handled: its request id and its
+/// W3C trace context.
 #[derive(Debug, Clone, Default)]
-pub struct RequestId(pub Option<String>);
+pub struct RequestId {
+    pub id: Option<String>,
+    pub traceparent: Option<String>,
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     type Rejection = std::convert::Infallible;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(RequestId(
+        let header = |name: &str| {
             parts
                 .headers
-                .get(REQUEST_ID_HEADER)
+                .get(name)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-        ))
+                .map(str::to_owned)
+        };
+        Ok(RequestId {
+            id: header(REQUEST_ID_HEADER),
+            traceparent: header("traceparent"),
+        })
     }
 }
 
@@ -79,8 +87,11 @@ impl ServiceClient {
         rid: &RequestId,
     ) -> Result<T, CallError> {
         let mut req = self.http.get(format!("{}{}", self.base, path_and_query));
-        if let Some(id) = &rid.0 {
+        if let Some(id) = &rid.id {
             req = req.header(REQUEST_ID_HEADER, id);
+        }
+        if let Some(tp) = &rid.traceparent {
+            req = req.header("traceparent", tp);
         }
         let unavailable = |reason: String| CallError::Unavailable {
             service: self.name,
