@@ -95,14 +95,8 @@ pub async fn insert_many(db: &Db, products: &[Product]) -> Result<u64, sqlx::Err
                 sql.push(',');
             }
             sql.push_str(&format!(
-                "(${},${},${},${},${},${},${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
+                "({})",
+                shopmesh_platform::db::placeholders(b + 1, 7)
             ));
         }
         sql.push_str(" ON CONFLICT DO NOTHING");

@@ -152,10 +152,7 @@ impl Relay {
             .map(|(id, _, _)| id)
             .chain(malformed)
             .collect();
-        let placeholders = (1..=ids.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let placeholders = shopmesh_platform::db::placeholders(1, ids.len());
         let sql = format!("DELETE FROM outbox WHERE id IN ({placeholders})");
         let mut q = sqlx::query(&sql);
         for id in &ids {

@@ -182,10 +182,7 @@ async fn attach_items(db: &Db, orders: &mut [Order]) -> Result<(), sqlx::Error> 
     if orders.is_empty() {
         return Ok(());
     }
-    let placeholders = (1..=orders.len())
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let placeholders = shopmesh_platform::db::placeholders(1, orders.len());
     let sql = format!(
         "SELECT order_id, product_id, quantity, unit_price_minor FROM order_items \
          WHERE order_id IN ({placeholders}) ORDER BY order_id, line_no"

@@ -202,6 +202,14 @@ impl Db {
     }
 }
 
+/// `$first,$first+1,…` for `n` bind parameters (an `IN (…)` list or a `VALUES` row).
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// True when `e` is a unique-constraint violation (on either backend).
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     match e {
@@ -223,4 +231,14 @@ pub fn like_contains(needle: &str) -> String {
     }
     s.push('%');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders() {
+        assert_eq!(super::placeholders(1, 3), "$1,$2,$3");
+        assert_eq!(super::placeholders(5, 1), "$5");
+        assert_eq!(super::placeholders(1, 0), "");
+    }
 }

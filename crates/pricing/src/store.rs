@@ -36,10 +36,7 @@ pub async fn get_many(db: &Db, ids: &[String]) -> Result<Vec<Price>, sqlx::Error
     if unique.is_empty() {
         return Ok(Vec::new());
     }
-    let placeholders = (1..=unique.len())
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let placeholders = shopmesh_platform::db::placeholders(1, unique.len());
     let sql = format!("SELECT {COLUMNS} FROM prices WHERE product_id IN ({placeholders})");
     let mut q = sqlx::query(&sql);
     for id in unique {

@@ -130,10 +130,7 @@ pub async fn insert_many(db: &Db, promos: &[PromotionSeed]) -> Result<u64, sqlx:
             if i > 0 {
                 sql.push(',');
             }
-            let row = (1..=11)
-                .map(|k| format!("${}", b + k))
-                .collect::<Vec<_>>()
-                .join(",");
+            let row = shopmesh_platform::db::placeholders(b + 1, 11);
             sql.push_str(&format!("({row})"));
         }
         sql.push_str(" ON CONFLICT DO NOTHING");
