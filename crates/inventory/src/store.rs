@@ -99,7 +99,10 @@ pub async fn insert_many(db: &Db, levels: &[(String, i64)]) -> Result<u64, sqlx:
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("(${},${},${},${})", b + 1, b + 2, b + 3, b + 4));
+            sql.push_str(&format!(
+                "({})",
+                shopmesh_platform::db::placeholders(b + 1, 4)
+            ));
         }
         sql.push_str(" ON CONFLICT DO NOTHING");
         let mut q = sqlx::query(&sql);

@@ -86,7 +86,10 @@ pub async fn insert_many(db: &Db, prices: &[(String, i64, String)]) -> Result<u6
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("(${},${},${},${})", b + 1, b + 2, b + 3, b + 4));
+            sql.push_str(&format!(
+                "({})",
+                shopmesh_platform::db::placeholders(b + 1, 4)
+            ));
         }
         sql.push_str(" ON CONFLICT DO NOTHING");
         let mut q = sqlx::query(&sql);
