@@ -23,15 +23,7 @@ fn claims(sub: &str, exp: u64) -> Value {
 }
 
 async fn kid(shop: &TestShop) -> String {
-    let jwks: Value = shop
-        .http
-        .get(shop.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = shop.get_json("/.well-known/jwks.json", None).await;
     assert_eq!(jwks["keys"][0]["kty"], "OKP");
     jwks["keys"][0]["kid"].as_str().unwrap().to_owned()
 }
@@ -141,15 +133,7 @@ async fn tampered_and_forged_tokens_are_refused() {
     expect_problem(get(format!("{header}.{body}.")).await.unwrap(), 401).await;
 
     // HS256 keyed with the public key (key confusion).
-    let jwks: Value = shop
-        .http
-        .get(shop.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = shop.get_json("/.well-known/jwks.json", None).await;
     let x = URL_SAFE_NO_PAD
         .decode(jwks["keys"][0]["x"].as_str().unwrap())
         .unwrap();
@@ -176,13 +160,7 @@ async fn tampered_and_forged_tokens_are_refused() {
     expect_problem(get(forged).await.unwrap(), 401).await;
 
     // A bad token on a public route is refused too, rather than silently ignored.
-    let res = shop
-        .http
-        .get(shop.url("/api/products?limit=1"))
-        .bearer_auth("not.a.jwt")
-        .send()
-        .await
-        .unwrap();
+    let res = shop.get("/api/products?limit=1", Some(&"not.a.jwt")).await;
     expect_problem(res, 401).await;
 }
 
@@ -194,22 +172,10 @@ async fn expired_tokens_are_refused() {
     })
     .await;
     let (_, token) = shop.user().await;
-    let res = shop
-        .http
-        .get(shop.url("/api/orders"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = shop.get("/api/orders", Some(&token)).await;
     assert_eq!(res.status(), 200);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let res = shop
-        .http
-        .get(shop.url("/api/orders"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let res = shop.get("/api/orders", Some(&token)).await;
     let p = expect_problem(res, 401).await;
     assert!(p["detail"].as_str().unwrap().contains("expired"));
 }

@@ -24,15 +24,8 @@ async fn settled(shop: &TestShop, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let o: Value = shop
-            .http
-            .get(shop.url(&format!("/api/orders/{id}")))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json(&format!("/api/orders/{id}"), Some(&token))
+            .await;
         if o["status"] != "PENDING" {
             return o;
         }
@@ -42,27 +35,14 @@ async fn settled(shop: &TestShop, token: &str, id: &str) -> Value {
 }
 
 async fn stock(shop: &TestShop, product: &str) -> Value {
-    shop.http
-        .get(shop.url(&format!("/api/inventory/{product}")))
-        .send()
+    shop.get_json(&format!("/api/inventory/{product}"), None)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 async fn payments(shop: &TestShop, token: &str, order: &str) -> Vec<Value> {
     let v: Value = shop
-        .http
-        .get(shop.url(&format!("/api/payments?order_id={order}")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/api/payments?order_id={order}"), Some(&token))
+        .await;
     v["items"].as_array().unwrap().clone()
 }
 

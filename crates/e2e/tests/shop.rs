@@ -6,12 +6,7 @@ use shopmesh_test_support::{ServiceName, TEST_PRODUCTS, TestShop, expect_problem
 #[tokio::test]
 async fn browse_products() {
     let shop = TestShop::start().await;
-    let res = shop
-        .http
-        .get(shop.url("/api/products?limit=5"))
-        .send()
-        .await
-        .unwrap();
+    let res = shop.get("/api/products?limit=5", None).await;
     assert_eq!(res.status(), 200);
     let page: Value = res.json().await.unwrap();
     let items = page["items"].as_array().unwrap();
@@ -19,28 +14,14 @@ async fn browse_products() {
     assert_eq!(page["total"], TEST_PRODUCTS);
     let id = items[0]["id"].as_str().unwrap();
 
-    let one: Value = shop
-        .http
-        .get(shop.url(&format!("/api/products/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: Value = shop.get_json(&format!("/api/products/{id}"), None).await;
     assert_eq!(one["id"], id);
     assert!(one["sku"].as_str().unwrap().starts_with("SKU-"));
 
     // Search by category and text, pagination.
     let cat: Value = shop
-        .http
-        .get(shop.url("/api/products?category=books&limit=100"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("/api/products?category=books&limit=100", None)
+        .await;
     let books = cat["items"].as_array().unwrap();
     assert_eq!(books.len(), TEST_PRODUCTS / 20);
     assert!(books.iter().all(|p| p["category"] == "books"));
@@ -52,113 +33,50 @@ async fn browse_products() {
         .unwrap()
         .to_lowercase();
     let found: Value = shop
-        .http
-        .get(shop.url(&format!("/api/products?q={name}&limit=100")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/api/products?q={name}&limit=100"), None)
+        .await;
     assert!(found["total"].as_i64().unwrap() >= 1);
     assert!(found["items"].as_array().unwrap().iter().all(|p| {
         let hay = format!("{} {} {}", p["name"], p["description"], p["sku"]).to_lowercase();
         hay.contains(&name)
     }));
-    let page2: Value = shop
-        .http
-        .get(shop.url("/api/products?limit=5&offset=5"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page2: Value = shop.get_json("/api/products?limit=5&offset=5", None).await;
     assert_ne!(page2["items"][0]["id"], items[0]["id"]);
     assert_eq!(page2["items"][0]["sku"], "SKU-000006");
 
     // Unknown product, bad paging.
-    let p = expect_problem(
-        shop.http
-            .get(shop.url("/api/products/nope"))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
+    let p = expect_problem(shop.get("/api/products/nope", None).await, 404).await;
     assert!(p["detail"].as_str().unwrap().contains("nope"));
-    expect_problem(
-        shop.http
-            .get(shop.url("/api/products?limit=0"))
-            .send()
-            .await
-            .unwrap(),
-        422,
-    )
-    .await;
-    expect_problem(
-        shop.http
-            .get(shop.url("/api/products?limit=abc"))
-            .send()
-            .await
-            .unwrap(),
-        400,
-    )
-    .await;
+    expect_problem(shop.get("/api/products?limit=0", None).await, 422).await;
+    expect_problem(shop.get("/api/products?limit=abc", None).await, 400).await;
 }
 
 #[tokio::test]
 async fn stock_prices_and_promotions_are_seeded_and_served() {
     let shop = TestShop::start().await;
     let id = shop.product(1);
-    let stock: Value = shop
-        .http
-        .get(shop.url(&format!("/api/inventory/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stock: Value = shop.get_json(&format!("/api/inventory/{id}"), None).await;
     assert_eq!(
         stock["available"].as_i64().unwrap(),
         stock["on_hand"].as_i64().unwrap() - stock["reserved"].as_i64().unwrap()
     );
-    let price: Value = shop
-        .http
-        .get(shop.url(&format!("/api/prices/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let price: Value = shop.get_json(&format!("/api/prices/{id}"), None).await;
     assert_eq!(price["currency"], "USD");
     assert!(price["amount_minor"].as_i64().unwrap() > 0);
     let batch: Value = shop
-        .http
-        .get(shop.url(&format!(
-            "/api/prices?ids={},{},unknown",
-            shop.product(1),
-            shop.product(2)
-        )))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(
+            &format!(
+                "/api/prices?ids={},{},unknown",
+                shop.product(1),
+                shop.product(2)
+            ),
+            None,
+        )
+        .await;
     assert_eq!(batch["items"].as_array().unwrap().len(), 2);
     let promos: Value = shop
-        .http
-        .get(shop.url("/api/promotions?active=false&limit=100"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("/api/promotions?active=false&limit=100", None)
+        .await;
     // One per 30th product plus three per category.
     assert_eq!(promos["total"], TEST_PRODUCTS.div_ceil(30) as i64 + 60);
 }
@@ -232,16 +150,7 @@ async fn register_login_and_order() {
     assert_eq!(wrong, unknown);
 
     // Profile.
-    let me: Value = shop
-        .http
-        .get(shop.url("/api/users/me"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = shop.get_json("/api/users/me", Some(&token)).await;
     assert_eq!(me["email"], email);
     let me: Value = shop
         .http
@@ -271,14 +180,8 @@ async fn register_login_and_order() {
     let placed: Value = res.json().await.unwrap();
     assert_eq!(placed["status"], "PENDING");
     let prices: Value = shop
-        .http
-        .get(shop.url(&format!("/api/prices?ids={p1},{p2}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/api/prices?ids={p1},{p2}"), None)
+        .await;
     let expected: i64 = prices["items"][0]["amount_minor"].as_i64().unwrap() * 2
         + prices["items"][1]["amount_minor"].as_i64().unwrap();
     assert_eq!(placed["total_minor"], expected);
@@ -286,59 +189,25 @@ async fn register_login_and_order() {
     let id = placed["id"].as_str().unwrap();
 
     let got: Value = shop
-        .http
-        .get(shop.url(&format!("/api/orders/{id}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/api/orders/{id}"), Some(&token))
+        .await;
     assert_eq!(got["status"], "PENDING");
     assert_eq!(got["items"].as_array().unwrap().len(), 2);
-    let mine: Value = shop
-        .http
-        .get(shop.url("/api/orders"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mine: Value = shop.get_json("/api/orders", Some(&token)).await;
     assert_eq!(mine["items"].as_array().unwrap().len(), 1);
 
     // Someone else sees neither the order nor it in their list.
     let (_, other) = shop.user().await;
     expect_problem(
-        shop.http
-            .get(shop.url(&format!("/api/orders/{id}")))
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap(),
+        shop.get(&format!("/api/orders/{id}"), Some(&other)).await,
         404,
     )
     .await;
-    let theirs: Value = shop
-        .http
-        .get(shop.url("/api/orders"))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let theirs: Value = shop.get_json("/api/orders", Some(&other)).await;
     assert!(theirs["items"].as_array().unwrap().is_empty());
 
     // No token.
-    expect_problem(
-        shop.http.get(shop.url("/api/orders")).send().await.unwrap(),
-        401,
-    )
-    .await;
+    expect_problem(shop.get("/api/orders", None).await, 401).await;
     expect_problem(
         shop.http
             .post(shop.url("/api/orders"))
@@ -463,16 +332,7 @@ async fn order_validation() {
     assert_eq!(again.status(), 200);
     let again: Value = again.json().await.unwrap();
     assert_eq!(first["id"], again["id"]);
-    let mine: Value = shop
-        .http
-        .get(shop.url("/api/orders"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mine: Value = shop.get_json("/api/orders", Some(&token)).await;
     assert_eq!(mine["items"].as_array().unwrap().len(), 1);
 }
 
@@ -530,20 +390,8 @@ async fn payments_with_test_cards() {
 #[tokio::test]
 async fn unknown_routes_and_methods() {
     let shop = TestShop::start().await;
-    expect_problem(
-        shop.http.get(shop.url("/nowhere")).send().await.unwrap(),
-        404,
-    )
-    .await;
-    expect_problem(
-        shop.http
-            .get(shop.url("/api/productsx"))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
+    expect_problem(shop.get("/nowhere", None).await, 404).await;
+    expect_problem(shop.get("/api/productsx", None).await, 404).await;
     expect_problem(
         shop.http
             .delete(shop.url("/api/products"))
@@ -553,15 +401,7 @@ async fn unknown_routes_and_methods() {
         405,
     )
     .await;
-    expect_problem(
-        shop.http
-            .get(shop.url("/api/products/1/2/3"))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
+    expect_problem(shop.get("/api/products/1/2/3", None).await, 404).await;
 }
 
 #[tokio::test]
@@ -631,12 +471,7 @@ async fn request_ids_are_kept_or_minted() {
         .await
         .unwrap();
     assert_eq!(res.headers()["x-request-id"], "trace-me-42");
-    let res = shop
-        .http
-        .get(shop.url("/api/products?limit=1"))
-        .send()
-        .await
-        .unwrap();
+    let res = shop.get("/api/products?limit=1", None).await;
     assert!(res.headers()["x-request-id"].len() >= 32);
     let res = shop
         .http
@@ -651,11 +486,7 @@ async fn request_ids_are_kept_or_minted() {
 #[tokio::test]
 async fn metrics_and_openapi() {
     let shop = TestShop::start().await;
-    shop.http
-        .get(shop.url("/api/products?limit=1"))
-        .send()
-        .await
-        .unwrap();
+    shop.get("/api/products?limit=1", None).await;
     let res = shop
         .http
         .get(format!("{}/metrics", shop.admin))
@@ -709,24 +540,10 @@ async fn a_restart_reuses_the_data() {
     let token = shop.login(&email, "persisted!").await;
     let shop = shop.restart().await;
     // The same signing key verifies the old token; the user and the catalog are still there.
-    let me = shop
-        .http
-        .get(shop.url("/api/users/me"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let me = shop.get("/api/users/me", Some(&token)).await;
     assert_eq!(me.status(), 200);
     shop.login(&email, "persisted!").await;
-    let page: Value = shop
-        .http
-        .get(shop.url("/api/products?limit=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = shop.get_json("/api/products?limit=1", None).await;
     assert_eq!(page["total"], TEST_PRODUCTS);
     shop.shutdown().await;
 }

@@ -126,6 +126,24 @@ impl TestShop {
         format!("{}{path}", self.base)
     }
 
+    /// `GET path` through the gateway, with a bearer token if given.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("GET through the gateway")
+    }
+
+    /// `GET path` through the gateway, its body as JSON.
+    pub async fn get_json(&self, path: &str, token: Option<&str>) -> Value {
+        self.get(path, token)
+            .await
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     /// Base URL of one service, bypassing the gateway.
     pub fn service_url(&self, name: ServiceName, path: &str) -> String {
         format!("http://{}{path}", self.system().service_addr(name))
