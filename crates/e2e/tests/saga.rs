@@ -24,7 +24,7 @@ async fn settled(shop: &TestShop, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let o: Value = shop
-            .get_json(&format!("/api/orders/{id}"), Some(&token))
+            .get_json(&format!("/api/orders/{id}"), Some(token))
             .await;
         if o["status"] != "PENDING" {
             return o;
@@ -41,7 +41,7 @@ async fn stock(shop: &TestShop, product: &str) -> Value {
 
 async fn payments(shop: &TestShop, token: &str, order: &str) -> Vec<Value> {
     let v: Value = shop
-        .get_json(&format!("/api/payments?order_id={order}"), Some(&token))
+        .get_json(&format!("/api/payments?order_id={order}"), Some(token))
         .await;
     v["items"].as_array().unwrap().clone()
 }
