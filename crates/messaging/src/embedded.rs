@@ -95,12 +95,6 @@ impl EmbeddedBroker {
         })
     }
 
-    /// Changes how long deliveries stay leased (tests use short leases).
-    pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
-        self
-    }
-
     /// Test mode: every message is delivered twice (same id), as a broker may do after a
     /// failover or a lost ack. Consumers must apply it once.
     pub fn with_duplicate_deliveries(mut self, on: bool) -> Self {

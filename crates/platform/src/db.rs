@@ -210,6 +210,33 @@ pub fn placeholders(first: usize, n: usize) -> String {
         .join(",")
 }
 
+/// The rows of `select` (a query ending in `WHERE <column>`) whose column is one of `ids`, in
+/// the order of `ids` (first occurrence), unknown ids left out: one query for a whole batch.
+pub async fn fetch_by_ids<T>(
+    db: &Db,
+    select: &str,
+    ids: &[String],
+    from_row: impl Fn(&sqlx::any::AnyRow) -> Result<T, sqlx::Error>,
+    key: impl Fn(&T) -> &str,
+) -> Result<Vec<T>, sqlx::Error> {
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&String> = ids.iter().filter(|id| seen.insert(*id)).collect();
+    if unique.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!("{select} IN ({})", placeholders(1, unique.len()));
+    let mut q = sqlx::query(&sql);
+    for id in unique {
+        q = q.bind(id.as_str());
+    }
+    let mut found = std::collections::HashMap::new();
+    for row in q.fetch_all(&db.pool).await? {
+        let item = from_row(&row)?;
+        found.insert(key(&item).to_owned(), item);
+    }
+    Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
+}
+
 /// True when `e` is a unique-constraint violation (on either backend).
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     match e {

@@ -1,5 +1,3 @@
-use std::collections::{HashMap, HashSet};
-
 use shopmesh_platform::db::Db;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -31,23 +29,8 @@ pub async fn get(db: &Db, product_id: &str) -> Result<Option<Price>, sqlx::Error
 
 /// The prices of `ids`, in the order of `ids` (first occurrence), unknown ids left out.
 pub async fn get_many(db: &Db, ids: &[String]) -> Result<Vec<Price>, sqlx::Error> {
-    let mut seen = HashSet::new();
-    let unique: Vec<&String> = ids.iter().filter(|id| seen.insert(*id)).collect();
-    if unique.is_empty() {
-        return Ok(Vec::new());
-    }
-    let placeholders = shopmesh_platform::db::placeholders(1, unique.len());
-    let sql = format!("SELECT {COLUMNS} FROM prices WHERE product_id IN ({placeholders})");
-    let mut q = sqlx::query(&sql);
-    for id in unique {
-        q = q.bind(id.clone());
-    }
-    let rows = q.fetch_all(&db.pool).await?;
-    let mut found = rows
-        .iter()
-        .map(|r| from_row(r).map(|p| (p.product_id.clone(), p)))
-        .collect::<Result<HashMap<_, _>, _>>()?;
-    Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
+    let select = format!("SELECT {COLUMNS} FROM prices WHERE product_id");
+    shopmesh_platform::db::fetch_by_ids(db, &select, ids, from_row, |p| &p.product_id).await
 }
 
 /// Sets the price of a product, creating it if needed. Returns the stored price.

@@ -293,10 +293,6 @@ impl System {
         })
     }
 
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
     pub fn service_addr(&self, name: ServiceName) -> SocketAddr {
         self.services
             .iter()
