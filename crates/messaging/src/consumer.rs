@@ -121,12 +121,6 @@ impl Outcome {
     }
 }
 
-/// Just the id of a message, read without decoding the rest.
-#[derive(serde::Deserialize)]
-struct IdOnly {
-    id: String,
-}
-
 /// Why one message was not applied.
 enum Failure {
     Dead {
@@ -299,13 +293,18 @@ impl Consumer {
         batch: &[Delivery],
         savepoints: bool,
     ) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
+        // Each payload is decoded once, here.
+        let parsed: Vec<Result<Envelope, String>> = batch
+            .iter()
+            .map(|d| Envelope::from_json(&d.payload).map_err(|e| e.to_string()))
+            .collect();
         let mut tx = self.db.pool.begin().await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         // Optimistically, the whole batch's inbox records go in one statement.
         let mut fresh = if savepoints {
             None
         } else {
-            match self.record_batch(&mut tx, batch).await? {
+            match self.record_batch(&mut tx, &parsed).await? {
                 Some(fresh) => Some(fresh),
                 None => {
                     tx.rollback().await?;
@@ -313,11 +312,11 @@ impl Consumer {
                 }
             }
         };
-        for d in batch {
+        for (d, env) in batch.iter().zip(&parsed) {
             if savepoints {
                 sqlx::query("SAVEPOINT msg").execute(&mut *tx).await?;
             }
-            let result = self.apply_one(&mut tx, d, fresh.as_mut()).await;
+            let result = self.apply_one(&mut tx, d, env, fresh.as_mut()).await;
             let outcome = match result {
                 Ok(o) => o,
                 Err(_) if !savepoints => {
@@ -387,12 +386,12 @@ impl Consumer {
     async fn record_batch(
         &self,
         tx: &mut Transaction<'static, Any>,
-        batch: &[Delivery],
+        parsed: &[Result<Envelope, String>],
     ) -> Result<Option<HashSet<String>>, sqlx::Error> {
-        let mut ids = Vec::with_capacity(batch.len());
-        for d in batch {
-            match serde_json::from_str::<IdOnly>(&d.payload) {
-                Ok(m) => ids.push(m.id),
+        let mut ids = Vec::with_capacity(parsed.len());
+        for env in parsed {
+            match env {
+                Ok(env) => ids.push(env.id.as_str()),
                 Err(_) => return Ok(None),
             }
         }
@@ -420,9 +419,10 @@ impl Consumer {
         &self,
         tx: &mut Transaction<'static, Any>,
         d: &Delivery,
+        env: &Result<Envelope, String>,
         fresh: Option<&mut HashSet<String>>,
     ) -> Result<Outcome, Failure> {
-        let env = Envelope::from_json(&d.payload).map_err(|e| Failure::Dead {
+        let env = env.as_ref().map_err(|e| Failure::Dead {
             message_id: None,
             reason: format!("malformed message: {e}"),
         })?;
@@ -465,18 +465,18 @@ impl Consumer {
         &self,
         tx: &mut Transaction<'static, Any>,
         d: &Delivery,
-        env: Envelope,
+        env: &Envelope,
         span: tracing::Span,
     ) -> Result<Outcome, Failure> {
-        match self.handler.handle(tx, &env).instrument(span).await {
+        match self.handler.handle(tx, env).instrument(span).await {
             Ok(()) => Ok(Outcome::Applied),
             Err(HandlerError::Permanent(reason)) => Err(Failure::Dead {
-                message_id: Some(env.id),
+                message_id: Some(env.id.clone()),
                 reason,
             }),
             Err(HandlerError::Retryable(reason)) if d.attempt >= self.cfg.max_attempts => {
                 Err(Failure::Dead {
-                    message_id: Some(env.id),
+                    message_id: Some(env.id.clone()),
                     reason: format!("gave up after {} attempts: {reason}", d.attempt),
                 })
             }
