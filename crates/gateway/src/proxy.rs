@@ -218,14 +218,7 @@ async fn handle(inner: Arc<Inner>, mut req: Request<Body>) -> Response<Body> {
 fn problem(p: Problem) -> Response<Body> {
     let mut res = Response::new(full(p.to_body()));
     *res.status_mut() = p.status;
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(shopmesh_platform::problem::CONTENT_TYPE),
-    );
-    if p.status == StatusCode::UNAUTHORIZED {
-        res.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
+    res.headers_mut().extend(p.headers());
     res
 }
 

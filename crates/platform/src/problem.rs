@@ -187,16 +187,22 @@ impl std::fmt::Display for Problem {
 
 impl std::error::Error for Problem {}
 
+impl Problem {
+    /// The headers every problem response carries (its content type, and the challenge of a
+    /// 401), for axum handlers and the gateway alike.
+    pub fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        let mut h = vec![(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))];
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        h
+    }
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let status = self.status;
-        let mut res = (status, self.to_body()).into_response();
-        res.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
-        if status == StatusCode::UNAUTHORIZED {
-            res.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
+        let mut res = (self.status, self.to_body()).into_response();
+        res.headers_mut().extend(self.headers());
         res
     }
 }
