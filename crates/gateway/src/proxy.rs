@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
@@ -218,7 +218,9 @@ async fn handle(inner: Arc<Inner>, mut req: Request<Body>) -> Response<Body> {
 fn problem(p: Problem) -> Response<Body> {
     let mut res = Response::new(full(p.to_body()));
     *res.status_mut() = p.status;
-    res.headers_mut().extend(p.headers());
+    for (name, value) in p.headers() {
+        res.headers_mut().insert(name, value);
+    }
     res
 }
 

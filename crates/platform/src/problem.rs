@@ -202,7 +202,9 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let mut res = (self.status, self.to_body()).into_response();
-        res.headers_mut().extend(self.headers());
+        for (name, value) in self.headers() {
+            res.headers_mut().insert(name, value);
+        }
         res
     }
 }
