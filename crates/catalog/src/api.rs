@@ -37,20 +37,9 @@ async fn list_products(
     axum::extract::State(s): axum::extract::State<State>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<ProductPage>, Problem> {
-    let limit = q.limit.unwrap_or(20);
-    let offset = q.offset.unwrap_or(0);
     let mut errs = Errors::new();
+    let (limit, offset) = shopmesh_platform::validate::page(&mut errs, q.limit, q.offset);
     errs.check(
-        (1..=100).contains(&limit),
-        "limit",
-        "must be between 1 and 100",
-    )
-    .check(
-        (0..=1_000_000).contains(&offset),
-        "offset",
-        "must be between 0 and 1000000",
-    )
-    .check(
         q.q.as_ref().is_none_or(|t| t.len() <= 200),
         "q",
         "at most 200 characters",

@@ -27,6 +27,23 @@ impl Errors {
     }
 }
 
+/// The page of a list endpoint: `limit` 1 to 100 (default 20), `offset` 0 to 1,000,000
+/// (default 0); out-of-range values are recorded in `errs`.
+pub fn page(errs: &mut Errors, limit: Option<i64>, offset: Option<i64>) -> (i64, i64) {
+    let (limit, offset) = (limit.unwrap_or(20), offset.unwrap_or(0));
+    errs.check(
+        (1..=100).contains(&limit),
+        "limit",
+        "must be between 1 and 100",
+    )
+    .check(
+        (0..=1_000_000).contains(&offset),
+        "offset",
+        "must be between 0 and 1000000",
+    );
+    (limit, offset)
+}
+
 /// Luhn check for card numbers (digits only, 12 to 19 of them).
 pub fn luhn_valid(card: &str) -> bool {
     let n = card.len();

@@ -47,20 +47,9 @@ async fn list_promotions(
     axum::extract::State(s): axum::extract::State<State>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<PromotionPage>, Problem> {
-    let limit = q.limit.unwrap_or(20);
-    let offset = q.offset.unwrap_or(0);
     let mut errs = Errors::new();
+    let (limit, offset) = shopmesh_platform::validate::page(&mut errs, q.limit, q.offset);
     errs.check(
-        (1..=100).contains(&limit),
-        "limit",
-        "must be between 1 and 100",
-    )
-    .check(
-        (0..=1_000_000).contains(&offset),
-        "offset",
-        "must be between 0 and 1000000",
-    )
-    .check(
         q.product_id.as_ref().is_none_or(|p| p.len() <= 64),
         "product_id",
         "at most 64 characters",
