@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use shopmesh_gateway::{Gateway, GatewayConfig, RouteAuth, RouteConfig};
+use shopmesh_gateway::config::{ClusterConfig, RouteConfig};
+use shopmesh_gateway::{Gateway, GatewayConfig};
 use shopmesh_platform::serve::Server;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -60,18 +61,10 @@ async fn a_service_finishes_in_flight_requests() {
 async fn the_gateway_finishes_in_flight_requests() {
     let upstream_token = CancellationToken::new();
     let upstream = slow_service(Duration::from_millis(400), upstream_token.clone()).await;
-    let gateway = Gateway::new(GatewayConfig {
-        routes: vec![RouteConfig {
-            name: "slow".into(),
-            prefix: "/slow".into(),
-            upstream: format!("http://{upstream}"),
-            auth: RouteAuth::Optional,
-        }],
-        jwt: None,
-        max_body_bytes: 1024,
-        upstream_timeout_ms: 5_000,
-        connect_timeout_ms: 1_000,
-    })
+    let gateway = Gateway::new(GatewayConfig::new(
+        vec![ClusterConfig::new("slow", vec![format!("http://{upstream}")])],
+        vec![RouteConfig::prefix("slow", "/slow", "slow")],
+    ))
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

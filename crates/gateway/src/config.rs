@@ -1,54 +1,105 @@
-//! Typed gateway configuration. Defaults live in code; unknown keys are rejected.
+//! Typed gateway configuration: YAML on disk (or built in code by `shopmesh up`), defaults in
+//! code, unknown keys rejected with their line and column, a JSON Schema generated from the
+//! same types. Start-up and hot reload go through the same [`GatewayConfig::from_yaml`] and
+//! [`GatewayConfig::validate`].
 
-use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 
-#[derive(Debug, Clone, Deserialize)]
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The whole gateway: where it listens, what it routes where, and how it protects upstreams.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    pub routes: Vec<RouteConfig>,
-    /// Bearer-token verification; without it, routes that require auth refuse everything.
+    /// Address the gateway listens on (`host:port`). Not changed by a reload.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The admin API (routes, clusters, health, breakers, reload, metrics).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Limits on what clients may send.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDR blocks or addresses). The client IP
+    /// is the first address, from the right, that is not one of them.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// One structured log line per request (target `shopmesh::access`).
+    #[serde(default)]
+    pub access_log: bool,
+    /// Bearer-token (JWT) verification against a JWKS.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
-    /// Largest request body forwarded, in bytes.
+    /// API keys, presented in a header.
+    #[serde(default)]
+    pub api_keys: Option<ApiKeysConfig>,
+    /// Redis for rate limits shared by several gateway instances.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    /// Groups of upstream endpoints.
+    pub clusters: Vec<ClusterConfig>,
+    /// Routes, tried in order: the first whose match fits the request wins.
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin API; loopback by default. Absent or `null` disables it.
+    #[serde(default = "default_admin_listen")]
+    pub listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires. Mandatory when `listen` is not loopback.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body forwarded, in bytes (413 beyond).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
-    /// Time allowed for an upstream to answer with headers, in milliseconds.
-    #[serde(default = "default_upstream_timeout")]
-    pub upstream_timeout_ms: u64,
-    /// Time allowed to connect to an upstream, in milliseconds.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_ms: u64,
+    /// Time a client has to send its request headers, in milliseconds.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// Most request headers accepted.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Most client connections open at once; further ones wait in the accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// Name used in metrics and logs.
-    pub name: String,
-    /// Path prefix, matched on segment boundaries (`/api/orders` matches `/api/orders` and
-    /// `/api/orders/1`, not `/api/ordersx`).
-    pub prefix: String,
-    /// Upstream base URL, e.g. `http://127.0.0.1:7003`.
-    pub upstream: String,
-    #[serde(default)]
-    pub auth: RouteAuth,
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body(),
+            header_read_timeout_ms: default_header_read_timeout(),
+            max_headers: default_max_headers(),
+            max_connections: default_max_connections(),
+        }
+    }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RouteAuth {
-    /// Anonymous allowed; a presented token must still be valid.
-    #[default]
-    Optional,
-    /// A valid bearer token is required.
-    Required,
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
+    /// URL of the JSON Web Key Set (`http://…`).
     pub jwks_url: String,
+    /// Required `iss` claim.
     pub issuer: String,
+    /// Required `aud` claim.
     pub audience: String,
     /// Clock skew tolerated on `exp`/`nbf`, in seconds.
     #[serde(default = "default_leeway")]
@@ -58,14 +109,352 @@ pub struct JwtConfig {
     pub min_refetch_secs: u64,
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeysConfig {
+    /// Header the key is read from.
+    #[serde(default = "default_api_key_header")]
+    pub header: String,
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds the key; passed upstream as the caller (`apikey:<name>`).
+    pub name: String,
+    /// SHA-256 of the key, in hex. The key itself is never written in the config.
+    pub sha256: String,
+    /// Roles granted to the key's holder.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Longest wait for one rate-limit decision; past it the request is let through.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Base URLs of the endpoints (`http://host:port`).
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    /// For `consistent_hash`: what identifies a client.
+    #[serde(default)]
+    pub hash_on: Option<HashOn>,
+    /// Active health checks; without them endpoints are judged by live traffic only.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Per-endpoint circuit breaker (an open breaker also takes the endpoint out of the
+    /// balancer: passive outlier ejection).
+    #[serde(default)]
+    pub circuit_breaker: BreakerConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Retries of idempotent requests without a body, within a budget.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+impl ClusterConfig {
+    /// A cluster with every setting at its default.
+    pub fn new(name: impl Into<String>, endpoints: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            endpoints,
+            load_balancer: LoadBalancer::default(),
+            hash_on: None,
+            health_check: None,
+            circuit_breaker: BreakerConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    /// Power of two random choices, the one with fewer requests in flight wins.
+    LeastRequest,
+    /// Rendezvous hashing on `hash_on`; a client sticks to one endpoint while it is up.
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HashOn {
+    Header(String),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Path probed with `GET`; any 2xx is healthy.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_health_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive failed probes that take an endpoint out.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive good probes that bring it back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures (connect errors, timeouts, 5xx) that open the breaker.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// Failure rate in the window (0–1) that opens the breaker, once `min_requests` are seen.
+    #[serde(default = "default_failure_rate")]
+    pub failure_rate: f64,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "default_window")]
+    pub window_ms: u64,
+    /// How long the breaker stays open before letting probes through.
+    #[serde(default = "default_open")]
+    pub open_ms: u64,
+    /// Requests let through while half-open; all must succeed to close again.
+    #[serde(default = "default_half_open")]
+    pub half_open_requests: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            failure_rate: default_failure_rate(),
+            min_requests: default_min_requests(),
+            window_ms: default_window(),
+            open_ms: default_open(),
+            half_open_requests: default_half_open(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    #[serde(default = "default_connect_timeout")]
+    pub connect_ms: u64,
+    /// Time allowed for the upstream to answer with headers.
+    #[serde(default = "default_request_timeout")]
+    pub request_ms: u64,
+    /// Idle upstream connections are closed after this long.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect_ms: default_connect_timeout(),
+            request_ms: default_request_timeout(),
+            idle_ms: default_idle_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Extra attempts after the first (0 disables retries).
+    #[serde(default = "default_retry_attempts")]
+    pub attempts: u32,
+    /// Retries allowed as a percentage of recent requests (the retry budget).
+    #[serde(default = "default_retry_percent")]
+    pub budget_percent: f32,
+    /// Retries always allowed per second, whatever the budget.
+    #[serde(default = "default_retry_min")]
+    pub min_per_sec: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: default_retry_attempts(),
+            budget_percent: default_retry_percent(),
+            min_per_sec: default_retry_min(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics, logs and the admin API.
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: RouteMatch,
+    /// Cluster the route forwards to.
+    pub cluster: String,
+    #[serde(default)]
+    pub rewrite: Option<Rewrite>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Overrides the cluster's request timeout for this route, in milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+impl RouteConfig {
+    /// A prefix route with no rewrite, anonymous access and no rate limit.
+    pub fn prefix(
+        name: impl Into<String>,
+        prefix: impl Into<String>,
+        cluster: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            matches: RouteMatch {
+                prefix: Some(prefix.into()),
+                ..Default::default()
+            },
+            cluster: cluster.into(),
+            rewrite: None,
+            auth: AuthConfig::default(),
+            rate_limit: None,
+            timeout_ms: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// A configuration with these clusters and routes and every other setting at its default.
+    pub fn new(clusters: Vec<ClusterConfig>, routes: Vec<RouteConfig>) -> Self {
+        Self {
+            listen: default_listen(),
+            admin: AdminConfig::default(),
+            limits: LimitsConfig::default(),
+            trusted_proxies: Vec::new(),
+            access_log: false,
+            jwt: None,
+            api_keys: None,
+            redis: None,
+            clusters,
+            routes,
+        }
+    }
+}
+
+/// What a request must look like. Exactly one of `prefix`, `exact` and `template`. Paths
+/// are compared after normalisation, ignoring ASCII case.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Path prefix on segment boundaries: `/api/orders` matches `/api/orders/1`, not
+    /// `/api/ordersx`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Segments in braces match one segment (`/api/products/{id}`); `{*rest}` at the end
+    /// matches the rest.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// `Host` (without port), compared ignoring case.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Methods accepted (any when empty).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Headers that must be present with exactly these values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// How the path is changed before forwarding.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Removed from the start of the path (the route must be a `prefix` route).
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Put in front of the (stripped) path.
+    #[serde(default)]
+    pub add_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Refuse anonymous requests (401). Presented credentials are always checked.
+    #[serde(default)]
+    pub required: bool,
+    /// The caller needs at least one of these roles (403 otherwise); implies `required`.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The token's `scope` claim must hold all of these (403 otherwise); implies `required`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Bucket size: requests allowed at once after a quiet period.
+    pub burst: u32,
+    #[serde(default)]
+    pub key: RateLimitKey,
+    /// `true`: one limit across every gateway sharing `redis`; `false`: in memory.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitKey {
+    /// The client IP (see `trusted_proxies`).
+    #[default]
+    Ip,
+    /// The authenticated caller; anonymous requests fall back to the IP.
+    User,
+    /// The API key's name; requests without one fall back to the IP.
+    ApiKey,
+    /// One bucket for the whole route.
+    Route,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9901)))
+}
 fn default_max_body() -> u64 {
     1024 * 1024
 }
-fn default_upstream_timeout() -> u64 {
-    15_000
+fn default_header_read_timeout() -> u64 {
+    10_000
 }
-fn default_connect_timeout() -> u64 {
-    2_000
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 fn default_leeway() -> u64 {
     30
@@ -73,49 +462,408 @@ fn default_leeway() -> u64 {
 fn default_refetch() -> u64 {
     10
 }
+fn default_api_key_header() -> String {
+    "x-api-key".into()
+}
+fn default_redis_timeout() -> u64 {
+    50
+}
+fn default_health_path() -> String {
+    "/healthz".into()
+}
+fn default_health_interval() -> u64 {
+    5_000
+}
+fn default_health_timeout() -> u64 {
+    1_000
+}
+fn default_unhealthy_threshold() -> u32 {
+    2
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_failure_rate() -> f64 {
+    0.5
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_window() -> u64 {
+    10_000
+}
+fn default_open() -> u64 {
+    5_000
+}
+fn default_half_open() -> u32 {
+    1
+}
+fn default_connect_timeout() -> u64 {
+    2_000
+}
+fn default_request_timeout() -> u64 {
+    15_000
+}
+fn default_idle_timeout() -> u64 {
+    90_000
+}
+fn default_retry_attempts() -> u32 {
+    1
+}
+fn default_retry_percent() -> f32 {
+    20.0
+}
+fn default_retry_min() -> u32 {
+    10
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Syntax or shape: the message carries the line and column.
+    #[error("{0}")]
+    Parse(String),
     #[error("route `{route}`: {reason}")]
     Route { route: String, reason: String },
-    #[error("jwt: {0}")]
-    Jwt(String),
+    #[error("cluster `{cluster}`: {reason}")]
+    Cluster { cluster: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl GatewayConfig {
+    /// Parses and validates YAML. Unknown keys, wrong types and bad values are refused with
+    /// their line and column.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: GatewayConfig =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// The JSON Schema of the configuration file.
+    pub fn json_schema() -> String {
+        let schema = schemars::schema_for!(GatewayConfig);
+        serde_json::to_string_pretty(&schema).unwrap_or_default()
+    }
+
+    /// Checks what types cannot: references, URLs, ranges, exclusive options.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut seen = std::collections::HashSet::new();
-        for r in &self.routes {
-            let err = |reason: &str| ConfigError::Route {
-                route: r.name.clone(),
-                reason: reason.into(),
-            };
-            if !r.prefix.starts_with('/') {
-                return Err(err("prefix must start with `/`"));
-            }
-            if !seen.insert(r.prefix.trim_end_matches('/')) {
-                return Err(err("duplicate prefix"));
-            }
-            let uri: http::Uri = r
-                .upstream
-                .parse()
-                .map_err(|_| err("upstream is not a valid URL"))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(err("upstream must be an http://host:port URL"));
-            }
-            if r.auth == RouteAuth::Required && self.jwt.is_none() {
-                return Err(err("requires auth but no `jwt` section is configured"));
-            }
+        if let Some(listen) = self.admin.listen
+            && !listen.ip().is_loopback()
+            && self.admin.token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(ConfigError::Invalid(
+                "admin: a `token` is required when the admin API listens beyond loopback".into(),
+            ));
+        }
+        for p in &self.trusted_proxies {
+            parse_cidr(p).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "trusted_proxies: `{p}` is not an address or CIDR block"
+                ))
+            })?;
+        }
+        if self.limits.max_body_bytes == 0 || self.limits.max_headers == 0 {
+            return Err(ConfigError::Invalid(
+                "limits: max_body_bytes and max_headers must be positive".into(),
+            ));
         }
         if let Some(j) = &self.jwt {
-            let uri: http::Uri = j
-                .jwks_url
-                .parse()
-                .map_err(|_| ConfigError::Jwt("jwks_url is not a valid URL".into()))?;
-            if uri.scheme_str() != Some("http") {
-                return Err(ConfigError::Jwt("jwks_url must be http:// for now".into()));
+            check_http_url(&j.jwks_url)
+                .map_err(|r| ConfigError::Invalid(format!("jwt.jwks_url: {r}")))?;
+        }
+        if let Some(k) = &self.api_keys {
+            http::HeaderName::from_bytes(k.header.as_bytes()).map_err(|_| {
+                ConfigError::Invalid(format!("api_keys.header: `{}` is not a header", k.header))
+            })?;
+            let mut names = HashSet::new();
+            for key in &k.keys {
+                if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "api_keys: key `{}`: sha256 must be 64 hex digits",
+                        key.name
+                    )));
+                }
+                if !names.insert(&key.name) {
+                    return Err(ConfigError::Invalid(format!(
+                        "api_keys: duplicate name `{}`",
+                        key.name
+                    )));
+                }
+            }
+        }
+        if let Some(r) = &self.redis
+            && !(r.url.starts_with("redis://") || r.url.starts_with("rediss://"))
+        {
+            return Err(ConfigError::Invalid(
+                "redis.url must start with redis:// or rediss://".into(),
+            ));
+        }
+
+        let mut clusters = HashSet::new();
+        for c in &self.clusters {
+            let err = |reason: String| ConfigError::Cluster {
+                cluster: c.name.clone(),
+                reason,
+            };
+            if !clusters.insert(c.name.as_str()) {
+                return Err(err("duplicate name".into()));
+            }
+            if c.endpoints.is_empty() {
+                return Err(err("needs at least one endpoint".into()));
+            }
+            let mut seen = HashSet::new();
+            for e in &c.endpoints {
+                check_http_url(e).map_err(|r| err(format!("endpoint `{e}`: {r}")))?;
+                if !seen.insert(e) {
+                    return Err(err(format!("endpoint `{e}` listed twice")));
+                }
+            }
+            match (c.load_balancer, &c.hash_on) {
+                (LoadBalancer::ConsistentHash, None) => {
+                    return Err(err("consistent_hash needs `hash_on`".into()));
+                }
+                (LoadBalancer::ConsistentHash, Some(HashOn::Header(h))) => {
+                    http::HeaderName::from_bytes(h.as_bytes())
+                        .map_err(|_| err(format!("hash_on: `{h}` is not a header name")))?;
+                }
+                (LoadBalancer::ConsistentHash, Some(HashOn::Cookie(_))) => {}
+                (_, Some(_)) => {
+                    return Err(err("`hash_on` is only for consistent_hash".into()));
+                }
+                _ => {}
+            }
+            if let Some(h) = &c.health_check {
+                if !h.path.starts_with('/') {
+                    return Err(err("health_check.path must start with `/`".into()));
+                }
+                if h.interval_ms == 0
+                    || h.timeout_ms == 0
+                    || h.healthy_threshold == 0
+                    || h.unhealthy_threshold == 0
+                {
+                    return Err(err("health_check values must be positive".into()));
+                }
+            }
+            let b = &c.circuit_breaker;
+            if !(b.failure_rate > 0.0 && b.failure_rate <= 1.0) {
+                return Err(err("circuit_breaker.failure_rate must be in (0, 1]".into()));
+            }
+            if b.consecutive_failures == 0
+                || b.window_ms < 1000
+                || b.open_ms == 0
+                || b.half_open_requests == 0
+            {
+                return Err(err(
+                    "circuit_breaker: counts and times must be positive, window_ms ≥ 1000".into(),
+                ));
+            }
+            let t = &c.timeouts;
+            if t.connect_ms == 0 || t.request_ms == 0 {
+                return Err(err("timeouts must be positive".into()));
+            }
+            if c.retry.attempts > 5 || !(0.0..=100.0).contains(&c.retry.budget_percent) {
+                return Err(err(
+                    "retry: at most 5 attempts, budget_percent within 0–100".into(),
+                ));
+            }
+        }
+
+        let mut names = HashSet::new();
+        for r in &self.routes {
+            let err = |reason: String| ConfigError::Route {
+                route: r.name.clone(),
+                reason,
+            };
+            if !names.insert(r.name.as_str()) {
+                return Err(err("duplicate name".into()));
+            }
+            if !clusters.contains(r.cluster.as_str()) {
+                return Err(err(format!("unknown cluster `{}`", r.cluster)));
+            }
+            let m = &r.matches;
+            let kinds = [&m.prefix, &m.exact, &m.template]
+                .iter()
+                .filter(|k| k.is_some())
+                .count();
+            if kinds != 1 {
+                return Err(err(
+                    "match needs exactly one of `prefix`, `exact`, `template`".into(),
+                ));
+            }
+            for p in [&m.prefix, &m.exact, &m.template].into_iter().flatten() {
+                if !p.starts_with('/') {
+                    return Err(err(format!("path `{p}` must start with `/`")));
+                }
+            }
+            if let Some(t) = &m.template {
+                crate::router::Template::parse(t).map_err(err)?;
+            }
+            for method in &m.methods {
+                http::Method::from_bytes(method.as_bytes())
+                    .map_err(|_| err(format!("`{method}` is not a method")))?;
+            }
+            for (name, value) in &m.headers {
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| err(format!("`{name}` is not a header name")))?;
+                http::HeaderValue::from_str(value)
+                    .map_err(|_| err(format!("header `{name}`: value not allowed")))?;
+            }
+            if let Some(rw) = &r.rewrite {
+                if let Some(strip) = &rw.strip_prefix {
+                    let prefix = m.prefix.as_deref().unwrap_or_default();
+                    if m.prefix.is_none()
+                        || !prefix
+                            .to_ascii_lowercase()
+                            .starts_with(&strip.trim_end_matches('/').to_ascii_lowercase())
+                    {
+                        return Err(err(
+                            "rewrite.strip_prefix needs a `prefix` match that starts with it"
+                                .into(),
+                        ));
+                    }
+                }
+                if let Some(add) = &rw.add_prefix
+                    && !add.starts_with('/')
+                {
+                    return Err(err("rewrite.add_prefix must start with `/`".into()));
+                }
+            }
+            let needs_auth =
+                r.auth.required || !r.auth.roles.is_empty() || !r.auth.scopes.is_empty();
+            if needs_auth && self.jwt.is_none() && self.api_keys.is_none() {
+                return Err(err(
+                    "requires authentication but neither `jwt` nor `api_keys` is configured"
+                        .into(),
+                ));
+            }
+            if let Some(rl) = &r.rate_limit {
+                if !(rl.per_second > 0.0 && rl.per_second.is_finite()) || rl.burst == 0 {
+                    return Err(err(
+                        "rate_limit: per_second and burst must be positive".into(),
+                    ));
+                }
+                if rl.shared && self.redis.is_none() {
+                    return Err(err("rate_limit.shared needs a `redis` section".into()));
+                }
+            }
+            if r.timeout_ms == Some(0) {
+                return Err(err("timeout_ms must be positive".into()));
             }
         }
         Ok(())
+    }
+}
+
+fn check_http_url(url: &str) -> Result<(), &'static str> {
+    let uri: http::Uri = url.parse().map_err(|_| "not a valid URL")?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err("must be an http://host:port URL");
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err("must not have a path");
+    }
+    Ok(())
+}
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address.
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a.parse::<IpAddr>().ok()?, Some(l.parse::<u8>().ok()?)),
+        None => (s.parse::<IpAddr>().ok()?, None),
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = len.unwrap_or(max);
+    (len <= max).then_some((addr, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+clusters:
+  - name: app
+    endpoints: [\"http://127.0.0.1:9000\"]
+routes:
+  - name: all
+    match: { prefix: / }
+    cluster: app
+";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = GatewayConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(cfg.listen.port(), 8080);
+        assert_eq!(cfg.limits.max_body_bytes, 1024 * 1024);
+        assert_eq!(cfg.clusters[0].load_balancer, LoadBalancer::RoundRobin);
+        assert_eq!(cfg.clusters[0].retry.attempts, 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_position() {
+        let text = MINIMAL.replace("    cluster: app", "    cluster: app\n    clutser: typo");
+        let e = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(e.contains("clutser"), "{e}");
+        assert!(e.contains("line 9"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_refused_with_their_position() {
+        let text = MINIMAL.replace("routes:", "limits: { max_body_bytes: lots }\nroutes:");
+        let e = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn references_and_values_are_checked() {
+        for (from, to, needle) in [
+            ("cluster: app", "cluster: nope", "unknown cluster"),
+            ("{ prefix: / }", "{ prefix: /, exact: /x }", "exactly one"),
+            ("{ prefix: / }", "{ template: \"/a/{id\" }", "template"),
+            ("http://127.0.0.1:9000", "ftp://x", "http://"),
+            ("http://127.0.0.1:9000", "http://127.0.0.1:9000/base", "path"),
+        ] {
+            let text = MINIMAL.replace(from, to);
+            let e = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{to}: {e}");
+        }
+        let exposed = format!("admin: {{ listen: \"0.0.0.0:9901\" }}\n{MINIMAL}");
+        let e = GatewayConfig::from_yaml(&exposed).unwrap_err().to_string();
+        assert!(e.contains("token"), "{e}");
+        let auth = MINIMAL.replace("cluster: app\n", "cluster: app\n    auth: { required: true }\n");
+        let e = GatewayConfig::from_yaml(&auth).unwrap_err().to_string();
+        assert!(e.contains("jwt"), "{e}");
+    }
+
+    #[test]
+    fn cidrs_parse() {
+        assert!(parse_cidr("10.0.0.0/8").is_some());
+        assert!(parse_cidr("::1").is_some());
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+        assert!(parse_cidr("ten").is_none());
+    }
+
+    #[test]
+    fn schema_is_generated() {
+        let s = GatewayConfig::json_schema();
+        assert!(s.contains("\"clusters\""), "{s}");
+        assert!(s.contains("additionalProperties"), "{s}");
     }
 }

@@ -24,6 +24,8 @@ use crate::proxy::{Body, HttpClient, empty};
 pub struct Identity {
     pub subject: String,
     pub roles: Vec<String>,
+    /// OAuth scopes from the `scope` claim (space-separated).
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,8 @@ struct Claims {
     sub: String,
     #[serde(default)]
     roles: Vec<String>,
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 struct Key {
@@ -66,6 +70,10 @@ pub struct JwtVerifier {
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl JwtVerifier {
+    pub fn config(&self) -> &JwtConfig {
+        &self.cfg
+    }
+
     pub fn new(cfg: JwtConfig, client: HttpClient) -> Self {
         Self {
             cfg,
@@ -107,6 +115,11 @@ impl JwtVerifier {
         Ok(Identity {
             subject: data.claims.sub,
             roles: data.claims.roles,
+            scopes: data
+                .claims
+                .scope
+                .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
         })
     }
 

@@ -1,20 +1,32 @@
-//! The shopmesh gateway (first cut): one listener, routes by path prefix to upstream HTTP
-//! services, verifies bearer JWTs against a JWKS, and passes the verified identity on in
-//! `x-shopmesh-*` headers that it always strips from client requests.
+//! The shopmesh gateway: one entry for all traffic, on hyper 1 and tower.
 //!
-//! Request lifecycle (one tower service, [`proxy::Gateway`]):
-//! 1. request id: kept if the client sent a sane one, else minted; echoed on the response;
-//! 2. strip every `x-shopmesh-*` header the client sent;
-//! 3. route: longest matching path prefix, else 404 problem+json;
-//! 4. authenticate: a bearer token, when present, must verify (else 401); routes marked
-//!    `required` refuse requests without one;
-//! 5. bound the body (413), forward over a pooled HTTP client with a timeout (502/504);
-//! 6. record metrics and a tracing span per request.
+//! Request lifecycle ([`proxy::Gateway`], one tower service over the serving
+//! configuration generation, [`runtime::Runtime`]):
+//! 1. hop-by-hop headers go; request id kept or minted; W3C trace context continued;
+//! 2. every `x-shopmesh-*` header the client sent is stripped;
+//! 3. the path is normalised ([`router::normalize`]) and the first matching route wins;
+//! 4. credentials (bearer JWT, API key) are verified; roles and scopes checked (401/403);
+//! 5. the route's rate limit, in memory or in Redis (429 with `Retry-After`);
+//! 6. the body is bounded (413);
+//! 7. the cluster's balancer picks a healthy endpoint whose breaker is closed (503 when
+//!    none), the request goes out with a timeout (502/504), idempotent body-less requests
+//!    are retried elsewhere within the retry budget;
+//! 8. metrics, a span, and an access-log line.
+//!
+//! Configuration is YAML ([`config::GatewayConfig`]); [`reload`] re-applies it on file
+//! change and SIGHUP, and [`admin`] serves the admin API.
 
+pub mod admin;
+pub mod breaker;
+pub mod cluster;
 pub mod config;
 pub mod jwt;
 pub mod proxy;
+pub mod ratelimit;
+pub mod reload;
+pub mod router;
+pub mod runtime;
 pub mod server;
 
-pub use config::{GatewayConfig, RouteAuth, RouteConfig};
+pub use config::GatewayConfig;
 pub use proxy::Gateway;

@@ -2,20 +2,21 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
+use arc_swap::ArcSwap;
+use http_body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use shopmesh_platform::problem::Problem;
 use shopmesh_platform::{
     REQUEST_ID_HEADER, TRUSTED_HEADER_PREFIX, USER_ID_HEADER, USER_ROLES_HEADER,
@@ -23,8 +24,10 @@ use shopmesh_platform::{
 use tower::Service;
 use tracing::Instrument;
 
-use crate::config::{ConfigError, GatewayConfig, RouteAuth};
-use crate::jwt::{AuthError, JwtVerifier};
+use crate::config::{ConfigError, GatewayConfig, HashOn, RateLimitKey};
+use crate::jwt::AuthError;
+use crate::ratelimit::Decision;
+use crate::runtime::Runtime;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type on both sides of the gateway.
@@ -45,79 +48,118 @@ fn full(bytes: Vec<u8>) -> Body {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
-struct Route {
-    name: Arc<str>,
-    prefix: String,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
-    auth: RouteAuth,
-}
-
-impl Route {
-    fn matches(&self, path: &str) -> bool {
-        let p = self.prefix.trim_end_matches('/');
-        p.is_empty()
-            || (path.starts_with(p) && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/'))
-    }
-}
-
-struct Inner {
-    routes: Vec<Route>,
-    client: HttpClient,
-    jwt: Option<JwtVerifier>,
-    max_body: u64,
-    upstream_timeout: Duration,
-}
-
-/// The gateway service. Cheap to clone.
+/// The gateway service: a handle on the serving configuration generation. Cheap to clone.
 #[derive(Clone)]
 pub struct Gateway {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    current: ArcSwap<Runtime>,
+    /// Serialises reloads.
+    reload: std::sync::Mutex<ReloadState>,
+}
+
+#[derive(Default)]
+struct ReloadState {
+    next_version: u64,
+    last_error: Option<String>,
+    last_attempt: Option<SystemTime>,
+}
+
+/// What the admin API reports about configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigStatus {
+    pub version: u64,
+    pub loaded_at_unix: u64,
+    pub last_error: Option<String>,
+    pub last_attempt_unix: Option<u64>,
 }
 
 impl Gateway {
+    /// Builds the first generation and starts its health checks. Needs a tokio runtime.
     pub fn new(cfg: GatewayConfig) -> Result<Self, ConfigError> {
-        cfg.validate()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
-        let client: HttpClient = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        let mut routes = cfg
-            .routes
-            .iter()
-            .map(|r| {
-                let uri: Uri = r.upstream.parse().map_err(|_| ConfigError::Route {
-                    route: r.name.clone(),
-                    reason: "bad upstream".into(),
-                })?;
-                let parts = uri.into_parts();
-                Ok(Route {
-                    name: r.name.as_str().into(),
-                    prefix: r.prefix.clone(),
-                    scheme: parts.scheme.unwrap_or(http::uri::Scheme::HTTP),
-                    authority: parts.authority.ok_or_else(|| ConfigError::Route {
-                        route: r.name.clone(),
-                        reason: "upstream has no host".into(),
-                    })?,
-                    auth: r.auth,
-                })
-            })
-            .collect::<Result<Vec<_>, ConfigError>>()?;
-        // Longest prefix first.
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.trim_end_matches('/').len()));
-        let jwt = cfg.jwt.map(|j| JwtVerifier::new(j, client.clone()));
+        let rt = Runtime::build(cfg, 1, None)?;
+        rt.start();
         Ok(Self {
-            inner: Arc::new(Inner {
-                routes,
-                client,
-                jwt,
-                max_body: cfg.max_body_bytes,
-                upstream_timeout: Duration::from_millis(cfg.upstream_timeout_ms),
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(rt),
+                reload: std::sync::Mutex::new(ReloadState {
+                    next_version: 2,
+                    ..Default::default()
+                }),
             }),
         })
+    }
+
+    /// The serving generation.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.shared.current.load_full()
+    }
+
+    /// Builds and validates `cfg` next to the serving generation, then swaps it in. When it
+    /// is invalid nothing changes and the error is kept for the admin API.
+    pub fn apply(&self, cfg: GatewayConfig) -> Result<u64, ConfigError> {
+        let mut st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
+        st.last_attempt = Some(SystemTime::now());
+        let old = self.shared.current.load_full();
+        if cfg.listen != old.config.listen || cfg.admin.listen != old.config.admin.listen {
+            tracing::warn!("listen addresses change only on restart; the rest is applied");
+        }
+        match Runtime::build(cfg, st.next_version, Some(&old)) {
+            Ok(rt) => {
+                let version = rt.version;
+                st.next_version += 1;
+                st.last_error = None;
+                rt.start();
+                self.shared.current.store(Arc::new(rt));
+                // The old generation's health checks stop now; its requests still finish.
+                old.stop.cancel();
+                metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
+                metrics::gauge!("gateway_config_version").set(version as f64);
+                tracing::info!(version, "configuration applied");
+                Ok(version)
+            }
+            Err(e) => {
+                st.last_error = Some(e.to_string());
+                metrics::counter!("gateway_config_reloads_total", "result" => "error")
+                    .increment(1);
+                tracing::error!(error = %e, "configuration refused; the previous one keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads, validates and applies a configuration file.
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<u64, ConfigError> {
+        match GatewayConfig::from_file(path) {
+            Ok(cfg) => self.apply(cfg),
+            Err(e) => {
+                let mut st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
+                st.last_attempt = Some(SystemTime::now());
+                st.last_error = Some(e.to_string());
+                metrics::counter!("gateway_config_reloads_total", "result" => "error")
+                    .increment(1);
+                tracing::error!(error = %e, "configuration refused; the previous one keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn status(&self) -> ConfigStatus {
+        let rt = self.runtime();
+        let st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        ConfigStatus {
+            version: rt.version,
+            loaded_at_unix: unix(rt.loaded_at),
+            last_error: st.last_error.clone(),
+            last_attempt_unix: st.last_attempt.map(unix),
+        }
     }
 }
 
@@ -135,8 +177,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move { Ok(handle(inner, req.map(|b| b.map_err(Into::into).boxed())).await) })
+        let rt = self.shared.current.load_full();
+        Box::pin(async move { Ok(handle(rt, req.map(|b| b.map_err(Into::into).boxed())).await) })
     }
 }
 
@@ -182,7 +224,28 @@ fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
     )
 }
 
-async fn handle(inner: Arc<Inner>, mut req: Request<Body>) -> Response<Body> {
+/// What one request did, for metrics and the access log.
+struct Outcome {
+    route: Arc<str>,
+    cluster: Option<Arc<str>>,
+    endpoint: Option<String>,
+    caller: Option<String>,
+    attempts: u32,
+}
+
+impl Outcome {
+    fn new(route: Arc<str>) -> Self {
+        Self {
+            route,
+            cluster: None,
+            endpoint: None,
+            caller: None,
+            attempts: 0,
+        }
+    }
+}
+
+async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
     // First, so that a client's `Connection: <name>` cannot remove what the gateway adds.
     strip_hop_by_hop(req.headers_mut());
@@ -190,29 +253,77 @@ async fn handle(inner: Arc<Inner>, mut req: Request<Body>) -> Response<Body> {
     req.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
     let (tp, trace_id) = traceparent(req.headers());
     req.headers_mut().insert("traceparent", tp);
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_owned();
     let span = tracing::info_span!(
         "gateway",
-        method = %req.method(),
-        path = %req.uri().path(),
+        method = %method,
+        path = %raw_path,
         request_id = rid.to_str().unwrap_or(""),
         trace_id = %trace_id,
         route = tracing::field::Empty,
         status = tracing::field::Empty,
     );
-    let (route_name, mut res) = route_and_forward(&inner, req)
+    let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+    let client_ip = peer.map(|p| client_ip(&rt, p, req.headers()));
+    let (outcome, mut res) = route_and_forward(&rt, req, client_ip)
         .instrument(span.clone())
         .await;
-    res.headers_mut().insert(REQUEST_ID_HEADER, rid);
+    res.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
     let status = res.status().as_u16();
-    span.record("route", &*route_name);
+    span.record("route", &*outcome.route);
     span.record("status", status);
     let elapsed = start.elapsed();
-    metrics::counter!("gateway_requests_total", "route" => route_name.clone(), "status" => status.to_string())
+    let cluster: Arc<str> = outcome.cluster.clone().unwrap_or_else(|| "".into());
+    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "cluster" => cluster, "status" => status.to_string())
         .increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", "route" => route_name)
+    metrics::histogram!("gateway_request_duration_seconds", "route" => outcome.route.clone())
         .record(elapsed.as_secs_f64());
-    tracing::debug!(parent: &span, status, elapsed_ms = elapsed.as_secs_f64() * 1e3, "request");
+    if rt.config.access_log {
+        tracing::info!(
+            target: "shopmesh::access",
+            client = %client_ip.map(|i| i.to_string()).unwrap_or_default(),
+            method = %method,
+            path = %raw_path,
+            status,
+            route = &*outcome.route,
+            cluster = outcome.cluster.as_deref().unwrap_or(""),
+            endpoint = outcome.endpoint.as_deref().unwrap_or(""),
+            attempts = outcome.attempts,
+            caller = outcome.caller.as_deref().unwrap_or(""),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            request_id = rid.to_str().unwrap_or(""),
+            trace_id = %trace_id,
+        );
+    }
     res
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the first address
+/// from the right of `X-Forwarded-For` that is not a trusted proxy.
+fn client_ip(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    if rt.trusted_proxies.is_empty() || !rt.is_trusted(peer) {
+        return peer;
+    }
+    let mut ip = peer;
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for hop in hops.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(addr) => {
+                ip = addr;
+                if !rt.is_trusted(addr) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    ip
 }
 
 fn problem(p: Problem) -> Response<Body> {
@@ -263,7 +374,91 @@ fn auth_problem(e: &AuthError) -> Problem {
     }
 }
 
-async fn route_and_forward(inner: &Inner, mut req: Request<Body>) -> (Arc<str>, Response<Body>) {
+/// The caller a request was authenticated as.
+struct Caller {
+    id: String,
+    roles: Vec<String>,
+    scopes: Vec<String>,
+    api_key: Option<String>,
+}
+
+/// Verifies whatever credentials came with the request. `Ok(None)`: anonymous.
+async fn authenticate(rt: &Runtime, req: &mut Request<Body>) -> Result<Option<Caller>, Problem> {
+    let bearer = match req.headers().get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(|s| {
+            let (scheme, token) = s.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        }) {
+            Some(t) if !t.is_empty() => Some(t.to_owned()),
+            _ => {
+                return Err(Problem::unauthorized(
+                    "expected `Authorization: Bearer <token>`",
+                ));
+            }
+        },
+    };
+    if let Some(token) = bearer {
+        let Some(jwt) = &rt.jwt else {
+            return Err(Problem::unauthorized("bearer tokens are not accepted here"));
+        };
+        return match jwt.verify(&token).await {
+            Ok(id) => Ok(Some(Caller {
+                id: id.subject,
+                roles: id.roles,
+                scopes: id.scopes,
+                api_key: None,
+            })),
+            Err(e) => {
+                tracing::debug!(error = %e, "token refused");
+                Err(auth_problem(&e))
+            }
+        };
+    }
+    if let Some(keys) = &rt.api_keys
+        && let Some(presented) = req.headers_mut().remove(&keys.header)
+    {
+        return match keys.find(presented.as_bytes()) {
+            Some(k) => Ok(Some(Caller {
+                id: format!("apikey:{}", k.name),
+                roles: k.roles.clone(),
+                scopes: Vec::new(),
+                api_key: Some(k.name.clone()),
+            })),
+            None => Err(Problem::unauthorized("the API key is not valid")),
+        };
+    }
+    Ok(None)
+}
+
+/// Methods a retry cannot turn into a second effect (RFC 9110 §9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
+fn rate_limit_headers(res: &mut Response<Body>, d: &Decision) {
+    let h = res.headers_mut();
+    h.insert("ratelimit-limit", HeaderValue::from(d.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+    h.insert(
+        "ratelimit-reset",
+        HeaderValue::from(d.reset.as_secs_f64().ceil() as u64),
+    );
+}
+
+async fn route_and_forward(
+    rt: &Runtime,
+    mut req: Request<Body>,
+    client_ip: Option<IpAddr>,
+) -> (Outcome, Response<Body>) {
     // 1. Nobody but the gateway speaks for the caller's identity.
     let spoofed: Vec<HeaderName> = req
         .headers()
@@ -275,105 +470,150 @@ async fn route_and_forward(inner: &Inner, mut req: Request<Body>) -> (Arc<str>, 
         req.headers_mut().remove(k);
     }
 
-    // 2. Route.
-    let Some(route) = inner.routes.iter().find(|r| r.matches(req.uri().path())) else {
+    // 2. Normalise the path: what is matched is what is forwarded.
+    let path = match crate::router::normalize(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                Outcome::new("unmatched".into()),
+                problem(Problem::bad_request(e.to_string())),
+            );
+        }
+    };
+
+    // 3. Route.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .map(str::to_owned);
+    let Some(route) = rt.routes.iter().find(|r| {
+        r.matcher
+            .matches(req.method(), host.as_deref(), &path, req.headers())
+            .is_some()
+    }) else {
         return (
-            "unmatched".into(),
-            problem(Problem::not_found("no route matches this path")),
+            Outcome::new("unmatched".into()),
+            problem(Problem::not_found("no route matches this request")),
         );
     };
-    let name = route.name.clone();
+    let mut outcome = Outcome::new(route.name.clone());
+    outcome.cluster = Some(route.cluster.name.clone());
 
-    // 3. Authenticate.
-    let bearer = match req.headers().get(header::AUTHORIZATION) {
-        None => None,
-        Some(v) => match v.to_str().ok().and_then(|s| {
-            let (scheme, token) = s.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        }) {
-            Some(t) if !t.is_empty() => Some(t.to_owned()),
-            _ => {
+    // 4. Authenticate and authorise.
+    let caller = match authenticate(rt, &mut req).await {
+        Ok(c) => c,
+        Err(p) => {
+            metrics::counter!("gateway_auth_failures_total", "route" => route.name.clone())
+                .increment(1);
+            return (outcome, problem(p));
+        }
+    };
+    match &caller {
+        None if route.needs_identity() => {
+            return (
+                outcome,
+                problem(Problem::unauthorized("credentials are required")),
+            );
+        }
+        Some(c) => {
+            if !route.auth.roles.is_empty() && !c.roles.iter().any(|r| route.auth.roles.contains(r))
+            {
+                outcome.caller = Some(c.id.clone());
                 return (
-                    name,
-                    problem(Problem::unauthorized(
-                        "expected `Authorization: Bearer <token>`",
+                    outcome,
+                    problem(Problem::forbidden("the caller lacks a role this route requires")),
+                );
+            }
+            if !route.auth.scopes.iter().all(|s| c.scopes.contains(s)) {
+                outcome.caller = Some(c.id.clone());
+                return (
+                    outcome,
+                    problem(Problem::forbidden(
+                        "the token lacks a scope this route requires",
                     )),
                 );
             }
-        },
-    };
-    match (bearer, &inner.jwt) {
-        (Some(token), Some(jwt)) => match jwt.verify(&token).await {
-            Ok(id) => {
-                let h = req.headers_mut();
-                match HeaderValue::from_str(&id.subject) {
-                    Ok(v) => h.insert(USER_ID_HEADER, v),
-                    Err(_) => {
-                        return (
-                            name,
-                            problem(Problem::unauthorized("the access token is not valid")),
-                        );
-                    }
-                };
-                if let Ok(v) = HeaderValue::from_str(&id.roles.join(",")) {
-                    h.insert(USER_ROLES_HEADER, v);
+            let h = req.headers_mut();
+            match HeaderValue::from_str(&c.id) {
+                Ok(v) => h.insert(USER_ID_HEADER, v),
+                Err(_) => {
+                    return (
+                        outcome,
+                        problem(Problem::unauthorized("the credentials are not valid")),
+                    );
                 }
+            };
+            if let Ok(v) = HeaderValue::from_str(&c.roles.join(",")) {
+                h.insert(USER_ROLES_HEADER, v);
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "token refused");
-                metrics::counter!("gateway_auth_failures_total", "route" => name.clone())
-                    .increment(1);
-                return (name, problem(auth_problem(&e)));
-            }
-        },
-        (Some(_), None) | (None, _) if route.auth == RouteAuth::Required => {
-            return (
-                name,
-                problem(Problem::unauthorized("a valid bearer token is required")),
-            );
+            outcome.caller = Some(c.id.clone());
         }
-        _ => {}
+        None => {}
     }
 
-    // 4. Bound the body: refuse at once when the declared length is too big, and cut a
-    // streamed body that grows past the limit.
+    // 5. Rate limit.
+    let mut limit_decision = None;
+    if let Some(limiter) = &route.limiter {
+        let ip = || client_ip.map(|i| i.to_string()).unwrap_or_default();
+        let key = match route.limit_key {
+            RateLimitKey::Ip => ip(),
+            RateLimitKey::Route => String::new(),
+            RateLimitKey::User => caller.as_ref().map(|c| c.id.clone()).unwrap_or_else(ip),
+            RateLimitKey::ApiKey => caller
+                .as_ref()
+                .and_then(|c| c.api_key.clone())
+                .unwrap_or_else(ip),
+        };
+        let d = limiter.check(&route.name, &key).await;
+        if !d.allowed {
+            metrics::counter!("gateway_ratelimit_rejections_total", "route" => route.name.clone())
+                .increment(1);
+            let secs = d.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let mut res = problem(Problem::too_many_requests(secs));
+            rate_limit_headers(&mut res, &d);
+            return (outcome, res);
+        }
+        limit_decision = Some(d);
+    }
+
+    // 6. Bound the body: refuse at once when the declared length is too big; a streamed
+    // body that grows past the limit is cut.
+    let max = rt.config.limits.max_body_bytes;
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        && len > inner.max_body
+        && len > max
     {
-        return (
-            name,
-            problem(Problem::payload_too_large(inner.max_body as usize)),
-        );
+        return (outcome, problem(Problem::payload_too_large(max as usize)));
     }
 
-    // 5. Forward.
-    let client_ip = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
-    let (mut parts, body) = req.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let uri = match Uri::builder()
-        .scheme(route.scheme.clone())
-        .authority(route.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-    {
-        Ok(u) => u,
-        Err(_) => {
-            return (
-                name,
-                problem(Problem::bad_request("the request target is not valid")),
-            );
-        }
+    // 7. Forward, retrying idempotent body-less requests within the cluster's budget.
+    let forwarded_path = if route.strip_prefix.is_some() || route.add_prefix.is_some() {
+        crate::router::rewrite(
+            &path,
+            route.strip_prefix.as_deref(),
+            route.add_prefix.as_deref(),
+        )
+    } else {
+        path
     };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{forwarded_path}?{q}"),
+        None => forwarded_path,
+    };
+    let Ok(path_and_query) = http::uri::PathAndQuery::try_from(path_and_query) else {
+        return (
+            outcome,
+            problem(Problem::bad_request("the request target is not valid")),
+        );
+    };
+    let (mut parts, body) = req.into_parts();
     let original_host = parts.headers.remove(header::HOST);
-    if let Some(ip) = client_ip {
+    if let Some(ip) = req_peer(&parts) {
         let xff = match parts
             .headers
             .get("x-forwarded-for")
@@ -397,43 +637,124 @@ async fn route_and_forward(inner: &Inner, mut req: Request<Body>) -> (Arc<str>, 
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let max = inner.max_body as usize;
-    let body = Limited::new(body, max).boxed();
-    let upstream_req = Request::from_parts(parts, body);
 
-    let sent =
-        tokio::time::timeout(inner.upstream_timeout, inner.client.request(upstream_req)).await;
-    let res = match sent {
-        Err(_) => {
-            metrics::counter!("gateway_upstream_errors_total", "route" => name.clone(), "kind" => "timeout").increment(1);
+    let cluster = &route.cluster;
+    let hash_key: Option<Vec<u8>> = match &cluster.hash_on {
+        Some(HashOn::Header(h)) => parts.headers.get(h).map(|v| v.as_bytes().to_vec()),
+        Some(HashOn::Cookie(name)) => cookie(&parts.headers, name).map(|c| c.into_bytes()),
+        None => None,
+    };
+    let retryable = idempotent(&parts.method) && body.is_end_stream();
+    let mut body = Some(Limited::new(body, max as usize).boxed());
+    cluster.deposit();
+    let mut last_endpoint: Option<Arc<crate::cluster::Endpoint>> = None;
+    loop {
+        outcome.attempts += 1;
+        let Some(lease) = cluster.pick(hash_key.as_deref(), last_endpoint.as_deref()) else {
+            metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "no_endpoint").increment(1);
             return (
-                name,
-                problem(Problem::gateway_timeout(
-                    "the upstream service did not answer in time",
+                outcome,
+                problem(Problem::unavailable(
+                    "no healthy upstream endpoint; retry shortly",
                 )),
             );
-        }
-        Ok(Err(e)) => {
-            if is_length_limit(&e) {
-                return (name, problem(Problem::payload_too_large(max)));
+        };
+        outcome.endpoint = Some(lease.endpoint.url.clone());
+        let uri = match Uri::builder()
+            .scheme(lease.endpoint.scheme.clone())
+            .authority(lease.endpoint.authority.clone())
+            .path_and_query(path_and_query.clone())
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => {
+                return (
+                    outcome,
+                    problem(Problem::bad_request("the request target is not valid")),
+                );
             }
-            tracing::warn!(error = %e, route = &*name, "upstream request failed");
-            metrics::counter!("gateway_upstream_errors_total", "route" => name.clone(), "kind" => "connect").increment(1);
-            return (
-                name,
-                problem(Problem::bad_gateway("the upstream service is unreachable")),
-            );
+        };
+        let mut upstream_req = Request::new(body.take().unwrap_or_else(empty));
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.headers_mut() = parts.headers.clone();
+        *upstream_req.version_mut() = parts.version;
+
+        let sent = tokio::time::timeout(route.timeout, cluster.client.request(upstream_req)).await;
+        let can_retry = retryable && outcome.attempts <= cluster.retry_attempts;
+        match sent {
+            Err(_) => {
+                lease.finish(false);
+                metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "timeout").increment(1);
+                return (
+                    outcome,
+                    problem(Problem::gateway_timeout(
+                        "the upstream service did not answer in time",
+                    )),
+                );
+            }
+            Ok(Err(e)) => {
+                if is_length_limit(&e) {
+                    lease.finish(true);
+                    return (outcome, problem(Problem::payload_too_large(max as usize)));
+                }
+                let ep = lease.endpoint.clone();
+                lease.finish(false);
+                tracing::warn!(error = %e, route = &*route.name, endpoint = %outcome.endpoint.as_deref().unwrap_or(""), "upstream request failed");
+                metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "connect").increment(1);
+                if can_retry && cluster.withdraw() {
+                    metrics::counter!("gateway_retries_total", "cluster" => cluster.name.clone())
+                        .increment(1);
+                    last_endpoint = Some(ep);
+                    continue;
+                }
+                return (
+                    outcome,
+                    problem(Problem::bad_gateway("the upstream service is unreachable")),
+                );
+            }
+            Ok(Ok(res)) => {
+                let failed = res.status().is_server_error();
+                let ep = lease.endpoint.clone();
+                lease.finish(!failed);
+                if failed
+                    && can_retry
+                    && matches!(res.status().as_u16(), 502..=504)
+                    && cluster.withdraw()
+                {
+                    metrics::counter!("gateway_retries_total", "cluster" => cluster.name.clone())
+                        .increment(1);
+                    last_endpoint = Some(ep);
+                    continue;
+                }
+                let (mut rparts, rbody) = res.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                let mut res = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
+                if let Some(d) = &limit_decision {
+                    rate_limit_headers(&mut res, d);
+                }
+                return (outcome, res);
+            }
         }
-        Ok(Ok(res)) => res,
-    };
-    let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    (
-        name,
-        Response::from_parts(parts, body.map_err(Into::into).boxed()),
-    )
+    }
+}
+
+fn req_peer(parts: &http::request::Parts) -> Option<IpAddr> {
+    parts.extensions.get::<ClientAddr>().map(|a| a.0.ip())
+}
+
+/// The value of cookie `name`, if the request carries it.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| v.to_owned())
+        })
 }
 
 fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -450,26 +771,6 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn route(prefix: &str) -> Route {
-        Route {
-            name: "r".into(),
-            prefix: prefix.into(),
-            scheme: http::uri::Scheme::HTTP,
-            authority: http::uri::Authority::from_static("127.0.0.1:1"),
-            auth: RouteAuth::Optional,
-        }
-    }
-
-    #[test]
-    fn prefix_matches_on_segment_boundaries() {
-        let r = route("/api/orders");
-        assert!(r.matches("/api/orders"));
-        assert!(r.matches("/api/orders/1"));
-        assert!(!r.matches("/api/ordersx"));
-        assert!(!r.matches("/api"));
-        assert!(route("/").matches("/anything"));
-    }
 
     #[test]
     fn trace_context_continues_or_starts() {

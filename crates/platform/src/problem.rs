@@ -142,6 +142,16 @@ impl Problem {
         )
         .detail(detail)
     }
+    /// 429 with the seconds until a request fits (sent as `Retry-After` too).
+    pub fn too_many_requests(retry_after_secs: u64) -> Self {
+        Self::typed(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+        )
+        .detail("the rate limit for this route is exhausted; retry after the indicated delay")
+        .with("retry_after", retry_after_secs)
+    }
     pub fn bad_gateway(detail: impl Into<String>) -> Self {
         Self::typed(StatusCode::BAD_GATEWAY, "bad-gateway", "Bad gateway").detail(detail)
     }
@@ -194,6 +204,9 @@ impl Problem {
         let mut h = vec![(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))];
         if self.status == StatusCode::UNAUTHORIZED {
             h.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        if let Some(secs) = self.extensions.get("retry_after").and_then(Value::as_u64) {
+            h.push((header::RETRY_AFTER, HeaderValue::from(secs)));
         }
         h
     }

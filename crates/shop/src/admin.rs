@@ -62,8 +62,8 @@ async fn purge(
         .map_err(problem)
 }
 
-/// `/metrics`, `/healthz`, and `GET /dlq`, `GET|DELETE /dlq/{id}`, `POST /dlq/{id}/replay`.
-pub fn router(dead_letters: DeadLetters) -> Router {
+/// `/metrics`, `/healthz`, the gateway's `/routes`, `/clusters`, `/config`, and `GET /dlq`, `GET|DELETE /dlq/{id}`, `POST /dlq/{id}/replay`.
+pub fn router(dead_letters: DeadLetters, gateway: shopmesh_gateway::Gateway) -> Router {
     let dlq = Router::new()
         .route("/dlq", get(list))
         .route("/dlq/{id}", get(show).delete(purge))
@@ -71,7 +71,9 @@ pub fn router(dead_letters: DeadLetters) -> Router {
         .with_state(dead_letters);
     shopmesh_platform::serve::stack(
         "admin",
-        shopmesh_platform::telemetry::admin_router().merge(dlq),
+        shopmesh_platform::telemetry::admin_router()
+            .merge(dlq)
+            .merge(shopmesh_gateway::admin::api_routes(gateway, None)),
         shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
     )
 }

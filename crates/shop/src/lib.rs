@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shopmesh_gateway::config::JwtConfig;
-use shopmesh_gateway::{Gateway, GatewayConfig, RouteAuth, RouteConfig};
+use shopmesh_gateway::config::{ClusterConfig, JwtConfig, RouteConfig};
+use shopmesh_gateway::{Gateway, GatewayConfig};
 use shopmesh_platform::db::{DbError, Storage};
 use shopmesh_platform::serve::Server;
 use tokio::net::TcpListener;
@@ -110,36 +110,43 @@ pub struct System {
     tasks: JoinSet<()>,
 }
 
-/// Gateway routes for the shop.
-pub fn shop_routes(addr: impl Fn(ServiceName) -> SocketAddr) -> Vec<RouteConfig> {
+/// The gateway configuration `shopmesh up` generates: one cluster per service, one route
+/// per public path prefix.
+pub fn gateway_config(cfg: &SystemConfig, addr: impl Fn(ServiceName) -> SocketAddr) -> GatewayConfig {
     use ServiceName::*;
-    let r = |name: &str, prefix: &str, svc: ServiceName, auth: RouteAuth| RouteConfig {
-        name: name.into(),
-        prefix: prefix.into(),
-        upstream: format!("http://{}", addr(svc)),
-        auth,
+    let clusters = ServiceName::ALL
+        .iter()
+        .map(|s| ClusterConfig::new(s.as_str(), vec![format!("http://{}", addr(*s))]))
+        .collect();
+    let r = |name: &str, prefix: &str, svc: ServiceName, required: bool| {
+        let mut route = RouteConfig::prefix(name, prefix, svc.as_str());
+        route.auth.required = required;
+        route
     };
-    vec![
-        r("products", "/api/products", Catalog, RouteAuth::Optional),
-        r(
-            "inventory",
-            "/api/inventory",
-            Inventory,
-            RouteAuth::Optional,
-        ),
-        r("prices", "/api/prices", Pricing, RouteAuth::Optional),
-        r(
-            "promotions",
-            "/api/promotions",
-            Promotions,
-            RouteAuth::Optional,
-        ),
-        r("users", "/api/users", Users, RouteAuth::Optional),
-        r("auth", "/api/auth", Users, RouteAuth::Optional),
-        r("jwks", "/.well-known/jwks.json", Users, RouteAuth::Optional),
-        r("orders", "/api/orders", Orders, RouteAuth::Required),
-        r("payments", "/api/payments", Payments, RouteAuth::Required),
-    ]
+    let routes = vec![
+        r("products", "/api/products", Catalog, false),
+        r("inventory", "/api/inventory", Inventory, false),
+        r("prices", "/api/prices", Pricing, false),
+        r("promotions", "/api/promotions", Promotions, false),
+        r("users", "/api/users", Users, false),
+        r("auth", "/api/auth", Users, false),
+        r("jwks", "/.well-known/jwks.json", Users, false),
+        r("orders", "/api/orders", Orders, true),
+        r("payments", "/api/payments", Payments, true),
+    ];
+    let mut g = GatewayConfig::new(clusters, routes);
+    g.listen = SocketAddr::new(cfg.host, cfg.port);
+    // The shop's admin API (its own port) carries the gateway's admin routes.
+    g.admin.listen = None;
+    g.limits.max_body_bytes = cfg.max_body_bytes;
+    g.jwt = Some(JwtConfig {
+        jwks_url: format!("http://{}/.well-known/jwks.json", addr(Users)),
+        issuer: shopmesh_users::ISSUER.into(),
+        audience: shopmesh_users::AUDIENCE.into(),
+        leeway_secs: cfg.jwt_leeway_secs,
+        min_refetch_secs: 10,
+    });
+    g
 }
 
 impl System {
@@ -248,27 +255,12 @@ impl System {
             });
         }
 
-        let gateway = Gateway::new(GatewayConfig {
-            routes: shop_routes(addr_of),
-            jwt: Some(JwtConfig {
-                jwks_url: format!(
-                    "http://{}/.well-known/jwks.json",
-                    addr_of(ServiceName::Users)
-                ),
-                issuer: shopmesh_users::ISSUER.into(),
-                audience: shopmesh_users::AUDIENCE.into(),
-                leeway_secs: cfg.jwt_leeway_secs,
-                min_refetch_secs: 10,
-            }),
-            max_body_bytes: cfg.max_body_bytes,
-            upstream_timeout_ms: 15_000,
-            connect_timeout_ms: 2_000,
-        })?;
+        let gateway = Gateway::new(gateway_config(&cfg, addr_of))?;
         let gateway_addr = gateway_listener.local_addr()?;
         let (token, drain) = (shutdown.clone(), cfg.drain);
         tasks.spawn(shopmesh_gateway::server::serve(
             gateway_listener,
-            gateway,
+            gateway.clone(),
             token,
             drain,
         ));
@@ -276,7 +268,7 @@ impl System {
         let admin = Server {
             name: "admin",
             listener: admin_listener,
-            router: admin::router(dead_letters),
+            router: admin::router(dead_letters, gateway.clone()),
         };
         let admin_addr = admin.local_addr();
         let (token, drain) = (shutdown.clone(), Duration::from_secs(1));

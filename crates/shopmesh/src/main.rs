@@ -42,8 +42,26 @@ enum Command {
     Up(UpArgs),
     /// Run one service alone (for separate processes).
     Service(ServiceArgs),
+    /// Run the gateway alone in front of any HTTP services, from a YAML configuration.
+    Gateway(GatewayArgs),
     /// Inspect and act on the dead letters of the saga's consumers.
     Dlq(DlqArgs),
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// The YAML configuration (reloaded on change and on SIGHUP).
+    #[arg(long, env = "SHOPMESH_GATEWAY_CONFIG", required_unless_present = "schema")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit: 0 when valid, 1 with the reason when not.
+    #[arg(long)]
+    check: bool,
+    /// Print the configuration's JSON Schema and exit.
+    #[arg(long, conflicts_with = "check")]
+    schema: bool,
+    /// How often the configuration file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    reload_poll_ms: u64,
 }
 
 #[derive(Args)]
@@ -147,6 +165,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(a) => up(a).await,
             Command::Service(a) => service(a).await,
             Command::Dlq(a) => dlq(a).await,
+            Command::Gateway(a) => gateway(a).await,
         }
     })
 }
@@ -228,6 +247,49 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
+    Ok(())
+}
+
+async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
+    use shopmesh_gateway::GatewayConfig;
+    if a.schema {
+        println!("{}", GatewayConfig::json_schema());
+        return Ok(());
+    }
+    let Some(path) = a.config else {
+        anyhow::bail!("--config FILE is required");
+    };
+    if a.check {
+        return match GatewayConfig::from_file(&path) {
+            Ok(cfg) => {
+                println!(
+                    "{}: valid ({} routes, {} clusters)",
+                    path.display(),
+                    cfg.routes.len(),
+                    cfg.clusters.len()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{}: invalid: {e}", path.display());
+                std::process::exit(1);
+            }
+        };
+    }
+    let _ = telemetry::prometheus();
+    let gw = shopmesh_gateway::server::Standalone::start(
+        path.clone(),
+        Duration::from_millis(a.reload_poll_ms.max(50)),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    println!("shopmesh gateway listening on http://{}", gw.addr);
+    if let Some(admin) = gw.admin {
+        println!("  admin    http://{admin}/clusters");
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    gw.shutdown().await;
     Ok(())
 }
 

@@ -1,0 +1,145 @@
+//! The gateway's admin API, on its own port (loopback by default; a bearer token is
+//! required when one is configured, and the config refuses a non-loopback address without
+//! one): `GET /routes`, `GET /clusters` (endpoints, health, breaker states), `GET /config`
+//! (version, last reload error, the configuration with secrets masked), `POST /reload`,
+//! `GET /metrics`, `GET /healthz`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use shopmesh_platform::Problem;
+use shopmesh_platform::extract::Json;
+
+use crate::proxy::Gateway;
+
+#[derive(Clone)]
+struct AdminState {
+    gateway: Gateway,
+    config_path: Option<Arc<PathBuf>>,
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let rt = s.gateway.runtime();
+    if let Some(token) = rt.config.admin.token.as_deref().filter(|t| !t.is_empty()) {
+        let presented = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(presented.as_bytes(), token.as_bytes()) {
+            return Problem::unauthorized("the admin API needs its bearer token").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn routes(State(s): State<AdminState>) -> Json<Value> {
+    let rt = s.gateway.runtime();
+    let routes: Vec<Value> = rt
+        .config
+        .routes
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+        .collect();
+    Json(json!({ "version": rt.version, "routes": routes }))
+}
+
+async fn clusters(State(s): State<AdminState>) -> Json<Value> {
+    let rt = s.gateway.runtime();
+    let clusters: Vec<Value> = rt
+        .clusters
+        .iter()
+        .zip(&rt.config.clusters)
+        .map(|(c, cfg)| {
+            json!({
+                "name": &*c.name,
+                "load_balancer": cfg.load_balancer,
+                "health_check": cfg.health_check.is_some(),
+                "endpoints": c.endpoints.iter().map(|e| json!({
+                    "url": e.url,
+                    "healthy": e.is_healthy(),
+                    "breaker": e.breaker.state().as_str(),
+                    "in_flight": e.in_flight(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({ "version": rt.version, "clusters": clusters }))
+}
+
+async fn config(State(s): State<AdminState>) -> Json<Value> {
+    let rt = s.gateway.runtime();
+    let mut cfg = serde_json::to_value(&rt.config).unwrap_or(Value::Null);
+    if let Some(t) = cfg.pointer_mut("/admin/token")
+        && !t.is_null()
+    {
+        *t = json!("********");
+    }
+    if let Some(u) = cfg.pointer_mut("/redis/url")
+        && let Some(s) = u.as_str()
+        && let Some((scheme, rest)) = s.split_once("://")
+        && let Some((_, host)) = rest.rsplit_once('@')
+    {
+        *u = json!(format!("{scheme}://********@{host}"));
+    }
+    Json(json!({
+        "status": s.gateway.status(),
+        "source": s.config_path.as_ref().map(|p| p.display().to_string()),
+        "config": cfg,
+    }))
+}
+
+async fn reload(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {
+    let Some(path) = &s.config_path else {
+        return Err(Problem::conflict(
+            "this gateway was configured in code, not from a file; nothing to reload",
+        ));
+    };
+    match s.gateway.reload_file(path) {
+        Ok(version) => Ok(Json(json!({ "version": version }))),
+        Err(e) => Err(Problem::unprocessable(format!(
+            "the configuration was refused and the previous one keeps serving: {e}"
+        ))),
+    }
+}
+
+/// The gateway's own admin routes, without metrics, stack or token check (for embedding
+/// in another admin API, as `shopmesh up` does). `config_path` enables `POST /reload`.
+pub fn api_routes(gateway: Gateway, config_path: Option<PathBuf>) -> Router {
+    let state = AdminState {
+        gateway,
+        config_path: config_path.map(Arc::new),
+    };
+    Router::new()
+        .route("/routes", get(routes))
+        .route("/clusters", get(clusters))
+        .route("/config", get(config))
+        .route("/reload", post(reload))
+        .with_state(state)
+}
+
+/// The standalone admin API: the routes above, `/metrics`, `/healthz`, and the token check.
+pub fn router(gateway: Gateway, config_path: Option<PathBuf>) -> Router {
+    let state = AdminState {
+        gateway: gateway.clone(),
+        config_path: None,
+    };
+    shopmesh_platform::serve::stack(
+        "gateway-admin",
+        shopmesh_platform::telemetry::admin_router().merge(api_routes(gateway, config_path)),
+        shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
+    )
+    .layer(axum::middleware::from_fn_with_state(state, require_token))
+}

@@ -1,0 +1,288 @@
+//! A circuit breaker per upstream endpoint.
+//!
+//! Closed: requests flow; failures are counted (consecutive, and per second over a sliding
+//! window). Too many consecutive failures, or a failure rate over the threshold once enough
+//! requests were seen → open. Open: the endpoint gets no traffic (the balancer skips it;
+//! when every endpoint is open the client gets a fast 503) until `open_ms` passes →
+//! half-open: `half_open_requests` probes are let through; all succeed → closed, one fails
+//! → open again.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::BreakerConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+    /// Gauge value: 0 closed, 1 open, 2 half-open.
+    pub fn gauge(self) -> f64 {
+        match self {
+            State::Closed => 0.0,
+            State::Open => 1.0,
+            State::HalfOpen => 2.0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    opened_at: Instant,
+    consecutive: u32,
+    /// Per-second buckets of (requests, failures); `epoch` is the second of `buckets[0]`.
+    buckets: Vec<(u32, u32)>,
+    epoch: u64,
+    probes_in_flight: u32,
+    probes_ok: u32,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    cfg: BreakerConfig,
+    start: Instant,
+    inner: Mutex<Inner>,
+}
+
+/// What [`Breaker::try_acquire`] granted: a normal request, or one of the half-open probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    Normal,
+    Probe,
+}
+
+impl Breaker {
+    pub fn new(cfg: BreakerConfig) -> Self {
+        let slots = (cfg.window_ms.div_ceil(1000)).max(1) as usize;
+        let now = Instant::now();
+        Self {
+            cfg,
+            start: now,
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                opened_at: now,
+                consecutive: 0,
+                buckets: vec![(0, 0); slots],
+                epoch: 0,
+                probes_in_flight: 0,
+                probes_ok: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_for(&self) -> Duration {
+        Duration::from_millis(self.cfg.open_ms)
+    }
+
+    /// The state as the balancer sees it now (an expired open state reads as half-open).
+    pub fn state(&self) -> State {
+        let g = self.lock();
+        match g.state {
+            State::Open if g.opened_at.elapsed() >= self.open_for() => State::HalfOpen,
+            s => s,
+        }
+    }
+
+    /// Whether a request may go to this endpoint now, without taking a probe slot.
+    pub fn is_available(&self) -> bool {
+        let g = self.lock();
+        match g.state {
+            State::Closed => true,
+            State::Open => g.opened_at.elapsed() >= self.open_for(),
+            State::HalfOpen => g.probes_in_flight < self.cfg.half_open_requests,
+        }
+    }
+
+    /// Takes permission for one request, or `None` when the breaker refuses it.
+    pub fn try_acquire(&self) -> Option<Permit> {
+        let mut g = self.lock();
+        if g.state == State::Open {
+            if g.opened_at.elapsed() < self.open_for() {
+                return None;
+            }
+            g.state = State::HalfOpen;
+            g.probes_in_flight = 0;
+            g.probes_ok = 0;
+        }
+        match g.state {
+            State::Closed => Some(Permit::Normal),
+            _ if g.probes_in_flight < self.cfg.half_open_requests => {
+                g.probes_in_flight += 1;
+                Some(Permit::Probe)
+            }
+            _ => None,
+        }
+    }
+
+    /// Records the outcome of a request granted by [`Self::try_acquire`]. Returns the new
+    /// state when it changed.
+    pub fn record(&self, permit: Permit, success: bool) -> Option<State> {
+        let now_sec = self.start.elapsed().as_secs();
+        let mut g = self.lock();
+        let before = g.state;
+        match (permit, g.state) {
+            (Permit::Probe, State::HalfOpen) => {
+                g.probes_in_flight = g.probes_in_flight.saturating_sub(1);
+                if success {
+                    g.probes_ok += 1;
+                    if g.probes_ok >= self.cfg.half_open_requests {
+                        g.state = State::Closed;
+                        g.consecutive = 0;
+                        let n = g.buckets.len();
+                        g.buckets = vec![(0, 0); n];
+                    }
+                } else {
+                    g.state = State::Open;
+                    g.opened_at = Instant::now();
+                }
+            }
+            (Permit::Normal, State::Closed) => {
+                advance(&mut g, now_sec);
+                let slot = (now_sec % g.buckets.len() as u64) as usize;
+                let b = &mut g.buckets[slot];
+                b.0 += 1;
+                if success {
+                    g.consecutive = 0;
+                } else {
+                    b.1 += 1;
+                    g.consecutive += 1;
+                    let (reqs, fails) = g
+                        .buckets
+                        .iter()
+                        .fold((0u64, 0u64), |(r, f), b| (r + b.0 as u64, f + b.1 as u64));
+                    let rate_trips = reqs >= self.cfg.min_requests as u64
+                        && fails as f64 >= self.cfg.failure_rate * reqs as f64;
+                    if g.consecutive >= self.cfg.consecutive_failures || rate_trips {
+                        g.state = State::Open;
+                        g.opened_at = Instant::now();
+                    }
+                }
+            }
+            // A late answer from before the state changed: it says nothing about now.
+            _ => {}
+        }
+        (g.state != before).then_some(g.state)
+    }
+}
+
+/// Clears the buckets of seconds that slid out of the window.
+fn advance(g: &mut Inner, now_sec: u64) {
+    let n = g.buckets.len() as u64;
+    let newest = g.epoch + n - 1;
+    if now_sec <= newest {
+        return;
+    }
+    let stale = (now_sec - newest).min(n);
+    for i in 0..stale {
+        let slot = ((newest + 1 + i) % n) as usize;
+        g.buckets[slot] = (0, 0);
+    }
+    g.epoch = now_sec + 1 - n;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BreakerConfig {
+        BreakerConfig {
+            consecutive_failures: 3,
+            failure_rate: 0.5,
+            min_requests: 10,
+            window_ms: 10_000,
+            open_ms: 50,
+            half_open_requests: 2,
+        }
+    }
+
+    #[test]
+    fn consecutive_failures_open_then_probes_close() {
+        let b = Breaker::new(cfg());
+        for _ in 0..2 {
+            let p = b.try_acquire().unwrap();
+            assert_eq!(b.record(p, false), None);
+        }
+        let p = b.try_acquire().unwrap();
+        assert_eq!(b.record(p, false), Some(State::Open));
+        assert!(b.try_acquire().is_none());
+        assert!(!b.is_available());
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.state(), State::HalfOpen);
+        let p1 = b.try_acquire().unwrap();
+        let p2 = b.try_acquire().unwrap();
+        assert_eq!(p1, Permit::Probe);
+        assert!(b.try_acquire().is_none(), "only two probes at once");
+        assert_eq!(b.record(p1, true), None);
+        assert_eq!(b.record(p2, true), Some(State::Closed));
+        assert_eq!(b.try_acquire(), Some(Permit::Normal));
+    }
+
+    #[test]
+    fn a_failed_probe_reopens() {
+        let b = Breaker::new(cfg());
+        for _ in 0..3 {
+            let p = b.try_acquire().unwrap();
+            b.record(p, false);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        let p = b.try_acquire().unwrap();
+        assert_eq!(b.record(p, false), Some(State::Open));
+        assert!(b.try_acquire().is_none());
+    }
+
+    #[test]
+    fn failure_rate_opens_once_enough_requests() {
+        let b = Breaker::new(cfg());
+        // Alternate success and failure: never 3 in a row, but a 50% rate.
+        for i in 0..9 {
+            let p = b.try_acquire().unwrap();
+            assert_eq!(b.record(p, i % 2 == 0), None, "request {i}");
+        }
+        let p = b.try_acquire().unwrap();
+        assert_eq!(b.record(p, false), Some(State::Open));
+    }
+
+    #[test]
+    fn successes_reset_the_consecutive_count() {
+        let b = Breaker::new(cfg());
+        let mut sent = 0;
+        'outer: for _ in 0..5 {
+            for ok in [false, false, true] {
+                let Some(p) = b.try_acquire() else {
+                    break 'outer;
+                };
+                sent += 1;
+                b.record(p, ok);
+            }
+        }
+        assert_eq!(b.state(), State::Open, "10+ requests at 66% failure");
+        assert_eq!(sent, 10, "opens at the 10th request, a failure");
+        let b = Breaker::new(BreakerConfig {
+            min_requests: 1000,
+            ..cfg()
+        });
+        for _ in 0..20 {
+            for ok in [false, false, true] {
+                let p = b.try_acquire().unwrap();
+                b.record(p, ok);
+            }
+        }
+        assert_eq!(b.state(), State::Closed);
+    }
+}

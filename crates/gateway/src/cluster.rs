@@ -1,0 +1,398 @@
+//! Clusters of upstream endpoints: load balancing, active health checks, per-endpoint
+//! circuit breakers, and the retry budget.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::breaker::{Breaker, Permit, State};
+use crate::config::{BreakerConfig, ClusterConfig, HashOn, HealthCheckConfig, LoadBalancer};
+use crate::proxy::{HttpClient, empty};
+
+/// One upstream endpoint. Survives reloads that keep it (same cluster, URL and breaker
+/// settings), so its health and breaker state are not forgotten.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub url: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub breaker: Breaker,
+    breaker_cfg: BreakerConfig,
+    healthy: AtomicBool,
+    in_flight: AtomicUsize,
+    probe_ok: AtomicU32,
+    probe_fail: AtomicU32,
+}
+
+impl Endpoint {
+    fn new(url: &str, breaker: BreakerConfig) -> Option<Self> {
+        let parts = url.parse::<http::Uri>().ok()?.into_parts();
+        Some(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            scheme: parts.scheme.unwrap_or(Scheme::HTTP),
+            authority: parts.authority?,
+            breaker: Breaker::new(breaker.clone()),
+            breaker_cfg: breaker,
+            healthy: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            probe_ok: AtomicU32::new(0),
+            probe_fail: AtomicU32::new(0),
+        })
+    }
+
+    /// Passing active health checks (always true without them).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn usable(&self) -> bool {
+        self.is_healthy() && self.breaker.is_available()
+    }
+}
+
+/// A request in flight to an endpoint; counts toward least-request balancing until dropped.
+pub struct Lease {
+    pub endpoint: Arc<Endpoint>,
+    pub permit: Permit,
+    cluster: Arc<str>,
+}
+
+impl Lease {
+    /// Reports the outcome to the endpoint's breaker.
+    pub fn finish(self, success: bool) {
+        if let Some(state) = self.endpoint.breaker.record(self.permit, success) {
+            tracing::warn!(cluster = &*self.cluster, endpoint = %self.endpoint.url, state = state.as_str(), "circuit breaker changed state");
+            breaker_gauge(&self.cluster, &self.endpoint, state);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn breaker_gauge(cluster: &str, e: &Endpoint, state: State) {
+    metrics::gauge!("gateway_breaker_state", "cluster" => cluster.to_owned(), "endpoint" => e.url.clone())
+        .set(state.gauge());
+}
+
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    lb: LoadBalancer,
+    pub hash_on: Option<HashOn>,
+    next: AtomicUsize,
+    pub client: HttpClient,
+    pub request_timeout: Duration,
+    pub retry_attempts: u32,
+    budget: TpsBudget,
+    health: Option<HealthCheckConfig>,
+}
+
+impl Cluster {
+    /// Builds a cluster, reusing endpoints from `previous` where they are unchanged.
+    pub fn new(cfg: &ClusterConfig, previous: Option<&Cluster>) -> Result<Self, String> {
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .map(|url| {
+                let url_norm = url.trim_end_matches('/');
+                let reused = previous.and_then(|p| {
+                    p.endpoints
+                        .iter()
+                        .find(|e| e.url == url_norm && e.breaker_cfg == cfg.circuit_breaker)
+                        .cloned()
+                });
+                match reused {
+                    Some(e) => Ok(e),
+                    None => Endpoint::new(url, cfg.circuit_breaker.clone())
+                        .map(Arc::new)
+                        .ok_or_else(|| format!("endpoint `{url}` is not a valid URL")),
+                }
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeouts.connect_ms)));
+        let client: HttpClient = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_millis(cfg.timeouts.idle_ms))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let r = &cfg.retry;
+        Ok(Self {
+            name: cfg.name.as_str().into(),
+            endpoints,
+            lb: cfg.load_balancer,
+            hash_on: cfg.hash_on.clone(),
+            next: AtomicUsize::new(0),
+            client,
+            request_timeout: Duration::from_millis(cfg.timeouts.request_ms),
+            retry_attempts: r.attempts,
+            budget: TpsBudget::new(Duration::from_secs(10), r.min_per_sec, r.budget_percent / 100.0),
+            health: cfg.health_check.clone(),
+        })
+    }
+
+    /// Counts a first attempt toward the retry budget.
+    pub fn deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub fn withdraw(&self) -> bool {
+        self.budget.withdraw()
+    }
+
+    /// Chooses an endpoint for one request. `avoid` is skipped when another is usable (a
+    /// retry goes elsewhere). `None` when every endpoint is down or its breaker open.
+    pub fn pick(&self, hash_key: Option<&[u8]>, avoid: Option<&Endpoint>) -> Option<Lease> {
+        let usable: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.usable() && avoid.is_none_or(|a| !std::ptr::eq(a, &***e)))
+            .collect();
+        let usable = if usable.is_empty() && avoid.is_some() {
+            self.endpoints.iter().filter(|e| e.usable()).collect()
+        } else {
+            usable
+        };
+        if usable.is_empty() {
+            return None;
+        }
+        let first = match (self.lb, hash_key) {
+            (LoadBalancer::ConsistentHash, Some(key)) => rendezvous(&usable, key),
+            (LoadBalancer::LeastRequest, _) if usable.len() > 1 => {
+                let a = rand::random::<u32>() as usize % usable.len();
+                let mut b = rand::random::<u32>() as usize % (usable.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if usable[b].in_flight() < usable[a].in_flight() {
+                    b
+                } else {
+                    a
+                }
+            }
+            _ => self.next.fetch_add(1, Ordering::Relaxed) % usable.len(),
+        };
+        // The chosen one may have just used up its half-open probes: try the others.
+        for i in 0..usable.len() {
+            let e = usable[(first + i) % usable.len()];
+            if let Some(permit) = e.breaker.try_acquire() {
+                e.in_flight.fetch_add(1, Ordering::Relaxed);
+                return Some(Lease {
+                    endpoint: e.clone(),
+                    permit,
+                    cluster: self.name.clone(),
+                });
+            }
+        }
+        None
+    }
+
+    /// Starts the active health checks; they stop when `stop` is cancelled.
+    pub fn start_health_checks(&self, stop: &CancellationToken) {
+        for e in &self.endpoints {
+            metrics::gauge!("gateway_upstream_healthy", "cluster" => self.name.to_string(), "endpoint" => e.url.clone())
+                .set(if e.is_healthy() { 1.0 } else { 0.0 });
+            breaker_gauge(&self.name, e, e.breaker.state());
+            let Some(hc) = self.health.clone() else {
+                continue;
+            };
+            let (e, client, stop, cluster) =
+                (e.clone(), self.client.clone(), stop.clone(), self.name.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(hc.interval_ms));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let ok = probe(&client, &e, &hc).await;
+                    update_health(&cluster, &e, &hc, ok);
+                }
+            });
+        }
+    }
+}
+
+async fn probe(client: &HttpClient, e: &Endpoint, hc: &HealthCheckConfig) -> bool {
+    let Ok(req) = http::Request::get(format!("{}{}", e.url, hc.path))
+        .header(http::header::USER_AGENT, "shopmesh-health-check")
+        .body(empty())
+    else {
+        return false;
+    };
+    match tokio::time::timeout(Duration::from_millis(hc.timeout_ms), client.request(req)).await {
+        Ok(Ok(res)) => res.status().is_success(),
+        _ => false,
+    }
+}
+
+fn update_health(cluster: &str, e: &Endpoint, hc: &HealthCheckConfig, ok: bool) {
+    let (ok_n, fail_n) = if ok {
+        e.probe_fail.store(0, Ordering::Relaxed);
+        (e.probe_ok.fetch_add(1, Ordering::Relaxed) + 1, 0)
+    } else {
+        e.probe_ok.store(0, Ordering::Relaxed);
+        (0, e.probe_fail.fetch_add(1, Ordering::Relaxed) + 1)
+    };
+    let was = e.is_healthy();
+    let now = if was {
+        fail_n < hc.unhealthy_threshold
+    } else {
+        ok_n >= hc.healthy_threshold
+    };
+    if now != was {
+        e.healthy.store(now, Ordering::Relaxed);
+        tracing::warn!(cluster, endpoint = %e.url, healthy = now, "endpoint health changed");
+        metrics::gauge!("gateway_upstream_healthy", "cluster" => cluster.to_owned(), "endpoint" => e.url.clone())
+            .set(if now { 1.0 } else { 0.0 });
+    }
+}
+
+/// Highest-random-weight hashing: removing an endpoint moves only its own clients.
+fn rendezvous(endpoints: &[&Arc<Endpoint>], key: &[u8]) -> usize {
+    let mut best = (0u64, 0usize);
+    for (i, e) in endpoints.iter().enumerate() {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        e.url.hash(&mut h);
+        let w = h.finish();
+        if i == 0 || w > best.0 {
+            best = (w, i);
+        }
+    }
+    best.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(lb: LoadBalancer, n: usize) -> Cluster {
+        let cfg = ClusterConfig {
+            name: "c".into(),
+            endpoints: (0..n).map(|i| format!("http://127.0.0.1:{}", 9000 + i)).collect(),
+            load_balancer: lb,
+            hash_on: None,
+            health_check: None,
+            circuit_breaker: BreakerConfig::default(),
+            timeouts: Default::default(),
+            retry: Default::default(),
+        };
+        Cluster::new(&cfg, None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn round_robin_spreads_evenly() {
+        let c = cluster(LoadBalancer::RoundRobin, 3);
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            let l = c.pick(None, None).unwrap();
+            counts[(l.endpoint.authority.port_u16().unwrap() - 9000) as usize] += 1;
+        }
+        assert_eq!(counts, [100, 100, 100]);
+    }
+
+    #[tokio::test]
+    async fn least_request_avoids_the_busy_endpoint() {
+        let c = cluster(LoadBalancer::LeastRequest, 2);
+        // Hold many requests on whichever endpoint is picked first.
+        let first = c.pick(None, None).unwrap();
+        let busy = first.endpoint.url.clone();
+        let mut held = vec![first];
+        for _ in 0..50 {
+            let l = c.pick(None, None).unwrap();
+            if l.endpoint.url == busy {
+                held.push(l);
+            }
+        }
+        for _ in 0..100 {
+            let l = c.pick(None, None).unwrap();
+            assert_ne!(l.endpoint.url, busy, "p2c over two picks the idle one");
+        }
+    }
+
+    #[tokio::test]
+    async fn consistent_hash_sticks_and_moves_only_the_lost_keys() {
+        let c = cluster(LoadBalancer::ConsistentHash, 4);
+        let before: Vec<String> = (0..200)
+            .map(|k| c.pick(Some(format!("user-{k}").as_bytes()), None).unwrap().endpoint.url.clone())
+            .collect();
+        let again: Vec<String> = (0..200)
+            .map(|k| c.pick(Some(format!("user-{k}").as_bytes()), None).unwrap().endpoint.url.clone())
+            .collect();
+        assert_eq!(before, again);
+        let down = c.endpoints[1].clone();
+        down.healthy.store(false, Ordering::Relaxed);
+        for (k, was) in before.iter().enumerate() {
+            let now = c.pick(Some(format!("user-{k}").as_bytes()), None).unwrap().endpoint.url.clone();
+            if *was != down.url {
+                assert_eq!(&now, was, "key {k} moved though its endpoint is up");
+            } else {
+                assert_ne!(now, down.url);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn open_breakers_and_unhealthy_endpoints_are_skipped() {
+        let c = cluster(LoadBalancer::RoundRobin, 2);
+        c.endpoints[0].healthy.store(false, Ordering::Relaxed);
+        for _ in 0..10 {
+            assert_eq!(c.pick(None, None).unwrap().endpoint.url, c.endpoints[1].url);
+        }
+        for _ in 0..5 {
+            c.pick(None, None).unwrap().finish(false);
+        }
+        assert!(c.pick(None, None).is_none(), "all out: the caller answers 503");
+    }
+
+    #[tokio::test]
+    async fn retries_avoid_the_failed_endpoint_when_they_can() {
+        let c = cluster(LoadBalancer::RoundRobin, 2);
+        let e0 = c.endpoints[0].clone();
+        for _ in 0..10 {
+            assert_ne!(c.pick(None, Some(&e0)).unwrap().endpoint.url, e0.url);
+        }
+        let single = cluster(LoadBalancer::RoundRobin, 1);
+        let only = single.endpoints[0].clone();
+        assert!(single.pick(None, Some(&only)).is_some());
+    }
+
+    #[tokio::test]
+    async fn endpoints_survive_a_rebuild() {
+        let c = cluster(LoadBalancer::RoundRobin, 2);
+        c.endpoints[0].healthy.store(false, Ordering::Relaxed);
+        let cfg = ClusterConfig {
+            name: "c".into(),
+            endpoints: vec!["http://127.0.0.1:9000".into(), "http://127.0.0.1:9005".into()],
+            load_balancer: LoadBalancer::RoundRobin,
+            hash_on: None,
+            health_check: None,
+            circuit_breaker: BreakerConfig::default(),
+            timeouts: Default::default(),
+            retry: Default::default(),
+        };
+        let next = Cluster::new(&cfg, Some(&c)).unwrap();
+        assert!(Arc::ptr_eq(&next.endpoints[0], &c.endpoints[0]));
+        assert!(!next.endpoints[0].is_healthy());
+        assert!(next.endpoints[1].is_healthy());
+    }
+}

@@ -1,0 +1,377 @@
+//! Path normalisation and route matching.
+//!
+//! Every path is normalised before it is matched, and the normalised path is the one
+//! forwarded, so the gateway and the upstream always agree on what was asked for:
+//! percent-encoded unreserved characters are decoded (`%2e` is `.`), dot segments are
+//! resolved, repeated slashes merged. Encoded slashes and backslashes (`%2f`, `%5c`, `\`)
+//! are refused: upstreams disagree on what they mean. Literal path parts of routes are
+//! compared ignoring ASCII case, so `/API/Admin` meets the same auth as `/api/admin`.
+
+use std::collections::BTreeMap;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::config::RouteMatch;
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path must start with `/`")]
+    NotAbsolute,
+    #[error("the path holds a malformed percent-encoding")]
+    BadEncoding,
+    #[error("encoded slashes and backslashes are not accepted in paths")]
+    EncodedSlash,
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Normalises a request path (RFC 3986 §6.2.2, plus slash merging).
+pub fn normalize(path: &str) -> Result<String, PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    // 1. Percent-decoding of unreserved characters; other escapes kept, in upper case.
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).and_then(|b| hex(*b)),
+                    bytes.get(i + 2).and_then(|b| hex(*b)),
+                ) else {
+                    return Err(PathError::BadEncoding);
+                };
+                let v = (h * 16 + l) as u8;
+                if v == b'/' || v == b'\\' {
+                    return Err(PathError::EncodedSlash);
+                }
+                if is_unreserved(v) {
+                    decoded.push(v as char);
+                } else {
+                    decoded.push('%');
+                    decoded.push(bytes[i + 1].to_ascii_uppercase() as char);
+                    decoded.push(bytes[i + 2].to_ascii_uppercase() as char);
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::EncodedSlash),
+            b => {
+                decoded.push(b as char);
+                i += 1;
+            }
+        }
+    }
+    // 2. Dot segments and empty segments.
+    let trailing = decoded.len() > 1 && decoded.ends_with('/');
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut norm = String::with_capacity(decoded.len());
+    for s in &out {
+        norm.push('/');
+        norm.push_str(s);
+    }
+    if norm.is_empty() || (trailing && !out.is_empty()) {
+        norm.push('/');
+    }
+    Ok(norm)
+}
+
+/// A path template: `/api/products/{id}`, `/files/{*rest}`.
+#[derive(Debug, Clone)]
+pub struct Template {
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone)]
+enum Segment {
+    Literal(String),
+    Param(String),
+    Rest(String),
+}
+
+impl Template {
+    pub fn parse(t: &str) -> Result<Self, String> {
+        let mut segments = Vec::new();
+        let parts: Vec<&str> = t.trim_start_matches('/').split('/').collect();
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in parts.iter().enumerate() {
+            if let Some(inner) = p.strip_prefix('{') {
+                let inner = inner
+                    .strip_suffix('}')
+                    .ok_or_else(|| format!("template `{t}`: unclosed `{{` in `{p}`"))?;
+                let (rest, name) = match inner.strip_prefix('*') {
+                    Some(n) => (true, n),
+                    None => (false, inner),
+                };
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    return Err(format!("template `{t}`: bad parameter name `{p}`"));
+                }
+                if !names.insert(name.to_owned()) {
+                    return Err(format!("template `{t}`: parameter `{name}` used twice"));
+                }
+                if rest && i + 1 != parts.len() {
+                    return Err(format!("template `{t}`: `{{*{name}}}` must come last"));
+                }
+                segments.push(if rest {
+                    Segment::Rest(name.to_owned())
+                } else {
+                    Segment::Param(name.to_owned())
+                });
+            } else if p.contains(['{', '}']) {
+                return Err(format!("template `{t}`: braces must enclose a whole segment"));
+            } else if !p.is_empty() {
+                segments.push(Segment::Literal(p.to_ascii_lowercase()));
+            }
+        }
+        Ok(Self { segments })
+    }
+
+    /// Path parameters when `path` (normalised) fits the template.
+    pub fn matches(&self, path: &str) -> Option<BTreeMap<String, String>> {
+        let mut params = BTreeMap::new();
+        let trimmed = path.trim_start_matches('/');
+        let mut rest = if trimmed.is_empty() {
+            Vec::new()
+        } else {
+            trimmed.split('/').collect::<Vec<_>>()
+        };
+        if rest.last() == Some(&"") {
+            rest.pop();
+        }
+        let mut i = 0;
+        for seg in &self.segments {
+            match seg {
+                Segment::Literal(l) => {
+                    if !rest.get(i)?.eq_ignore_ascii_case(l) {
+                        return None;
+                    }
+                }
+                Segment::Param(n) => {
+                    params.insert(n.clone(), (*rest.get(i)?).to_owned());
+                }
+                Segment::Rest(n) => {
+                    params.insert(n.clone(), rest[i.min(rest.len())..].join("/"));
+                    return Some(params);
+                }
+            }
+            i += 1;
+        }
+        (i == rest.len()).then_some(params)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Template(Template),
+}
+
+/// A compiled [`RouteMatch`].
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    path: PathMatch,
+    host: Option<String>,
+    methods: Vec<Method>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let p = prefix.trim_end_matches('/');
+    p.is_empty()
+        || (path.len() >= p.len()
+            && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/'))
+}
+
+impl Matcher {
+    /// Compiles a match; [`crate::config::GatewayConfig::validate`] has checked it.
+    pub fn new(m: &RouteMatch) -> Result<Self, String> {
+        let path = match (&m.prefix, &m.exact, &m.template) {
+            (Some(p), None, None) => PathMatch::Prefix(p.clone()),
+            (None, Some(e), None) => PathMatch::Exact(normalize(e).map_err(|e| e.to_string())?),
+            (None, None, Some(t)) => PathMatch::Template(Template::parse(t)?),
+            _ => return Err("match needs exactly one of `prefix`, `exact`, `template`".into()),
+        };
+        Ok(Self {
+            path,
+            host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            methods: m
+                .methods
+                .iter()
+                .filter_map(|s| Method::from_bytes(s.to_ascii_uppercase().as_bytes()).ok())
+                .collect(),
+            headers: m
+                .headers
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((
+                        HeaderName::from_bytes(n.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+        })
+    }
+
+    /// Whether the request fits, with its path parameters.
+    pub fn matches(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<BTreeMap<String, String>> {
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return None;
+        }
+        if let Some(want) = &self.host {
+            let h = host?;
+            let h = h.rsplit_once(':').map_or(h, |(name, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(']') || name.ends_with(']') {
+                    name
+                } else {
+                    h
+                }
+            });
+            if !h.eq_ignore_ascii_case(want) {
+                return None;
+            }
+        }
+        for (n, v) in &self.headers {
+            if headers.get(n) != Some(v) {
+                return None;
+            }
+        }
+        match &self.path {
+            PathMatch::Prefix(p) => prefix_matches(p, path).then(BTreeMap::new),
+            PathMatch::Exact(e) => path.eq_ignore_ascii_case(e).then(BTreeMap::new),
+            PathMatch::Template(t) => t.matches(path),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.path {
+            PathMatch::Prefix(p) => format!("prefix {p}"),
+            PathMatch::Exact(e) => format!("exact {e}"),
+            PathMatch::Template(_) => "template".into(),
+        }
+    }
+}
+
+/// Applies a rewrite to a normalised path.
+pub fn rewrite(path: &str, strip: Option<&str>, add: Option<&str>) -> String {
+    let mut p = path;
+    if let Some(s) = strip {
+        let s = s.trim_end_matches('/');
+        if prefix_matches(s, p) {
+            p = &p[s.len()..];
+        }
+    }
+    let add = add.map(|a| a.trim_end_matches('/')).unwrap_or("");
+    let mut out = String::with_capacity(add.len() + p.len() + 1);
+    out.push_str(add);
+    if !p.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(p);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation_resolves_tricks() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/api/orders", "/api/orders"),
+            ("/api/../admin", "/admin"),
+            ("/api/%2e%2e/admin", "/admin"),
+            ("/api/%2E%2E/admin", "/admin"),
+            ("/api/.%2e/admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/api//orders///1", "/api/orders/1"),
+            ("/./api/./x", "/api/x"),
+            ("/../../etc", "/etc"),
+            ("/api/orders/", "/api/orders/"),
+            ("/%61dmin", "/admin"),
+            ("/a%20b", "/a%20b"),
+            ("/a%3fb", "/a%3Fb"),
+        ] {
+            assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
+        }
+        assert_eq!(normalize("/a%2fb"), Err(PathError::EncodedSlash));
+        assert_eq!(normalize("/a%5Cb"), Err(PathError::EncodedSlash));
+        assert_eq!(normalize("/a\\b"), Err(PathError::EncodedSlash));
+        assert_eq!(normalize("/a%zz"), Err(PathError::BadEncoding));
+        assert_eq!(normalize("/a%2"), Err(PathError::BadEncoding));
+        assert_eq!(normalize("a"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn templates_bind_parameters() {
+        let t = Template::parse("/api/products/{id}").unwrap();
+        let p = t.matches("/api/products/42").unwrap();
+        assert_eq!(p["id"], "42");
+        assert!(t.matches("/API/Products/42").is_some());
+        assert!(t.matches("/api/products").is_none());
+        assert!(t.matches("/api/products/42/x").is_none());
+        let r = Template::parse("/files/{*rest}").unwrap();
+        assert_eq!(r.matches("/files/a/b/c").unwrap()["rest"], "a/b/c");
+        assert_eq!(r.matches("/files").unwrap()["rest"], "");
+        assert!(Template::parse("/a/{id").is_err());
+        assert!(Template::parse("/a/{*x}/b").is_err());
+        assert!(Template::parse("/a/x{id}").is_err());
+        assert!(Template::parse("/a/{id}/{id}").is_err());
+    }
+
+    fn matcher(yaml_like: RouteMatch) -> Matcher {
+        Matcher::new(&yaml_like).unwrap()
+    }
+
+    #[test]
+    fn matchers_check_method_host_headers_and_case() {
+        let m = matcher(RouteMatch {
+            prefix: Some("/api/orders".into()),
+            host: Some("shop.example".into()),
+            methods: vec!["post".into()],
+            headers: [("x-env".to_owned(), "beta".to_owned())].into(),
+            ..Default::default()
+        });
+        let mut h = HeaderMap::new();
+        h.insert("x-env", HeaderValue::from_static("beta"));
+        let ok = |method: &Method, host: &str, path: &str, h: &HeaderMap| {
+            m.matches(method, Some(host), path, h).is_some()
+        };
+        assert!(ok(&Method::POST, "shop.example", "/api/orders/1", &h));
+        assert!(ok(&Method::POST, "SHOP.example:8080", "/API/Orders", &h));
+        assert!(!ok(&Method::GET, "shop.example", "/api/orders", &h));
+        assert!(!ok(&Method::POST, "other", "/api/orders", &h));
+        assert!(!ok(&Method::POST, "shop.example", "/api/ordersx", &h));
+        assert!(!ok(&Method::POST, "shop.example", "/api/orders", &HeaderMap::new()));
+    }
+
+    #[test]
+    fn rewrites_strip_and_add() {
+        assert_eq!(rewrite("/api/orders/1", Some("/api"), None), "/orders/1");
+        assert_eq!(rewrite("/api", Some("/api"), None), "/");
+        assert_eq!(rewrite("/API/x", Some("/api"), Some("/v1/")), "/v1/x");
+        assert_eq!(rewrite("/x", None, Some("/v2")), "/v2/x");
+    }
+}

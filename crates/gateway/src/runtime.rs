@@ -1,0 +1,303 @@
+//! One generation of the gateway's configuration, compiled: routes, clusters, verifiers and
+//! limiters. A reload builds a whole new generation next to the serving one and swaps it in
+//! atomically; requests in flight finish on the generation they started on.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::config::{AuthConfig, ConfigError, GatewayConfig, RateLimitKey};
+use crate::jwt::JwtVerifier;
+use crate::proxy::HttpClient;
+use crate::ratelimit::{Limiter, LocalLimiter, SharedStore};
+use crate::router::Matcher;
+
+pub struct Route {
+    pub name: Arc<str>,
+    pub matcher: Matcher,
+    pub cluster: Arc<Cluster>,
+    pub strip_prefix: Option<String>,
+    pub add_prefix: Option<String>,
+    pub auth: AuthConfig,
+    pub limiter: Option<Limiter>,
+    pub limit_key: RateLimitKey,
+    pub timeout: Duration,
+}
+
+impl Route {
+    pub fn needs_identity(&self) -> bool {
+        self.auth.required || !self.auth.roles.is_empty() || !self.auth.scopes.is_empty()
+    }
+}
+
+pub struct ApiKey {
+    pub name: String,
+    pub roles: Vec<String>,
+}
+
+pub struct ApiKeys {
+    pub header: http::HeaderName,
+    by_hash: HashMap<[u8; 32], Arc<ApiKey>>,
+}
+
+impl ApiKeys {
+    /// Looks a presented key up by its SHA-256.
+    pub fn find(&self, presented: &[u8]) -> Option<Arc<ApiKey>> {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        self.by_hash.get(&digest).cloned()
+    }
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hi = (chunk[0] as char).to_digit(16)?;
+        let lo = (chunk[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+pub struct Runtime {
+    pub version: u64,
+    pub loaded_at: SystemTime,
+    pub config: GatewayConfig,
+    pub routes: Vec<Route>,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub jwt: Option<Arc<JwtVerifier>>,
+    pub api_keys: Option<ApiKeys>,
+    pub trusted_proxies: Vec<(IpAddr, u8)>,
+    pub redis: Option<SharedStore>,
+    /// Stops this generation's health checks and housekeeping.
+    pub stop: CancellationToken,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Runtime {
+    /// Compiles a validated configuration, reusing what `previous` has that is unchanged:
+    /// endpoints (with their health and breaker state), the JWKS cache, in-memory rate
+    /// limit buckets and the Redis connection.
+    pub fn build(
+        cfg: GatewayConfig,
+        version: u64,
+        previous: Option<&Runtime>,
+    ) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let clusters: Vec<Arc<Cluster>> = cfg
+            .clusters
+            .iter()
+            .map(|c| {
+                let prev = previous.and_then(|p| p.clusters.iter().find(|o| *o.name == *c.name));
+                Cluster::new(c, prev.map(|a| &**a))
+                    .map(Arc::new)
+                    .map_err(|reason| ConfigError::Cluster {
+                        cluster: c.name.clone(),
+                        reason,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+
+        let jwt = cfg.jwt.as_ref().map(|j| {
+            previous
+                .and_then(|p| p.jwt.clone())
+                .filter(|v| v.config() == j)
+                .unwrap_or_else(|| Arc::new(JwtVerifier::new(j.clone(), jwks_client())))
+        });
+
+        let api_keys = cfg.api_keys.as_ref().map(|k| ApiKeys {
+            header: http::HeaderName::from_bytes(k.header.as_bytes())
+                .unwrap_or(http::HeaderName::from_static("x-api-key")),
+            by_hash: k
+                .keys
+                .iter()
+                .filter_map(|key| {
+                    Some((
+                        decode_hex32(&key.sha256)?,
+                        Arc::new(ApiKey {
+                            name: key.name.clone(),
+                            roles: key.roles.clone(),
+                        }),
+                    ))
+                })
+                .collect(),
+        });
+
+        let redis = match &cfg.redis {
+            None => None,
+            Some(r) => Some(
+                match previous.and_then(|p| p.redis.clone()).filter(|s| s.url == r.url) {
+                    Some(s) => s,
+                    None => SharedStore::new(r)
+                        .map_err(|e| ConfigError::Invalid(format!("redis: {e}")))?,
+                },
+            ),
+        };
+
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for r in &cfg.routes {
+            let err = |reason: String| ConfigError::Route {
+                route: r.name.clone(),
+                reason,
+            };
+            let matcher = Matcher::new(&r.matches).map_err(err)?;
+            let cluster = clusters
+                .iter()
+                .find(|c| *c.name == *r.cluster)
+                .cloned()
+                .ok_or_else(|| err(format!("unknown cluster `{}`", r.cluster)))?;
+            let limiter = match &r.rate_limit {
+                None => None,
+                Some(rl) if rl.shared => Some(Limiter::Shared {
+                    store: redis
+                        .clone()
+                        .ok_or_else(|| err("rate_limit.shared needs `redis`".into()))?,
+                    cfg: rl.clone(),
+                }),
+                Some(rl) => {
+                    let kept = previous.and_then(|p| {
+                        p.routes.iter().find_map(|o| match &o.limiter {
+                            Some(Limiter::Local(l)) if *o.name == *r.name && l.cfg == *rl => {
+                                Some(l.clone())
+                            }
+                            _ => None,
+                        })
+                    });
+                    Some(Limiter::Local(
+                        kept.unwrap_or_else(|| Arc::new(LocalLimiter::new(rl.clone()))),
+                    ))
+                }
+            };
+            routes.push(Route {
+                name: r.name.as_str().into(),
+                matcher,
+                timeout: r
+                    .timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(cluster.request_timeout),
+                cluster,
+                strip_prefix: r.rewrite.as_ref().and_then(|w| w.strip_prefix.clone()),
+                add_prefix: r.rewrite.as_ref().and_then(|w| w.add_prefix.clone()),
+                auth: r.auth.clone(),
+                limit_key: r.rate_limit.as_ref().map(|l| l.key).unwrap_or_default(),
+                limiter,
+            });
+        }
+
+        let trusted_proxies = cfg
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| crate::config::parse_cidr(p))
+            .collect();
+        Ok(Self {
+            version,
+            loaded_at: SystemTime::now(),
+            routes,
+            clusters,
+            jwt,
+            api_keys,
+            trusted_proxies,
+            redis,
+            stop: CancellationToken::new(),
+            config: cfg,
+        })
+    }
+
+    /// Starts this generation's background work: health checks, limiter housekeeping.
+    pub fn start(&self) {
+        for c in &self.clusters {
+            c.start_health_checks(&self.stop);
+        }
+        let locals: Vec<Arc<LocalLimiter>> = self
+            .routes
+            .iter()
+            .filter_map(|r| match &r.limiter {
+                Some(Limiter::Local(l)) => Some(l.clone()),
+                _ => None,
+            })
+            .collect();
+        if !locals.is_empty() {
+            let stop = self.stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => locals.iter().for_each(|l| l.housekeep()),
+                    }
+                }
+            });
+        }
+    }
+
+    /// Whether `ip` is one of the configured trusted proxies.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies
+            .iter()
+            .any(|(net, len)| in_cidr(ip, *net, *len))
+    }
+}
+
+fn jwks_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+fn in_cidr(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_membership() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(in_cidr(ip("10.1.2.3"), ip("10.0.0.0"), 8));
+        assert!(!in_cidr(ip("11.1.2.3"), ip("10.0.0.0"), 8));
+        assert!(in_cidr(ip("::ffff:10.1.2.3"), ip("10.0.0.0"), 8));
+        assert!(in_cidr(ip("127.0.0.1"), ip("127.0.0.1"), 32));
+        assert!(in_cidr(ip("fd00::1"), ip("fd00::"), 8));
+        assert!(in_cidr(ip("1.2.3.4"), ip("0.0.0.0"), 0));
+    }
+
+    #[test]
+    fn hex_keys_decode() {
+        let h = "00ff".repeat(16);
+        let k = decode_hex32(&h).unwrap();
+        assert_eq!(k[0], 0);
+        assert_eq!(k[1], 255);
+        assert!(decode_hex32("zz").is_none());
+    }
+}
