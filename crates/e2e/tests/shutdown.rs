@@ -62,7 +62,10 @@ async fn the_gateway_finishes_in_flight_requests() {
     let upstream_token = CancellationToken::new();
     let upstream = slow_service(Duration::from_millis(400), upstream_token.clone()).await;
     let gateway = Gateway::new(GatewayConfig::new(
-        vec![ClusterConfig::new("slow", vec![format!("http://{upstream}")])],
+        vec![ClusterConfig::new(
+            "slow",
+            vec![format!("http://{upstream}")],
+        )],
         vec![RouteConfig::prefix("slow", "/slow", "slow")],
     ))
     .unwrap();

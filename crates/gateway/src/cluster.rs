@@ -142,7 +142,11 @@ impl Cluster {
             client,
             request_timeout: Duration::from_millis(cfg.timeouts.request_ms),
             retry_attempts: r.attempts,
-            budget: TpsBudget::new(Duration::from_secs(10), r.min_per_sec, r.budget_percent / 100.0),
+            budget: TpsBudget::new(
+                Duration::from_secs(10),
+                r.min_per_sec,
+                r.budget_percent / 100.0,
+            ),
             health: cfg.health_check.clone(),
         })
     }
@@ -213,8 +217,12 @@ impl Cluster {
             let Some(hc) = self.health.clone() else {
                 continue;
             };
-            let (e, client, stop, cluster) =
-                (e.clone(), self.client.clone(), stop.clone(), self.name.clone());
+            let (e, client, stop, cluster) = (
+                e.clone(),
+                self.client.clone(),
+                stop.clone(),
+                self.name.clone(),
+            );
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(hc.interval_ms));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -288,7 +296,9 @@ mod tests {
     fn cluster(lb: LoadBalancer, n: usize) -> Cluster {
         let cfg = ClusterConfig {
             name: "c".into(),
-            endpoints: (0..n).map(|i| format!("http://127.0.0.1:{}", 9000 + i)).collect(),
+            endpoints: (0..n)
+                .map(|i| format!("http://127.0.0.1:{}", 9000 + i))
+                .collect(),
             load_balancer: lb,
             hash_on: None,
             health_check: None,
@@ -333,16 +343,33 @@ mod tests {
     async fn consistent_hash_sticks_and_moves_only_the_lost_keys() {
         let c = cluster(LoadBalancer::ConsistentHash, 4);
         let before: Vec<String> = (0..200)
-            .map(|k| c.pick(Some(format!("user-{k}").as_bytes()), None).unwrap().endpoint.url.clone())
+            .map(|k| {
+                c.pick(Some(format!("user-{k}").as_bytes()), None)
+                    .unwrap()
+                    .endpoint
+                    .url
+                    .clone()
+            })
             .collect();
         let again: Vec<String> = (0..200)
-            .map(|k| c.pick(Some(format!("user-{k}").as_bytes()), None).unwrap().endpoint.url.clone())
+            .map(|k| {
+                c.pick(Some(format!("user-{k}").as_bytes()), None)
+                    .unwrap()
+                    .endpoint
+                    .url
+                    .clone()
+            })
             .collect();
         assert_eq!(before, again);
         let down = c.endpoints[1].clone();
         down.healthy.store(false, Ordering::Relaxed);
         for (k, was) in before.iter().enumerate() {
-            let now = c.pick(Some(format!("user-{k}").as_bytes()), None).unwrap().endpoint.url.clone();
+            let now = c
+                .pick(Some(format!("user-{k}").as_bytes()), None)
+                .unwrap()
+                .endpoint
+                .url
+                .clone();
             if *was != down.url {
                 assert_eq!(&now, was, "key {k} moved though its endpoint is up");
             } else {
@@ -361,7 +388,10 @@ mod tests {
         for _ in 0..5 {
             c.pick(None, None).unwrap().finish(false);
         }
-        assert!(c.pick(None, None).is_none(), "all out: the caller answers 503");
+        assert!(
+            c.pick(None, None).is_none(),
+            "all out: the caller answers 503"
+        );
     }
 
     #[tokio::test]
@@ -382,7 +412,10 @@ mod tests {
         c.endpoints[0].healthy.store(false, Ordering::Relaxed);
         let cfg = ClusterConfig {
             name: "c".into(),
-            endpoints: vec!["http://127.0.0.1:9000".into(), "http://127.0.0.1:9005".into()],
+            endpoints: vec![
+                "http://127.0.0.1:9000".into(),
+                "http://127.0.0.1:9005".into(),
+            ],
             load_balancer: LoadBalancer::RoundRobin,
             hash_on: None,
             health_check: None,

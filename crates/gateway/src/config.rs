@@ -585,8 +585,15 @@ impl GatewayConfig {
             ));
         }
         if let Some(j) = &self.jwt {
-            check_http_url(&j.jwks_url)
-                .map_err(|r| ConfigError::Invalid(format!("jwt.jwks_url: {r}")))?;
+            let uri: http::Uri = j
+                .jwks_url
+                .parse()
+                .map_err(|_| ConfigError::Invalid("jwt.jwks_url is not a valid URL".into()))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(ConfigError::Invalid(
+                    "jwt.jwks_url must be an http:// URL".into(),
+                ));
+            }
         }
         if let Some(k) = &self.api_keys {
             http::HeaderName::from_bytes(k.header.as_bytes()).map_err(|_| {
@@ -727,16 +734,19 @@ impl GatewayConfig {
             }
             if let Some(rw) = &r.rewrite {
                 if let Some(strip) = &rw.strip_prefix {
-                    let prefix = m.prefix.as_deref().unwrap_or_default();
-                    if m.prefix.is_none()
-                        || !prefix
-                            .to_ascii_lowercase()
-                            .starts_with(&strip.trim_end_matches('/').to_ascii_lowercase())
-                    {
-                        return Err(err(
-                            "rewrite.strip_prefix needs a `prefix` match that starts with it"
-                                .into(),
-                        ));
+                    let pattern = [&m.prefix, &m.exact, &m.template]
+                        .into_iter()
+                        .flatten()
+                        .next()
+                        .map(|p| p.to_ascii_lowercase())
+                        .unwrap_or_default();
+                    let strip = strip.trim_end_matches('/').to_ascii_lowercase();
+                    let fits = pattern.starts_with(&strip)
+                        && matches!(pattern.as_bytes().get(strip.len()), None | Some(b'/'));
+                    if !strip.starts_with('/') || !fits {
+                        return Err(err(format!(
+                            "rewrite.strip_prefix `{strip}` is not a leading part of the match path"
+                        )));
                     }
                 }
                 if let Some(add) = &rw.add_prefix
@@ -749,14 +759,13 @@ impl GatewayConfig {
                 r.auth.required || !r.auth.roles.is_empty() || !r.auth.scopes.is_empty();
             if needs_auth && self.jwt.is_none() && self.api_keys.is_none() {
                 return Err(err(
-                    "requires authentication but neither `jwt` nor `api_keys` is configured"
-                        .into(),
+                    "requires authentication but neither `jwt` nor `api_keys` is configured".into(),
                 ));
             }
             if let Some(rl) = &r.rate_limit {
                 if !(rl.per_second > 0.0 && rl.per_second.is_finite()) || rl.burst == 0 {
                     return Err(err(
-                        "rate_limit: per_second and burst must be positive".into(),
+                        "rate_limit: per_second and burst must be positive".into()
                     ));
                 }
                 if rl.shared && self.redis.is_none() {
@@ -838,7 +847,11 @@ routes:
             ("{ prefix: / }", "{ prefix: /, exact: /x }", "exactly one"),
             ("{ prefix: / }", "{ template: \"/a/{id\" }", "template"),
             ("http://127.0.0.1:9000", "ftp://x", "http://"),
-            ("http://127.0.0.1:9000", "http://127.0.0.1:9000/base", "path"),
+            (
+                "http://127.0.0.1:9000",
+                "http://127.0.0.1:9000/base",
+                "path",
+            ),
         ] {
             let text = MINIMAL.replace(from, to);
             let e = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
@@ -847,7 +860,10 @@ routes:
         let exposed = format!("admin: {{ listen: \"0.0.0.0:9901\" }}\n{MINIMAL}");
         let e = GatewayConfig::from_yaml(&exposed).unwrap_err().to_string();
         assert!(e.contains("token"), "{e}");
-        let auth = MINIMAL.replace("cluster: app\n", "cluster: app\n    auth: { required: true }\n");
+        let auth = MINIMAL.replace(
+            "cluster: app\n",
+            "cluster: app\n    auth: { required: true }\n",
+        );
         let e = GatewayConfig::from_yaml(&auth).unwrap_err().to_string();
         assert!(e.contains("jwt"), "{e}");
     }

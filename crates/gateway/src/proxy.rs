@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
+use http_body::Body as _;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
-use arc_swap::ArcSwap;
-use http_body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use shopmesh_platform::problem::Problem;
@@ -122,8 +122,7 @@ impl Gateway {
             }
             Err(e) => {
                 st.last_error = Some(e.to_string());
-                metrics::counter!("gateway_config_reloads_total", "result" => "error")
-                    .increment(1);
+                metrics::counter!("gateway_config_reloads_total", "result" => "error").increment(1);
                 tracing::error!(error = %e, "configuration refused; the previous one keeps serving");
                 Err(e)
             }
@@ -138,8 +137,7 @@ impl Gateway {
                 let mut st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
                 st.last_attempt = Some(SystemTime::now());
                 st.last_error = Some(e.to_string());
-                metrics::counter!("gateway_config_reloads_total", "result" => "error")
-                    .increment(1);
+                metrics::counter!("gateway_config_reloads_total", "result" => "error").increment(1);
                 tracing::error!(error = %e, "configuration refused; the previous one keeps serving");
                 Err(e)
             }
@@ -523,7 +521,9 @@ async fn route_and_forward(
                 outcome.caller = Some(c.id.clone());
                 return (
                     outcome,
-                    problem(Problem::forbidden("the caller lacks a role this route requires")),
+                    problem(Problem::forbidden(
+                        "the caller lacks a role this route requires",
+                    )),
                 );
             }
             if !route.auth.scopes.iter().all(|s| c.scopes.contains(s)) {

@@ -132,7 +132,9 @@ impl Template {
                     Segment::Param(name.to_owned())
                 });
             } else if p.contains(['{', '}']) {
-                return Err(format!("template `{t}`: braces must enclose a whole segment"));
+                return Err(format!(
+                    "template `{t}`: braces must enclose a whole segment"
+                ));
             } else if !p.is_empty() {
                 segments.push(Segment::Literal(p.to_ascii_lowercase()));
             }
@@ -242,7 +244,9 @@ impl Matcher {
         if let Some(want) = &self.host {
             let h = host?;
             let h = h.rsplit_once(':').map_or(h, |(name, port)| {
-                if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(']') || name.ends_with(']') {
+                if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(']')
+                    || name.ends_with(']')
+                {
                     name
                 } else {
                     h
@@ -364,7 +368,12 @@ mod tests {
         assert!(!ok(&Method::GET, "shop.example", "/api/orders", &h));
         assert!(!ok(&Method::POST, "other", "/api/orders", &h));
         assert!(!ok(&Method::POST, "shop.example", "/api/ordersx", &h));
-        assert!(!ok(&Method::POST, "shop.example", "/api/orders", &HeaderMap::new()));
+        assert!(!ok(
+            &Method::POST,
+            "shop.example",
+            "/api/orders",
+            &HeaderMap::new()
+        ));
     }
 
     #[test]

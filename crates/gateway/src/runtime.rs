@@ -141,7 +141,10 @@ impl Runtime {
         let redis = match &cfg.redis {
             None => None,
             Some(r) => Some(
-                match previous.and_then(|p| p.redis.clone()).filter(|s| s.url == r.url) {
+                match previous
+                    .and_then(|p| p.redis.clone())
+                    .filter(|s| s.url == r.url)
+                {
                     Some(s) => s,
                     None => SharedStore::new(r)
                         .map_err(|e| ConfigError::Invalid(format!("redis: {e}")))?,
@@ -270,7 +273,11 @@ fn in_cidr(ip: IpAddr, net: IpAddr, len: u8) -> bool {
             u32::from(a) & mask == u32::from(b) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             u128::from(a) & mask == u128::from(b) & mask
         }
         _ => false,

@@ -112,7 +112,10 @@ pub struct System {
 
 /// The gateway configuration `shopmesh up` generates: one cluster per service, one route
 /// per public path prefix.
-pub fn gateway_config(cfg: &SystemConfig, addr: impl Fn(ServiceName) -> SocketAddr) -> GatewayConfig {
+pub fn gateway_config(
+    cfg: &SystemConfig,
+    addr: impl Fn(ServiceName) -> SocketAddr,
+) -> GatewayConfig {
     use ServiceName::*;
     let clusters = ServiceName::ALL
         .iter()

@@ -51,7 +51,11 @@ enum Command {
 #[derive(Args)]
 struct GatewayArgs {
     /// The YAML configuration (reloaded on change and on SIGHUP).
-    #[arg(long, env = "SHOPMESH_GATEWAY_CONFIG", required_unless_present = "schema")]
+    #[arg(
+        long,
+        env = "SHOPMESH_GATEWAY_CONFIG",
+        required_unless_present = "schema"
+    )]
     config: Option<PathBuf>,
     /// Validate the configuration and exit: 0 when valid, 1 with the reason when not.
     #[arg(long)]
