@@ -96,7 +96,9 @@ pub struct Cluster {
     lb: LoadBalancer,
     pub hash_on: Option<HashOn>,
     next: AtomicUsize,
-    pub client: HttpClient,
+    /// One connection pool per worker thread (index 0: the main runtime, health checks),
+    /// so a worker's requests only ever use connections its own runtime drives.
+    clients: Box<[HttpClient]>,
     pub request_timeout: Duration,
     pub retry_attempts: u32,
     budget: TpsBudget,
@@ -128,10 +130,14 @@ impl Cluster {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeouts.connect_ms)));
-        let client: HttpClient = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_millis(cfg.timeouts.idle_ms))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let clients = (0..=crate::server::MAX_WORKERS)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_millis(cfg.timeouts.idle_ms))
+                    .pool_max_idle_per_host(cfg.timeouts.max_idle_per_endpoint)
+                    .build(connector.clone())
+            })
+            .collect();
         let r = &cfg.retry;
         Ok(Self {
             name: cfg.name.as_str().into(),
@@ -139,7 +145,7 @@ impl Cluster {
             lb: cfg.load_balancer,
             hash_on: cfg.hash_on.clone(),
             next: AtomicUsize::new(0),
-            client,
+            clients,
             request_timeout: Duration::from_millis(cfg.timeouts.request_ms),
             retry_attempts: r.attempts,
             budget: TpsBudget::new(
@@ -149,6 +155,11 @@ impl Cluster {
             ),
             health: cfg.health_check.clone(),
         })
+    }
+
+    /// The connection pool of the calling worker thread.
+    pub fn client(&self) -> &HttpClient {
+        &self.clients[crate::server::worker_index().min(self.clients.len() - 1)]
     }
 
     /// Counts a first attempt toward the retry budget.
@@ -219,7 +230,7 @@ impl Cluster {
             };
             let (e, client, stop, cluster) = (
                 e.clone(),
-                self.client.clone(),
+                self.clients[0].clone(),
                 stop.clone(),
                 self.name.clone(),
             );

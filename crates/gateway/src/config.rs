@@ -16,6 +16,10 @@ pub struct GatewayConfig {
     /// Address the gateway listens on (`host:port`). Not changed by a reload.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Worker threads serving traffic, each with its own runtime and listener (default: one
+    /// per CPU, at most 16). Not changed by a reload.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// The admin API (routes, clusters, health, breakers, reload, metrics).
     #[serde(default)]
     pub admin: AdminConfig,
@@ -262,6 +266,9 @@ pub struct TimeoutsConfig {
     /// Idle upstream connections are closed after this long.
     #[serde(default = "default_idle_timeout")]
     pub idle_ms: u64,
+    /// Idle connections kept per endpoint and worker thread (more are closed when freed).
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_endpoint: usize,
 }
 
 impl Default for TimeoutsConfig {
@@ -270,6 +277,7 @@ impl Default for TimeoutsConfig {
             connect_ms: default_connect_timeout(),
             request_ms: default_request_timeout(),
             idle_ms: default_idle_timeout(),
+            max_idle_per_endpoint: default_max_idle(),
         }
     }
 }
@@ -345,6 +353,7 @@ impl GatewayConfig {
     pub fn new(clusters: Vec<ClusterConfig>, routes: Vec<RouteConfig>) -> Self {
         Self {
             listen: default_listen(),
+            workers: None,
             admin: AdminConfig::default(),
             limits: LimitsConfig::default(),
             trusted_proxies: Vec::new(),
@@ -510,6 +519,9 @@ fn default_request_timeout() -> u64 {
 fn default_idle_timeout() -> u64 {
     90_000
 }
+fn default_max_idle() -> usize {
+    64
+}
 fn default_retry_attempts() -> u32 {
     1
 }
@@ -571,6 +583,12 @@ impl GatewayConfig {
             return Err(ConfigError::Invalid(
                 "admin: a `token` is required when the admin API listens beyond loopback".into(),
             ));
+        }
+        if self.workers.is_some_and(|w| w == 0 || w > crate::server::MAX_WORKERS) {
+            return Err(ConfigError::Invalid(format!(
+                "workers must be within 1–{}",
+                crate::server::MAX_WORKERS
+            )));
         }
         for p in &self.trusted_proxies {
             parse_cidr(p).ok_or_else(|| {

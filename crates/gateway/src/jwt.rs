@@ -51,6 +51,7 @@ struct Claims {
     roles: Vec<String>,
     #[serde(default)]
     scope: Option<String>,
+    exp: u64,
 }
 
 struct Key {
@@ -60,11 +61,20 @@ struct Key {
 
 pub struct JwtVerifier {
     cfg: JwtConfig,
+    /// Tokens already verified, with when to stop trusting the result (the token's `exp`,
+    /// at most [`CACHE_TTL`] away). Bounded; the same token string always carries the same
+    /// claims, so a hit is as good as a verification.
+    verified: quick_cache::sync::Cache<String, (Identity, Instant)>,
     client: HttpClient,
     keys: RwLock<HashMap<String, Key>>,
     /// When the last fetch was tried, and whether it worked.
     last_fetch: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
+
+/// Longest time a verification result is reused.
+const CACHE_TTL: Duration = Duration::from_secs(60);
+/// Most verification results kept.
+const CACHE_ENTRIES: usize = 10_000;
 
 /// Quiet period after a failed fetch: short, but a down identity provider is not hammered.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -77,6 +87,7 @@ impl JwtVerifier {
     pub fn new(cfg: JwtConfig, client: HttpClient) -> Self {
         Self {
             cfg,
+            verified: quick_cache::sync::Cache::new(CACHE_ENTRIES),
             client,
             keys: RwLock::new(HashMap::new()),
             last_fetch: tokio::sync::Mutex::new(None),
@@ -84,6 +95,25 @@ impl JwtVerifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if let Some((id, until)) = self.verified.get(token)
+            && Instant::now() < until
+        {
+            return Ok(id);
+        }
+        let (id, exp) = self.verify_signature(token).await?;
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let ttl = Duration::from_secs(exp.saturating_sub(now_unix)).min(CACHE_TTL);
+        if !ttl.is_zero() {
+            self.verified
+                .insert(token.to_owned(), (id.clone(), Instant::now() + ttl));
+        }
+        Ok(id)
+    }
+
+    async fn verify_signature(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let kid = header.kid.ok_or(AuthError::Malformed)?;
         if !self.has_key(&kid) {
@@ -112,7 +142,8 @@ impl JwtVerifier {
         if data.claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty subject".into()));
         }
-        Ok(Identity {
+        let exp = data.claims.exp;
+        Ok((Identity {
             subject: data.claims.sub,
             roles: data.claims.roles,
             scopes: data
@@ -120,7 +151,7 @@ impl JwtVerifier {
                 .scope
                 .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
-        })
+        }, exp))
     }
 
     fn has_key(&self, kid: &str) -> bool {

@@ -253,7 +253,9 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     req.headers_mut().insert("traceparent", tp);
     let method = req.method().clone();
     let raw_path = req.uri().path().to_owned();
-    let span = tracing::info_span!(
+    // Debug level: at the default level the access log carries the request's fields, and
+    // no span is built per request.
+    let span = tracing::debug_span!(
         "gateway",
         method = %method,
         path = %raw_path,
@@ -678,10 +680,14 @@ async fn route_and_forward(
         let mut upstream_req = Request::new(body.take().unwrap_or_else(empty));
         *upstream_req.method_mut() = parts.method.clone();
         *upstream_req.uri_mut() = uri;
-        *upstream_req.headers_mut() = parts.headers.clone();
+        *upstream_req.headers_mut() = if retryable {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         *upstream_req.version_mut() = parts.version;
 
-        let sent = tokio::time::timeout(route.timeout, cluster.client.request(upstream_req)).await;
+        let sent = tokio::time::timeout(route.timeout, cluster.client().request(upstream_req)).await;
         let can_retry = retryable && outcome.attempts <= cluster.retry_attempts;
         match sent {
             Err(_) => {

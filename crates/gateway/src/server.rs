@@ -16,6 +16,80 @@ use tower::ServiceExt;
 
 use crate::proxy::{ClientAddr, Gateway};
 
+/// Most worker threads [`serve_workers`] starts.
+pub const MAX_WORKERS: usize = 16;
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The worker thread the caller runs on (1..=workers), or 0 off the workers.
+pub fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// Thread per core, as nginx and pingora do: `workers` OS threads, each with a
+/// single-threaded tokio runtime, its own `SO_REUSEPORT` listener on `addr` (the kernel
+/// spreads connections among them) and its own upstream connection pools, so a request
+/// never hops between threads. Returns the bound address and a handle that joins the
+/// workers once `shutdown` is cancelled and they have drained.
+pub fn serve_workers(
+    addr: std::net::SocketAddr,
+    gateway: Gateway,
+    shutdown: CancellationToken,
+    drain: Duration,
+    workers: usize,
+) -> std::io::Result<(std::net::SocketAddr, std::thread::JoinHandle<()>)> {
+    let workers = workers.clamp(1, MAX_WORKERS);
+    let bind = |addr: std::net::SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
+        listener.into_std()
+    };
+    // The first bind fixes the port (when `addr` asks for any port).
+    let first = bind(addr)?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..workers {
+        listeners.push(bind(bound)?);
+    }
+    let mut threads = Vec::with_capacity(workers);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (gateway, shutdown) = (gateway.clone(), shutdown.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("gateway-{}", i + 1))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(i + 1));
+                    rt.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => serve(l, gateway, shutdown, drain).await,
+                            Err(e) => tracing::error!(error = %e, "worker cannot listen"),
+                        }
+                    });
+                })?,
+        );
+    }
+    let joiner = std::thread::Builder::new()
+        .name("gateway-join".into())
+        .spawn(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })?;
+    Ok((bound, joiner))
+}
+
 /// Serves `gateway` on `listener` until `shutdown`, then drains for at most `drain`.
 pub async fn serve(
     listener: TcpListener,
@@ -96,9 +170,7 @@ impl Standalone {
         poll: Duration,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let cfg = crate::GatewayConfig::from_file(&path)?;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        let (listen, workers) = (cfg.listen, cfg.workers);
         let admin_listener = match cfg.admin.listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -110,13 +182,22 @@ impl Standalone {
         let gateway = Gateway::new(cfg)?;
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
-        let addr = listener.local_addr()?;
-        tasks.spawn(serve(
-            listener,
+        let workers = workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        let (addr, joiner) = serve_workers(
+            listen,
             gateway.clone(),
             stop.clone(),
             Duration::from_secs(30),
-        ));
+            workers,
+        )
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        tasks.spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || joiner.join()).await;
+        });
         let mut admin = None;
         if let Some(l) = admin_listener {
             let server = shopmesh_platform::serve::Server {

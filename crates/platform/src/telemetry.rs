@@ -14,15 +14,33 @@ pub enum LogFormat {
     Json,
 }
 
+/// Log lines queued for the writer thread at most (about 4 MiB of access log).
+pub const LOG_QUEUE_LINES: usize = 8192;
+
+/// Keeps the log writer running; logs still queued are flushed when it is dropped.
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter.
-pub fn init_tracing(format: LogFormat) {
+///
+/// Lines are written to stdout by a background thread through a bounded queue
+/// ([`LOG_QUEUE_LINES`]), so a request never waits on the terminal or a pipe; when the
+/// queue is full, lines are dropped rather than slowing the traffic down. Keep the guard
+/// until exit.
+pub fn init_tracing(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .finish(std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    guard
 }
 
 const LATENCY_BUCKETS: &[f64] = &[

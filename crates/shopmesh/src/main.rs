@@ -156,7 +156,7 @@ struct ServiceArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init_tracing(match cli.log_format {
+    let _log_guard = telemetry::init_tracing(match cli.log_format {
         Format::Text => LogFormat::Text,
         Format::Json => LogFormat::Json,
     });

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# The gateway against nginx and HAProxy on the same machine, in the same run.
+#
+# One upstream (an nginx answering 200 from memory, 1 worker) serves every proxy. The
+# shopmesh gateway runs its full chain: routing, JWT (EdDSA) verification, a per-user rate
+# limit, Prometheus metrics and a JSON access log written to a file. nginx (2 workers,
+# upstream keepalive) and HAProxy (2 threads, connection reuse) proxy the same upstream with
+# logging off. Each is driven by the same `wrk -t1 -c64` load.
+#
+# Also: the gateway's RSS while 1,000 clients hold connections open under load, and the
+# latency it adds over a direct call at a fixed 1,000 req/s (hey).
+#
+# Needs: wrk, hey, nginx, haproxy, openssl, curl (Debian: apt-get install wrk hey
+# nginx-light haproxy openssl curl). Uses ports 18180-18193.
+# Usage: bench/proxy-vs-peers.sh [seconds-per-run (default 10)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+CONNS=64
+for tool in wrk hey nginx haproxy openssl curl basenc; do
+  command -v $tool >/dev/null || { echo "missing: $tool (apt-get install wrk hey nginx-light haproxy openssl curl)"; exit 1; }
+done
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo build --release -q
+BIN=$PWD/target/release/shopmesh
+WORK=$(mktemp -d)
+chmod 755 "$WORK"   # nginx workers read the JWKS from here
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -n "${KEEP:-}" ] && cp "$WORK"/gateway.log /tmp/gateway-bench.log
+  for f in "$WORK"/*.pid; do [ -f "$f" ] && { kill "$(cat "$f")" 2>/dev/null || true; }; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UP=127.0.0.1:18190
+GW=127.0.0.1:18180
+NGX=127.0.0.1:18182
+HAP=127.0.0.1:18183
+
+# 1. A signing key, its JWKS, and one token (EdDSA), made with openssl.
+b64url() { basenc --base64url -w0 | tr -d '='; }
+openssl genpkey -algorithm ed25519 -out "$WORK/key.pem" 2>/dev/null
+X=$(openssl pkey -in "$WORK/key.pem" -pubout -outform DER | tail -c 32 | b64url)
+printf '{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"bench-1","x":"%s"}]}' "$X" >"$WORK/jwks.json"
+NOW=$(date +%s)
+HEADER=$(printf '{"alg":"EdDSA","typ":"JWT","kid":"bench-1"}' | b64url)
+PAYLOAD=$(printf '{"sub":"bench-user","iss":"bench","aud":"bench","iat":%d,"exp":%d,"roles":["customer"]}' "$NOW" $((NOW + 3600)) | b64url)
+printf '%s.%s' "$HEADER" "$PAYLOAD" >"$WORK/signing-input"
+SIG=$(openssl pkeyutl -sign -inkey "$WORK/key.pem" -rawin -in "$WORK/signing-input" | b64url)
+TOKEN="$HEADER.$PAYLOAD.$SIG"
+
+# 2. The upstream.
+cat >"$WORK/upstream.conf" <<CONF
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  server {
+    listen $UP;
+    location = /jwks.json { default_type application/json; alias $WORK/jwks.json; }
+    location / { default_type text/plain; return 200 "hello from upstream\n"; }
+  }
+}
+CONF
+nginx -c "$WORK/upstream.conf" -e "$WORK/upstream-error.log" 2>/dev/null
+
+# 3. nginx as a proxy.
+cat >"$WORK/nginx.conf" <<CONF
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  upstream up { server $UP; keepalive 64; keepalive_requests 10000000; }
+  server {
+    listen $NGX;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
+
+# 4. HAProxy.
+cat >"$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 5000
+  pidfile $WORK/haproxy.pid
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind $HAP
+  default_backend be
+backend be
+  http-reuse always
+  server up $UP maxconn 1000
+CONF
+haproxy -D -f "$WORK/haproxy.cfg"
+
+# 5. The gateway, full chain on.
+cat >"$WORK/gateway.yaml" <<CONF
+listen: $GW
+admin: { listen: 127.0.0.1:18181 }
+access_log: true
+jwt: { jwks_url: "http://$UP/jwks.json", issuer: bench, audience: bench }
+clusters:
+  - name: up
+    endpoints: ["http://$UP"]
+routes:
+  - name: bench
+    match: { prefix: / }
+    cluster: up
+    auth: { required: true }
+    rate_limit: { per_second: 100000000, burst: 100000000, key: user }
+CONF
+SHOPMESH_LOG_FORMAT=json "$BIN" gateway --config "$WORK/gateway.yaml" >"$WORK/gateway.log" 2>&1 &
+GW_PID=$!
+PIDS+=("$GW_PID")
+
+wait_up() { for _ in $(seq 1 200); do curl -fs -o /dev/null "$@" && return 0; sleep 0.05; done; echo "not up: $*"; tail -5 "$WORK/gateway.log"; curl -s "$@"; exit 1; }
+wait_up "http://$UP/"
+wait_up "http://$NGX/"
+wait_up "http://$HAP/"
+wait_up -H "Authorization: Bearer $TOKEN" "http://$GW/"
+# The chain is really on: no token → 401.
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$GW/")" = 401 ] || { echo "gateway does not enforce JWT"; exit 1; }
+
+to_ms() { # wrk latency value (e.g. 812.00us, 1.23ms, 1.02s) → ms
+  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
+}
+run_wrk() { # name url → "rps p50 p99"
+  local name=$1 url=$2 out
+  wrk -t1 -c"$CONNS" -d2s -H "Authorization: Bearer $TOKEN" "$url" >/dev/null # warm-up
+  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Authorization: Bearer $TOKEN" "$url")
+  local rps p50 p99 errors
+  rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
+  p50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
+  p99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
+  errors=$(grep -Eo 'Non-2xx or 3xx responses: [0-9]+' <<<"$out" | awk '{print $NF}' || true)
+  [ -z "$errors" ] || { echo "$name: $errors non-2xx responses"; exit 1; }
+  echo "$rps $p50 $p99"
+}
+
+# 6a. RSS of the fresh gateway with 1,000 client connections open, each having sent one
+# request (measured before any load).
+python3 - "$GW" "$TOKEN" <<'PY' &
+import socket, sys, time
+host, port = sys.argv[1].split(":")
+req = ("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n" % sys.argv[2]).encode()
+socks = []
+for _ in range(1000):
+    s = socket.create_connection((host, int(port)))
+    s.sendall(req)
+    s.recv(4096)
+    socks.append(s)
+time.sleep(5)
+PY
+IDLE_PID=$!
+sleep 3
+idle_conns=$(ss -Htn state established "( sport = :${GW##*:} )" | wc -l)
+idle_kb=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status")
+wait $IDLE_PID
+echo "wrk -t1 -c$CONNS -d${DURATION}s, 2 cores shared by load generator, proxy and upstream"
+read -r D_RPS D_P50 D_P99 < <(run_wrk direct "http://$UP/")
+read -r N_RPS N_P50 N_P99 < <(run_wrk nginx "http://$NGX/")
+read -r H_RPS H_P50 H_P99 < <(run_wrk haproxy "http://$HAP/")
+read -r G_RPS G_P50 G_P99 < <(run_wrk gateway "http://$GW/")
+printf 'proxy: %-8s %7d req/s p50=%sms p99=%sms\n' direct "$D_RPS" "$D_P50" "$D_P99" \
+  nginx "$N_RPS" "$N_P50" "$N_P99" haproxy "$H_RPS" "$H_P50" "$H_P99" gateway "$G_RPS" "$G_P50" "$G_P99"
+
+# 6b. RSS with 1,000 connections all sending at once (wrk -c1000), after the runs above.
+wrk -t1 -c1000 -d6s -H "Authorization: Bearer $TOKEN" "http://$GW/" >"$WORK/wrk1000.txt" &
+WRK_PID=$!
+sleep 4
+busy_conns=$(ss -Htn state established "( sport = :${GW##*:} )" | wc -l)
+busy_kb=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status")
+wait $WRK_PID
+printf 'gateway: rss=%.1fMB with %d idle client connections open; %.1fMB with %d connections all sending\n' \
+  "$(echo "$idle_kb/1024" | bc -l)" "$idle_conns" "$(echo "$busy_kb/1024" | bc -l)" "$busy_conns"
+
+# 7. Latency added over a direct call at a fixed 1,000 req/s.
+hey_q() { # url → "p50 p99" in ms
+  hey -z "${DURATION}s" -q 100 -c 10 -H "Authorization: Bearer $TOKEN" "$1" |
+    awk '/ 50% in/ {p50=$3*1000} / 99% in/ {p99=$3*1000} END {printf "%.2f %.2f\n", p50, p99}'
+}
+read -r DQ50 DQ99 < <(hey_q "http://$UP/")
+read -r GQ50 GQ99 < <(hey_q "http://$GW/")
+printf 'added latency at 1000 req/s: direct p50=%sms p99=%sms, gateway p50=%sms p99=%sms, added p50=%.2fms p99=%.2fms\n' \
+  "$DQ50" "$DQ99" "$GQ50" "$GQ99" "$(echo "$GQ50-$DQ50" | bc -l)" "$(echo "$GQ99-$DQ99" | bc -l)"
+
+lines=$(grep -c '"shopmesh::access"' "$WORK/gateway.log" || true)
+echo "access log: $lines lines written"
+printf 'ratio: gateway/nginx rps=%.2f gateway/haproxy rps=%.2f gateway/haproxy p99=%.2f\n' \
+  "$(echo "$G_RPS/$N_RPS" | bc -l)" "$(echo "$G_RPS/$H_RPS" | bc -l)" "$(echo "$G_P99/$H_P99" | bc -l)"
