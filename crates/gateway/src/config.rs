@@ -584,7 +584,10 @@ impl GatewayConfig {
                 "admin: a `token` is required when the admin API listens beyond loopback".into(),
             ));
         }
-        if self.workers.is_some_and(|w| w == 0 || w > crate::server::MAX_WORKERS) {
+        if self
+            .workers
+            .is_some_and(|w| w == 0 || w > crate::server::MAX_WORKERS)
+        {
             return Err(ConfigError::Invalid(format!(
                 "workers must be within 1–{}",
                 crate::server::MAX_WORKERS

@@ -143,15 +143,18 @@ impl JwtVerifier {
             return Err(AuthError::Invalid("empty subject".into()));
         }
         let exp = data.claims.exp;
-        Ok((Identity {
-            subject: data.claims.sub,
-            roles: data.claims.roles,
-            scopes: data
-                .claims
-                .scope
-                .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
-                .unwrap_or_default(),
-        }, exp))
+        Ok((
+            Identity {
+                subject: data.claims.sub,
+                roles: data.claims.roles,
+                scopes: data
+                    .claims
+                    .scope
+                    .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            },
+            exp,
+        ))
     }
 
     fn has_key(&self, kid: &str) -> bool {

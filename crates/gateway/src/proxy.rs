@@ -687,7 +687,8 @@ async fn route_and_forward(
         };
         *upstream_req.version_mut() = parts.version;
 
-        let sent = tokio::time::timeout(route.timeout, cluster.client().request(upstream_req)).await;
+        let sent =
+            tokio::time::timeout(route.timeout, cluster.client().request(upstream_req)).await;
         let can_retry = retryable && outcome.attempts <= cluster.retry_attempts;
         match sent {
             Err(_) => {
