@@ -249,21 +249,35 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     strip_hop_by_hop(req.headers_mut());
     let rid = request_id(req.headers());
     req.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
-    let (tp, trace_id) = traceparent(req.headers());
-    req.headers_mut().insert("traceparent", tp);
     let method = req.method().clone();
     let raw_path = req.uri().path().to_owned();
-    // Debug level: at the default level the access log carries the request's fields, and
-    // no span is built per request.
-    let span = tracing::debug_span!(
+    // Exported when OpenTelemetry is on (a child of the client's `traceparent`); otherwise
+    // disabled and free: the access log carries the request's fields.
+    let span = tracing::info_span!(
+        target: shopmesh_platform::otel::SPAN_TARGET,
         "gateway",
-        method = %method,
-        path = %raw_path,
+        otel.name = %format_args!("{method} {raw_path}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        url.path = %raw_path,
         request_id = rid.to_str().unwrap_or(""),
-        trace_id = %trace_id,
-        route = tracing::field::Empty,
-        status = tracing::field::Empty,
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
     );
+    shopmesh_platform::otel::link_parent(
+        &span,
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let (tp, trace_id) = match shopmesh_platform::otel::traceparent(&span)
+        .and_then(|t| Some((HeaderValue::from_str(&t).ok()?, t)))
+    {
+        Some((value, text)) => (value, text[3..35].to_owned()),
+        None => traceparent(req.headers()),
+    };
+    req.headers_mut().insert("traceparent", tp);
     let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
     let client_ip = peer.map(|p| client_ip(&rt, p, req.headers()));
     let (outcome, mut res) = route_and_forward(&rt, req, client_ip)
@@ -271,8 +285,11 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         .await;
     res.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
     let status = res.status().as_u16();
-    span.record("route", &*outcome.route);
-    span.record("status", status);
+    span.record("http.route", &*outcome.route);
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
     let elapsed = start.elapsed();
     let cluster: Arc<str> = outcome.cluster.clone().unwrap_or_else(|| "".into());
     metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "cluster" => cluster, "status" => status.to_string())

@@ -435,6 +435,7 @@ impl Consumer {
             attempt = d.attempt,
             traceparent = env.traceparent.as_deref().unwrap_or(""),
         );
+        shopmesh_platform::otel::link_parent(&span, env.traceparent.as_deref());
         let retry = |e: sqlx::Error| Failure::Retry(e.to_string());
         if let Some(fresh) = fresh {
             // Taken out once applied: a second copy in the same batch is a duplicate too.

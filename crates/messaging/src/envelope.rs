@@ -67,7 +67,11 @@ impl Envelope {
         event: &E,
         cause: &Envelope,
     ) -> Result<Self, serde_json::Error> {
-        Ok(Self::new(source, subject, event)?.with_traceparent(cause.traceparent.clone()))
+        // With span export on, the next message's parent is the span handling this one, so
+        // the saga reads as one tree; otherwise the trace id is carried as it came.
+        let tp = shopmesh_platform::otel::traceparent(&tracing::Span::current())
+            .or_else(|| cause.traceparent.clone());
+        Ok(Self::new(source, subject, event)?.with_traceparent(tp))
     }
 
     pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {

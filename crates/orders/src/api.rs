@@ -268,8 +268,12 @@ fn fingerprint(o: &NewOrder) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The W3C trace context of the request, carried into the saga's messages.
+/// The W3C trace context of the request, carried into the saga's messages: this request's
+/// span when spans are exported, else the context the request came with.
 fn traceparent(headers: &HeaderMap) -> Option<String> {
+    if let Some(tp) = shopmesh_platform::otel::traceparent(&tracing::Span::current()) {
+        return Some(tp);
+    }
     headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())

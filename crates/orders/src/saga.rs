@@ -133,7 +133,8 @@ async fn on_reply(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<
     if status != "PENDING" {
         return Ok(());
     }
-    let tp = env.traceparent.clone();
+    let tp = shopmesh_platform::otel::traceparent(&tracing::Span::current())
+        .or_else(|| env.traceparent.clone());
     let cancel = |reason: &str| OrderCancelled {
         order_id: order_id.clone(),
         reason: reason.into(),

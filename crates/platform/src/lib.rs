@@ -13,6 +13,7 @@ pub mod client;
 pub mod db;
 pub mod extract;
 pub mod identity;
+pub mod otel;
 pub mod problem;
 pub mod serve;
 pub mod telemetry;

@@ -54,14 +54,21 @@ pub fn stack(service: &'static str, routes: Router, body_limit: usize) -> Router
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.split('-').nth(1))
                             .unwrap_or("");
-                        tracing::info_span!(
+                        let span = tracing::info_span!(
                             "request",
                             service,
                             method = %req.method(),
                             path = %req.uri().path(),
                             request_id = rid,
                             trace_id,
-                        )
+                        );
+                        crate::otel::link_parent(
+                            &span,
+                            req.headers()
+                                .get("traceparent")
+                                .and_then(|v| v.to_str().ok()),
+                        );
+                        span
                     }),
                 )
                 .layer(PropagateRequestIdLayer::new(request_id))

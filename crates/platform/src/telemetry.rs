@@ -17,8 +17,11 @@ pub enum LogFormat {
 /// Log lines queued for the writer thread at most (about 4 MiB of access log).
 pub const LOG_QUEUE_LINES: usize = 8192;
 
-/// Keeps the log writer running; logs still queued are flushed when it is dropped.
-pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+/// Keeps the log writer and the span exporter running; dropping it flushes both.
+pub struct LogGuard {
+    _logs: tracing_appender::non_blocking::WorkerGuard,
+    pub otel: Option<crate::otel::OtelGuard>,
+}
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter.
 ///
@@ -26,21 +29,56 @@ pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
 /// ([`LOG_QUEUE_LINES`]), so a request never waits on the terminal or a pipe; when the
 /// queue is full, lines are dropped rather than slowing the traffic down. Keep the guard
 /// until exit.
+///
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also exported over OTLP (see
+/// [`crate::otel`]); that needs a tokio runtime, so call this inside one.
 pub fn init_tracing(format: LogFormat) -> LogGuard {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"))
+        .add_directive(
+            format!("{}=off", crate::otel::SPAN_TARGET)
+                .parse()
+                .expect("a static directive"),
+        );
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(true)
         .finish(std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     };
-    guard
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty());
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "shopmesh".into());
+    let (otel_layer, otel) = match endpoint.map(|e| crate::otel::provider(&e, &service)) {
+        Some(Ok(provider)) => (
+            Some(crate::otel::layer(&provider).boxed()),
+            Some(crate::otel::guard(provider)),
+        ),
+        Some(Err(e)) => {
+            eprintln!("OpenTelemetry export disabled: {e}");
+            (None, None)
+        }
+        None => (None, None),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel_layer)
+        .try_init();
+    LogGuard { _logs: guard, otel }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[

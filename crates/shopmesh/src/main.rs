@@ -156,14 +156,18 @@ struct ServiceArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _log_guard = telemetry::init_tracing(match cli.log_format {
-        Format::Text => LogFormat::Text,
-        Format::Json => LogFormat::Json,
-    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // Inside the runtime: the span exporter (when configured) runs its requests on it.
+    let _log_guard = {
+        let _rt = runtime.enter();
+        telemetry::init_tracing(match cli.log_format {
+            Format::Text => LogFormat::Text,
+            Format::Json => LogFormat::Json,
+        })
+    };
     runtime.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
