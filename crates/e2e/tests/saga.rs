@@ -413,3 +413,79 @@ async fn the_saga_carries_the_request_trace() {
     let t = o["trace_id"].as_str().unwrap();
     assert!(t.len() == 32 && t != trace, "{t}");
 }
+
+#[tokio::test]
+async fn card_numbers_are_vaulted_and_stored_nowhere_else() {
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let ok = place(&shop, &token, &shop.product(7), 1, "4242 4242 4242 4242").await;
+    let declined = place(&shop, &token, &shop.product(7), 1, "4000000000000002").await;
+    assert_eq!(settled(&shop, &token, &ok).await["status"], "CONFIRMED");
+    let d = settled(&shop, &token, &declined).await;
+    assert_eq!(d["reason"], "payment_declined");
+    assert_eq!(d["card_last4"], "0002");
+
+    // A card vaulted first, then an order that names it.
+    let res = shop
+        .http
+        .post(shop.url("/api/payment-methods"))
+        .bearer_auth(&token)
+        .json(&json!({"card": "5555555555554444"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let pm: Value = res.json().await.unwrap();
+    assert_eq!(pm["card_last4"], "4444");
+    assert_eq!(pm["card_brand"], "mastercard");
+    let pm_id = pm["id"].as_str().unwrap();
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .json(&json!({"items": [{"product_id": shop.product(7), "quantity": 1}], "payment_method": pm_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let o: Value = res.json().await.unwrap();
+    assert_eq!(o["card_last4"], "4444");
+    let o = settled(&shop, &token, o["id"].as_str().unwrap()).await;
+    assert_eq!(o["status"], "CONFIRMED");
+
+    // Someone else's method, both or neither means of payment: 422.
+    let (_, other) = shop.user().await;
+    for body in [
+        json!({"items": [{"product_id": shop.product(7), "quantity": 1}], "payment_method": pm_id}),
+        json!({"items": [{"product_id": shop.product(7), "quantity": 1}], "payment_method": pm_id, "card": "4242424242424242"}),
+        json!({"items": [{"product_id": shop.product(7), "quantity": 1}]}),
+    ] {
+        let res = shop
+            .http
+            .post(shop.url("/api/orders"))
+            .bearer_auth(&other)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        expect_problem(res, 422).await;
+    }
+
+    // The numbers are in no file: not the services' databases (on SQLite), not the broker's.
+    let mut files = 0;
+    for entry in std::fs::read_dir(shop.storage.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            files += 1;
+            for pan in ["4242424242424242", "4000000000000002", "5555555555554444"] {
+                assert!(
+                    !bytes.windows(pan.len()).any(|w| w == pan.as_bytes()),
+                    "{pan} found in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(files >= 2, "the broker's files at least");
+}

@@ -40,8 +40,9 @@ pub struct OrderPlaced {
     pub items: Vec<Line>,
     pub amount_minor: i64,
     pub currency: String,
-    /// Test cards only; carried to payments, never stored by orders.
-    pub card: String,
+    /// The payment method (a card vaulted by payments) to authorize; card numbers never
+    /// travel in messages.
+    pub payment_method: String,
 }
 impl Event for OrderPlaced {
     const TYPE: &'static str = "shop.order.placed";

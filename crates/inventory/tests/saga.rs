@@ -43,7 +43,7 @@ async fn a_late_order_placed_after_its_cancellation_reserves_nothing() {
         }],
         amount_minor: 100,
         currency: "USD".into(),
-        card: "4242424242424242".into(),
+        payment_method: "pm_test".into(),
     };
     apply(&db, &Envelope::new("orders", "o-1", &placed).unwrap()).await;
     let reserved: i64 = sqlx::query_scalar("SELECT reserved FROM stock WHERE product_id = 'p'")

@@ -6,10 +6,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use shopmesh_platform::Problem;
-use shopmesh_platform::client::RequestId;
+use shopmesh_platform::client::{CallError, RequestId};
 use shopmesh_platform::db::is_unique_violation;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
+use shopmesh_platform::problem::FieldError;
 use shopmesh_platform::validate::{Errors, luhn_valid};
 use utoipa::OpenApi;
 
@@ -17,7 +18,9 @@ use shopmesh_events::{Line, OrderPlaced};
 use shopmesh_messaging::Envelope;
 
 use crate::State;
-use crate::model::{ListQuery, NewItem, NewOrder, Order, OrderItem, OrderPage, PriceList};
+use crate::model::{
+    ListQuery, NewItem, NewOrder, Order, OrderItem, OrderPage, PriceList, VaultedCard,
+};
 use crate::store;
 
 pub const MAX_ITEMS: usize = 50;
@@ -64,11 +67,23 @@ fn validate(o: &NewOrder) -> Result<(), Problem> {
             errs.push(format!("items[{i}].product_id"), "appears more than once");
         }
     }
-    errs.check(
-        luhn_valid(&o.card.replace(' ', "")),
-        "card",
-        "must be a valid card number",
-    );
+    match (&o.card, &o.payment_method) {
+        (Some(card), None) => {
+            errs.check(
+                luhn_valid(&card.replace(' ', "")),
+                "card",
+                "must be a valid card number",
+            );
+        }
+        (None, Some(pm)) => {
+            errs.check(
+                (1..=64).contains(&pm.len()) && pm.bytes().all(|b| b.is_ascii_graphic()),
+                "payment_method",
+                "must be 1 to 64 visible characters",
+            );
+        }
+        _ => errs.push("card", "give exactly one of `card` and `payment_method`"),
+    }
     errs.into_result()
 }
 
@@ -170,7 +185,35 @@ async fn create_order(
             line_total_minor: line,
         });
     }
-    let card = o.card.replace(' ', "");
+    // The card goes to the payments vault now; from here on only its id travels.
+    let method: VaultedCard = match (&o.card, &o.payment_method) {
+        (Some(card), _) => {
+            s.payments
+                .post_json(
+                    "/api/payment-methods",
+                    &serde_json::json!({ "card": card.replace(' ', "") }),
+                    &caller,
+                    &rid,
+                )
+                .await?
+        }
+        (None, Some(pm)) => s
+            .payments
+            .get_json_as(
+                &format!("/api/payment-methods/{}", encode_ids(&[pm.as_str()])),
+                &caller,
+                &rid,
+            )
+            .await
+            .map_err(|e| match e {
+                CallError::NotFound(_) => Problem::validation(vec![FieldError::new(
+                    "payment_method",
+                    "no such payment method of yours",
+                )]),
+                other => other.into(),
+            })?,
+        (None, None) => return Err(Problem::unprocessable("no means of payment")),
+    };
     let id = uuid::Uuid::now_v7().to_string();
     let placed = OrderPlaced {
         order_id: id.clone(),
@@ -185,7 +228,7 @@ async fn create_order(
             .collect(),
         amount_minor: total,
         currency: currency.clone(),
-        card: card.clone(),
+        payment_method: method.id.clone(),
     };
     let placed = Envelope::new(crate::NAME, &id, &placed)
         .map_err(|e| Problem::internal(&e))?
@@ -197,7 +240,7 @@ async fn create_order(
         user_id: &caller.user_id,
         total_minor: total,
         currency: &currency,
-        card_last4: &card[card.len() - 4..],
+        card_last4: &method.card_last4,
         idempotency_key: key.as_deref(),
         items: &items,
     };
@@ -228,7 +271,7 @@ async fn create_order(
         steps: Vec::new(),
         total_minor: total,
         currency,
-        card_last4: card[card.len() - 4..].to_owned(),
+        card_last4: method.card_last4.clone(),
         trace_id: placed
             .traceparent
             .as_deref()
@@ -264,7 +307,14 @@ fn fingerprint(o: &NewOrder) -> String {
         h.update([0]);
         h.update(it.quantity.to_be_bytes());
     }
-    h.update(o.card.replace(' ', "").as_bytes());
+    match (&o.card, &o.payment_method) {
+        (Some(card), _) => h.update(card.replace(' ', "").as_bytes()),
+        (None, Some(pm)) => {
+            h.update(b"pm:");
+            h.update(pm.as_bytes());
+        }
+        (None, None) => {}
+    }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 

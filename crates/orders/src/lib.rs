@@ -20,12 +20,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 #[derive(Debug, Clone)]
 pub struct Deps {
     pub pricing_url: String,
+    /// The payments service, whose vault takes the card at order time.
+    pub payments_url: String,
 }
 
 #[derive(Clone)]
 pub struct State {
     pub db: Db,
     pub pricing: ServiceClient,
+    pub payments: ServiceClient,
     /// Woken after an order commits, to publish its `OrderPlaced` at once.
     pub relay: Relay,
 }
@@ -34,6 +37,7 @@ pub fn app(db: Db, deps: Deps, relay: Relay) -> axum::Router {
     let state = State {
         db,
         pricing: ServiceClient::new("pricing", deps.pricing_url),
+        payments: ServiceClient::new("payments", deps.payments_url),
         relay,
     };
     shopmesh_platform::serve::stack(

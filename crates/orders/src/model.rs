@@ -1,13 +1,37 @@
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// An order to place. Pay with exactly one of `card` and `payment_method`.
+#[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
     pub items: Vec<NewItem>,
     /// Card number (test cards: 4242424242424242 succeeds, 4000000000000002 is declined).
-    /// Only its last four digits are kept.
-    pub card: String,
+    /// Handed to the payments vault at once; orders keep only the last four digits and the
+    /// saga's messages carry the vault's payment method id.
+    #[serde(default)]
+    pub card: Option<String>,
+    /// A payment method of the caller from `POST /api/payment-methods`.
+    #[serde(default)]
+    pub payment_method: Option<String>,
+}
+
+/// Never prints the card number.
+impl std::fmt::Debug for NewOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewOrder")
+            .field("items", &self.items)
+            .field("card", &self.card.as_ref().map(|_| "<redacted>"))
+            .field("payment_method", &self.payment_method)
+            .finish()
+    }
+}
+
+/// What the payments vault answers (`POST /api/payment-methods`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaultedCard {
+    pub id: String,
+    pub card_last4: String,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]

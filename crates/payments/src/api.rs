@@ -14,8 +14,9 @@ use utoipa::OpenApi;
 use crate::State;
 use crate::error::PaymentError;
 use crate::model::{
-    CardOutcome, ListQuery, MAX_AMOUNT_MINOR, NewPayment, Operation, Payment, PaymentList,
-    RefundRequest, Status, card_brand, card_last4, card_outcome, normalize_card,
+    CardOutcome, ListQuery, MAX_AMOUNT_MINOR, NewPayment, NewPaymentMethod, Operation, Payment,
+    PaymentList, PaymentMethod, RefundRequest, Status, card_brand, card_last4, card_outcome,
+    network_verdict, normalize_card,
 };
 use crate::store;
 
@@ -38,9 +39,19 @@ const TRANSITION_ATTEMPTS: usize = 3;
         get_payment,
         capture_payment,
         void_payment,
-        refund_payment
+        refund_payment,
+        create_payment_method,
+        get_payment_method
     ),
-    components(schemas(Payment, NewPayment, RefundRequest, PaymentList, Status))
+    components(schemas(
+        Payment,
+        NewPayment,
+        RefundRequest,
+        PaymentList,
+        Status,
+        NewPaymentMethod,
+        PaymentMethod
+    ))
 )]
 pub struct ApiDoc;
 
@@ -51,8 +62,60 @@ pub fn routes(state: State) -> Router {
         .route("/api/payments/{id}/capture", post(capture_payment))
         .route("/api/payments/{id}/void", post(void_payment))
         .route("/api/payments/{id}/refund", post(refund_payment))
+        .route("/api/payment-methods", post(create_payment_method))
+        .route("/api/payment-methods/{id}", get(get_payment_method))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(state)
+}
+
+/// Vault a card: the answer's `id` pays for an order (`payment_method`) without the number
+/// ever travelling again. Only brand and last four digits are kept.
+#[utoipa::path(post, path = "/api/payment-methods", request_body = NewPaymentMethod,
+    responses((status = 201, body = PaymentMethod), (status = 401, description = "Not authenticated"),
+              (status = 422, description = "Not a valid card number")))]
+async fn create_payment_method(
+    axum::extract::State(s): axum::extract::State<State>,
+    caller: Caller,
+    Json(p): Json<NewPaymentMethod>,
+) -> Result<(StatusCode, Json<PaymentMethod>), Problem> {
+    let card = normalize_card(&p.card).unwrap_or_default();
+    let mut errs = Errors::new();
+    errs.check(
+        !card.is_empty(),
+        "card",
+        "not a valid card number (12 to 19 digits passing the Luhn check)",
+    );
+    errs.into_result()?;
+    let now = shopmesh_platform::now_millis();
+    let method = PaymentMethod {
+        id: format!("pm_{}", uuid::Uuid::new_v4().simple()),
+        card_brand: card_brand(&card).into(),
+        card_last4: card_last4(&card).into(),
+        created_at: shopmesh_platform::millis_to_rfc3339(now),
+    };
+    store::insert_method(
+        &s.db,
+        &caller.user_id,
+        &method,
+        &network_verdict(&card),
+        now,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(method)))
+}
+
+/// One of the caller's payment methods.
+#[utoipa::path(get, path = "/api/payment-methods/{id}",
+    responses((status = 200, body = PaymentMethod), (status = 404, description = "No such method of the caller")))]
+async fn get_payment_method(
+    axum::extract::State(s): axum::extract::State<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<PaymentMethod>, Problem> {
+    match store::get_method(&s.db.pool, &caller.user_id, &id).await? {
+        Some((m, _)) => Ok(Json(m)),
+        None => Err(Problem::not_found("no such payment method")),
+    }
 }
 
 /// Authorize a card payment. A declined card is recorded (status `DECLINED`), not an error.
@@ -335,6 +398,8 @@ mod tests {
             "/api/payments/{id}/capture",
             "/api/payments/{id}/void",
             "/api/payments/{id}/refund",
+            "/api/payment-methods",
+            "/api/payment-methods/{id}",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path}");
         }

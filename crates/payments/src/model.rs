@@ -76,6 +76,42 @@ pub struct Payment {
     pub updated_at: String,
 }
 
+/// A card to vault: the answer is a payment method id to pay with later (orders use it so
+/// that the number never travels in a message).
+#[derive(Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPaymentMethod {
+    /// Card number, 12 to 19 digits (spaces allowed).
+    pub card: String,
+}
+
+/// Never prints the card number.
+impl std::fmt::Debug for NewPaymentMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewPaymentMethod")
+            .field("card", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PaymentMethod {
+    /// `pm_…`, usable by its owner only.
+    pub id: String,
+    pub card_brand: String,
+    pub card_last4: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// The card network's standing answer for a card, stored in place of the number.
+pub fn network_verdict(number: &str) -> String {
+    match card_outcome(number) {
+        CardOutcome::Authorized => "authorize".into(),
+        CardOutcome::Declined(code) => format!("decline:{code}"),
+    }
+}
+
 #[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPayment {

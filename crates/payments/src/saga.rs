@@ -10,7 +10,7 @@ use shopmesh_events::{
 use shopmesh_messaging::{Envelope, Event, Handler, HandlerError, outbox};
 use sqlx::{Any, Transaction};
 
-use crate::model::{CardOutcome, Status, card_brand, card_last4, card_outcome, normalize_card};
+use crate::model::Status;
 use crate::store;
 
 pub struct PaymentsSaga;
@@ -45,13 +45,30 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
     if cancelled.is_some() {
         return Ok(());
     }
-    let card = normalize_card(&ev.card);
-    let (status, decline) = match card.as_deref().map(card_outcome) {
-        Some(CardOutcome::Authorized) => (Status::Authorized, None),
-        Some(CardOutcome::Declined(code)) => (Status::Declined, Some(code)),
-        None => (Status::Declined, Some("invalid_card")),
+    // The order carries a vaulted payment method, never a card number.
+    let method = store::get_method(&mut **tx, &ev.user_id, &ev.payment_method).await?;
+    let (status, decline, brand, last4) = match &method {
+        Some((m, verdict)) => match verdict.strip_prefix("decline:") {
+            None => (
+                Status::Authorized,
+                None,
+                m.card_brand.as_str(),
+                m.card_last4.as_str(),
+            ),
+            Some(code) => (
+                Status::Declined,
+                Some(code),
+                m.card_brand.as_str(),
+                m.card_last4.as_str(),
+            ),
+        },
+        None => (
+            Status::Declined,
+            Some("invalid_payment_method"),
+            "unknown",
+            "",
+        ),
     };
-    let number = card.unwrap_or_default();
     let id = uuid::Uuid::now_v7().to_string();
     // A second attempt hits the (user, idempotency key) constraint and stops here.
     let inserted = store::insert_new(
@@ -62,8 +79,8 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
             user_id: &ev.user_id,
             amount_minor: ev.amount_minor,
             currency: &ev.currency,
-            card_brand: card_brand(&number),
-            card_last4: card_last4(&number),
+            card_brand: brand,
+            card_last4: last4,
             status,
             decline_code: decline,
             idempotency_key: Some(&key),

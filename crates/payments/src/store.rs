@@ -164,3 +164,57 @@ pub async fn apply(
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Stores a vaulted card (never its number).
+pub async fn insert_method(
+    db: &Db,
+    user_id: &str,
+    m: &crate::model::PaymentMethod,
+    verdict: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO payment_methods (id, user_id, card_brand, card_last4, network_verdict, \
+         created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&m.id)
+    .bind(user_id)
+    .bind(&m.card_brand)
+    .bind(&m.card_last4)
+    .bind(verdict)
+    .bind(now)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// A payment method of `user_id`, with the network's verdict for it.
+pub async fn get_method<'e, E>(
+    ex: E,
+    user_id: &str,
+    id: &str,
+) -> Result<Option<(crate::model::PaymentMethod, String)>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let row = sqlx::query(
+        "SELECT id, card_brand, card_last4, network_verdict, created_at FROM payment_methods \
+         WHERE id = $1 AND user_id = $2",
+    )
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(ex)
+    .await?;
+    row.map(|r| {
+        Ok((
+            crate::model::PaymentMethod {
+                id: r.try_get("id")?,
+                card_brand: r.try_get("card_brand")?,
+                card_last4: r.try_get("card_last4")?,
+                created_at: shopmesh_platform::millis_to_rfc3339(r.try_get("created_at")?),
+            },
+            r.try_get("network_verdict")?,
+        ))
+    })
+    .transpose()
+}

@@ -41,7 +41,7 @@ async fn a_late_order_placed_after_its_cancellation_authorizes_nothing() {
         }],
         amount_minor: 100,
         currency: "USD".into(),
-        card: "4242424242424242".into(),
+        payment_method: "pm_test".into(),
     };
     apply(&db, &Envelope::new("orders", "o-1", &placed).unwrap()).await;
     let payments: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payments")
@@ -54,4 +54,84 @@ async fn a_late_order_placed_after_its_cancellation_authorizes_nothing() {
         .await
         .unwrap();
     assert_eq!(replies, 0);
+}
+
+#[tokio::test]
+async fn orders_pay_with_vaulted_methods_of_their_own_user_only() {
+    use shopmesh_payments::model::{PaymentMethod, network_verdict};
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(
+        &DbConfig::Sqlite {
+            path: dir.path().join("p.db"),
+        },
+        1,
+        &shopmesh_payments::MIGRATOR,
+    )
+    .await
+    .unwrap();
+    outbox::install(&db).await.unwrap();
+    for (id, card) in [("pm_ok", "4242424242424242"), ("pm_no", "4000000000000002")] {
+        let m = PaymentMethod {
+            id: id.into(),
+            card_brand: "visa".into(),
+            card_last4: card[12..].into(),
+            created_at: String::new(),
+        };
+        shopmesh_payments::store::insert_method(&db, "u-1", &m, &network_verdict(card), 1)
+            .await
+            .unwrap();
+    }
+    let place = |order: &str, user: &str, pm: &str| OrderPlaced {
+        order_id: order.into(),
+        user_id: user.into(),
+        items: vec![Line {
+            product_id: "p".into(),
+            quantity: 1,
+        }],
+        amount_minor: 100,
+        currency: "USD".into(),
+        payment_method: pm.into(),
+    };
+    for (order, user, pm) in [
+        ("o-ok", "u-1", "pm_ok"),
+        ("o-no", "u-1", "pm_no"),
+        ("o-other", "u-2", "pm_ok"),
+        ("o-none", "u-1", "pm_missing"),
+    ] {
+        apply(
+            &db,
+            &Envelope::new("orders", order, &place(order, user, pm)).unwrap(),
+        )
+        .await;
+    }
+    let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT order_id, status, decline_code, card_last4 FROM payments ORDER BY order_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "o-no".into(),
+                "DECLINED".into(),
+                Some("card_declined".into()),
+                "0002".into()
+            ),
+            (
+                "o-none".into(),
+                "DECLINED".into(),
+                Some("invalid_payment_method".into()),
+                "".into()
+            ),
+            ("o-ok".into(), "AUTHORIZED".into(), None, "4242".into()),
+            (
+                "o-other".into(),
+                "DECLINED".into(),
+                Some("invalid_payment_method".into()),
+                "".into()
+            ),
+        ]
+    );
 }

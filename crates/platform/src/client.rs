@@ -86,7 +86,48 @@ impl ServiceClient {
         path_and_query: &str,
         rid: &RequestId,
     ) -> Result<T, CallError> {
-        let mut req = self.http.get(format!("{}{}", self.base, path_and_query));
+        let req = self.http.get(format!("{}{}", self.base, path_and_query));
+        self.send(req, rid).await
+    }
+
+    /// `GET` on behalf of `caller` (its identity headers are passed on).
+    pub async fn get_json_as<T: DeserializeOwned>(
+        &self,
+        path_and_query: &str,
+        caller: &crate::identity::Caller,
+        rid: &RequestId,
+    ) -> Result<T, CallError> {
+        let req = self
+            .http
+            .get(format!("{}{}", self.base, path_and_query))
+            .header(crate::USER_ID_HEADER, &caller.user_id)
+            .header(crate::USER_ROLES_HEADER, caller.roles.join(","));
+        self.send(req, rid).await
+    }
+
+    /// `POST` a JSON body on behalf of `caller` (its identity headers are passed on, as the
+    /// gateway set them).
+    pub async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        caller: &crate::identity::Caller,
+        rid: &RequestId,
+    ) -> Result<T, CallError> {
+        let req = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .header(crate::USER_ID_HEADER, &caller.user_id)
+            .header(crate::USER_ROLES_HEADER, caller.roles.join(","))
+            .json(body);
+        self.send(req, rid).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        rid: &RequestId,
+    ) -> Result<T, CallError> {
         if let Some(id) = &rid.id {
             req = req.header(REQUEST_ID_HEADER, id);
         }

@@ -136,6 +136,7 @@ pub fn gateway_config(
         r("jwks", "/.well-known/jwks.json", Users, false),
         r("orders", "/api/orders", Orders, true),
         r("payments", "/api/payments", Payments, true),
+        r("payment-methods", "/api/payment-methods", Payments, true),
     ];
     let mut g = GatewayConfig::new(clusters, routes);
     g.listen = SocketAddr::new(cfg.host, cfg.port);
@@ -188,6 +189,7 @@ impl System {
         };
         let deps = services::Deps {
             pricing_url: format!("http://{}", addr_of(ServiceName::Pricing)),
+            payments_url: format!("http://{}", addr_of(ServiceName::Payments)),
         };
 
         let broker = shopmesh_messaging::embedded::EmbeddedBroker::open(&cfg.broker_path)

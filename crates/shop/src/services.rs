@@ -74,6 +74,7 @@ impl FromStr for ServiceName {
 #[derive(Debug, Clone)]
 pub struct Deps {
     pub pricing_url: String,
+    pub payments_url: String,
 }
 
 /// Messaging settings shared by the services that take part in the order saga.
@@ -255,6 +256,7 @@ pub async fn open(
             db.clone(),
             shopmesh_orders::Deps {
                 pricing_url: deps.pricing_url.clone(),
+                payments_url: deps.payments_url.clone(),
             },
             relay,
         ),

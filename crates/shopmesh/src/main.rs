@@ -150,6 +150,13 @@ struct ServiceArgs {
         default_value = "http://127.0.0.1:7003"
     )]
     pricing_url: String,
+    /// Base URL of the payments service (orders only: its card vault).
+    #[arg(
+        long,
+        env = "SHOPMESH_PAYMENTS_URL",
+        default_value = "http://127.0.0.1:7007"
+    )]
+    payments_url: String,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -217,6 +224,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         &storage,
         &Deps {
             pricing_url: a.pricing_url.clone(),
+            payments_url: a.payments_url.clone(),
         },
         std::time::Duration::from_secs(15 * 60),
         &messaging,
