@@ -34,7 +34,8 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     }
     // 1. Percent-decoding of unreserved characters; other escapes kept, in upper case.
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    // Bytes, not chars: a path may hold raw UTF-8, which must pass through unchanged.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -51,21 +52,23 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
                     return Err(PathError::EncodedSlash);
                 }
                 if is_unreserved(v) {
-                    decoded.push(v as char);
+                    decoded.push(v);
                 } else {
-                    decoded.push('%');
-                    decoded.push(bytes[i + 1].to_ascii_uppercase() as char);
-                    decoded.push(bytes[i + 2].to_ascii_uppercase() as char);
+                    decoded.push(b'%');
+                    decoded.push(bytes[i + 1].to_ascii_uppercase());
+                    decoded.push(bytes[i + 2].to_ascii_uppercase());
                 }
                 i += 3;
             }
             b'\\' => return Err(PathError::EncodedSlash),
             b => {
-                decoded.push(b as char);
+                decoded.push(b);
                 i += 1;
             }
         }
     }
+    // Only ASCII was added or replaced, so the bytes are still the UTF-8 they came as.
+    let decoded = String::from_utf8(decoded).map_err(|_| PathError::BadEncoding)?;
     // 2. Dot segments and empty segments.
     let trailing = decoded.len() > 1 && decoded.ends_with('/');
     let mut out: Vec<&str> = Vec::new();
@@ -317,6 +320,7 @@ mod tests {
             ("/%61dmin", "/admin"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
+            ("/caf\u{e9}/%2e%2e/na\u{ef}ve", "/na\u{ef}ve"),
         ] {
             assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
         }
