@@ -41,7 +41,7 @@ stock_sql() {
 # prints "<orders/s> <p50 ms> <p99 ms> <orders> <rejected> <drain ms after the load>".
 drive() { # config, [per-worker rate]
   local cfg=$1 rate=${2:-0}
-  sql "$cfg" "DELETE FROM order_steps; DELETE FROM order_items; DELETE FROM orders" >/dev/null
+  sql "$cfg" "DELETE FROM order_items; DELETE FROM orders" >/dev/null
   local email="bench$(date +%s%N)@example.test"
   curl -fs -XPOST "$GW/api/users" -H 'content-type: application/json' \
     -d "{\"email\":\"$email\",\"password\":\"benchmark-pw\",\"name\":\"Bench\"}" >/dev/null

@@ -284,6 +284,19 @@ routes:
     )
     .await;
     assert_eq!(v["upstream"], "b");
+    // From an untrusted client, forwarding headers are replaced, not extended.
+    let v = body(
+        gw.http
+            .get(format!("{}/api/x", gw.base))
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("forwarded", "for=6.6.6.6")
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["xff"], "127.0.0.1");
     // Nothing matches: 404 problem.
     let res = gw.get("/nothing").await;
     assert_eq!(res.status(), 404);
@@ -331,14 +344,12 @@ routes:
         "/./admin",
         "/%61dmin",
         "/admin;x",
+        "/api/..;/admin",
+        "/%40/../admin/",
+        "/ADMIN;jsessionid=1/users",
     ] {
         // reqwest would resolve dot segments itself: send the raw request target.
         let status = raw_get(&gw.base, trick).await;
-        if trick == "/admin;x" {
-            // A different segment (`admin;x`): public, which is what the upstream sees too.
-            assert_eq!(status, 200, "{trick}");
-            continue;
-        }
         assert_eq!(status, 401, "{trick} must meet the admin route's auth");
     }
     for trick in [

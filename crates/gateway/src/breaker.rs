@@ -130,6 +130,17 @@ impl Breaker {
         }
     }
 
+    /// Gives back a permit whose request ended without an outcome (the client went away, or
+    /// the failure was the client's): a probe slot is freed, nothing is counted.
+    pub fn release(&self, permit: Permit) {
+        if permit == Permit::Probe {
+            let mut g = self.lock();
+            if g.state == State::HalfOpen {
+                g.probes_in_flight = g.probes_in_flight.saturating_sub(1);
+            }
+        }
+    }
+
     /// Records the outcome of a request granted by [`Self::try_acquire`]. Returns the new
     /// state when it changed.
     pub fn record(&self, permit: Permit, success: bool) -> Option<State> {
@@ -231,6 +242,24 @@ mod tests {
         assert_eq!(b.record(p1, true), None);
         assert_eq!(b.record(p2, true), Some(State::Closed));
         assert_eq!(b.try_acquire(), Some(Permit::Normal));
+    }
+
+    #[test]
+    fn a_released_probe_frees_its_slot() {
+        let b = Breaker::new(BreakerConfig {
+            half_open_requests: 1,
+            ..cfg()
+        });
+        for _ in 0..3 {
+            let p = b.try_acquire().unwrap();
+            b.record(p, false);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        let p = b.try_acquire().unwrap();
+        assert!(b.try_acquire().is_none());
+        b.release(p);
+        let p = b.try_acquire().expect("the slot is free again");
+        assert_eq!(b.record(p, true), Some(State::Closed));
     }
 
     #[test]

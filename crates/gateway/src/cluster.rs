@@ -65,14 +65,18 @@ impl Endpoint {
 /// A request in flight to an endpoint; counts toward least-request balancing until dropped.
 pub struct Lease {
     pub endpoint: Arc<Endpoint>,
-    pub permit: Permit,
+    /// Taken by [`Lease::finish`]; a lease dropped without an outcome gives it back.
+    permit: Option<Permit>,
     cluster: Arc<str>,
 }
 
 impl Lease {
     /// Reports the outcome to the endpoint's breaker.
-    pub fn finish(self, success: bool) {
-        if let Some(state) = self.endpoint.breaker.record(self.permit, success) {
+    pub fn finish(mut self, success: bool) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        if let Some(state) = self.endpoint.breaker.record(permit, success) {
             tracing::warn!(cluster = &*self.cluster, endpoint = %self.endpoint.url, state = state.as_str(), "circuit breaker changed state");
             breaker_gauge(&self.cluster, &self.endpoint, state);
         }
@@ -82,6 +86,9 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(permit) = self.permit.take() {
+            self.endpoint.breaker.release(permit);
+        }
     }
 }
 
@@ -108,7 +115,7 @@ pub struct Cluster {
 impl Cluster {
     /// Builds a cluster, reusing endpoints from `previous` where they are unchanged.
     pub fn new(cfg: &ClusterConfig, previous: Option<&Cluster>) -> Result<Self, String> {
-        let endpoints = cfg
+        let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
             .iter()
             .map(|url| {
@@ -127,6 +134,14 @@ impl Cluster {
                 }
             })
             .collect::<Result<Vec<_>, String>>()?;
+        if cfg.health_check.is_none() {
+            // Without active checks nothing would ever bring a kept endpoint back.
+            for e in &endpoints {
+                e.healthy.store(true, Ordering::Relaxed);
+                e.probe_ok.store(0, Ordering::Relaxed);
+                e.probe_fail.store(0, Ordering::Relaxed);
+            }
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeouts.connect_ms)));
@@ -211,7 +226,7 @@ impl Cluster {
                 e.in_flight.fetch_add(1, Ordering::Relaxed);
                 return Some(Lease {
                     endpoint: e.clone(),
-                    permit,
+                    permit: Some(permit),
                     cluster: self.name.clone(),
                 });
             }
@@ -429,14 +444,28 @@ mod tests {
             ],
             load_balancer: LoadBalancer::RoundRobin,
             hash_on: None,
-            health_check: None,
+            health_check: Some(HealthCheckConfig {
+                path: "/healthz".into(),
+                interval_ms: 1000,
+                timeout_ms: 100,
+                unhealthy_threshold: 1,
+                healthy_threshold: 1,
+            }),
             circuit_breaker: BreakerConfig::default(),
             timeouts: Default::default(),
             retry: Default::default(),
         };
         let next = Cluster::new(&cfg, Some(&c)).unwrap();
         assert!(Arc::ptr_eq(&next.endpoints[0], &c.endpoints[0]));
-        assert!(!next.endpoints[0].is_healthy());
+        assert!(!next.endpoints[0].is_healthy(), "health is kept");
         assert!(next.endpoints[1].is_healthy());
+        // Without health checks nothing could bring it back: it is reset to healthy.
+        let unchecked = ClusterConfig {
+            health_check: None,
+            ..cfg
+        };
+        let last = Cluster::new(&unchecked, Some(&next)).unwrap();
+        assert!(Arc::ptr_eq(&last.endpoints[0], &c.endpoints[0]));
+        assert!(last.endpoints[0].is_healthy());
     }
 }

@@ -706,9 +706,13 @@ impl GatewayConfig {
             if t.connect_ms == 0 || t.request_ms == 0 {
                 return Err(err("timeouts must be positive".into()));
             }
-            if c.retry.attempts > 5 || !(0.0..=100.0).contains(&c.retry.budget_percent) {
+            if c.retry.attempts > 5
+                || !(0.0..=100.0).contains(&c.retry.budget_percent)
+                || c.retry.min_per_sec > 1_000_000
+            {
                 return Err(err(
-                    "retry: at most 5 attempts, budget_percent within 0–100".into(),
+                    "retry: at most 5 attempts, budget_percent within 0–100, min_per_sec ≤ 1e6"
+                        .into(),
                 ));
             }
         }

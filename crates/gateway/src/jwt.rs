@@ -146,7 +146,13 @@ impl JwtVerifier {
         Ok((
             Identity {
                 subject: data.claims.sub,
-                roles: data.claims.roles,
+                // Roles travel comma-separated upstream: one holding a comma would become two.
+                roles: data
+                    .claims
+                    .roles
+                    .into_iter()
+                    .filter(|r| !r.is_empty() && !r.contains(','))
+                    .collect(),
                 scopes: data
                     .claims
                     .scope
@@ -181,7 +187,12 @@ impl JwtVerifier {
                 };
             }
         }
-        let fetched = self.fetch().await;
+        // One deadline for the whole fetch, body included: a trickling JWKS cannot hold the
+        // refresh lock (and every unknown-`kid` request behind it).
+        let fetched = match tokio::time::timeout(Duration::from_secs(5), self.fetch()).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out".to_string()),
+        };
         match fetched {
             Ok(keys) => {
                 *last = Some((Instant::now(), true));

@@ -103,18 +103,29 @@ impl Gateway {
         let mut st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
         st.last_attempt = Some(SystemTime::now());
         let old = self.shared.current.load_full();
-        if cfg.listen != old.config.listen || cfg.admin.listen != old.config.admin.listen {
-            tracing::warn!("listen addresses change only on restart; the rest is applied");
+        let mut cfg = cfg;
+        if cfg.listen != old.config.listen
+            || cfg.admin.listen != old.config.admin.listen
+            || cfg.workers != old.config.workers
+        {
+            tracing::warn!(
+                "listen addresses and workers change only on restart; the rest is applied"
+            );
+            // Validated against what is bound: an exposed admin port keeps needing a token.
+            cfg.listen = old.config.listen;
+            cfg.admin.listen = old.config.admin.listen;
+            cfg.workers = old.config.workers;
         }
         match Runtime::build(cfg, st.next_version, Some(&old)) {
             Ok(rt) => {
                 let version = rt.version;
                 st.next_version += 1;
                 st.last_error = None;
+                // The old generation's health checks stop first (the endpoints they probe
+                // may be kept); its requests still finish.
+                old.stop.cancel();
                 rt.start();
                 self.shared.current.store(Arc::new(rt));
-                // The old generation's health checks stop now; its requests still finish.
-                old.stop.cancel();
                 metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
                 metrics::gauge!("gateway_config_version").set(version as f64);
                 tracing::info!(version, "configuration applied");
@@ -330,7 +341,11 @@ fn client_ip(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         .flat_map(|v| v.split(','))
         .collect();
     for hop in hops.iter().rev() {
-        match hop.trim().parse::<IpAddr>() {
+        let hop = hop.trim();
+        let parsed = hop
+            .parse::<IpAddr>()
+            .or_else(|_| hop.parse::<SocketAddr>().map(|a| a.ip()));
+        match parsed {
             Ok(addr) => {
                 ip = addr;
                 if !rt.is_trusted(addr) {
@@ -401,6 +416,11 @@ struct Caller {
 
 /// Verifies whatever credentials came with the request. `Ok(None)`: anonymous.
 async fn authenticate(rt: &Runtime, req: &mut Request<Body>) -> Result<Option<Caller>, Problem> {
+    // The key never goes upstream, whichever credential is used.
+    let presented_key = rt
+        .api_keys
+        .as_ref()
+        .and_then(|k| req.headers_mut().remove(&k.header));
     let bearer = match req.headers().get(header::AUTHORIZATION) {
         None => None,
         Some(v) => match v.to_str().ok().and_then(|s| {
@@ -433,7 +453,7 @@ async fn authenticate(rt: &Runtime, req: &mut Request<Body>) -> Result<Option<Ca
         };
     }
     if let Some(keys) = &rt.api_keys
-        && let Some(presented) = req.headers_mut().remove(&keys.header)
+        && let Some(presented) = presented_key
     {
         return match keys.find(presented.as_bytes()) {
             Some(k) => Ok(Some(Caller {
@@ -505,9 +525,10 @@ async fn route_and_forward(
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .map(str::to_owned);
+    let matched = crate::router::match_path(&path);
     let Some(route) = rt.routes.iter().find(|r| {
         r.matcher
-            .matches(req.method(), host.as_deref(), &path, req.headers())
+            .matches(req.method(), host.as_deref(), &matched, req.headers())
             .is_some()
     }) else {
         return (
@@ -632,12 +653,34 @@ async fn route_and_forward(
     };
     let (mut parts, body) = req.into_parts();
     let original_host = parts.headers.remove(header::HOST);
-    if let Some(ip) = req_peer(&parts) {
-        let xff = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
+    // Forwarding headers: believed (and extended) only from trusted proxies; from anyone
+    // else they are replaced, so an upstream reading any of them sees the truth.
+    let peer = req_peer(&parts);
+    let trusted = peer.is_some_and(|p| !rt.trusted_proxies.is_empty() && rt.is_trusted(p));
+    let prior_xff = trusted
+        .then(|| {
+            parts
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|x| !x.is_empty());
+    if !trusted {
+        for h in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ] {
+            parts.headers.remove(h);
+        }
+    }
+    parts.headers.remove("x-forwarded-for");
+    if let Some(ip) = peer {
+        let xff = match prior_xff {
             Some(prev) => format!("{prev}, {ip}"),
             None => ip.to_string(),
         };
@@ -645,17 +688,21 @@ async fn route_and_forward(
             parts.headers.insert("x-forwarded-for", v);
         }
     }
-    if let Some(host) = original_host.or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    }) {
+    if !parts.headers.contains_key("x-forwarded-host")
+        && let Some(host) = original_host.or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+    {
         parts.headers.insert("x-forwarded-host", host);
     }
-    parts
-        .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
     parts.version = http::Version::HTTP_11;
 
     let cluster = &route.cluster;
@@ -664,7 +711,8 @@ async fn route_and_forward(
         Some(HashOn::Cookie(name)) => cookie(&parts.headers, name).map(|c| c.into_bytes()),
         None => None,
     };
-    let retryable = idempotent(&parts.method) && body.is_end_stream();
+    let bodiless = body.is_end_stream();
+    let retryable = idempotent(&parts.method) && bodiless;
     let mut body = Some(Limited::new(body, max as usize).boxed());
     cluster.deposit();
     let mut last_endpoint: Option<Arc<crate::cluster::Endpoint>> = None;
@@ -709,7 +757,10 @@ async fn route_and_forward(
         let can_retry = retryable && outcome.attempts <= cluster.retry_attempts;
         match sent {
             Err(_) => {
-                lease.finish(false);
+                // With a body, a slow client may be the cause: no verdict on the endpoint.
+                if bodiless {
+                    lease.finish(false);
+                }
                 metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "timeout").increment(1);
                 return (
                     outcome,
@@ -720,11 +771,14 @@ async fn route_and_forward(
             }
             Ok(Err(e)) => {
                 if is_length_limit(&e) {
-                    lease.finish(true);
+                    // The client's fault: the lease goes back without a verdict.
                     return (outcome, problem(Problem::payload_too_large(max as usize)));
                 }
                 let ep = lease.endpoint.clone();
-                lease.finish(false);
+                // A broken request body is the client's doing, not the endpoint's.
+                if bodiless || e.is_connect() {
+                    lease.finish(false);
+                }
                 tracing::warn!(error = %e, route = &*route.name, endpoint = %outcome.endpoint.as_deref().unwrap_or(""), "upstream request failed");
                 metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "connect").increment(1);
                 if can_retry && cluster.withdraw() {

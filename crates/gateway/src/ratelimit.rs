@@ -126,7 +126,7 @@ static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(GCR
 /// A connection to the Redis that shared limits live in. Cheap to clone.
 #[derive(Clone)]
 pub struct SharedStore {
-    pub url: String,
+    pub cfg: RedisConfig,
     conn: ConnectionManager,
     timeout: Duration,
 }
@@ -145,7 +145,7 @@ impl SharedStore {
         let conn =
             ConnectionManager::new_lazy_with_config(client, mc).map_err(|e| e.to_string())?;
         Ok(Self {
-            url: cfg.url.clone(),
+            cfg: cfg.clone(),
             conn,
             timeout,
         })

@@ -2,10 +2,12 @@
 //!
 //! Every path is normalised before it is matched, and the normalised path is the one
 //! forwarded, so the gateway and the upstream always agree on what was asked for:
-//! percent-encoded unreserved characters are decoded (`%2e` is `.`), dot segments are
-//! resolved, repeated slashes merged. Encoded slashes and backslashes (`%2f`, `%5c`, `\`)
-//! are refused: upstreams disagree on what they mean. Literal path parts of routes are
-//! compared ignoring ASCII case, so `/API/Admin` meets the same auth as `/api/admin`.
+//! percent-encoded characters that may appear raw are decoded (`%2e` is `.`, `%40` is `@`),
+//! dot segments are resolved, repeated slashes merged. Encoded slashes and backslashes
+//! (`%2f`, `%5c`, `\`) are refused: upstreams disagree on what they mean. Route literals go
+//! through the same normalisation and are compared ignoring ASCII case, ignoring `;params`
+//! in segments (servlet containers drop them) and, for exact paths, a trailing slash. So
+//! `/API/Admin`, `/api/admin;x` and `/api/%61dmin/` all meet the auth of `/api/admin`.
 
 use std::collections::BTreeMap;
 
@@ -23,8 +25,12 @@ pub enum PathError {
     EncodedSlash,
 }
 
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+/// Escapes decoded by normalisation: every byte a path may carry raw (as the `http` crate
+/// accepts it), except `%`, `/` and `\`. So `/api/%40admin` and `/api/@admin` are one path
+/// to the router, as they are to most upstreams.
+fn decodable(b: u8) -> bool {
+    matches!(b, 0x21 | 0x24 | 0x26..=0x2E | 0x30..=0x3B | 0x3D | 0x40..=0x5B | 0x5D..=0x5F
+        | 0x61..=0x7A | 0x7C | 0x7E)
 }
 
 /// Normalises a request path (RFC 3986 §6.2.2, plus slash merging).
@@ -51,7 +57,7 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
                 if v == b'/' || v == b'\\' {
                     return Err(PathError::EncodedSlash);
                 }
-                if is_unreserved(v) {
+                if decodable(v) {
                     decoded.push(v);
                 } else {
                     decoded.push(b'%');
@@ -73,12 +79,13 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     let trailing = decoded.len() > 1 && decoded.ends_with('/');
     let mut out: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
+        // `..;x` is `..` to servlet containers: resolve it here, not upstream.
+        match seg.split(';').next().unwrap_or("") {
+            "" | "." if seg.len() <= 1 || seg.starts_with(".;") || seg.starts_with(';') => {}
             ".." => {
                 out.pop();
             }
-            s => out.push(s),
+            _ => out.push(seg),
         }
     }
     let mut norm = String::with_capacity(decoded.len());
@@ -90,6 +97,21 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         norm.push('/');
     }
     Ok(norm)
+}
+
+/// The path as routes see it: `;params` removed from every segment.
+pub fn match_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains(';') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(seg.split(';').next().unwrap_or(""));
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A path template: `/api/products/{id}`, `/files/{*rest}`.
@@ -207,9 +229,11 @@ impl Matcher {
     /// Compiles a match; [`crate::config::GatewayConfig::validate`] has checked it.
     pub fn new(m: &RouteMatch) -> Result<Self, String> {
         let path = match (&m.prefix, &m.exact, &m.template) {
-            (Some(p), None, None) => PathMatch::Prefix(p.clone()),
+            (Some(p), None, None) => PathMatch::Prefix(normalize(p).map_err(|e| e.to_string())?),
             (None, Some(e), None) => PathMatch::Exact(normalize(e).map_err(|e| e.to_string())?),
-            (None, None, Some(t)) => PathMatch::Template(Template::parse(t)?),
+            (None, None, Some(t)) => {
+                PathMatch::Template(Template::parse(&normalize(t).map_err(|e| e.to_string())?)?)
+            }
             _ => return Err("match needs exactly one of `prefix`, `exact`, `template`".into()),
         };
         Ok(Self {
@@ -266,7 +290,11 @@ impl Matcher {
         }
         match &self.path {
             PathMatch::Prefix(p) => prefix_matches(p, path).then(BTreeMap::new),
-            PathMatch::Exact(e) => path.eq_ignore_ascii_case(e).then(BTreeMap::new),
+            PathMatch::Exact(e) => {
+                let trim = |p: &str| p.trim_end_matches('/').len();
+                (path.as_bytes()[..trim(path)].eq_ignore_ascii_case(&e.as_bytes()[..trim(e)]))
+                    .then(BTreeMap::new)
+            }
             PathMatch::Template(t) => t.matches(path),
         }
     }
@@ -320,6 +348,12 @@ mod tests {
             ("/%61dmin", "/admin"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
+            ("/api/%40admin", "/api/@admin"),
+            ("/api/..;/admin", "/admin"),
+            ("/api/.;x/admin", "/api/admin"),
+            ("/api/;x/admin", "/api/admin"),
+            ("/a%25b", "/a%25b"),
+            ("/a%23b", "/a%23b"),
             ("/caf\u{e9}/%2e%2e/na\u{ef}ve", "/na\u{ef}ve"),
         ] {
             assert_eq!(normalize(raw).as_deref(), Ok(want), "{raw}");
@@ -330,6 +364,27 @@ mod tests {
         assert_eq!(normalize("/a%zz"), Err(PathError::BadEncoding));
         assert_eq!(normalize("/a%2"), Err(PathError::BadEncoding));
         assert_eq!(normalize("a"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn matrix_parameters_are_ignored_for_matching() {
+        assert_eq!(match_path("/api/admin;x"), "/api/admin");
+        assert_eq!(match_path("/api;a=1/admin;b/x"), "/api/admin/x");
+        assert_eq!(match_path("/plain"), "/plain");
+        let m = Matcher::new(&RouteMatch {
+            exact: Some("/api/admin".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let h = HeaderMap::new();
+        assert!(m.matches(&Method::GET, None, "/api/admin/", &h).is_some());
+        assert!(m.matches(&Method::GET, None, "/api/admins", &h).is_none());
+        let p = Matcher::new(&RouteMatch {
+            prefix: Some("/api/%40admin".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(p.matches(&Method::GET, None, "/api/@admin/x", &h).is_some());
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl Runtime {
             Some(r) => Some(
                 match previous
                     .and_then(|p| p.redis.clone())
-                    .filter(|s| s.url == r.url)
+                    .filter(|s| s.cfg == *r)
                 {
                     Some(s) => s,
                     None => SharedStore::new(r)

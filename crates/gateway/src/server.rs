@@ -162,6 +162,14 @@ pub struct Standalone {
     tasks: tokio::task::JoinSet<()>,
 }
 
+/// A gateway dropped without [`Standalone::shutdown`] still stops its workers (they drain
+/// in the background), so nothing waits on them forever.
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 impl Standalone {
     /// Loads `path`, binds the listeners and starts serving. `poll` is how often the file
     /// is checked for changes.
