@@ -77,9 +77,9 @@ fn validate(o: &NewOrder) -> Result<(), Problem> {
         }
         (None, Some(pm)) => {
             errs.check(
-                (1..=64).contains(&pm.len()) && pm.bytes().all(|b| b.is_ascii_graphic()),
+                (1..=512).contains(&pm.len()) && pm.bytes().all(|b| b.is_ascii_graphic()),
                 "payment_method",
-                "must be 1 to 64 visible characters",
+                "must be 1 to 512 visible characters",
             );
         }
         _ => errs.push("card", "give exactly one of `card` and `payment_method`"),

@@ -16,7 +16,7 @@ use crate::error::PaymentError;
 use crate::model::{
     CardOutcome, ListQuery, MAX_AMOUNT_MINOR, NewPayment, NewPaymentMethod, Operation, Payment,
     PaymentList, PaymentMethod, RefundRequest, Status, card_brand, card_last4, card_outcome,
-    network_verdict, normalize_card,
+    normalize_card,
 };
 use crate::store;
 
@@ -86,21 +86,7 @@ async fn create_payment_method(
         "not a valid card number (12 to 19 digits passing the Luhn check)",
     );
     errs.into_result()?;
-    let now = shopmesh_platform::now_millis();
-    let method = PaymentMethod {
-        id: format!("pm_{}", uuid::Uuid::new_v4().simple()),
-        card_brand: card_brand(&card).into(),
-        card_last4: card_last4(&card).into(),
-        created_at: shopmesh_platform::millis_to_rfc3339(now),
-    };
-    store::insert_method(
-        &s.db,
-        &caller.user_id,
-        &method,
-        &network_verdict(&card),
-        now,
-    )
-    .await?;
+    let method = s.vault.seal(&caller.user_id, &card).await?;
     Ok((StatusCode::CREATED, Json(method)))
 }
 
@@ -112,7 +98,7 @@ async fn get_payment_method(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<PaymentMethod>, Problem> {
-    match store::get_method(&s.db.pool, &caller.user_id, &id).await? {
+    match s.vault.open(&caller.user_id, &id).await? {
         Some((m, _)) => Ok(Json(m)),
         None => Err(Problem::not_found("no such payment method")),
     }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod model;
 pub mod saga;
 pub mod store;
+pub mod vault;
 
 use shopmesh_platform::db::Db;
 
@@ -22,13 +23,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 #[derive(Clone)]
 pub struct State {
     pub db: Db,
+    pub vault: std::sync::Arc<vault::Vault>,
 }
 
 /// The service's complete HTTP application (routes + the common stack).
 pub fn app(db: Db) -> axum::Router {
+    let vault = std::sync::Arc::new(vault::Vault::new(db.clone()));
     shopmesh_platform::serve::stack(
         NAME,
-        api::routes(State { db }),
+        api::routes(State { db, vault }),
         shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
     )
 }

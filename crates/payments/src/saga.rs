@@ -13,7 +13,17 @@ use sqlx::{Any, Transaction};
 use crate::model::Status;
 use crate::store;
 
-pub struct PaymentsSaga;
+pub struct PaymentsSaga {
+    vault: crate::vault::Vault,
+}
+
+impl PaymentsSaga {
+    pub fn new(db: shopmesh_platform::db::Db) -> Self {
+        Self {
+            vault: crate::vault::Vault::new(db),
+        }
+    }
+}
 
 fn permanent(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::Permanent(e.to_string())
@@ -34,7 +44,11 @@ async fn reply<E: Event>(
     Ok(())
 }
 
-async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
+async fn placed(
+    vault: &crate::vault::Vault,
+    tx: &mut Transaction<'static, Any>,
+    env: &Envelope,
+) -> Result<(), HandlerError> {
     let ev: OrderPlaced = env.decode().map_err(permanent)?;
     let key = key(&ev.order_id);
     let cancelled: Option<String> =
@@ -46,7 +60,9 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
         return Ok(());
     }
     // The order carries a vaulted payment method, never a card number.
-    let method = store::get_method(&mut **tx, &ev.user_id, &ev.payment_method).await?;
+    let method = vault
+        .open_with(&mut **tx, &ev.user_id, &ev.payment_method)
+        .await?;
     let (status, decline, brand, last4) = match &method {
         Some((m, verdict)) => match verdict.strip_prefix("decline:") {
             None => (
@@ -141,7 +157,7 @@ impl Handler for PaymentsSaga {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         async move {
             if env.is::<OrderPlaced>() {
-                placed(tx, env).await
+                placed(&self.vault, tx, env).await
             } else if env.is::<OrderConfirmed>() {
                 let ev: OrderConfirmed = env.decode().map_err(permanent)?;
                 settle(tx, &ev.order_id, Status::Captured).await

@@ -7,7 +7,7 @@ use shopmesh_platform::db::{Db, DbConfig};
 
 async fn apply(db: &Db, env: &Envelope) {
     let mut tx = db.pool.begin().await.unwrap();
-    shopmesh_payments::saga::PaymentsSaga
+    shopmesh_payments::saga::PaymentsSaga::new(db.clone())
         .handle(&mut tx, env)
         .await
         .unwrap();
@@ -58,7 +58,6 @@ async fn a_late_order_placed_after_its_cancellation_authorizes_nothing() {
 
 #[tokio::test]
 async fn orders_pay_with_vaulted_methods_of_their_own_user_only() {
-    use shopmesh_payments::model::{PaymentMethod, network_verdict};
     let dir = tempfile::tempdir().unwrap();
     let db = Db::connect(
         &DbConfig::Sqlite {
@@ -70,17 +69,9 @@ async fn orders_pay_with_vaulted_methods_of_their_own_user_only() {
     .await
     .unwrap();
     outbox::install(&db).await.unwrap();
-    for (id, card) in [("pm_ok", "4242424242424242"), ("pm_no", "4000000000000002")] {
-        let m = PaymentMethod {
-            id: id.into(),
-            card_brand: "visa".into(),
-            card_last4: card[12..].into(),
-            created_at: String::new(),
-        };
-        shopmesh_payments::store::insert_method(&db, "u-1", &m, &network_verdict(card), 1)
-            .await
-            .unwrap();
-    }
+    let vault = shopmesh_payments::vault::Vault::new(db.clone());
+    let ok = vault.seal("u-1", "4242424242424242").await.unwrap().id;
+    let no = vault.seal("u-1", "4000000000000002").await.unwrap().id;
     let place = |order: &str, user: &str, pm: &str| OrderPlaced {
         order_id: order.into(),
         user_id: user.into(),
@@ -93,9 +84,9 @@ async fn orders_pay_with_vaulted_methods_of_their_own_user_only() {
         payment_method: pm.into(),
     };
     for (order, user, pm) in [
-        ("o-ok", "u-1", "pm_ok"),
-        ("o-no", "u-1", "pm_no"),
-        ("o-other", "u-2", "pm_ok"),
+        ("o-ok", "u-1", ok.as_str()),
+        ("o-no", "u-1", no.as_str()),
+        ("o-other", "u-2", ok.as_str()),
         ("o-none", "u-1", "pm_missing"),
     ] {
         apply(

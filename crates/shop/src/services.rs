@@ -209,7 +209,7 @@ pub async fn open(
             .await?;
         }
         ServiceName::Payments => {
-            let h = Arc::new(shopmesh_payments::saga::PaymentsSaga);
+            let h = Arc::new(shopmesh_payments::saga::PaymentsSaga::new(db.clone()));
             tasks = saga_tasks(
                 name,
                 ev::CONSUMER_PAYMENTS,
