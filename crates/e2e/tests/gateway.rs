@@ -1049,6 +1049,33 @@ async fn the_admin_api_needs_its_token_when_one_is_set() {
         .await
         .unwrap();
     assert!(metrics.contains("gateway_upstream_healthy"), "{metrics}");
+    // Requests by route, cluster, endpoint and status.
+    let gw = format!("http://{}", s.addr);
+    assert_eq!(
+        http.get(format!("{gw}/x")).send().await.unwrap().status(),
+        200
+    );
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .bearer_auth("letmein")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("gateway_requests_total{") && l.contains("status=\"200\""))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        line.contains(&format!("endpoint=\"{}\"", up.url())),
+        "{line}"
+    );
+    assert!(
+        line.contains("route=\"r\"") && line.contains("cluster=\"c\""),
+        "{line}"
+    );
     s.shutdown().await;
 }
 

@@ -303,7 +303,8 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     }
     let elapsed = start.elapsed();
     let cluster: Arc<str> = outcome.cluster.clone().unwrap_or_else(|| "".into());
-    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "cluster" => cluster, "status" => status.to_string())
+    let endpoint = outcome.endpoint.clone().unwrap_or_default();
+    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "cluster" => cluster, "endpoint" => endpoint, "status" => status.to_string())
         .increment(1);
     metrics::histogram!("gateway_request_duration_seconds", "route" => outcome.route.clone())
         .record(elapsed.as_secs_f64());

@@ -177,6 +177,8 @@ impl Standalone {
         path: std::path::PathBuf,
         poll: Duration,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        // The metrics recorder first, so that nothing recorded at start-up is lost.
+        let _ = shopmesh_platform::telemetry::prometheus();
         let cfg = crate::GatewayConfig::from_file(&path)?;
         let (listen, workers) = (cfg.listen, cfg.workers);
         let admin_listener = match cfg.admin.listen {
