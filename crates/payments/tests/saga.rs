@@ -14,8 +14,8 @@ async fn apply(db: &Db, env: &Envelope) {
     tx.commit().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_late_order_placed_after_its_cancellation_authorizes_nothing() {
+/// A payments database of its own (SQLite, one connection as in the shop), with the outbox.
+async fn payments_db() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::connect(
         &DbConfig::Sqlite {
@@ -27,6 +27,12 @@ async fn a_late_order_placed_after_its_cancellation_authorizes_nothing() {
     .await
     .unwrap();
     outbox::install(&db).await.unwrap();
+    (dir, db)
+}
+
+#[tokio::test]
+async fn a_late_order_placed_after_its_cancellation_authorizes_nothing() {
+    let (_dir, db) = payments_db().await;
     let cancelled = OrderCancelled {
         order_id: "o-1".into(),
         reason: "timeout".into(),
@@ -58,17 +64,7 @@ async fn a_late_order_placed_after_its_cancellation_authorizes_nothing() {
 
 #[tokio::test]
 async fn orders_pay_with_vaulted_methods_of_their_own_user_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::connect(
-        &DbConfig::Sqlite {
-            path: dir.path().join("p.db"),
-        },
-        1,
-        &shopmesh_payments::MIGRATOR,
-    )
-    .await
-    .unwrap();
-    outbox::install(&db).await.unwrap();
+    let (_dir, db) = payments_db().await;
     let vault = shopmesh_payments::vault::Vault::new(db.clone());
     let ok = vault.seal("u-1", "4242424242424242").await.unwrap().id;
     let no = vault.seal("u-1", "4000000000000002").await.unwrap().id;

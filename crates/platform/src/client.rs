@@ -66,6 +66,15 @@ impl From<CallError> for Problem {
     }
 }
 
+/// The identity headers the gateway set for `caller`, passed on to the next service.
+fn as_caller(
+    req: reqwest::RequestBuilder,
+    caller: &crate::identity::Caller,
+) -> reqwest::RequestBuilder {
+    req.header(crate::USER_ID_HEADER, &caller.user_id)
+        .header(crate::USER_ROLES_HEADER, caller.roles.join(","))
+}
+
 impl ServiceClient {
     pub fn new(name: &'static str, base: impl Into<String>) -> Self {
         let http = reqwest::Client::builder()
@@ -97,12 +106,8 @@ impl ServiceClient {
         caller: &crate::identity::Caller,
         rid: &RequestId,
     ) -> Result<T, CallError> {
-        let req = self
-            .http
-            .get(format!("{}{}", self.base, path_and_query))
-            .header(crate::USER_ID_HEADER, &caller.user_id)
-            .header(crate::USER_ROLES_HEADER, caller.roles.join(","));
-        self.send(req, rid).await
+        let req = self.http.get(format!("{}{}", self.base, path_and_query));
+        self.send(as_caller(req, caller), rid).await
     }
 
     /// `POST` a JSON body on behalf of `caller` (its identity headers are passed on, as the
@@ -114,13 +119,8 @@ impl ServiceClient {
         caller: &crate::identity::Caller,
         rid: &RequestId,
     ) -> Result<T, CallError> {
-        let req = self
-            .http
-            .post(format!("{}{}", self.base, path))
-            .header(crate::USER_ID_HEADER, &caller.user_id)
-            .header(crate::USER_ROLES_HEADER, caller.roles.join(","))
-            .json(body);
-        self.send(req, rid).await
+        let req = self.http.post(format!("{}{}", self.base, path)).json(body);
+        self.send(as_caller(req, caller), rid).await
     }
 
     async fn send<T: DeserializeOwned>(
