@@ -332,6 +332,22 @@ async fn order_validation() {
     assert_eq!(again.status(), 200);
     let again: Value = again.json().await.unwrap();
     assert_eq!(first["id"], again["id"]);
+    // The same key with another card is another request: 422.
+    let other_card = body(
+        json!([{"product_id": p1, "quantity": 1}]),
+        "4000000000000002",
+    );
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .header("idempotency-key", "k-1")
+        .header("content-type", "application/json")
+        .body(other_card)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(res, 422).await;
     let mine: Value = shop.get_json("/api/orders", Some(&token)).await;
     assert_eq!(mine["items"].as_array().unwrap().len(), 1);
 }
