@@ -315,7 +315,7 @@ fn fingerprint(o: &NewOrder) -> String {
             let digits = card.replace(' ', "");
             h.update(b"card:");
             h.update(digits.len().to_be_bytes());
-            h.update(digits[digits.len().saturating_sub(4)..].as_bytes());
+            h.update(&digits.as_bytes()[digits.len().saturating_sub(4)..]);
         }
         (None, Some(pm)) => {
             h.update(b"pm:");
