@@ -47,6 +47,9 @@ struct Inner {
     epoch: u64,
     probes_in_flight: u32,
     probes_ok: u32,
+    /// Which half-open round the probes belong to: a late answer from an earlier round
+    /// counts for nothing in this one.
+    round: u64,
 }
 
 #[derive(Debug)]
@@ -56,11 +59,12 @@ pub struct Breaker {
     inner: Mutex<Inner>,
 }
 
-/// What [`Breaker::try_acquire`] granted: a normal request, or one of the half-open probes.
+/// What [`Breaker::try_acquire`] granted: a normal request, or one of the probes of a
+/// half-open round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permit {
     Normal,
-    Probe,
+    Probe(u64),
 }
 
 impl Breaker {
@@ -78,6 +82,7 @@ impl Breaker {
                 epoch: 0,
                 probes_in_flight: 0,
                 probes_ok: 0,
+                round: 0,
             }),
         }
     }
@@ -119,12 +124,13 @@ impl Breaker {
             g.state = State::HalfOpen;
             g.probes_in_flight = 0;
             g.probes_ok = 0;
+            g.round += 1;
         }
         match g.state {
             State::Closed => Some(Permit::Normal),
             _ if g.probes_in_flight < self.cfg.half_open_requests => {
                 g.probes_in_flight += 1;
-                Some(Permit::Probe)
+                Some(Permit::Probe(g.round))
             }
             _ => None,
         }
@@ -133,9 +139,9 @@ impl Breaker {
     /// Gives back a permit whose request ended without an outcome (the client went away, or
     /// the failure was the client's): a probe slot is freed, nothing is counted.
     pub fn release(&self, permit: Permit) {
-        if permit == Permit::Probe {
+        if let Permit::Probe(round) = permit {
             let mut g = self.lock();
-            if g.state == State::HalfOpen {
+            if g.state == State::HalfOpen && g.round == round {
                 g.probes_in_flight = g.probes_in_flight.saturating_sub(1);
             }
         }
@@ -148,7 +154,7 @@ impl Breaker {
         let mut g = self.lock();
         let before = g.state;
         match (permit, g.state) {
-            (Permit::Probe, State::HalfOpen) => {
+            (Permit::Probe(round), State::HalfOpen) if round == g.round => {
                 g.probes_in_flight = g.probes_in_flight.saturating_sub(1);
                 if success {
                     g.probes_ok += 1;
@@ -237,7 +243,7 @@ mod tests {
         assert_eq!(b.state(), State::HalfOpen);
         let p1 = b.try_acquire().unwrap();
         let p2 = b.try_acquire().unwrap();
-        assert_eq!(p1, Permit::Probe);
+        assert!(matches!(p1, Permit::Probe(_)));
         assert!(b.try_acquire().is_none(), "only two probes at once");
         assert_eq!(b.record(p1, true), None);
         assert_eq!(b.record(p2, true), Some(State::Closed));
@@ -260,6 +266,30 @@ mod tests {
         b.release(p);
         let p = b.try_acquire().expect("the slot is free again");
         assert_eq!(b.record(p, true), Some(State::Closed));
+    }
+
+    #[test]
+    fn a_late_probe_of_an_earlier_round_counts_for_nothing() {
+        let b = Breaker::new(BreakerConfig {
+            half_open_requests: 2,
+            ..cfg()
+        });
+        for _ in 0..3 {
+            let p = b.try_acquire().unwrap();
+            b.record(p, false);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        let slow = b.try_acquire().unwrap();
+        let fast = b.try_acquire().unwrap();
+        assert_eq!(b.record(fast, false), Some(State::Open), "round 1 fails");
+        std::thread::sleep(Duration::from_millis(60));
+        let p = b.try_acquire().unwrap();
+        // Round 1's slow probe succeeds now: it must not count toward round 2.
+        assert_eq!(b.record(slow, true), None);
+        b.release(slow);
+        assert_eq!(b.record(p, true), None, "one success of two needed");
+        let q = b.try_acquire().unwrap();
+        assert_eq!(b.record(q, true), Some(State::Closed));
     }
 
     #[test]
