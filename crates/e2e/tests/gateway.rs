@@ -196,10 +196,7 @@ fn with_listeners(yaml: &str) -> String {
 }
 
 fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(s.as_bytes()))
 }
 
 async fn body(res: reqwest::Response) -> Value {

@@ -34,6 +34,18 @@ async fn settled(shop: &TestShop, token: &str, id: &str) -> Value {
     }
 }
 
+/// The dead letters, from the admin API.
+async fn dead_letters(shop: &TestShop) -> Value {
+    shop.http
+        .get(format!("{}/dlq", shop.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn stock(shop: &TestShop, product: &str) -> Value {
     shop.get_json(&format!("/api/inventory/{product}"), None)
         .await
@@ -271,15 +283,7 @@ async fn poison_messages_are_dead_lettered_and_handled_over_the_admin_api() {
     assert_eq!(settled(&shop, &token, &id).await["status"], "CONFIRMED");
     let deadline = Instant::now() + Duration::from_secs(5);
     let letters = loop {
-        let v: Value = shop
-            .http
-            .get(format!("{}/dlq", shop.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = dead_letters(&shop).await;
         if v.as_array().unwrap().len() == 2 {
             break v;
         }
@@ -340,15 +344,7 @@ async fn poison_messages_are_dead_lettered_and_handled_over_the_admin_api() {
     .await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v: Value = shop
-            .http
-            .get(format!("{}/dlq", shop.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = dead_letters(&shop).await;
         if v.as_array().unwrap().len() == 2 {
             break;
         }
@@ -359,15 +355,7 @@ async fn poison_messages_are_dead_lettered_and_handled_over_the_admin_api() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Purge.
-    let v: Value = shop
-        .http
-        .get(format!("{}/dlq", shop.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = dead_letters(&shop).await;
     for l in v.as_array().unwrap() {
         let res = shop
             .http
@@ -377,15 +365,7 @@ async fn poison_messages_are_dead_lettered_and_handled_over_the_admin_api() {
             .unwrap();
         assert_eq!(res.status(), 204);
     }
-    let v: Value = shop
-        .http
-        .get(format!("{}/dlq", shop.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = dead_letters(&shop).await;
     assert!(v.as_array().unwrap().is_empty());
 }
 

@@ -113,8 +113,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Builds a cluster, reusing endpoints from `previous` where they are unchanged.
-    pub fn new(cfg: &ClusterConfig, previous: Option<&Cluster>) -> Result<Self, String> {
+    /// Builds a cluster for `workers` worker threads, reusing endpoints from `previous`
+    /// where they are unchanged.
+    pub fn new(
+        cfg: &ClusterConfig,
+        previous: Option<&Cluster>,
+        workers: usize,
+    ) -> Result<Self, String> {
         let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
             .iter()
@@ -145,7 +150,7 @@ impl Cluster {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeouts.connect_ms)));
-        let clients = (0..=crate::server::MAX_WORKERS)
+        let clients = (0..=workers)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_millis(cfg.timeouts.idle_ms))
@@ -332,7 +337,7 @@ mod tests {
             timeouts: Default::default(),
             retry: Default::default(),
         };
-        Cluster::new(&cfg, None).unwrap()
+        Cluster::new(&cfg, None, 1).unwrap()
     }
 
     #[tokio::test]
@@ -455,7 +460,7 @@ mod tests {
             timeouts: Default::default(),
             retry: Default::default(),
         };
-        let next = Cluster::new(&cfg, Some(&c)).unwrap();
+        let next = Cluster::new(&cfg, Some(&c), 1).unwrap();
         assert!(Arc::ptr_eq(&next.endpoints[0], &c.endpoints[0]));
         assert!(!next.endpoints[0].is_healthy(), "health is kept");
         assert!(next.endpoints[1].is_healthy());
@@ -464,7 +469,7 @@ mod tests {
             health_check: None,
             ..cfg
         };
-        let last = Cluster::new(&unchecked, Some(&next)).unwrap();
+        let last = Cluster::new(&unchecked, Some(&next), 1).unwrap();
         assert!(Arc::ptr_eq(&last.endpoints[0], &c.endpoints[0]));
         assert!(last.endpoints[0].is_healthy());
     }

@@ -574,6 +574,17 @@ impl GatewayConfig {
         serde_json::to_string_pretty(&schema).unwrap_or_default()
     }
 
+    /// Worker threads of a standalone gateway: `workers`, else one per CPU.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .clamp(1, crate::server::MAX_WORKERS)
+    }
+
     /// Checks what types cannot: references, URLs, ranges, exclusive options.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(listen) = self.admin.listen
@@ -606,15 +617,8 @@ impl GatewayConfig {
             ));
         }
         if let Some(j) = &self.jwt {
-            let uri: http::Uri = j
-                .jwks_url
-                .parse()
-                .map_err(|_| ConfigError::Invalid("jwt.jwks_url is not a valid URL".into()))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(ConfigError::Invalid(
-                    "jwt.jwks_url must be an http:// URL".into(),
-                ));
-            }
+            http_url(&j.jwks_url)
+                .map_err(|r| ConfigError::Invalid(format!("jwt.jwks_url: {r}")))?;
         }
         if let Some(k) = &self.api_keys {
             http::HeaderName::from_bytes(k.header.as_bytes()).map_err(|_| {
@@ -805,11 +809,18 @@ impl GatewayConfig {
     }
 }
 
-fn check_http_url(url: &str) -> Result<(), &'static str> {
+/// An `http://host:port…` URL.
+fn http_url(url: &str) -> Result<http::Uri, &'static str> {
     let uri: http::Uri = url.parse().map_err(|_| "not a valid URL")?;
     if uri.scheme_str() != Some("http") || uri.authority().is_none() {
         return Err("must be an http://host:port URL");
     }
+    Ok(uri)
+}
+
+/// An endpoint's base URL: `http://host:port`, no path.
+fn check_http_url(url: &str) -> Result<(), &'static str> {
+    let uri = http_url(url)?;
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err("must not have a path");
     }

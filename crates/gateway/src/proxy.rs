@@ -289,9 +289,12 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         None => traceparent(req.headers()),
     };
     req.headers_mut().insert("traceparent", tp);
-    let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
-    let client_ip = peer.map(|p| client_ip(&rt, p, req.headers()));
-    let (outcome, mut res) = route_and_forward(&rt, req, client_ip)
+    let client = req
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|a| Sender::of(&rt, a.0.ip(), req.headers()));
+    let client_ip = client.map(|c| c.ip);
+    let (outcome, mut res) = route_and_forward(&rt, req, client)
         .instrument(span.clone())
         .await;
     res.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
@@ -328,12 +331,30 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     res
 }
 
-/// The client's address: the peer, or, when the peer is a trusted proxy, the first address
-/// from the right of `X-Forwarded-For` that is not a trusted proxy.
-fn client_ip(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    if rt.trusted_proxies.is_empty() || !rt.is_trusted(peer) {
-        return peer;
+/// Who sent a request: the connection's peer, whether it is a trusted proxy, and the
+/// client's address (worked out once per request).
+#[derive(Clone, Copy)]
+struct Sender {
+    peer: IpAddr,
+    trusted: bool,
+    ip: IpAddr,
+}
+
+impl Sender {
+    fn of(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> Self {
+        let trusted = rt.is_trusted(peer);
+        let ip = if trusted {
+            client_ip(rt, peer, headers)
+        } else {
+            peer
+        };
+        Sender { peer, trusted, ip }
     }
+}
+
+/// Behind a trusted proxy, the first address from the right of `X-Forwarded-For` that is not
+/// a trusted proxy.
+fn client_ip(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     let mut ip = peer;
     let hops: Vec<&str> = headers
         .get_all("x-forwarded-for")
@@ -495,8 +516,9 @@ fn rate_limit_headers(res: &mut Response<Body>, d: &Decision) {
 async fn route_and_forward(
     rt: &Runtime,
     mut req: Request<Body>,
-    client_ip: Option<IpAddr>,
+    client: Option<Sender>,
 ) -> (Outcome, Response<Body>) {
+    let client_ip = client.map(|c| c.ip);
     // 1. Nobody but the gateway speaks for the caller's identity.
     let spoofed: Vec<HeaderName> = req
         .headers()
@@ -656,8 +678,8 @@ async fn route_and_forward(
     let original_host = parts.headers.remove(header::HOST);
     // Forwarding headers: believed (and extended) only from trusted proxies; from anyone
     // else they are replaced, so an upstream reading any of them sees the truth.
-    let peer = req_peer(&parts);
-    let trusted = peer.is_some_and(|p| !rt.trusted_proxies.is_empty() && rt.is_trusted(p));
+    let peer = client.map(|c| c.peer);
+    let trusted = client.is_some_and(|c| c.trusted);
     let prior_xff = trusted
         .then(|| {
             parts
@@ -817,10 +839,6 @@ async fn route_and_forward(
             }
         }
     }
-}
-
-fn req_peer(parts: &http::request::Parts) -> Option<IpAddr> {
-    parts.extensions.get::<ClientAddr>().map(|a| a.0.ip())
 }
 
 /// The value of cookie `name`, if the request carries it.

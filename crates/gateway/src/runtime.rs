@@ -56,19 +56,6 @@ impl ApiKeys {
     }
 }
 
-fn decode_hex32(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-        let hi = (chunk[0] as char).to_digit(16)?;
-        let lo = (chunk[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
-    }
-    Some(out)
-}
-
 pub struct Runtime {
     pub version: u64,
     pub loaded_at: SystemTime,
@@ -104,7 +91,7 @@ impl Runtime {
             .iter()
             .map(|c| {
                 let prev = previous.and_then(|p| p.clusters.iter().find(|o| *o.name == *c.name));
-                Cluster::new(c, prev.map(|a| &**a))
+                Cluster::new(c, prev.map(|a| &**a), cfg.worker_count())
                     .map(Arc::new)
                     .map_err(|reason| ConfigError::Cluster {
                         cluster: c.name.clone(),
@@ -128,7 +115,7 @@ impl Runtime {
                 .iter()
                 .filter_map(|key| {
                     Some((
-                        decode_hex32(&key.sha256)?,
+                        <[u8; 32] as hex::FromHex>::from_hex(&key.sha256).ok()?,
                         Arc::new(ApiKey {
                             name: key.name.clone(),
                             roles: key.roles.clone(),
@@ -297,14 +284,5 @@ mod tests {
         assert!(in_cidr(ip("127.0.0.1"), ip("127.0.0.1"), 32));
         assert!(in_cidr(ip("fd00::1"), ip("fd00::"), 8));
         assert!(in_cidr(ip("1.2.3.4"), ip("0.0.0.0"), 0));
-    }
-
-    #[test]
-    fn hex_keys_decode() {
-        let h = "00ff".repeat(16);
-        let k = decode_hex32(&h).unwrap();
-        assert_eq!(k[0], 0);
-        assert_eq!(k[1], 255);
-        assert!(decode_hex32("zz").is_none());
     }
 }

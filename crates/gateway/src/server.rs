@@ -180,7 +180,7 @@ impl Standalone {
         // The metrics recorder first, so that nothing recorded at start-up is lost.
         let _ = shopmesh_platform::telemetry::prometheus();
         let cfg = crate::GatewayConfig::from_file(&path)?;
-        let (listen, workers) = (cfg.listen, cfg.workers);
+        let (listen, workers) = (cfg.listen, cfg.worker_count());
         let admin_listener = match cfg.admin.listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -192,11 +192,6 @@ impl Standalone {
         let gateway = Gateway::new(cfg)?;
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
-        let workers = workers.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
         let (addr, joiner) = serve_workers(
             listen,
             gateway.clone(),

@@ -323,7 +323,7 @@ fn fingerprint(o: &NewOrder) -> String {
         }
         (None, None) => {}
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(h.finalize())
 }
 
 /// The W3C trace context of the request, carried into the saga's messages: this request's

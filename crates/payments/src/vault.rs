@@ -37,15 +37,8 @@ pub struct Vault {
     key: OnceCell<[u8; 32]>,
 }
 
-fn decode_key(hex: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return None;
-    }
-    for (i, c) in hex.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
-    }
-    Some(out)
+fn decode_key(secret: &str) -> Option<[u8; 32]> {
+    <[u8; 32] as hex::FromHex>::from_hex(secret).ok()
 }
 
 impl Vault {
@@ -60,10 +53,7 @@ impl Vault {
     async fn key(&self) -> Result<&[u8; 32], sqlx::Error> {
         self.key
             .get_or_try_init(|| async {
-                let secret: String = rand::random::<[u8; 32]>()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
+                let secret = hex::encode(rand::random::<[u8; 32]>());
                 sqlx::query(
                     "INSERT INTO vault_keys (id, secret, created_at) VALUES ($1, $2, $3) \
                      ON CONFLICT (id) DO NOTHING",
