@@ -313,15 +313,21 @@ pub struct RouteConfig {
     pub name: String,
     #[serde(rename = "match")]
     pub matches: RouteMatch,
-    /// Cluster the route forwards to.
-    pub cluster: String,
+    /// Cluster the route forwards to. Exactly one of `cluster` and `aggregate`.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// A composite endpoint: the request fans out to several backend calls whose answers
+    /// are merged into one JSON document. Exactly one of `cluster` and `aggregate`.
+    #[serde(default)]
+    pub aggregate: Option<AggregateConfig>,
     #[serde(default)]
     pub rewrite: Option<Rewrite>,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
-    /// Overrides the cluster's request timeout for this route, in milliseconds.
+    /// Overrides the cluster's request timeout for this route, in milliseconds. For an
+    /// `aggregate` route: the deadline of the whole composite (default 10 s).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
 }
@@ -339,7 +345,8 @@ impl RouteConfig {
                 prefix: Some(prefix.into()),
                 ..Default::default()
             },
-            cluster: cluster.into(),
+            cluster: Some(cluster.into()),
+            aggregate: None,
             rewrite: None,
             auth: AuthConfig::default(),
             rate_limit: None,
@@ -405,6 +412,108 @@ pub struct Rewrite {
     pub add_prefix: Option<String>,
 }
 
+/// A composite endpoint (the aggregation pattern): one client call, several backend calls,
+/// one merged JSON document. Parts run as soon as the parts they read from have answered.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// The backend calls. Their order is the order they are merged in.
+    pub parts: Vec<PartConfig>,
+}
+
+/// One backend call of a composite endpoint.
+///
+/// `path`, `query` values and `headers` values are templates: `{path.NAME}` (a parameter of
+/// the route's `template`), `{query.NAME}`, `{header.NAME}`, `{claims.NAME}` (a claim of the
+/// verified token; `sub` for an API key's caller) and `{PART.a.b}` (a field of another part's
+/// answer, which makes this part wait for that one). A `*` step takes every element of an
+/// array, joined with commas: `{page.items.*.id}`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartConfig {
+    /// Name: used in templates, in `_parts`, in errors and metrics.
+    pub name: String,
+    /// Cluster the call goes to (its balancer, health checks and breakers apply).
+    pub cluster: String,
+    /// Path template of the `GET` request, starting with `/`.
+    pub path: String,
+    /// Query parameters (templates). A parameter whose value cannot be resolved is left out.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Pass the client's query string on (before `query`).
+    #[serde(default)]
+    pub forward_query: bool,
+    /// Request headers (templates).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Send the caller's identity (`x-shopmesh-user`, `x-shopmesh-roles`). Cached answers
+    /// are then kept per caller.
+    #[serde(default)]
+    pub forward_identity: bool,
+    /// How long this call may take, in milliseconds, body included.
+    #[serde(default = "default_part_timeout")]
+    pub timeout_ms: u64,
+    /// A required part that fails fails the whole request (502, 504, or the backend's 4xx);
+    /// an optional one is replaced by `fallback` and the answer is flagged incomplete.
+    #[serde(default = "default_true")]
+    pub required: bool,
+    /// Value used when an optional part fails (default `null`).
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub fallback: serde_json::Value,
+    /// Take only this field of the answer (dotted path, e.g. `data.items`).
+    #[serde(default)]
+    pub extract: Option<String>,
+    /// Keep only these fields (of the object, or of each object of an array).
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// Rename fields: `from: to` (after `fields`).
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// Where the result goes in the merged document: a dotted path, default the part's
+    /// name; `.` merges an object's fields into the top level.
+    #[serde(default)]
+    pub into: Option<String>,
+    /// Instead of `into`: join this part's array into the elements of an array already in
+    /// the merged document (a batch call enriching a page of items).
+    #[serde(default)]
+    pub enrich: Option<EnrichConfig>,
+    /// Cache successful answers.
+    #[serde(default)]
+    pub cache: Option<PartCacheConfig>,
+    /// Largest answer accepted, in bytes.
+    #[serde(default = "default_part_body")]
+    pub max_body_bytes: usize,
+}
+
+/// Joins a batch answer into a list: for every element `e` of `each` in the merged document,
+/// the part's element `p` with `p[by] == e[key]` is set as `e[into]` (`fallback` when none).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// Dotted path of the array in the merged document, e.g. `items`.
+    pub each: String,
+    /// Field of each of its elements that identifies it, e.g. `id`.
+    pub key: String,
+    /// Field of each element of this part's array holding the same value, e.g. `product_id`.
+    pub by: String,
+    /// Field set on each element, e.g. `price`.
+    pub into: String,
+}
+
+/// Per-part answer cache. Only complete, successful answers are cached; a backend's
+/// `Cache-Control: no-store | no-cache | private` prevents it, and its `max-age` shortens
+/// the TTL. Identical concurrent calls always share one backend call, cached or not.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartCacheConfig {
+    /// Longest time an answer is reused, in milliseconds.
+    pub ttl_ms: u64,
+    /// Most answers kept.
+    #[serde(default = "default_cache_entries")]
+    pub max_entries: usize,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
@@ -447,6 +556,18 @@ pub enum RateLimitKey {
     Route,
 }
 
+fn default_part_timeout() -> u64 {
+    1_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_part_body() -> usize {
+    1024 * 1024
+}
+fn default_cache_entries() -> usize {
+    10_000
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -730,8 +851,33 @@ impl GatewayConfig {
             if !names.insert(r.name.as_str()) {
                 return Err(err("duplicate name".into()));
             }
-            if !clusters.contains(r.cluster.as_str()) {
-                return Err(err(format!("unknown cluster `{}`", r.cluster)));
+            match (&r.cluster, &r.aggregate) {
+                (Some(c), None) => {
+                    if !clusters.contains(c.as_str()) {
+                        return Err(err(format!("unknown cluster `{c}`")));
+                    }
+                }
+                (None, Some(a)) => {
+                    if r.rewrite.is_some() {
+                        return Err(err(
+                            "`rewrite` does not apply to an `aggregate` route".into()
+                        ));
+                    }
+                    if r.matches
+                        .methods
+                        .iter()
+                        .any(|m| !m.eq_ignore_ascii_case("GET") && !m.eq_ignore_ascii_case("HEAD"))
+                    {
+                        return Err(err("an `aggregate` route answers only GET and HEAD".into()));
+                    }
+                    crate::aggregate::Plan::compile(
+                        a,
+                        &|c| clusters.contains(c),
+                        r.matches.template.as_deref(),
+                    )
+                    .map_err(err)?;
+                }
+                _ => return Err(err("needs exactly one of `cluster` and `aggregate`".into())),
             }
             let m = &r.matches;
             let kinds = [&m.prefix, &m.exact, &m.template]

@@ -26,6 +26,8 @@ pub struct Identity {
     pub roles: Vec<String>,
     /// OAuth scopes from the `scope` claim (space-separated).
     pub scopes: Vec<String>,
+    /// Every claim of the token (composite endpoints read them in templates).
+    pub claims: std::sync::Arc<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,34 +132,40 @@ impl JwtVerifier {
         v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         v.validate_nbf = true;
         v.leeway = self.cfg.leeway_secs;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &v).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::ExpiredSignature => AuthError::Expired,
-                K::InvalidAlgorithm => AuthError::Algorithm,
-                K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => AuthError::Malformed,
-                other => AuthError::Invalid(format!("{other:?}")),
-            }
-        })?;
-        if data.claims.sub.is_empty() {
+        let data =
+            jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key.key, &v)
+                .map_err(|e| {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    match e.kind() {
+                        K::ExpiredSignature => AuthError::Expired,
+                        K::InvalidAlgorithm => AuthError::Algorithm,
+                        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                            AuthError::Malformed
+                        }
+                        other => AuthError::Invalid(format!("{other:?}")),
+                    }
+                })?;
+        let all = data.claims;
+        let claims: Claims = serde_json::from_value(serde_json::Value::Object(all.clone()))
+            .map_err(|_| AuthError::Malformed)?;
+        if claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty subject".into()));
         }
-        let exp = data.claims.exp;
+        let exp = claims.exp;
         Ok((
             Identity {
-                subject: data.claims.sub,
+                subject: claims.sub,
                 // Roles travel comma-separated upstream: one holding a comma would become two.
-                roles: data
-                    .claims
+                roles: claims
                     .roles
                     .into_iter()
                     .filter(|r| !r.is_empty() && !r.contains(','))
                     .collect(),
-                scopes: data
-                    .claims
+                scopes: claims
                     .scope
                     .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
                     .unwrap_or_default(),
+                claims: std::sync::Arc::new(all),
             },
             exp,
         ))

@@ -11,12 +11,15 @@
 //! 7. the cluster's balancer picks a healthy endpoint whose breaker is closed (503 when
 //!    none), the request goes out with a timeout (502/504), idempotent body-less requests
 //!    are retried elsewhere within the retry budget;
+//!    An `aggregate` route instead fans out to several backend calls and merges their
+//!    answers ([`aggregate`]);
 //! 8. metrics, a span, and an access-log line.
 //!
 //! Configuration is YAML ([`config::GatewayConfig`]); [`reload`] re-applies it on file
 //! change and SIGHUP, and [`admin`] serves the admin API.
 
 pub mod admin;
+pub mod aggregate;
 pub mod breaker;
 pub mod cluster;
 pub mod config;

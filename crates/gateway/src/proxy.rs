@@ -24,10 +24,11 @@ use shopmesh_platform::{
 use tower::Service;
 use tracing::Instrument;
 
+use crate::aggregate::{CallerView, Incoming};
 use crate::config::{ConfigError, GatewayConfig, HashOn, RateLimitKey};
 use crate::jwt::AuthError;
 use crate::ratelimit::Decision;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, Target};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type on both sides of the gateway.
@@ -380,7 +381,7 @@ fn client_ip(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     ip
 }
 
-fn problem(p: Problem) -> Response<Body> {
+pub(crate) fn problem(p: Problem) -> Response<Body> {
     let mut res = Response::new(full(p.to_body()));
     *res.status_mut() = p.status;
     for (name, value) in p.headers() {
@@ -434,6 +435,8 @@ struct Caller {
     roles: Vec<String>,
     scopes: Vec<String>,
     api_key: Option<String>,
+    /// The token's claims (none for an API key).
+    claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// Verifies whatever credentials came with the request. `Ok(None)`: anonymous.
@@ -467,6 +470,7 @@ async fn authenticate(rt: &Runtime, req: &mut Request<Body>) -> Result<Option<Ca
                 roles: id.roles,
                 scopes: id.scopes,
                 api_key: None,
+                claims: Some(id.claims),
             })),
             Err(e) => {
                 tracing::debug!(error = %e, "token refused");
@@ -483,6 +487,7 @@ async fn authenticate(rt: &Runtime, req: &mut Request<Body>) -> Result<Option<Ca
                 roles: k.roles.clone(),
                 scopes: Vec::new(),
                 api_key: Some(k.name.clone()),
+                claims: None,
             })),
             None => Err(Problem::unauthorized("the API key is not valid")),
         };
@@ -549,10 +554,10 @@ async fn route_and_forward(
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .map(str::to_owned);
     let matched = crate::router::match_path(&path);
-    let Some(route) = rt.routes.iter().find(|r| {
+    let Some((route, params)) = rt.routes.iter().find_map(|r| {
         r.matcher
             .matches(req.method(), host.as_deref(), &matched, req.headers())
-            .is_some()
+            .map(|params| (r, params))
     }) else {
         return (
             Outcome::new("unmatched".into()),
@@ -560,7 +565,9 @@ async fn route_and_forward(
         );
     };
     let mut outcome = Outcome::new(route.name.clone());
-    outcome.cluster = Some(route.cluster.name.clone());
+    if let Target::Cluster(c) = &route.target {
+        outcome.cluster = Some(c.name.clone());
+    }
 
     // 4. Authenticate and authorise.
     let caller = match authenticate(rt, &mut req).await {
@@ -654,7 +661,33 @@ async fn route_and_forward(
         return (outcome, problem(Problem::payload_too_large(max as usize)));
     }
 
-    // 7. Forward, retrying idempotent body-less requests within the cluster's budget.
+    // 7. A composite fans out and merges; anything else is forwarded, idempotent body-less
+    // requests retried within the cluster's budget.
+    let cluster = match &route.target {
+        Target::Cluster(c) => c,
+        Target::Aggregate(composite) => {
+            let mut res = composite
+                .serve(Incoming {
+                    params,
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                    caller: caller.as_ref().map(|c| CallerView {
+                        id: &c.id,
+                        roles: &c.roles,
+                        claims: c.claims.as_deref(),
+                    }),
+                    deadline: route.timeout,
+                })
+                .await;
+            if let Some(d) = &limit_decision {
+                rate_limit_headers(&mut res, d);
+            }
+            if req.method() == http::Method::HEAD {
+                *res.body_mut() = empty();
+            }
+            return (outcome, res);
+        }
+    };
     let forwarded_path = if route.strip_prefix.is_some() || route.add_prefix.is_some() {
         crate::router::rewrite(
             &path,
@@ -728,7 +761,6 @@ async fn route_and_forward(
     }
     parts.version = http::Version::HTTP_11;
 
-    let cluster = &route.cluster;
     let hash_key: Option<Vec<u8>> = match &cluster.hash_on {
         Some(HashOn::Header(h)) => parts.headers.get(h).map(|v| v.as_bytes().to_vec()),
         Some(HashOn::Cookie(name)) => cookie(&parts.headers, name).map(|c| c.into_bytes()),

@@ -128,6 +128,14 @@ enum Segment {
 }
 
 impl Template {
+    /// The names of its `{param}` and `{*rest}` segments.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Param(n) | Segment::Rest(n) => Some(n.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
     pub fn parse(t: &str) -> Result<Self, String> {
         let mut segments = Vec::new();
         let parts: Vec<&str> = t.trim_start_matches('/').split('/').collect();

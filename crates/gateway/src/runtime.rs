@@ -13,6 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use crate::aggregate::{Composite, Plan};
 use crate::cluster::Cluster;
 use crate::config::{AuthConfig, ConfigError, GatewayConfig, RateLimitKey};
 use crate::jwt::JwtVerifier;
@@ -20,10 +21,18 @@ use crate::proxy::HttpClient;
 use crate::ratelimit::{Limiter, LocalLimiter, SharedStore};
 use crate::router::Matcher;
 
+/// Where a route's requests go.
+pub enum Target {
+    /// Proxied to one cluster.
+    Cluster(Arc<Cluster>),
+    /// Answered by a composite of several backend calls.
+    Aggregate(Arc<Composite>),
+}
+
 pub struct Route {
     pub name: Arc<str>,
     pub matcher: Matcher,
-    pub cluster: Arc<Cluster>,
+    pub target: Target,
     pub strip_prefix: Option<String>,
     pub add_prefix: Option<String>,
     pub auth: AuthConfig,
@@ -37,6 +46,9 @@ impl Route {
         self.auth.required || !self.auth.roles.is_empty() || !self.auth.scopes.is_empty()
     }
 }
+
+/// Deadline of a composite whose route sets no `timeout_ms`.
+const DEFAULT_AGGREGATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ApiKey {
     pub name: String,
@@ -145,12 +157,46 @@ impl Runtime {
                 route: r.name.clone(),
                 reason,
             };
-            let matcher = Matcher::new(&r.matches).map_err(err)?;
-            let cluster = clusters
-                .iter()
-                .find(|c| *c.name == *r.cluster)
-                .cloned()
-                .ok_or_else(|| err(format!("unknown cluster `{}`", r.cluster)))?;
+            let find = |name: &str| clusters.iter().find(|c| *c.name == *name).cloned();
+            let (target, timeout) = match (&r.cluster, &r.aggregate) {
+                (Some(name), _) => {
+                    let cluster =
+                        find(name).ok_or_else(|| err(format!("unknown cluster `{name}`")))?;
+                    let timeout = cluster.request_timeout;
+                    (Target::Cluster(cluster), timeout)
+                }
+                (None, Some(a)) => {
+                    let plan =
+                        Plan::compile(a, &|c| find(c).is_some(), r.matches.template.as_deref())
+                            .map_err(err)?;
+                    let previous = previous.and_then(|p| {
+                        p.routes.iter().find_map(|o| match &o.target {
+                            Target::Aggregate(c) if *o.name == *r.name => Some(c.clone()),
+                            _ => None,
+                        })
+                    });
+                    let composite =
+                        Composite::new(r.name.as_str().into(), plan, &find, previous.as_deref())
+                            .map_err(err)?;
+                    (
+                        Target::Aggregate(Arc::new(composite)),
+                        DEFAULT_AGGREGATE_TIMEOUT,
+                    )
+                }
+                (None, None) => {
+                    return Err(err("needs exactly one of `cluster` and `aggregate`".into()));
+                }
+            };
+            // A composite answers reads: GET and HEAD unless the route says otherwise.
+            let matcher = if matches!(target, Target::Aggregate(_)) && r.matches.methods.is_empty()
+            {
+                let mut m = r.matches.clone();
+                m.methods = vec!["GET".into(), "HEAD".into()];
+                Matcher::new(&m)
+            } else {
+                Matcher::new(&r.matches)
+            }
+            .map_err(err)?;
             let limiter = match &r.rate_limit {
                 None => None,
                 Some(rl) if rl.shared => Some(Limiter::Shared {
@@ -176,11 +222,8 @@ impl Runtime {
             routes.push(Route {
                 name: r.name.as_str().into(),
                 matcher,
-                timeout: r
-                    .timeout_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(cluster.request_timeout),
-                cluster,
+                timeout: r.timeout_ms.map(Duration::from_millis).unwrap_or(timeout),
+                target,
                 strip_prefix: r.rewrite.as_ref().and_then(|w| w.strip_prefix.clone()),
                 add_prefix: r.rewrite.as_ref().and_then(|w| w.add_prefix.clone()),
                 auth: r.auth.clone(),

@@ -1,0 +1,1147 @@
+//! The aggregation pattern: composite endpoints declared in the gateway's configuration.
+//!
+//! One client call fans out to several backend calls ("parts") whose JSON answers are merged
+//! into one document. A part runs as soon as the parts its templates read from have answered,
+//! so independent parts run concurrently and a slow part delays only those that need it.
+//! Each part has its own timeout; an optional part that fails is replaced by its fallback and
+//! the answer is flagged `X-Aggregate-Complete: false`; a required part that fails fails the
+//! request with a problem that names it. `X-Aggregate-Parts: true` on the request adds a
+//! `_parts` section: every part's outcome, backend status, time and cache use.
+
+mod cache;
+pub mod template;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use serde_json::{Map, Value};
+use shopmesh_platform::Problem;
+
+use crate::cluster::Cluster;
+use crate::config::{AggregateConfig, PartConfig};
+use crate::proxy::{Body, empty};
+use cache::{PartCache, Via};
+use template::{Context, Encoding, Template, Unresolved};
+
+/// Request header asking for the `_parts` section.
+pub const PARTS_HEADER: &str = "x-aggregate-parts";
+/// Response header: whether every part answered.
+pub const COMPLETE_HEADER: &str = "x-aggregate-complete";
+/// Response header naming the parts replaced by their fallback.
+pub const FAILED_HEADER: &str = "x-aggregate-failed";
+
+/// Most parts in one composite.
+const MAX_PARTS: usize = 32;
+/// Longest part timeout accepted.
+const MAX_PART_TIMEOUT_MS: u64 = 300_000;
+/// Largest part answer accepted.
+const MAX_PART_BODY: usize = 64 * 1024 * 1024;
+
+/// Names a part cannot take: they are template sources.
+const RESERVED: [&str; 4] = ["path", "query", "header", "claims"];
+
+/// A composite, checked and compiled from its configuration.
+#[derive(Debug)]
+pub struct Plan {
+    parts: Vec<PartPlan>,
+}
+
+#[derive(Debug)]
+struct PartPlan {
+    cfg: PartConfig,
+    name: Arc<str>,
+    path: Template,
+    query: Vec<(String, Template)>,
+    headers: Vec<(HeaderName, Template)>,
+    timeout: Duration,
+    extract: Option<Vec<String>>,
+    place: Place,
+    enrich: Option<Enrich>,
+    /// Parts whose answers this one reads.
+    deps: Vec<usize>,
+}
+
+#[derive(Debug)]
+enum Place {
+    /// An object's fields go to the top level.
+    Root,
+    At(Vec<String>),
+}
+
+#[derive(Debug)]
+struct Enrich {
+    each: Vec<String>,
+    key: String,
+    by: String,
+    into: String,
+}
+
+fn dotted(path: &str) -> Result<Vec<String>, String> {
+    let steps: Vec<String> = path.split('.').map(str::to_owned).collect();
+    if steps.iter().any(String::is_empty) {
+        return Err(format!("`{path}` is not a dotted path"));
+    }
+    Ok(steps)
+}
+
+impl Plan {
+    /// Checks a composite: names, clusters, templates (every reference known), the
+    /// dependency graph (no cycle), limits. `route_template` is the route's `template`
+    /// match, whose parameters `{path.NAME}` may use.
+    pub fn compile(
+        cfg: &AggregateConfig,
+        known_cluster: &dyn Fn(&str) -> bool,
+        route_template: Option<&str>,
+    ) -> Result<Self, String> {
+        if cfg.parts.is_empty() || cfg.parts.len() > MAX_PARTS {
+            return Err(format!("aggregate: 1 to {MAX_PARTS} parts"));
+        }
+        let route_params: Vec<String> = match route_template {
+            Some(t) => crate::router::Template::parse(t)?
+                .params()
+                .map(str::to_owned)
+                .collect(),
+            None => Vec::new(),
+        };
+        let params: Vec<&str> = route_params.iter().map(String::as_str).collect();
+        let mut names = HashSet::new();
+        for p in &cfg.parts {
+            let valid = !p.name.is_empty()
+                && p.name.len() <= 64
+                && p.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                return Err(format!(
+                    "part `{}`: a name is 1 to 64 letters, digits, `_` or `-`",
+                    p.name
+                ));
+            }
+            if RESERVED.contains(&p.name.as_str()) {
+                return Err(format!("part `{}`: the name is reserved", p.name));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(format!("part `{}`: duplicate name", p.name));
+            }
+        }
+        let index = |name: &str| cfg.parts.iter().position(|p| p.name == name);
+        let mut parts = Vec::with_capacity(cfg.parts.len());
+        let mut places = HashSet::new();
+        for p in &cfg.parts {
+            let err = |reason: String| format!("part `{}`: {reason}", p.name);
+            if !known_cluster(&p.cluster) {
+                return Err(err(format!("unknown cluster `{}`", p.cluster)));
+            }
+            if !p.path.starts_with('/')
+                || p.path.contains(['?', '#'])
+                || p.path.contains(char::is_whitespace)
+            {
+                return Err(err(format!(
+                    "path `{}` must start with `/` and hold no `?`, `#` or spaces (use `query`)",
+                    p.path
+                )));
+            }
+            let path = Template::parse(&p.path, &index, &params).map_err(err)?;
+            let mut query = Vec::new();
+            for (k, v) in &p.query {
+                if k.is_empty() {
+                    return Err(err("a query parameter needs a name".into()));
+                }
+                query.push((k.clone(), Template::parse(v, &index, &params).map_err(err)?));
+            }
+            let mut headers = Vec::new();
+            for (k, v) in &p.headers {
+                let name = HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| err(format!("`{k}` is not a header name")))?;
+                if name
+                    .as_str()
+                    .starts_with(shopmesh_platform::TRUSTED_HEADER_PREFIX)
+                    || name == header::HOST
+                    || name == header::CONTENT_LENGTH
+                    || name == header::TRANSFER_ENCODING
+                    || name == header::CONNECTION
+                {
+                    return Err(err(format!("header `{k}` cannot be set")));
+                }
+                headers.push((name, Template::parse(v, &index, &params).map_err(err)?));
+            }
+            if p.timeout_ms == 0 || p.timeout_ms > MAX_PART_TIMEOUT_MS {
+                return Err(err(format!(
+                    "timeout_ms must be within 1–{MAX_PART_TIMEOUT_MS}"
+                )));
+            }
+            if p.max_body_bytes == 0 || p.max_body_bytes > MAX_PART_BODY {
+                return Err(err(format!(
+                    "max_body_bytes must be within 1–{MAX_PART_BODY}"
+                )));
+            }
+            if let Some(c) = &p.cache
+                && (c.ttl_ms == 0 || c.max_entries == 0 || c.max_entries > 1_000_000)
+            {
+                return Err(err(
+                    "cache: ttl_ms must be positive, max_entries within 1–1000000".into(),
+                ));
+            }
+            for (from, to) in &p.rename {
+                if from.is_empty() || to.is_empty() {
+                    return Err(err("rename: empty field name".into()));
+                }
+            }
+            let extract = p.extract.as_deref().map(dotted).transpose().map_err(err)?;
+            let (place, enrich) = match (&p.into, &p.enrich) {
+                (Some(_), Some(_)) => {
+                    return Err(err("`into` and `enrich` exclude each other".into()));
+                }
+                (_, Some(e)) => {
+                    if e.key.is_empty() || e.by.is_empty() || e.into.is_empty() {
+                        return Err(err("enrich: key, by and into must be named".into()));
+                    }
+                    (
+                        Place::At(Vec::new()),
+                        Some(Enrich {
+                            each: dotted(&e.each).map_err(err)?,
+                            key: e.key.clone(),
+                            by: e.by.clone(),
+                            into: e.into.clone(),
+                        }),
+                    )
+                }
+                (Some(i), None) if i == "." => (Place::Root, None),
+                (into, None) => {
+                    let at = dotted(into.as_deref().unwrap_or(&p.name)).map_err(err)?;
+                    if at.first().is_some_and(|f| f == "_parts") {
+                        return Err(err("`_parts` is reserved".into()));
+                    }
+                    if !places.insert(at.join(".")) {
+                        return Err(err(format!(
+                            "another part already goes `into` `{}`",
+                            at.join(".")
+                        )));
+                    }
+                    (Place::At(at), None)
+                }
+            };
+            let mut deps: Vec<usize> = path
+                .parts()
+                .chain(query.iter().flat_map(|(_, t)| t.parts()))
+                .chain(headers.iter().flat_map(|(_, t)| t.parts()))
+                .collect();
+            deps.sort_unstable();
+            deps.dedup();
+            parts.push(PartPlan {
+                cfg: p.clone(),
+                name: p.name.as_str().into(),
+                path,
+                query,
+                headers,
+                timeout: Duration::from_millis(p.timeout_ms),
+                extract,
+                place,
+                enrich,
+                deps,
+            });
+        }
+        // Kahn's algorithm: whatever cannot be ordered is on or behind a cycle.
+        let mut done = vec![false; parts.len()];
+        loop {
+            let ready: Vec<usize> = (0..parts.len())
+                .filter(|&i| !done[i] && parts[i].deps.iter().all(|&d| done[d]))
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            for i in ready {
+                done[i] = true;
+            }
+        }
+        let stuck: Vec<&str> = (0..parts.len())
+            .filter(|&i| !done[i])
+            .map(|i| &*parts[i].name)
+            .collect();
+        if !stuck.is_empty() {
+            return Err(format!(
+                "aggregate: the parts {} depend on each other in a cycle",
+                stuck
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(Self { parts })
+    }
+}
+
+/// A successful backend answer.
+#[derive(Clone, Debug)]
+pub(crate) struct Fetched {
+    status: u16,
+    value: Arc<Value>,
+    /// How long it may be cached: `None` when the backend forbids it, `Duration::MAX` when
+    /// the backend says nothing.
+    max_age: Option<Duration>,
+}
+
+/// Why a part has no answer.
+#[derive(Clone, Debug)]
+pub(crate) enum Failure {
+    Timeout,
+    Unreachable,
+    NoEndpoint,
+    /// The backend answered with an error status (and maybe a problem `detail`).
+    Status(StatusCode, Option<String>),
+    /// The answer is not JSON, or too large.
+    Invalid(&'static str),
+    /// A template could not be filled in (a missing input).
+    Unresolved(String),
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::Timeout => "timed out".into(),
+            Failure::Unreachable => "unreachable".into(),
+            Failure::NoEndpoint => "no healthy endpoint".into(),
+            Failure::Status(s, _) => format!("answered {}", s.as_u16()),
+            Failure::Invalid(why) => (*why).into(),
+            Failure::Unresolved(what) => format!("input {what} is missing"),
+        }
+    }
+}
+
+/// The composite endpoint of one route, ready to serve.
+pub struct Composite {
+    route: Arc<str>,
+    plan: Plan,
+    clusters: Vec<Arc<Cluster>>,
+    caches: Vec<Arc<PartCache>>,
+}
+
+impl Composite {
+    /// Binds a plan to its clusters. Part caches of `previous` (the same route in the
+    /// generation being replaced) are kept where the part is unchanged.
+    pub fn new(
+        route: Arc<str>,
+        plan: Plan,
+        cluster: &dyn Fn(&str) -> Option<Arc<Cluster>>,
+        previous: Option<&Composite>,
+    ) -> Result<Self, String> {
+        let clusters = plan
+            .parts
+            .iter()
+            .map(|p| {
+                cluster(&p.cfg.cluster)
+                    .ok_or_else(|| format!("unknown cluster `{}`", p.cfg.cluster))
+            })
+            .collect::<Result<_, _>>()?;
+        let caches = plan
+            .parts
+            .iter()
+            .map(|p| {
+                previous
+                    .and_then(|prev| {
+                        prev.plan
+                            .parts
+                            .iter()
+                            .position(|o| o.cfg == p.cfg)
+                            .map(|i| prev.caches[i].clone())
+                    })
+                    .filter(|c| c.is_for(p.cfg.cache.as_ref()))
+                    .unwrap_or_else(|| Arc::new(PartCache::new(p.cfg.cache.as_ref())))
+            })
+            .collect();
+        Ok(Self {
+            route,
+            plan,
+            clusters,
+            caches,
+        })
+    }
+}
+
+/// The caller, as the gateway authenticated it.
+pub struct CallerView<'a> {
+    pub id: &'a str,
+    pub roles: &'a [String],
+    /// The verified token's claims (`None` for an API key).
+    pub claims: Option<&'a Map<String, Value>>,
+}
+
+/// What a composite is asked.
+pub struct Incoming<'a> {
+    /// The route template's parameters, as matched (normalised, still percent-encoded).
+    pub params: BTreeMap<String, String>,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub caller: Option<CallerView<'a>>,
+    /// Deadline of the whole composite.
+    pub deadline: Duration,
+}
+
+/// How one part went, for `_parts`, metrics and the merge.
+struct Report {
+    /// Its answer, or its fallback (`None`: skipped, nothing to merge).
+    value: Option<Arc<Value>>,
+    failure: Option<Failure>,
+    status: Option<u16>,
+    elapsed: Duration,
+    via: Option<Via>,
+    /// A `*` input found nothing: there was nothing to ask.
+    skipped: bool,
+}
+
+/// A part's request, ready to go.
+struct PartRequest {
+    path_and_query: http::uri::PathAndQuery,
+    headers: HeaderMap,
+    key: Arc<str>,
+}
+
+impl Composite {
+    pub async fn serve(&self, inc: Incoming<'_>) -> Response<Body> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + inc.deadline;
+        let want_parts = inc
+            .headers
+            .get(PARTS_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let params: BTreeMap<String, String> = inc
+            .params
+            .iter()
+            .map(|(k, v)| {
+                let decoded = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+                (k.clone(), decoded.into_owned())
+            })
+            .collect();
+        let query: Vec<(String, String)> = inc
+            .query
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // An API key's caller has no token: `sub` and `roles` stand in for its claims.
+        let key_claims: Option<Map<String, Value>> =
+            inc.caller.as_ref().filter(|c| c.claims.is_none()).map(|c| {
+                let mut m = Map::new();
+                m.insert("sub".into(), c.id.into());
+                m.insert("roles".into(), c.roles.to_vec().into());
+                m
+            });
+        let claims = inc
+            .caller
+            .as_ref()
+            .and_then(|c| c.claims)
+            .or(key_claims.as_ref());
+
+        let n = self.plan.parts.len();
+        let mut values: Vec<Option<Arc<Value>>> = vec![None; n];
+        let mut reports: Vec<Option<Report>> = (0..n).map(|_| None).collect();
+        let mut started_parts = vec![false; n];
+        let mut running = FuturesUnordered::new();
+        loop {
+            // Start every part whose inputs are all in.
+            let mut progressed = true;
+            while progressed {
+                progressed = false;
+                for i in 0..n {
+                    let part = &self.plan.parts[i];
+                    if started_parts[i] || !part.deps.iter().all(|&d| reports[d].is_some()) {
+                        continue;
+                    }
+                    started_parts[i] = true;
+                    let cx = Context {
+                        params: &params,
+                        query: &query,
+                        headers: inc.headers,
+                        claims,
+                        parts: &values,
+                    };
+                    match self.request(i, &cx, &inc) {
+                        Ok(req) => running.push(self.run(i, req)),
+                        Err(Unresolved::Empty) => {
+                            reports[i] = Some(Report {
+                                value: None,
+                                failure: None,
+                                status: None,
+                                elapsed: Duration::ZERO,
+                                via: None,
+                                skipped: true,
+                            });
+                            progressed = true;
+                        }
+                        Err(Unresolved::Missing(what)) => {
+                            let r = self.failed(i, Failure::Unresolved(what), Duration::ZERO);
+                            values[i] = r.value.clone();
+                            reports[i] = Some(r);
+                            progressed = true;
+                        }
+                    }
+                    if reports.iter().enumerate().any(|(j, r)| {
+                        r.as_ref().is_some_and(|r| r.failure.is_some())
+                            && self.plan.parts[j].cfg.required
+                    }) {
+                        break;
+                    }
+                }
+            }
+            // A required part failed: the answer is known, stop waiting.
+            if let Some(i) = (0..n).find(|&i| {
+                self.plan.parts[i].cfg.required
+                    && reports[i].as_ref().is_some_and(|r| r.failure.is_some())
+            }) {
+                return self.required_failed(i, &reports, want_parts);
+            }
+            if running.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, running.next()).await {
+                Ok(Some((i, report))) => {
+                    values[i] = report.value.clone();
+                    reports[i] = Some(report);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    // The composite's deadline: whatever is still out has timed out.
+                    for i in 0..n {
+                        if reports[i].is_none() {
+                            let r = self.failed(i, Failure::Timeout, started.elapsed());
+                            values[i] = r.value.clone();
+                            reports[i] = Some(r);
+                        }
+                    }
+                    if let Some(i) = (0..n).find(|&i| {
+                        self.plan.parts[i].cfg.required
+                            && reports[i].as_ref().is_some_and(|r| r.failure.is_some())
+                    }) {
+                        return self.required_failed(i, &reports, want_parts);
+                    }
+                    break;
+                }
+            }
+        }
+        let reports: Vec<Report> = reports
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|| self.failed(i, Failure::Timeout, started.elapsed())))
+            .collect();
+        self.respond(&reports, want_parts)
+    }
+
+    /// Builds part `i`'s request from the context.
+    fn request(
+        &self,
+        i: usize,
+        cx: &Context<'_>,
+        inc: &Incoming<'_>,
+    ) -> Result<PartRequest, Unresolved> {
+        let part = &self.plan.parts[i];
+        let path = part.path.render(cx, Encoding::Path)?;
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        let mut any = false;
+        if part.cfg.forward_query {
+            for (k, v) in cx.query {
+                q.append_pair(k, v);
+                any = true;
+            }
+        }
+        for (k, t) in &part.query {
+            match t.render(cx, Encoding::Raw) {
+                Ok(v) => {
+                    q.append_pair(k, &v);
+                    any = true;
+                }
+                // A query parameter without a value is left out.
+                Err(Unresolved::Missing(_)) => {}
+                Err(Unresolved::Empty) => return Err(Unresolved::Empty),
+            }
+        }
+        let pq = if any {
+            format!("{path}?{}", q.finish())
+        } else {
+            path
+        };
+        let path_and_query = http::uri::PathAndQuery::try_from(pq.as_str())
+            .map_err(|_| Unresolved::Missing(format!("(the path `{pq}` is not valid)")))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        for (name, t) in &part.headers {
+            let v = t.render(cx, Encoding::Raw)?;
+            let v = HeaderValue::from_str(&v)
+                .map_err(|_| Unresolved::Missing(format!("(header `{name}` value)")))?;
+            headers.insert(name.clone(), v);
+        }
+        // The key: everything that shapes the answer, nothing per request.
+        let mut key = String::with_capacity(64);
+        key.push_str(path_and_query.as_str());
+        for (name, value) in &headers {
+            key.push('\n');
+            key.push_str(name.as_str());
+            key.push(':');
+            key.push_str(value.to_str().unwrap_or(""));
+        }
+        if part.cfg.forward_identity
+            && let Some(c) = &inc.caller
+        {
+            let id = HeaderValue::from_str(c.id)
+                .map_err(|_| Unresolved::Missing("(caller id)".into()))?;
+            headers.insert(shopmesh_platform::USER_ID_HEADER, id);
+            if let Ok(v) = HeaderValue::from_str(&c.roles.join(",")) {
+                headers.insert(shopmesh_platform::USER_ROLES_HEADER, v);
+            }
+            key.push_str("\nuser:");
+            key.push_str(c.id);
+        }
+        for h in [shopmesh_platform::REQUEST_ID_HEADER, "traceparent"] {
+            if let Some(v) = inc.headers.get(h) {
+                headers.insert(h, v.clone());
+            }
+        }
+        Ok(PartRequest {
+            path_and_query,
+            headers,
+            key: key.into(),
+        })
+    }
+
+    /// Runs part `i`: through its cache and the calls in flight, within its timeout.
+    fn run(&self, i: usize, req: PartRequest) -> BoxFuture<'static, (usize, Report)> {
+        let part = &self.plan.parts[i];
+        let cache = self.caches[i].clone();
+        let cluster = self.clusters[i].clone();
+        let timeout = part.timeout;
+        let max = part.cfg.max_body_bytes;
+        let fallback = (!part.cfg.required).then(|| Arc::new(part.cfg.fallback.clone()));
+        let route = self.route.clone();
+        let name = part.name.clone();
+        async move {
+            let t0 = Instant::now();
+            let PartRequest {
+                path_and_query,
+                headers,
+                key,
+            } = req;
+            let (result, via) = cache
+                .get(key, move || {
+                    fetch(cluster, path_and_query, headers, timeout, max).boxed()
+                })
+                .await;
+            let elapsed = t0.elapsed();
+            metrics::counter!("gateway_aggregate_cache_total", "route" => route.clone(), "part" => name.clone(), "result" => via.as_str()).increment(1);
+            metrics::histogram!("gateway_aggregate_part_duration_seconds", "route" => route.clone(), "part" => name.clone())
+                .record(elapsed.as_secs_f64());
+            let report = match result {
+                Ok(f) => Report {
+                    value: Some(f.value),
+                    failure: None,
+                    status: Some(f.status),
+                    elapsed,
+                    via: Some(via),
+                    skipped: false,
+                },
+                Err(e) => {
+                    tracing::debug!(route = &*route, part = &*name, error = e.describe(), "aggregate part failed");
+                    Report {
+                        status: match &e {
+                            Failure::Status(s, _) => Some(s.as_u16()),
+                            _ => None,
+                        },
+                        value: fallback,
+                        failure: Some(e),
+                        elapsed,
+                        via: Some(via),
+                        skipped: false,
+                    }
+                }
+            };
+            (i, report)
+        }
+        .boxed()
+    }
+
+    fn failed(&self, i: usize, failure: Failure, elapsed: Duration) -> Report {
+        let part = &self.plan.parts[i];
+        Report {
+            value: (!part.cfg.required).then(|| Arc::new(part.cfg.fallback.clone())),
+            status: None,
+            failure: Some(failure),
+            elapsed,
+            via: None,
+            skipped: false,
+        }
+    }
+
+    fn parts_section<'r>(&self, reports: impl Iterator<Item = Option<&'r Report>>) -> Value {
+        let mut m = Map::new();
+        for (part, r) in self.plan.parts.iter().zip(reports) {
+            let v = match r {
+                None => serde_json::json!({ "outcome": "cancelled" }),
+                Some(r) => {
+                    let outcome = if r.skipped {
+                        "skipped"
+                    } else if r.failure.is_none() {
+                        "ok"
+                    } else if part.cfg.required {
+                        "failed"
+                    } else {
+                        "fallback"
+                    };
+                    let mut o = Map::new();
+                    o.insert("outcome".into(), outcome.into());
+                    if let Some(s) = r.status {
+                        o.insert("status".into(), s.into());
+                    }
+                    o.insert(
+                        "ms".into(),
+                        ((r.elapsed.as_secs_f64() * 1e4).round() / 10.0).into(),
+                    );
+                    if let Some(via) = r.via {
+                        o.insert("cache".into(), via.as_str().into());
+                    }
+                    if let Some(f) = &r.failure {
+                        o.insert("error".into(), f.describe().into());
+                    }
+                    Value::Object(o)
+                }
+            };
+            m.insert(part.cfg.name.clone(), v);
+        }
+        Value::Object(m)
+    }
+
+    fn required_failed(
+        &self,
+        i: usize,
+        reports: &[Option<Report>],
+        want_parts: bool,
+    ) -> Response<Body> {
+        let part = &self.plan.parts[i];
+        let failure = reports[i]
+            .as_ref()
+            .and_then(|r| r.failure.clone())
+            .unwrap_or(Failure::Unreachable);
+        metrics::counter!("gateway_aggregate_parts_total", "route" => self.route.clone(), "part" => part.name.clone(), "outcome" => "failed").increment(1);
+        let name = &part.cfg.name;
+        let mut p = match &failure {
+            Failure::Timeout => Problem::gateway_timeout(format!(
+                "part `{name}` did not answer within {} ms",
+                part.cfg.timeout_ms
+            )),
+            Failure::Status(s, detail) if s.is_client_error() => Problem::typed(
+                *s,
+                "part-refused",
+                s.canonical_reason().unwrap_or("Client error"),
+            )
+            .detail(match detail {
+                Some(d) => format!("part `{name}`: {d}"),
+                None => format!("part `{name}` answered {}", s.as_u16()),
+            }),
+            other => Problem::bad_gateway(format!("part `{name}` failed: {}", other.describe())),
+        }
+        .with("part", name.as_str());
+        if want_parts {
+            p = p.with(
+                "_parts",
+                self.parts_section(reports.iter().map(Option::as_ref)),
+            );
+        }
+        crate::proxy::problem(p)
+    }
+
+    /// Merges the parts into one document.
+    fn respond(&self, reports: &[Report], want_parts: bool) -> Response<Body> {
+        let mut doc = Map::new();
+        let mut failed: Vec<&str> = Vec::new();
+        for (part, r) in self.plan.parts.iter().zip(reports) {
+            let outcome = if r.skipped {
+                "skipped"
+            } else if r.failure.is_some() {
+                failed.push(&part.cfg.name);
+                "fallback"
+            } else {
+                "ok"
+            };
+            metrics::counter!("gateway_aggregate_parts_total", "route" => self.route.clone(), "part" => part.name.clone(), "outcome" => outcome).increment(1);
+            if part.enrich.is_some() {
+                continue;
+            }
+            let Some(value) = &r.value else { continue };
+            let shaped = if r.failure.is_some() {
+                (**value).clone()
+            } else {
+                shape(part, value)
+            };
+            match &part.place {
+                Place::Root => match shaped {
+                    Value::Object(m) => doc.extend(m),
+                    other => {
+                        doc.insert(part.cfg.name.clone(), other);
+                    }
+                },
+                Place::At(path) => put(&mut doc, path, shaped),
+            }
+        }
+        for (part, r) in self.plan.parts.iter().zip(reports) {
+            if let Some(e) = &part.enrich {
+                enrich(&mut doc, part, e, r);
+            }
+        }
+        let complete = failed.is_empty();
+        let mut out = Map::with_capacity(doc.len() + 1);
+        out.extend(doc);
+        if want_parts {
+            out.insert(
+                "_parts".into(),
+                self.parts_section(reports.iter().map(Some)),
+            );
+        }
+        let body = serde_json::to_vec(&Value::Object(out)).unwrap_or_else(|_| b"{}".to_vec());
+        let mut res = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            COMPLETE_HEADER,
+            HeaderValue::from_static(if complete { "true" } else { "false" }),
+        );
+        if !complete && let Ok(v) = HeaderValue::from_str(&failed.join(",")) {
+            h.insert(FAILED_HEADER, v);
+        }
+        res
+    }
+}
+
+/// One backend call: pick an endpoint, send, read a bounded JSON answer, all within
+/// `timeout`; the endpoint's breaker learns the outcome.
+async fn fetch(
+    cluster: Arc<Cluster>,
+    path_and_query: http::uri::PathAndQuery,
+    headers: HeaderMap,
+    timeout: Duration,
+    max: usize,
+) -> Result<Fetched, Failure> {
+    let Some(lease) = cluster.pick(None, None) else {
+        return Err(Failure::NoEndpoint);
+    };
+    let uri = Uri::builder()
+        .scheme(lease.endpoint.scheme.clone())
+        .authority(lease.endpoint.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| Failure::Invalid("the request is not valid"))?;
+    let mut req = Request::new(empty());
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let call = async {
+        let res = cluster
+            .client()
+            .request(req)
+            .await
+            .map_err(|_| Failure::Unreachable)?;
+        let (parts, body) = res.into_parts();
+        let bytes = Limited::new(body, max)
+            .collect()
+            .await
+            .map_err(|_| Failure::Invalid("the answer is too large or broken"))?
+            .to_bytes();
+        Ok::<_, Failure>((parts.status, parts.headers, bytes))
+    };
+    let (status, headers, bytes) = match tokio::time::timeout(timeout, call).await {
+        Err(_) => {
+            lease.finish(false);
+            return Err(Failure::Timeout);
+        }
+        Ok(Err(e)) => {
+            lease.finish(false);
+            return Err(e);
+        }
+        Ok(Ok(answer)) => answer,
+    };
+    lease.finish(!status.is_server_error());
+    if !status.is_success() {
+        let detail = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_owned));
+        return Err(Failure::Status(status, detail));
+    }
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|_| Failure::Invalid("the answer is not JSON"))?;
+    Ok(Fetched {
+        status: status.as_u16(),
+        value: Arc::new(value),
+        max_age: max_age(&headers),
+    })
+}
+
+/// What `Cache-Control` allows: `None` for `no-store`, `no-cache` or `private`; the
+/// `s-maxage` or `max-age` when given; otherwise unlimited (the configured TTL applies).
+fn max_age(headers: &HeaderMap) -> Option<Duration> {
+    let mut age = Duration::MAX;
+    let mut shared_age = None;
+    for v in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(v) = v.to_str() else { return None };
+        for directive in v.split(',') {
+            let d = directive.trim().to_ascii_lowercase();
+            if d == "no-store" || d == "no-cache" || d == "private" {
+                return None;
+            }
+            if let Some(secs) = d.strip_prefix("max-age=") {
+                age = Duration::from_secs(secs.trim_matches('"').parse().ok()?);
+            } else if let Some(secs) = d.strip_prefix("s-maxage=") {
+                shared_age = Some(Duration::from_secs(secs.trim_matches('"').parse().ok()?));
+            }
+        }
+    }
+    Some(shared_age.unwrap_or(age))
+}
+
+/// Applies `extract`, `fields` and `rename`.
+fn shape(part: &PartPlan, value: &Value) -> Value {
+    let v = match &part.extract {
+        Some(path) => get(value, path).cloned().unwrap_or(Value::Null),
+        None => value.clone(),
+    };
+    if part.cfg.fields.is_empty() && part.cfg.rename.is_empty() {
+        return v;
+    }
+    match v {
+        Value::Array(items) => Value::Array(items.into_iter().map(|i| select(part, i)).collect()),
+        other => select(part, other),
+    }
+}
+
+fn select(part: &PartPlan, v: Value) -> Value {
+    let Value::Object(mut m) = v else { return v };
+    if !part.cfg.fields.is_empty() {
+        m.retain(|k, _| part.cfg.fields.contains(k));
+    }
+    for (from, to) in &part.cfg.rename {
+        if let Some(x) = m.remove(from) {
+            m.insert(to.clone(), x);
+        }
+    }
+    Value::Object(m)
+}
+
+fn get<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
+    path.iter().try_fold(value, |v, step| match v {
+        Value::Object(m) => m.get(step),
+        Value::Array(a) => a.get(step.parse::<usize>().ok()?),
+        _ => None,
+    })
+}
+
+fn put(doc: &mut Map<String, Value>, path: &[String], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = doc;
+    for step in parents {
+        let slot = at
+            .entry(step.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !slot.is_object() {
+            *slot = Value::Object(Map::new());
+        }
+        let Value::Object(m) = slot else { return };
+        at = m;
+    }
+    at.insert(last.clone(), value);
+}
+
+/// The text of a scalar used as a join key.
+fn key_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Joins a batch answer into the elements of the `each` array of the document.
+fn enrich(doc: &mut Map<String, Value>, part: &PartPlan, e: &Enrich, r: &Report) {
+    let Some((first, rest)) = e.each.split_first() else {
+        return;
+    };
+    let Some(target) = doc.get_mut(first) else {
+        return;
+    };
+    let mut target = Some(target);
+    for step in rest {
+        target = match target {
+            Some(Value::Object(m)) => m.get_mut(step),
+            _ => None,
+        };
+    }
+    let Some(Value::Array(items)) = target else {
+        return;
+    };
+    let fallback = part.cfg.fallback.clone();
+    let by_key: HashMap<String, Value> = match (&r.failure, &r.value) {
+        (None, Some(v)) => match shape_each(part, v) {
+            Some(list) => list
+                .into_iter()
+                .filter_map(|item| Some((key_text(item.get(&e.by)?)?, item)))
+                .collect(),
+            None => HashMap::new(),
+        },
+        _ => HashMap::new(),
+    };
+    for item in items.iter_mut() {
+        let Value::Object(m) = item else { continue };
+        let found = m
+            .get(&e.key)
+            .and_then(key_text)
+            .and_then(|k| by_key.get(&k).cloned());
+        m.insert(e.into.clone(), found.unwrap_or_else(|| fallback.clone()));
+    }
+}
+
+/// The part's answer as a list of elements, each shaped, with the `by` field kept for the
+/// join even when `fields` leaves it out.
+fn shape_each(part: &PartPlan, value: &Value) -> Option<Vec<Value>> {
+    let list = match &part.extract {
+        Some(path) => get(value, path)?,
+        None => value,
+    };
+    let by = &part.enrich.as_ref()?.by;
+    Some(
+        list.as_array()?
+            .iter()
+            .map(|item| {
+                let join = item.get(by).cloned();
+                let mut shaped = select(part, item.clone());
+                if let (Value::Object(m), Some(j)) = (&mut shaped, join) {
+                    m.entry(by.clone()).or_insert(j);
+                }
+                shaped
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(yaml: &str, template: Option<&str>) -> Result<Plan, String> {
+        let cfg: AggregateConfig = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+        Plan::compile(&cfg, &|c| c == "a" || c == "b", template)
+    }
+
+    #[test]
+    fn graph_is_checked() {
+        let cycle = "parts:\n- {name: x, cluster: a, path: '/x/{y.id}'}\n- {name: y, cluster: a, path: '/y', query: {q: '{x.id}'}}\n- {name: z, cluster: a, path: /z}\n";
+        let e = compile(cycle, None).unwrap_err();
+        assert!(
+            e.contains("cycle") && e.contains("`x`") && e.contains("`y`") && !e.contains("`z`"),
+            "{e}"
+        );
+        let selfref = "parts:\n- {name: x, cluster: a, path: '/x/{x.id}'}\n";
+        assert!(compile(selfref, None).unwrap_err().contains("cycle"));
+        let unknown = "parts:\n- {name: x, cluster: a, path: '/x/{nope.id}'}\n";
+        assert!(
+            compile(unknown, None)
+                .unwrap_err()
+                .contains("neither a part")
+        );
+        let param = "parts:\n- {name: x, cluster: a, path: '/x/{path.id}'}\n";
+        assert!(
+            compile(param, None)
+                .unwrap_err()
+                .contains("no parameter `id`")
+        );
+        assert!(compile(param, Some("/p/{id}")).is_ok());
+        let cluster = "parts:\n- {name: x, cluster: c, path: /x}\n";
+        assert!(
+            compile(cluster, None)
+                .unwrap_err()
+                .contains("unknown cluster `c`")
+        );
+        let dup = "parts:\n- {name: x, cluster: a, path: /x}\n- {name: x, cluster: b, path: /y}\n";
+        assert!(compile(dup, None).unwrap_err().contains("duplicate"));
+        let into = "parts:\n- {name: x, cluster: a, path: /x, into: d}\n- {name: y, cluster: b, path: /y, into: d}\n";
+        assert!(compile(into, None).unwrap_err().contains("already goes"));
+        let reserved = "parts:\n- {name: query, cluster: a, path: /x}\n";
+        assert!(compile(reserved, None).unwrap_err().contains("reserved"));
+        let spoof =
+            "parts:\n- {name: x, cluster: a, path: /x, headers: {x-shopmesh-user: admin}}\n";
+        assert!(compile(spoof, None).unwrap_err().contains("cannot be set"));
+        let order = "parts:\n- {name: c, cluster: a, path: '/c/{b.id}'}\n- {name: b, cluster: a, path: '/b/{a.id}'}\n- {name: a, cluster: a, path: /a}\n";
+        let plan = compile(order, None).unwrap();
+        assert_eq!(plan.parts[0].deps, vec![1]);
+        assert_eq!(plan.parts[1].deps, vec![2]);
+    }
+
+    #[test]
+    fn cache_control() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::CACHE_CONTROL, v.parse().unwrap());
+            m
+        };
+        assert_eq!(max_age(&HeaderMap::new()), Some(Duration::MAX));
+        assert_eq!(
+            max_age(&h("public, max-age=5")),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            max_age(&h("max-age=5, s-maxage=2")),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(max_age(&h("no-store")), None);
+        assert_eq!(max_age(&h("private, max-age=60")), None);
+        assert_eq!(max_age(&h("max-age=banana")), None);
+    }
+
+    #[test]
+    fn shaping_and_joining() {
+        let plan = compile(
+            "parts:\n- {name: p, cluster: a, path: /p, extract: data, fields: [id, name], rename: {name: title}}\n- {name: e, cluster: a, path: /e, extract: items, fields: [amount], enrich: {each: list.items, key: id, by: pid, into: price}, fallback: 0}\n",
+            None,
+        )
+        .unwrap();
+        let v = serde_json::json!({"data": {"id": 1, "name": "n", "secret": true}});
+        assert_eq!(
+            shape(&plan.parts[0], &v),
+            serde_json::json!({"id": 1, "title": "n"})
+        );
+        let mut doc = Map::new();
+        put(
+            &mut doc,
+            &["list".into(), "items".into()],
+            serde_json::json!([{"id": "a"}, {"id": "b"}, {"id": 3}]),
+        );
+        let report = Report {
+            value: Some(Arc::new(serde_json::json!({"items": [
+                {"pid": "a", "amount": 10, "x": 1}, {"pid": 3, "amount": 30}
+            ]}))),
+            failure: None,
+            status: Some(200),
+            elapsed: Duration::ZERO,
+            via: None,
+            skipped: false,
+        };
+        let e = plan.parts[1].enrich.as_ref().unwrap();
+        enrich(&mut doc, &plan.parts[1], e, &report);
+        assert_eq!(
+            Value::Object(doc),
+            serde_json::json!({"list": {"items": [
+                {"id": "a", "price": {"amount": 10, "pid": "a"}},
+                {"id": "b", "price": 0},
+                {"id": 3, "price": {"amount": 30, "pid": 3}}
+            ]}})
+        );
+    }
+}
