@@ -15,8 +15,8 @@ async fn browse_products() {
     let id = items[0]["id"].as_str().unwrap();
 
     let one: Value = shop.get_json(&format!("/api/products/{id}"), None).await;
-    assert_eq!(one["id"], id);
-    assert!(one["sku"].as_str().unwrap().starts_with("SKU-"));
+    assert_eq!(one["product"]["id"], id);
+    assert!(one["product"]["sku"].as_str().unwrap().starts_with("SKU-"));
 
     // Search by category and text, pagination.
     let cat: Value = shop
@@ -49,6 +49,72 @@ async fn browse_products() {
     assert!(p["detail"].as_str().unwrap().contains("nope"));
     expect_problem(shop.get("/api/products?limit=0", None).await, 422).await;
     expect_problem(shop.get("/api/products?limit=abc", None).await, 400).await;
+}
+
+/// The aggregation pattern's contract: the product page in one call, lists enriched.
+#[tokio::test]
+async fn the_product_page_and_lists_are_composed_by_the_gateway() {
+    let shop = TestShop::start().await;
+    // The first product has a promotion of its own (every 30th product does).
+    let id = shop.product(1);
+    let res = shop.get(&format!("/api/products/{id}"), None).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-aggregate-complete"], "true");
+    let page: Value = res.json().await.unwrap();
+    assert_eq!(page["product"]["id"], id);
+    let stock: Value = shop.get_json(&format!("/api/inventory/{id}"), None).await;
+    assert_eq!(page["inventory"]["available"], stock["available"]);
+    let price: Value = shop.get_json(&format!("/api/prices/{id}"), None).await;
+    assert_eq!(page["price"]["amount_minor"], price["amount_minor"]);
+    let category = page["product"]["category"].as_str().unwrap();
+    let promos: Value = shop
+        .get_json(
+            &format!("/api/promotions?product_id={id}&category={category}&limit=100"),
+            None,
+        )
+        .await;
+    assert_eq!(page["promotions"], promos["items"]);
+    assert!(!page["promotions"].as_array().unwrap().is_empty());
+
+    // `_parts` on request: every part answered 200.
+    let res = shop
+        .http
+        .get(shop.url(&format!("/api/products/{id}")))
+        .header("x-aggregate-parts", "true")
+        .send()
+        .await
+        .unwrap();
+    let page: Value = res.json().await.unwrap();
+    for part in ["product", "inventory", "price", "promotions"] {
+        assert_eq!(page["_parts"][part]["status"], 200, "{part}: {page}");
+    }
+
+    // A list: every item carries its price and availability.
+    let list: Value = shop.get_json("/api/products?limit=20", None).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 20);
+    for item in items {
+        assert!(
+            item["price"]["amount_minor"].as_i64().unwrap() > 0,
+            "{item}"
+        );
+        assert!(item["inventory"]["available"].is_i64(), "{item}");
+    }
+    let first = items[0]["id"].as_str().unwrap();
+    let stock: Value = shop
+        .get_json(&format!("/api/inventory/{first}"), None)
+        .await;
+    assert_eq!(items[0]["inventory"]["available"], stock["available"]);
+
+    // Writes on those paths still reach the catalog (and its admin check).
+    let res = shop
+        .http
+        .post(shop.url("/api/products"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
 }
 
 #[tokio::test]

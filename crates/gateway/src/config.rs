@@ -681,6 +681,12 @@ impl GatewayConfig {
         Ok(cfg)
     }
 
+    /// Parses a fragment of configuration (e.g. a list of routes) with the same error
+    /// reporting; the caller validates the whole configuration it becomes part of.
+    pub fn fragment<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+        serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),

@@ -110,6 +110,9 @@ pub struct System {
     tasks: JoinSet<()>,
 }
 
+/// The shop's composite endpoints, in the gateway's configuration language.
+pub const COMPOSITES: &str = include_str!("composites.yaml");
+
 /// The gateway configuration `shopmesh up` generates: one cluster per service, one route
 /// per public path prefix.
 pub fn gateway_config(
@@ -126,7 +129,11 @@ pub fn gateway_config(
         route.auth.required = required;
         route
     };
-    let routes = vec![
+    // The composite endpoints come first: they answer GET and HEAD; anything else on those
+    // paths goes on to the plain routes.
+    let mut routes: Vec<RouteConfig> = GatewayConfig::fragment(COMPOSITES)
+        .expect("the shop's composite endpoints parse (checked by a test)");
+    routes.extend([
         r("products", "/api/products", Catalog, false),
         r("inventory", "/api/inventory", Inventory, false),
         r("prices", "/api/prices", Pricing, false),
@@ -137,7 +144,7 @@ pub fn gateway_config(
         r("orders", "/api/orders", Orders, true),
         r("payments", "/api/payments", Payments, true),
         r("payment-methods", "/api/payment-methods", Payments, true),
-    ];
+    ]);
     let mut g = GatewayConfig::new(clusters, routes);
     g.listen = SocketAddr::new(cfg.host, cfg.port);
     // The shop's admin API (its own port) carries the gateway's admin routes.
