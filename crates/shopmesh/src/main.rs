@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod bench;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shopmesh_messaging::embedded::EmbeddedBroker;
@@ -46,6 +48,8 @@ enum Command {
     Gateway(GatewayArgs),
     /// Inspect and act on the dead letters of the saga's consumers.
     Dlq(DlqArgs),
+    /// Helpers for the benchmarks under `bench/`.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -181,6 +185,7 @@ fn main() -> anyhow::Result<()> {
             Command::Service(a) => service(a).await,
             Command::Dlq(a) => dlq(a).await,
             Command::Gateway(a) => gateway(a).await,
+            Command::Bench(a) => bench::run(a).await,
         }
     })
 }
