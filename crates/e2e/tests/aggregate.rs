@@ -24,6 +24,8 @@ struct Reply {
     status: u16,
     body: Value,
     cache_control: Option<&'static str>,
+    /// Sent instead of `body` (not JSON).
+    text: Option<&'static str>,
 }
 
 impl Reply {
@@ -33,6 +35,7 @@ impl Reply {
             status: 200,
             body,
             cache_control: None,
+            text: None,
         }
     }
     fn after(mut self, ms: u64) -> Self {
@@ -99,11 +102,11 @@ impl Backend {
                         .get("x-shopmesh-user-id")
                         .map(|v| v.to_str().unwrap().to_owned()),
                 });
-                let mut res = (
-                    StatusCode::from_u16(reply.status).unwrap(),
-                    axum::Json(reply.body),
-                )
-                    .into_response();
+                let status = StatusCode::from_u16(reply.status).unwrap();
+                let mut res = match reply.text {
+                    Some(t) => (status, t).into_response(),
+                    None => (status, axum::Json(reply.body)).into_response(),
+                };
                 if let Some(cc) = reply.cache_control {
                     res.headers_mut()
                         .insert("cache-control", cc.parse().unwrap());
@@ -398,6 +401,30 @@ async fn a_required_part_that_fails_fails_the_request_and_is_named() {
     assert!(t.elapsed() < Duration::from_millis(3000));
     let p: Value = res.json().await.unwrap();
     assert_eq!(p["part"], "product");
+
+    // An answer that is not JSON: 502 when required, the fallback when not, whether the
+    // part's answer is parsed (product: promotions reads it) or passed through (price).
+    let mut text = Reply::json(json!(null));
+    text.text = Some("<html>oops</html>");
+    b.on("/catalog/p1", text.clone());
+    let res = gw.get("/products/p1").await;
+    assert_eq!(res.status(), 502);
+    let p: Value = res.json().await.unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("not JSON"), "{p}");
+    b.on("/catalog/p1", Reply::json(json!({"id": "p1"})));
+    b.on("/price/p1", text.clone());
+    // The parts the 502 left in flight finish; a new request then makes its own calls.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let res = gw.get_parts("/products/p1").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(complete(&res), "false");
+    let doc: Value = res.json().await.unwrap();
+    assert_eq!(doc["_parts"]["price"]["error"], "the answer is not JSON");
+    let mut truncated = Reply::json(json!(null));
+    truncated.text = Some(r#"{"amount_minor": 1"#);
+    b.on("/price/p1", truncated);
+    let doc: Value = gw.get_parts("/products/p1").await.json().await.unwrap();
+    assert_eq!(doc["_parts"]["price"]["error"], "the answer is not JSON");
     gw.stop().await;
 }
 

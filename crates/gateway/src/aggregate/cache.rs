@@ -23,11 +23,11 @@ struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
     /// A backend call made for this request.
-    Miss,
+    Miss = 0,
     /// Another request's backend call, already in flight.
-    Shared,
+    Shared = 1,
     /// The cache.
-    Hit,
+    Hit = 2,
 }
 
 impl Via {

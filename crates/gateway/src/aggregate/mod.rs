@@ -21,6 +21,8 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use shopmesh_platform::Problem;
 
@@ -66,6 +68,9 @@ struct PartPlan {
     enrich: Option<Enrich>,
     /// Parts whose answers this one reads.
     deps: Vec<usize>,
+    /// Whether the answer is parsed into a tree. Otherwise (nothing reshapes it, nothing
+    /// reads it) it is only validated and copied into the merged document as it came.
+    parse: bool,
 }
 
 #[derive(Debug)]
@@ -236,6 +241,7 @@ impl Plan {
             deps.sort_unstable();
             deps.dedup();
             parts.push(PartPlan {
+                parse: true,
                 cfg: p.clone(),
                 name: p.name.as_str().into(),
                 path,
@@ -275,6 +281,16 @@ impl Plan {
                     .join(", ")
             ));
         }
+        let any_enrich = parts.iter().any(|p| p.enrich.is_some());
+        let read: HashSet<usize> = parts.iter().flat_map(|p| p.deps.iter().copied()).collect();
+        for (i, p) in parts.iter_mut().enumerate() {
+            p.parse = any_enrich
+                || read.contains(&i)
+                || p.extract.is_some()
+                || !p.cfg.fields.is_empty()
+                || !p.cfg.rename.is_empty()
+                || !matches!(p.place, Place::At(_));
+        }
         Ok(Self { parts })
     }
 }
@@ -283,10 +299,17 @@ impl Plan {
 #[derive(Clone, Debug)]
 pub(crate) struct Fetched {
     status: u16,
-    value: Arc<Value>,
+    answer: Answer,
     /// How long it may be cached: `None` when the backend forbids it, `Duration::MAX` when
     /// the backend says nothing.
     max_age: Option<Duration>,
+}
+
+/// A part's JSON answer: parsed, or as it came (validated).
+#[derive(Clone, Debug)]
+pub(crate) enum Answer {
+    Parsed(Arc<Value>),
+    Raw(Bytes),
 }
 
 /// Why a part has no answer.
@@ -322,6 +345,33 @@ pub struct Composite {
     plan: Plan,
     clusters: Vec<Arc<Cluster>>,
     caches: Vec<Arc<PartCache>>,
+    metrics: Vec<Arc<PartMetrics>>,
+}
+
+/// A part's metric handles, registered once per configuration generation.
+struct PartMetrics {
+    /// By [`Via`]: miss, shared, hit.
+    cache: [metrics::Counter; 3],
+    duration: metrics::Histogram,
+    ok: metrics::Counter,
+    fallback: metrics::Counter,
+    skipped: metrics::Counter,
+    failed: metrics::Counter,
+}
+
+impl PartMetrics {
+    fn new(route: &Arc<str>, part: &Arc<str>) -> Self {
+        let cache = |result: &'static str| metrics::counter!("gateway_aggregate_cache_total", "route" => route.clone(), "part" => part.clone(), "result" => result);
+        let outcome = |outcome: &'static str| metrics::counter!("gateway_aggregate_parts_total", "route" => route.clone(), "part" => part.clone(), "outcome" => outcome);
+        Self {
+            cache: [cache("miss"), cache("shared"), cache("hit")],
+            duration: metrics::histogram!("gateway_aggregate_part_duration_seconds", "route" => route.clone(), "part" => part.clone()),
+            ok: outcome("ok"),
+            fallback: outcome("fallback"),
+            skipped: outcome("skipped"),
+            failed: outcome("failed"),
+        }
+    }
 }
 
 impl Composite {
@@ -357,11 +407,17 @@ impl Composite {
                     .unwrap_or_else(|| Arc::new(PartCache::new(p.cfg.cache.as_ref())))
             })
             .collect();
+        let metrics = plan
+            .parts
+            .iter()
+            .map(|p| Arc::new(PartMetrics::new(&route, &p.name)))
+            .collect();
         Ok(Self {
             route,
             plan,
             clusters,
             caches,
+            metrics,
         })
     }
 }
@@ -387,8 +443,10 @@ pub struct Incoming<'a> {
 
 /// How one part went, for `_parts`, metrics and the merge.
 struct Report {
-    /// Its answer, or its fallback (`None`: skipped, nothing to merge).
+    /// Its parsed answer, or its fallback (`None`: skipped or raw, nothing to read).
     value: Option<Arc<Value>>,
+    /// Its answer as it came, when it is not parsed.
+    raw: Option<Bytes>,
     failure: Option<Failure>,
     status: Option<u16>,
     elapsed: Duration,
@@ -470,6 +528,7 @@ impl Composite {
                         Err(Unresolved::Empty) => {
                             reports[i] = Some(Report {
                                 value: None,
+                                raw: None,
                                 failure: None,
                                 status: None,
                                 elapsed: Duration::ZERO,
@@ -619,9 +678,11 @@ impl Composite {
         let cluster = self.clusters[i].clone();
         let timeout = part.timeout;
         let max = part.cfg.max_body_bytes;
+        let parse = part.parse;
         let fallback = (!part.cfg.required).then(|| Arc::new(part.cfg.fallback.clone()));
         let route = self.route.clone();
         let name = part.name.clone();
+        let m = self.metrics[i].clone();
         async move {
             let t0 = Instant::now();
             let PartRequest {
@@ -631,30 +692,42 @@ impl Composite {
             } = req;
             let (result, via) = cache
                 .get(key, move || {
-                    fetch(cluster, path_and_query, headers, timeout, max).boxed()
+                    fetch(cluster, path_and_query, headers, timeout, max, parse).boxed()
                 })
                 .await;
             let elapsed = t0.elapsed();
-            metrics::counter!("gateway_aggregate_cache_total", "route" => route.clone(), "part" => name.clone(), "result" => via.as_str()).increment(1);
-            metrics::histogram!("gateway_aggregate_part_duration_seconds", "route" => route.clone(), "part" => name.clone())
-                .record(elapsed.as_secs_f64());
+            m.cache[via as usize].increment(1);
+            m.duration.record(elapsed.as_secs_f64());
             let report = match result {
-                Ok(f) => Report {
-                    value: Some(f.value),
-                    failure: None,
-                    status: Some(f.status),
-                    elapsed,
-                    via: Some(via),
-                    skipped: false,
-                },
+                Ok(f) => {
+                    let (value, raw) = match f.answer {
+                        Answer::Parsed(v) => (Some(v), None),
+                        Answer::Raw(b) => (None, Some(b)),
+                    };
+                    Report {
+                        value,
+                        raw,
+                        failure: None,
+                        status: Some(f.status),
+                        elapsed,
+                        via: Some(via),
+                        skipped: false,
+                    }
+                }
                 Err(e) => {
-                    tracing::debug!(route = &*route, part = &*name, error = e.describe(), "aggregate part failed");
+                    tracing::debug!(
+                        route = &*route,
+                        part = &*name,
+                        error = e.describe(),
+                        "aggregate part failed"
+                    );
                     Report {
                         status: match &e {
                             Failure::Status(s, _) => Some(s.as_u16()),
                             _ => None,
                         },
                         value: fallback,
+                        raw: None,
                         failure: Some(e),
                         elapsed,
                         via: Some(via),
@@ -671,6 +744,7 @@ impl Composite {
         let part = &self.plan.parts[i];
         Report {
             value: (!part.cfg.required).then(|| Arc::new(part.cfg.fallback.clone())),
+            raw: None,
             status: None,
             failure: Some(failure),
             elapsed,
@@ -728,7 +802,7 @@ impl Composite {
             .as_ref()
             .and_then(|r| r.failure.clone())
             .unwrap_or(Failure::Unreachable);
-        metrics::counter!("gateway_aggregate_parts_total", "route" => self.route.clone(), "part" => part.name.clone(), "outcome" => "failed").increment(1);
+        self.metrics[i].failed.increment(1);
         let name = &part.cfg.name;
         let mut p = match &failure {
             Failure::Timeout => Problem::gateway_timeout(format!(
@@ -758,35 +832,46 @@ impl Composite {
 
     /// Merges the parts into one document.
     fn respond(&self, reports: &[Report], want_parts: bool) -> Response<Body> {
-        let mut doc = Map::new();
+        let mut doc: BTreeMap<String, Out<'_>> = BTreeMap::new();
         let mut failed: Vec<&str> = Vec::new();
-        for (part, r) in self.plan.parts.iter().zip(reports) {
-            let outcome = if r.skipped {
-                "skipped"
+        for ((part, r), m) in self.plan.parts.iter().zip(reports).zip(&self.metrics) {
+            if r.skipped {
+                m.skipped.increment(1);
             } else if r.failure.is_some() {
                 failed.push(&part.cfg.name);
-                "fallback"
+                m.fallback.increment(1);
             } else {
-                "ok"
-            };
-            metrics::counter!("gateway_aggregate_parts_total", "route" => self.route.clone(), "part" => part.name.clone(), "outcome" => outcome).increment(1);
+                m.ok.increment(1);
+            }
             if part.enrich.is_some() {
                 continue;
             }
-            let Some(value) = &r.value else { continue };
-            let shaped = if r.failure.is_some() {
-                (**value).clone()
+            let out = if let Some(raw) = &r.raw {
+                // Validated when it arrived; borrowed, not copied.
+                match std::str::from_utf8(raw)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<&RawValue>(t).ok())
+                {
+                    Some(v) => Out::Raw(v),
+                    None => continue,
+                }
+            } else if let Some(value) = &r.value {
+                Out::Value(if r.failure.is_some() {
+                    (**value).clone()
+                } else {
+                    shape(part, value)
+                })
             } else {
-                shape(part, value)
+                continue;
             };
-            match &part.place {
-                Place::Root => match shaped {
-                    Value::Object(m) => doc.extend(m),
-                    other => {
-                        doc.insert(part.cfg.name.clone(), other);
-                    }
-                },
-                Place::At(path) => put(&mut doc, path, shaped),
+            match (&part.place, out) {
+                (Place::Root, Out::Value(Value::Object(m))) => {
+                    doc.extend(m.into_iter().map(|(k, v)| (k, Out::Value(v))));
+                }
+                (Place::Root, other) => {
+                    doc.insert(part.cfg.name.clone(), other);
+                }
+                (Place::At(path), out) => put(&mut doc, path, out),
             }
         }
         for (part, r) in self.plan.parts.iter().zip(reports) {
@@ -795,15 +880,13 @@ impl Composite {
             }
         }
         let complete = failed.is_empty();
-        let mut out = Map::with_capacity(doc.len() + 1);
-        out.extend(doc);
         if want_parts {
-            out.insert(
+            doc.insert(
                 "_parts".into(),
-                self.parts_section(reports.iter().map(Some)),
+                Out::Value(self.parts_section(reports.iter().map(Some))),
             );
         }
-        let body = serde_json::to_vec(&Value::Object(out)).unwrap_or_else(|_| b"{}".to_vec());
+        let body = serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec());
         let mut res = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
         let h = res.headers_mut();
         h.insert(
@@ -821,6 +904,16 @@ impl Composite {
     }
 }
 
+/// The merged document: parsed values, answers copied as they came, and the objects that
+/// `into` paths create.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Out<'a> {
+    Raw(&'a RawValue),
+    Value(Value),
+    Object(BTreeMap<String, Out<'a>>),
+}
+
 /// One backend call: pick an endpoint, send, read a bounded JSON answer, all within
 /// `timeout`; the endpoint's breaker learns the outcome.
 async fn fetch(
@@ -829,6 +922,7 @@ async fn fetch(
     headers: HeaderMap,
     timeout: Duration,
     max: usize,
+    parse: bool,
 ) -> Result<Fetched, Failure> {
     let Some(lease) = cluster.pick(None, None) else {
         return Err(Failure::NoEndpoint);
@@ -874,11 +968,19 @@ async fn fetch(
             .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_owned));
         return Err(Failure::Status(status, detail));
     }
-    let value: Value =
-        serde_json::from_slice(&bytes).map_err(|_| Failure::Invalid("the answer is not JSON"))?;
+    let not_json = |_| Failure::Invalid("the answer is not JSON");
+    let answer = if parse {
+        Answer::Parsed(Arc::new(serde_json::from_slice(&bytes).map_err(not_json)?))
+    } else {
+        // Checked (whole, UTF-8, one JSON value) without building a tree.
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| Failure::Invalid("the answer is not JSON"))?;
+        serde_json::from_str::<&RawValue>(text).map_err(not_json)?;
+        Answer::Raw(bytes)
+    };
     Ok(Fetched {
         status: status.as_u16(),
-        value: Arc::new(value),
+        answer,
         max_age: max_age(&headers),
     })
 }
@@ -905,32 +1007,43 @@ fn max_age(headers: &HeaderMap) -> Option<Duration> {
     Some(shared_age.unwrap_or(age))
 }
 
-/// Applies `extract`, `fields` and `rename`.
+/// Applies `extract`, `fields` and `rename`, copying only what is kept.
 fn shape(part: &PartPlan, value: &Value) -> Value {
     let v = match &part.extract {
-        Some(path) => get(value, path).cloned().unwrap_or(Value::Null),
-        None => value.clone(),
+        Some(path) => match get(value, path) {
+            Some(v) => v,
+            None => return Value::Null,
+        },
+        None => value,
     };
     if part.cfg.fields.is_empty() && part.cfg.rename.is_empty() {
-        return v;
+        return v.clone();
     }
     match v {
-        Value::Array(items) => Value::Array(items.into_iter().map(|i| select(part, i)).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(|i| select(part, i)).collect()),
         other => select(part, other),
     }
 }
 
-fn select(part: &PartPlan, v: Value) -> Value {
-    let Value::Object(mut m) = v else { return v };
-    if !part.cfg.fields.is_empty() {
-        m.retain(|k, _| part.cfg.fields.contains(k));
-    }
+fn select(part: &PartPlan, v: &Value) -> Value {
+    let Value::Object(m) = v else {
+        return v.clone();
+    };
+    let mut out: Map<String, Value> = if part.cfg.fields.is_empty() {
+        m.clone()
+    } else {
+        part.cfg
+            .fields
+            .iter()
+            .filter_map(|f| Some((f.clone(), m.get(f)?.clone())))
+            .collect()
+    };
     for (from, to) in &part.cfg.rename {
-        if let Some(x) = m.remove(from) {
-            m.insert(to.clone(), x);
+        if let Some(x) = out.remove(from) {
+            out.insert(to.clone(), x);
         }
     }
-    Value::Object(m)
+    Value::Object(out)
 }
 
 fn get<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
@@ -941,7 +1054,7 @@ fn get<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
     })
 }
 
-fn put(doc: &mut Map<String, Value>, path: &[String], value: Value) {
+fn put<'a>(doc: &mut BTreeMap<String, Out<'a>>, path: &[String], value: Out<'a>) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
@@ -949,11 +1062,11 @@ fn put(doc: &mut Map<String, Value>, path: &[String], value: Value) {
     for step in parents {
         let slot = at
             .entry(step.clone())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !slot.is_object() {
-            *slot = Value::Object(Map::new());
+            .or_insert_with(|| Out::Object(BTreeMap::new()));
+        if !matches!(slot, Out::Object(_)) {
+            *slot = Out::Object(BTreeMap::new());
         }
-        let Value::Object(m) = slot else { return };
+        let Out::Object(m) = slot else { return };
         at = m;
     }
     at.insert(last.clone(), value);
@@ -970,15 +1083,24 @@ fn key_text(v: &Value) -> Option<String> {
 }
 
 /// Joins a batch answer into the elements of the `each` array of the document.
-fn enrich(doc: &mut Map<String, Value>, part: &PartPlan, e: &Enrich, r: &Report) {
-    let Some((first, rest)) = e.each.split_first() else {
-        return;
-    };
-    let Some(target) = doc.get_mut(first) else {
-        return;
-    };
-    let mut target = Some(target);
-    for step in rest {
+fn enrich(doc: &mut BTreeMap<String, Out<'_>>, part: &PartPlan, e: &Enrich, r: &Report) {
+    // Down the objects `into` paths made, then into a parsed value (with an `enrich` part
+    // in the composite, every answer is parsed).
+    let mut steps = e.each.iter();
+    let mut out_map = doc;
+    let mut value: Option<&mut Value> = None;
+    for step in steps.by_ref() {
+        match out_map.get_mut(step) {
+            Some(Out::Object(m)) => out_map = m,
+            Some(Out::Value(v)) => {
+                value = Some(v);
+                break;
+            }
+            _ => return,
+        }
+    }
+    let mut target = value;
+    for step in steps {
         target = match target {
             Some(Value::Object(m)) => m.get_mut(step),
             _ => None,
@@ -1021,7 +1143,7 @@ fn shape_each(part: &PartPlan, value: &Value) -> Option<Vec<Value>> {
             .iter()
             .map(|item| {
                 let join = item.get(by).cloned();
-                let mut shaped = select(part, item.clone());
+                let mut shaped = select(part, item);
                 if let (Value::Object(m), Some(j)) = (&mut shaped, join) {
                     m.entry(by.clone()).or_insert(j);
                 }
@@ -1117,13 +1239,16 @@ mod tests {
             shape(&plan.parts[0], &v),
             serde_json::json!({"id": 1, "title": "n"})
         );
-        let mut doc = Map::new();
+        let mut doc = BTreeMap::new();
         put(
             &mut doc,
             &["list".into(), "items".into()],
-            serde_json::json!([{"id": "a"}, {"id": "b"}, {"id": 3}]),
+            Out::Value(serde_json::json!([{"id": "a"}, {"id": "b"}, {"id": 3}])),
         );
+        let raw = serde_json::from_str::<&RawValue>(r#"{"kept": [1, 2]}"#).unwrap();
+        put(&mut doc, &["list".into(), "raw".into()], Out::Raw(raw));
         let report = Report {
+            raw: None,
             value: Some(Arc::new(serde_json::json!({"items": [
                 {"pid": "a", "amount": 10, "x": 1}, {"pid": 3, "amount": 30}
             ]}))),
@@ -1136,12 +1261,12 @@ mod tests {
         let e = plan.parts[1].enrich.as_ref().unwrap();
         enrich(&mut doc, &plan.parts[1], e, &report);
         assert_eq!(
-            Value::Object(doc),
+            serde_json::to_value(&doc).unwrap(),
             serde_json::json!({"list": {"items": [
                 {"id": "a", "price": {"amount": 10, "pid": "a"}},
                 {"id": "b", "price": 0},
                 {"id": 3, "price": {"amount": 30, "pid": 3}}
-            ]}})
+            ], "raw": {"kept": [1, 2]}}})
         );
     }
 }
