@@ -976,7 +976,9 @@ async fn fetch(
         let text =
             std::str::from_utf8(&bytes).map_err(|_| Failure::Invalid("the answer is not JSON"))?;
         serde_json::from_str::<&RawValue>(text).map_err(not_json)?;
-        Answer::Raw(bytes)
+        // A right-sized copy: the body may be a slice of a much larger read buffer, which a
+        // cached answer would otherwise keep alive.
+        Answer::Raw(Bytes::copy_from_slice(&bytes))
     };
     Ok(Fetched {
         status: status.as_u16(),
