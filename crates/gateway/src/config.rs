@@ -446,8 +446,8 @@ pub struct PartConfig {
     /// Request headers (templates).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Send the caller's identity (`x-shopmesh-user`, `x-shopmesh-roles`). Cached answers
-    /// are then kept per caller.
+    /// Send the caller's identity (`x-shopmesh-user-id`, `x-shopmesh-user-roles`). Cached
+    /// answers are then kept per caller and roles.
     #[serde(default)]
     pub forward_identity: bool,
     /// How long this call may take, in milliseconds, body included.
@@ -509,9 +509,10 @@ pub struct EnrichConfig {
 pub struct PartCacheConfig {
     /// Longest time an answer is reused, in milliseconds.
     pub ttl_ms: u64,
-    /// Most answers kept.
-    #[serde(default = "default_cache_entries")]
-    pub max_entries: usize,
+    /// Memory the cached answers of this part may take, in bytes (their size on the wire
+    /// plus their keys); the least useful are evicted beyond it.
+    #[serde(default = "default_cache_bytes")]
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
@@ -565,8 +566,8 @@ fn default_true() -> bool {
 fn default_part_body() -> usize {
     1024 * 1024
 }
-fn default_cache_entries() -> usize {
-    10_000
+fn default_cache_bytes() -> u64 {
+    16 * 1024 * 1024
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))

@@ -683,7 +683,13 @@ async fn route_and_forward(
                 rate_limit_headers(&mut res, d);
             }
             if req.method() == http::Method::HEAD {
+                // The length of what a GET would have carried, without it.
+                let len = res.body().size_hint().exact();
                 *res.body_mut() = empty();
+                if let Some(len) = len {
+                    res.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                }
             }
             return (outcome, res);
         }

@@ -188,10 +188,10 @@ impl Plan {
                 )));
             }
             if let Some(c) = &p.cache
-                && (c.ttl_ms == 0 || c.max_entries == 0 || c.max_entries > 1_000_000)
+                && (c.ttl_ms == 0 || c.max_bytes < 4096 || c.max_bytes > 1 << 40)
             {
                 return Err(err(
-                    "cache: ttl_ms must be positive, max_entries within 1–1000000".into(),
+                    "cache: ttl_ms must be positive, max_bytes within 4 KiB–1 TiB".into(),
                 ));
             }
             for (from, to) in &p.rename {
@@ -224,12 +224,18 @@ impl Plan {
                     if at.first().is_some_and(|f| f == "_parts") {
                         return Err(err("`_parts` is reserved".into()));
                     }
-                    if !places.insert(at.join(".")) {
+                    // One part per place, and no place inside another's.
+                    let joined = at.join(".");
+                    if let Some(other) = places.iter().find(|o: &&String| {
+                        **o == joined
+                            || joined.starts_with(&format!("{o}."))
+                            || o.starts_with(&format!("{joined}."))
+                    }) {
                         return Err(err(format!(
-                            "another part already goes `into` `{}`",
-                            at.join(".")
+                            "`into` `{joined}` overlaps another part's `{other}`"
                         )));
                     }
+                    places.insert(joined);
                     (Place::At(at), None)
                 }
             };
@@ -300,6 +306,8 @@ impl Plan {
 pub(crate) struct Fetched {
     status: u16,
     answer: Answer,
+    /// Its size on the wire (what a cache entry is weighed by).
+    size: usize,
     /// How long it may be cached: `None` when the backend forbids it, `Duration::MAX` when
     /// the backend says nothing.
     max_age: Option<Duration>,
@@ -322,8 +330,13 @@ pub(crate) enum Failure {
     Status(StatusCode, Option<String>),
     /// The answer is not JSON, or too large.
     Invalid(&'static str),
-    /// A template could not be filled in (a missing input).
-    Unresolved(String),
+    /// A template could not be filled in (a missing input); `client`: from the request.
+    Unresolved {
+        what: String,
+        client: bool,
+    },
+    /// The composite's own deadline passed first.
+    Deadline,
 }
 
 impl Failure {
@@ -334,7 +347,8 @@ impl Failure {
             Failure::NoEndpoint => "no healthy endpoint".into(),
             Failure::Status(s, _) => format!("answered {}", s.as_u16()),
             Failure::Invalid(why) => (*why).into(),
-            Failure::Unresolved(what) => format!("input {what} is missing"),
+            Failure::Unresolved { what, .. } => format!("input {what} is missing or not valid"),
+            Failure::Deadline => "the composite's deadline passed".into(),
         }
     }
 }
@@ -397,10 +411,23 @@ impl Composite {
             .map(|p| {
                 previous
                     .and_then(|prev| {
+                        // Only the same call, answered the same way, by the same endpoints.
+                        let endpoints = |c: &Cluster| {
+                            c.endpoints
+                                .iter()
+                                .map(|e| e.url.clone())
+                                .collect::<Vec<_>>()
+                        };
+                        let now = cluster(&p.cfg.cluster)?;
                         prev.plan
                             .parts
                             .iter()
-                            .position(|o| o.cfg == p.cfg)
+                            .zip(&prev.clusters)
+                            .position(|(o, oc)| {
+                                o.cfg == p.cfg
+                                    && o.parse == p.parse
+                                    && endpoints(oc) == endpoints(&now)
+                            })
                             .map(|i| prev.caches[i].clone())
                     })
                     .filter(|c| c.is_for(p.cfg.cache.as_ref()))
@@ -505,10 +532,14 @@ impl Composite {
         let mut reports: Vec<Option<Report>> = (0..n).map(|_| None).collect();
         let mut started_parts = vec![false; n];
         let mut running = FuturesUnordered::new();
+        // The first required part to fail decides the answer; nothing more is started.
+        let mut fatal: Option<usize> = None;
         loop {
-            // Start every part whose inputs are all in.
+            // Start every part whose inputs are all in; a part that needs nothing from the
+            // backends (an empty list) or cannot be asked (a missing input) is settled here,
+            // which may make more parts ready.
             let mut progressed = true;
-            while progressed {
+            while progressed && fatal.is_none() {
                 progressed = false;
                 for i in 0..n {
                     let part = &self.plan.parts[i];
@@ -516,47 +547,49 @@ impl Composite {
                         continue;
                     }
                     started_parts[i] = true;
-                    let cx = Context {
-                        params: &params,
-                        query: &query,
-                        headers: inc.headers,
-                        claims,
-                        parts: &values,
+                    progressed = true;
+                    // Nothing to ask of a list that came back empty: its dependents have
+                    // nothing to ask either.
+                    let settled = if part
+                        .deps
+                        .iter()
+                        .any(|&d| reports[d].as_ref().is_some_and(|r| r.skipped))
+                    {
+                        Some(self.skipped(i))
+                    } else {
+                        let cx = Context {
+                            params: &params,
+                            query: &query,
+                            headers: inc.headers,
+                            claims,
+                            parts: &values,
+                        };
+                        match self.request(i, &cx, &inc) {
+                            Ok(req) => {
+                                running.push(self.run(i, req));
+                                None
+                            }
+                            Err(Unresolved::Empty) => Some(self.skipped(i)),
+                            Err(Unresolved::Missing { what, client }) => Some(self.failed(
+                                i,
+                                Failure::Unresolved { what, client },
+                                Duration::ZERO,
+                            )),
+                        }
                     };
-                    match self.request(i, &cx, &inc) {
-                        Ok(req) => running.push(self.run(i, req)),
-                        Err(Unresolved::Empty) => {
-                            reports[i] = Some(Report {
-                                value: None,
-                                raw: None,
-                                failure: None,
-                                status: None,
-                                elapsed: Duration::ZERO,
-                                via: None,
-                                skipped: true,
-                            });
-                            progressed = true;
+                    if let Some(r) = settled {
+                        if r.failure.is_some() && part.cfg.required {
+                            fatal.get_or_insert(i);
                         }
-                        Err(Unresolved::Missing(what)) => {
-                            let r = self.failed(i, Failure::Unresolved(what), Duration::ZERO);
-                            values[i] = r.value.clone();
-                            reports[i] = Some(r);
-                            progressed = true;
-                        }
+                        values[i] = r.value.clone();
+                        reports[i] = Some(r);
                     }
-                    if reports.iter().enumerate().any(|(j, r)| {
-                        r.as_ref().is_some_and(|r| r.failure.is_some())
-                            && self.plan.parts[j].cfg.required
-                    }) {
+                    if fatal.is_some() {
                         break;
                     }
                 }
             }
-            // A required part failed: the answer is known, stop waiting.
-            if let Some(i) = (0..n).find(|&i| {
-                self.plan.parts[i].cfg.required
-                    && reports[i].as_ref().is_some_and(|r| r.failure.is_some())
-            }) {
+            if let Some(i) = fatal {
                 return self.required_failed(i, &reports, want_parts);
             }
             if running.is_empty() {
@@ -564,23 +597,25 @@ impl Composite {
             }
             match tokio::time::timeout_at(deadline, running.next()).await {
                 Ok(Some((i, report))) => {
+                    if report.failure.is_some() && self.plan.parts[i].cfg.required {
+                        fatal = Some(i);
+                    }
                     values[i] = report.value.clone();
                     reports[i] = Some(report);
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    // The composite's deadline: whatever is still out has timed out.
-                    for i in 0..n {
-                        if reports[i].is_none() {
-                            let r = self.failed(i, Failure::Timeout, started.elapsed());
-                            values[i] = r.value.clone();
-                            reports[i] = Some(r);
+                    // The composite's deadline: whatever is still out (or never started)
+                    // has missed it.
+                    for (i, slot) in reports.iter_mut().enumerate() {
+                        if slot.is_none() {
+                            if self.plan.parts[i].cfg.required {
+                                fatal.get_or_insert(i);
+                            }
+                            *slot = Some(self.failed(i, Failure::Deadline, started.elapsed()));
                         }
                     }
-                    if let Some(i) = (0..n).find(|&i| {
-                        self.plan.parts[i].cfg.required
-                            && reports[i].as_ref().is_some_and(|r| r.failure.is_some())
-                    }) {
+                    if let Some(i) = fatal {
                         return self.required_failed(i, &reports, want_parts);
                     }
                     break;
@@ -590,9 +625,23 @@ impl Composite {
         let reports: Vec<Report> = reports
             .into_iter()
             .enumerate()
-            .map(|(i, r)| r.unwrap_or_else(|| self.failed(i, Failure::Timeout, started.elapsed())))
+            .map(|(i, r)| r.unwrap_or_else(|| self.failed(i, Failure::Deadline, started.elapsed())))
             .collect();
         self.respond(&reports, want_parts)
+    }
+
+    fn skipped(&self, i: usize) -> Report {
+        let part = &self.plan.parts[i];
+        Report {
+            // In the document, a skipped part holds its fallback, so the shape is stable.
+            value: (part.enrich.is_none()).then(|| Arc::new(part.cfg.fallback.clone())),
+            raw: None,
+            failure: None,
+            status: None,
+            elapsed: Duration::ZERO,
+            via: None,
+            skipped: true,
+        }
     }
 
     /// Builds part `i`'s request from the context.
@@ -607,9 +656,13 @@ impl Composite {
         let mut q = form_urlencoded::Serializer::new(String::new());
         let mut any = false;
         if part.cfg.forward_query {
+            // The client's parameters, except those the configuration sets: a client must
+            // not be able to put `?user=someone-else` ahead of `user: "{claims.sub}"`.
             for (k, v) in cx.query {
-                q.append_pair(k, v);
-                any = true;
+                if !part.query.iter().any(|(name, _)| name == k) {
+                    q.append_pair(k, v);
+                    any = true;
+                }
             }
         }
         for (k, t) in &part.query {
@@ -618,9 +671,11 @@ impl Composite {
                     q.append_pair(k, &v);
                     any = true;
                 }
-                // A query parameter without a value is left out.
-                Err(Unresolved::Missing(_)) => {}
-                Err(Unresolved::Empty) => return Err(Unresolved::Empty),
+                // An optional client input that is absent leaves its parameter out; any
+                // other missing value (a claim, a field of another part) fails the part
+                // rather than widening the backend's query.
+                Err(Unresolved::Missing { .. }) if t.client_only() => {}
+                Err(e) => return Err(e),
             }
         }
         let pq = if any {
@@ -628,14 +683,19 @@ impl Composite {
         } else {
             path
         };
-        let path_and_query = http::uri::PathAndQuery::try_from(pq.as_str())
-            .map_err(|_| Unresolved::Missing(format!("(the path `{pq}` is not valid)")))?;
+        let path_and_query =
+            http::uri::PathAndQuery::try_from(pq.as_str()).map_err(|_| Unresolved::Missing {
+                what: format!("(the path `{pq}`)"),
+                client: true,
+            })?;
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         for (name, t) in &part.headers {
             let v = t.render(cx, Encoding::Raw)?;
-            let v = HeaderValue::from_str(&v)
-                .map_err(|_| Unresolved::Missing(format!("(header `{name}` value)")))?;
+            let v = HeaderValue::from_str(&v).map_err(|_| Unresolved::Missing {
+                what: format!("(header `{name}` value)"),
+                client: true,
+            })?;
             headers.insert(name.clone(), v);
         }
         // The key: everything that shapes the answer, nothing per request.
@@ -650,14 +710,21 @@ impl Composite {
         if part.cfg.forward_identity
             && let Some(c) = &inc.caller
         {
-            let id = HeaderValue::from_str(c.id)
-                .map_err(|_| Unresolved::Missing("(caller id)".into()))?;
+            let id = HeaderValue::from_str(c.id).map_err(|_| Unresolved::Missing {
+                what: "(caller id)".into(),
+                client: false,
+            })?;
             headers.insert(shopmesh_platform::USER_ID_HEADER, id);
-            if let Ok(v) = HeaderValue::from_str(&c.roles.join(",")) {
+            let roles = c.roles.join(",");
+            if let Ok(v) = HeaderValue::from_str(&roles) {
                 headers.insert(shopmesh_platform::USER_ROLES_HEADER, v);
             }
+            // Answers are kept per caller and per roles: a demoted caller does not see
+            // what it saw as an admin.
             key.push_str("\nuser:");
             key.push_str(c.id);
+            key.push_str("\nroles:");
+            key.push_str(&roles);
         }
         for h in [shopmesh_platform::REQUEST_ID_HEADER, "traceparent"] {
             if let Some(v) = inc.headers.get(h) {
@@ -809,7 +876,19 @@ impl Composite {
                 "part `{name}` did not answer within {} ms",
                 part.cfg.timeout_ms
             )),
-            Failure::Status(s, detail) if s.is_client_error() => Problem::typed(
+            Failure::Deadline => Problem::gateway_timeout(format!(
+                "part `{name}` had not answered when the request's deadline passed"
+            )),
+            Failure::NoEndpoint => Problem::unavailable(format!(
+                "part `{name}`: no healthy upstream endpoint; retry shortly"
+            )),
+            Failure::Unresolved { what, client: true } => Problem::bad_request(format!(
+                "part `{name}` needs {what}, which the request lacks or has in a form that cannot be used"
+            )),
+            // What the client can act on passes through (an unknown product stays a 404);
+            // anything else (401 without its challenge, 429 without its Retry-After, …) is
+            // the backend's business: 502.
+            Failure::Status(s, detail) if matches!(s.as_u16(), 400 | 403 | 404 | 409 | 410 | 422) => Problem::typed(
                 *s,
                 "part-refused",
                 s.canonical_reason().unwrap_or("Client error"),
@@ -864,12 +943,15 @@ impl Composite {
             } else {
                 continue;
             };
+            // A part never overwrites what an earlier part put in the document.
             match (&part.place, out) {
                 (Place::Root, Out::Value(Value::Object(m))) => {
-                    doc.extend(m.into_iter().map(|(k, v)| (k, Out::Value(v))));
+                    for (k, v) in m {
+                        doc.entry(k).or_insert(Out::Value(v));
+                    }
                 }
                 (Place::Root, other) => {
-                    doc.insert(part.cfg.name.clone(), other);
+                    doc.entry(part.cfg.name.clone()).or_insert(other);
                 }
                 (Place::At(path), out) => put(&mut doc, path, out),
             }
@@ -982,6 +1064,7 @@ async fn fetch(
     };
     Ok(Fetched {
         status: status.as_u16(),
+        size: bytes.len(),
         answer,
         max_age: max_age(&headers),
     })
@@ -1065,13 +1148,11 @@ fn put<'a>(doc: &mut BTreeMap<String, Out<'a>>, path: &[String], value: Out<'a>)
         let slot = at
             .entry(step.clone())
             .or_insert_with(|| Out::Object(BTreeMap::new()));
-        if !matches!(slot, Out::Object(_)) {
-            *slot = Out::Object(BTreeMap::new());
-        }
+        // Something else is already there: it stays.
         let Out::Object(m) = slot else { return };
         at = m;
     }
-    at.insert(last.clone(), value);
+    at.entry(last.clone()).or_insert(value);
 }
 
 /// The text of a scalar used as a join key.
@@ -1113,13 +1194,7 @@ fn enrich(doc: &mut BTreeMap<String, Out<'_>>, part: &PartPlan, e: &Enrich, r: &
     };
     let fallback = part.cfg.fallback.clone();
     let by_key: HashMap<String, Value> = match (&r.failure, &r.value) {
-        (None, Some(v)) => match shape_each(part, v) {
-            Some(list) => list
-                .into_iter()
-                .filter_map(|item| Some((key_text(item.get(&e.by)?)?, item)))
-                .collect(),
-            None => HashMap::new(),
-        },
+        (None, Some(v)) => shape_each(part, &e.by, v).unwrap_or_default(),
         _ => HashMap::new(),
     };
     for item in items.iter_mut() {
@@ -1132,25 +1207,16 @@ fn enrich(doc: &mut BTreeMap<String, Out<'_>>, part: &PartPlan, e: &Enrich, r: &
     }
 }
 
-/// The part's answer as a list of elements, each shaped, with the `by` field kept for the
-/// join even when `fields` leaves it out.
-fn shape_each(part: &PartPlan, value: &Value) -> Option<Vec<Value>> {
+/// The part's answer as its elements, each shaped, by the text of their `by` field.
+fn shape_each(part: &PartPlan, by: &str, value: &Value) -> Option<HashMap<String, Value>> {
     let list = match &part.extract {
         Some(path) => get(value, path)?,
         None => value,
     };
-    let by = &part.enrich.as_ref()?.by;
     Some(
         list.as_array()?
             .iter()
-            .map(|item| {
-                let join = item.get(by).cloned();
-                let mut shaped = select(part, item);
-                if let (Value::Object(m), Some(j)) = (&mut shaped, join) {
-                    m.entry(by.clone()).or_insert(j);
-                }
-                shaped
-            })
+            .filter_map(|item| Some((key_text(item.get(by)?)?, select(part, item))))
             .collect(),
     )
 }
@@ -1196,7 +1262,15 @@ mod tests {
         let dup = "parts:\n- {name: x, cluster: a, path: /x}\n- {name: x, cluster: b, path: /y}\n";
         assert!(compile(dup, None).unwrap_err().contains("duplicate"));
         let into = "parts:\n- {name: x, cluster: a, path: /x, into: d}\n- {name: y, cluster: b, path: /y, into: d}\n";
-        assert!(compile(into, None).unwrap_err().contains("already goes"));
+        assert!(compile(into, None).unwrap_err().contains("overlaps"));
+        let nested = "parts:\n- {name: x, cluster: a, path: /x, into: d.e}\n- {name: y, cluster: b, path: /y, into: d}\n";
+        assert!(
+            compile(nested, None)
+                .unwrap_err()
+                .contains("overlaps another part's `d.e`")
+        );
+        let sibling = "parts:\n- {name: x, cluster: a, path: /x, into: d.e}\n- {name: y, cluster: b, path: /y, into: d.ee}\n";
+        assert!(compile(sibling, None).is_ok());
         let reserved = "parts:\n- {name: query, cluster: a, path: /x}\n";
         assert!(compile(reserved, None).unwrap_err().contains("reserved"));
         let spoof =
@@ -1265,9 +1339,9 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&doc).unwrap(),
             serde_json::json!({"list": {"items": [
-                {"id": "a", "price": {"amount": 10, "pid": "a"}},
+                {"id": "a", "price": {"amount": 10}},
                 {"id": "b", "price": 0},
-                {"id": 3, "price": {"amount": 30, "pid": 3}}
+                {"id": 3, "price": {"amount": 30}}
             ], "raw": {"kept": [1, 2]}}})
         );
     }

@@ -58,8 +58,10 @@ pub struct Template {
 /// Why a template could not be filled in.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Unresolved {
-    /// The value is absent, null, or not a string, number or boolean.
-    Missing(String),
+    /// The value is absent, null, not a string, number or boolean, or not usable where it
+    /// goes (a `.` or `..` path segment). `client`: it came from the client's request (its
+    /// path, query or headers), so the client can correct it.
+    Missing { what: String, client: bool },
     /// A `*` step found no elements: there is nothing to ask for.
     Empty,
 }
@@ -124,6 +126,15 @@ impl Template {
         Ok(Self { pieces })
     }
 
+    /// Whether every value comes from the client's query or headers (optional inputs: a
+    /// query parameter built only from them is left out when they are absent).
+    pub fn client_only(&self) -> bool {
+        self.pieces.iter().all(|p| match p {
+            Piece::Lit(_) => true,
+            Piece::Var(v) => matches!(v.source, Source::Query(_) | Source::Header(_)),
+        })
+    }
+
     /// The parts this template reads from.
     pub fn parts(&self) -> impl Iterator<Item = usize> + '_ {
         self.pieces.iter().filter_map(|p| match p {
@@ -149,6 +160,13 @@ impl Template {
                         }
                         match enc {
                             Encoding::Path => {
+                                // A value must not climb out of the configured path.
+                                if value == "." || value == ".." {
+                                    return Err(Unresolved::Missing {
+                                        what: format!("{} (a dot segment)", v.text),
+                                        client: v.is_client(),
+                                    });
+                                }
                                 out.extend(utf8_percent_encode(value, SEGMENT));
                             }
                             Encoding::Raw => out.push_str(value),
@@ -231,8 +249,20 @@ fn parse_var(
     })
 }
 
+impl Var {
+    fn is_client(&self) -> bool {
+        matches!(
+            self.source,
+            Source::Path(_) | Source::Query(_) | Source::Header(_)
+        )
+    }
+}
+
 fn resolve(v: &Var, cx: &Context<'_>) -> Result<Vec<String>, Unresolved> {
-    let missing = || Unresolved::Missing(v.text.clone());
+    let missing = || Unresolved::Missing {
+        what: v.text.clone(),
+        client: v.is_client(),
+    };
     let root: &Value = match &v.source {
         Source::Path(name) => {
             return cx
@@ -340,6 +370,20 @@ mod tests {
             t.render(&cx, Encoding::Path).unwrap(),
             "/api/items/a%20b%2Fc/x"
         );
+        for dots in [".", ".."] {
+            let params = BTreeMap::from([("id".to_owned(), dots.to_owned())]);
+            let cx = Context {
+                params: &params,
+                query: &[],
+                headers: &headers,
+                claims: None,
+                parts: &[],
+            };
+            assert!(matches!(
+                t.render(&cx, Encoding::Path),
+                Err(Unresolved::Missing { client: true, .. })
+            ));
+        }
         assert_eq!(t.parts().count(), 0);
     }
 
@@ -375,7 +419,10 @@ mod tests {
         };
         assert_eq!(
             t2.render(&cx2, Encoding::Raw),
-            Err(Unresolved::Missing("{product.category}".into()))
+            Err(Unresolved::Missing {
+                what: "{product.category}".into(),
+                client: false
+            })
         );
     }
 
