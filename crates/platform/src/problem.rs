@@ -143,6 +143,16 @@ impl Problem {
         .detail(detail)
     }
     /// 429 with the seconds until a request fits (sent as `Retry-After` too).
+    /// 412: an `If-Match` (or other precondition) no longer holds.
+    pub fn precondition_failed(detail: impl Into<String>) -> Self {
+        Self::typed(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition-failed",
+            "Precondition failed",
+        )
+        .detail(detail)
+    }
+
     pub fn too_many_requests(retry_after_secs: u64) -> Self {
         Self::typed(
             StatusCode::TOO_MANY_REQUESTS,

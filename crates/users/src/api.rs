@@ -2,7 +2,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State as S;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::routing::{get, post};
 use shopmesh_platform::Problem;
 use shopmesh_platform::db::is_unique_violation;
@@ -13,8 +13,11 @@ use utoipa::OpenApi;
 
 use crate::State;
 use crate::keys::Jwks;
-use crate::model::{Claims, Credentials, ProfileUpdate, Registration, TokenResponse, User};
-use crate::{password, store};
+use crate::model::{
+    Address, Claims, Credentials, ProfileUpdate, RefreshRequest, Registration, TokenResponse, User,
+};
+use crate::tokens::Refresh;
+use crate::{password, store, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,8 +25,17 @@ use crate::{password, store};
         title = "shopmesh users",
         description = "User center: registration, tokens, JWKS, profile."
     ),
-    paths(register, token, jwks, me, update_me),
-    components(schemas(User, Registration, Credentials, TokenResponse, ProfileUpdate, Jwks))
+    paths(register, token, refresh, logout, jwks, me, update_me),
+    components(schemas(
+        User,
+        Address,
+        Registration,
+        Credentials,
+        TokenResponse,
+        RefreshRequest,
+        ProfileUpdate,
+        Jwks
+    ))
 )]
 pub struct ApiDoc;
 
@@ -32,6 +44,8 @@ pub fn routes(state: State) -> Router {
         .route("/api/users", post(register))
         .route("/api/users/me", get(me).patch(update_me))
         .route("/api/auth/token", post(token))
+        .route("/api/auth/refresh", post(refresh))
+        .route("/api/auth/logout", post(logout))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(state)
@@ -115,8 +129,25 @@ async fn register(
 #[utoipa::path(post, path = "/api/auth/token", request_body = Credentials,
     responses((status = 200, body = TokenResponse),
               (status = 401, description = "Wrong email or password (same answer for both)")))]
-async fn token(S(s): S<State>, Json(c): Json<Credentials>) -> Result<Json<TokenResponse>, Problem> {
+async fn token(
+    S(s): S<State>,
+    headers: HeaderMap,
+    Json(c): Json<Credentials>,
+) -> Result<Json<TokenResponse>, Problem> {
     let email = normalise_email(&c.email);
+    // The gateway sets X-Forwarded-For to the client it believes in; the service is only
+    // reachable through it.
+    let ip = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(str::trim);
+    if let Err(wait) = s.throttle.check(&email, ip) {
+        metrics::counter!("users_login_throttled_total").increment(1);
+        return Err(Problem::too_many_requests(wait.as_secs().max(1)).detail(
+            "too many sign-in attempts for this account or from this address; retry later",
+        ));
+    }
     let found = if c.password.len() > 1024 {
         None
     } else {
@@ -131,27 +162,88 @@ async fn token(S(s): S<State>, Json(c): Json<Credentials>) -> Result<Json<TokenR
         Some(u) if ok && u.status == "active" => u,
         _ => return Err(Problem::unauthorized("wrong email or password")),
     };
+    let refresh_token = tokens::issue(&s.db, &user.id, refresh_ttl_ms(&s)).await?;
+    tracing::info!(user_id = %user.id, "signed in");
+    Ok(Json(access(&s, user.id, user.role, refresh_token)?))
+}
+
+fn refresh_ttl_ms(s: &State) -> i64 {
+    i64::try_from(s.settings.refresh_ttl.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// A new access token for `user_id`, paired with `refresh_token`.
+fn access(
+    s: &State,
+    user_id: String,
+    role: String,
+    refresh_token: String,
+) -> Result<TokenResponse, Problem> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
     let ttl = s.settings.access_ttl.as_secs();
     let claims = Claims {
-        sub: user.id,
+        sub: user_id,
         iss: s.settings.issuer.clone(),
         aud: s.settings.audience.clone(),
         iat: now,
         nbf: now,
         exp: now + ttl,
         jti: uuid::Uuid::new_v4().to_string(),
-        roles: vec![user.role],
+        roles: vec![role],
     };
     let access_token = s.keys.sign(&claims).map_err(|e| Problem::internal(&e))?;
-    Ok(Json(TokenResponse {
+    Ok(TokenResponse {
         access_token,
         token_type: "Bearer",
         expires_in: ttl,
-    }))
+        refresh_token,
+        refresh_expires_in: s.settings.refresh_ttl.as_secs(),
+    })
+}
+
+/// Exchange a refresh token for a new access token and a new refresh token. The presented
+/// one is spent; presenting it again revokes the session.
+#[utoipa::path(post, path = "/api/auth/refresh", request_body = RefreshRequest,
+    responses((status = 200, body = TokenResponse),
+              (status = 401, description = "Unknown, expired, revoked or reused refresh token")))]
+async fn refresh(
+    S(s): S<State>,
+    Json(r): Json<RefreshRequest>,
+) -> Result<Json<TokenResponse>, Problem> {
+    if r.refresh_token.is_empty() || r.refresh_token.len() > 256 {
+        return Err(Problem::unauthorized("the refresh token is not valid"));
+    }
+    let db = s.db.clone();
+    let outcome = tokens::refresh(&s.db, &r.refresh_token, refresh_ttl_ms(&s), async |user| {
+        store::is_active(&db, user).await
+    })
+    .await?;
+    match outcome {
+        Refresh::Rotated { user_id, token } => {
+            let user = store::get(&s.db, &user_id)
+                .await?
+                .ok_or_else(|| Problem::unauthorized("the refresh token is not valid"))?;
+            Ok(Json(access(&s, user.id, user.role, token)?))
+        }
+        Refresh::Invalid => Err(Problem::unauthorized(
+            "the refresh token is not valid; sign in again",
+        )),
+        Refresh::Reused => Err(Problem::unauthorized(
+            "the refresh token was already used: the session is revoked; sign in again",
+        )),
+    }
+}
+
+/// End a session: the refresh token and every token rotated from it stop working.
+#[utoipa::path(post, path = "/api/auth/logout", request_body = RefreshRequest,
+    responses((status = 204, description = "Signed out (also for an unknown token)")))]
+async fn logout(S(s): S<State>, Json(r): Json<RefreshRequest>) -> Result<StatusCode, Problem> {
+    if r.refresh_token.len() <= 256 {
+        tokens::revoke(&s.db, &r.refresh_token).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The public keys that verify access tokens.
@@ -163,36 +255,122 @@ async fn jwks(S(s): S<State>) -> ([(header::HeaderName, &'static str); 1], Json<
     )
 }
 
-/// The caller's own profile.
-#[utoipa::path(get, path = "/api/users/me",
-    responses((status = 200, body = User), (status = 401, description = "No identity")))]
-async fn me(S(s): S<State>, caller: Caller) -> Result<Json<User>, Problem> {
-    store::get(&s.db, &caller.user_id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| Problem::not_found("no such user"))
+fn etag(version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
 }
 
-/// Update the caller's own profile.
+/// Whether an `If-Match` header value holds for `version` (strong comparison, RFC 9110
+/// §13.1.1): `*`, or a list holding the current entity tag.
+fn if_match_holds(value: &str, version: i64) -> bool {
+    let current = format!("\"{version}\"");
+    value.trim() == "*" || value.split(',').any(|t| t.trim() == current)
+}
+
+/// The caller's own profile, with its `ETag`.
+#[utoipa::path(get, path = "/api/users/me",
+    responses((status = 200, body = User, headers(("ETag" = String, description = "Version of the profile, for If-Match"))),
+              (status = 401, description = "No identity")))]
+async fn me(
+    S(s): S<State>,
+    caller: Caller,
+) -> Result<([(header::HeaderName, HeaderValue); 1], Json<User>), Problem> {
+    let (user, version) = store::get_versioned(&s.db, &caller.user_id)
+        .await?
+        .ok_or_else(|| Problem::not_found("no such user"))?;
+    Ok(([(header::ETAG, etag(version))], Json(user)))
+}
+
+fn check_address(errs: &mut Errors, i: usize, a: &Address) {
+    let len_ok = |v: &str, max: usize| !v.trim().is_empty() && v.chars().count() <= max;
+    let field = |name: &str| format!("addresses[{i}].{name}");
+    errs.check(
+        len_ok(&a.recipient, 100),
+        &field("recipient"),
+        "1 to 100 characters",
+    )
+    .check(
+        len_ok(&a.line1, 200),
+        &field("line1"),
+        "1 to 200 characters",
+    )
+    .check(
+        a.line2.as_deref().is_none_or(|l| l.chars().count() <= 200),
+        &field("line2"),
+        "at most 200 characters",
+    )
+    .check(len_ok(&a.city, 100), &field("city"), "1 to 100 characters")
+    .check(
+        len_ok(&a.postal_code, 20),
+        &field("postal_code"),
+        "1 to 20 characters",
+    )
+    .check(
+        a.country.len() == 2 && a.country.bytes().all(|b| b.is_ascii_uppercase()),
+        &field("country"),
+        "an ISO 3166-1 alpha-2 code in upper case",
+    )
+    .check(
+        a.label.as_deref().is_none_or(|l| l.chars().count() <= 50),
+        &field("label"),
+        "at most 50 characters",
+    );
+}
+
+/// Update the caller's own profile. With `If-Match` (the `ETag` from a read) the update
+/// applies only if nobody changed the profile since: otherwise 412.
 #[utoipa::path(patch, path = "/api/users/me", request_body = ProfileUpdate,
-    responses((status = 200, body = User), (status = 422, description = "Invalid profile")))]
+    responses((status = 200, body = User, headers(("ETag" = String, description = "The new version"))),
+              (status = 412, description = "The profile changed since the If-Match version"),
+              (status = 422, description = "Invalid profile")))]
 async fn update_me(
     S(s): S<State>,
     caller: Caller,
+    headers: HeaderMap,
     Json(u): Json<ProfileUpdate>,
-) -> Result<Json<User>, Problem> {
-    if let Some(name) = u.name.as_deref().map(str::trim) {
-        let mut errs = Errors::new();
+) -> Result<([(header::HeaderName, HeaderValue); 1], Json<User>), Problem> {
+    let mut errs = Errors::new();
+    let name = u.name.as_deref().map(str::trim);
+    if let Some(name) = name {
         errs.check(
             !name.is_empty() && name.chars().count() <= 100,
             "name",
             "must be 1 to 100 characters",
         );
-        errs.into_result()?;
-        if !store::update_name(&s.db, &caller.user_id, name).await? {
-            return Err(Problem::not_found("no such user"));
+    }
+    if let Some(addresses) = &u.addresses {
+        errs.check(addresses.len() <= 10, "addresses", "at most 10 addresses");
+        for (i, a) in addresses.iter().enumerate() {
+            check_address(&mut errs, i, a);
         }
     }
+    errs.into_result()?;
+    let if_match = match headers.get(header::IF_MATCH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| Problem::bad_request("If-Match is not a valid entity tag list"))?
+                .to_owned(),
+        ),
+    };
+    let (current, version) = store::get_versioned(&s.db, &caller.user_id)
+        .await?
+        .ok_or_else(|| Problem::not_found("no such user"))?;
+    if let Some(m) = &if_match
+        && !if_match_holds(m, version)
+    {
+        return Err(Problem::precondition_failed(
+            "the profile changed since it was read: read it again and reapply the change",
+        ));
+    }
+    let name = name.unwrap_or(&current.name);
+    let addresses = u.addresses.as_deref().unwrap_or(&current.addresses);
+    // Also guards the window between the read above and this write.
+    if !store::update_profile(&s.db, &caller.user_id, version, name, addresses).await? {
+        return Err(Problem::precondition_failed(
+            "the profile changed while it was being updated: read it again and reapply the change",
+        ));
+    }
+    tracing::info!(user_id = %caller.user_id, "profile updated");
     me(S(s), caller).await
 }
 
@@ -208,5 +386,15 @@ mod tests {
         assert!(!email_ok("@c.io"));
         assert!(!email_ok("a@@c.io"));
         assert_eq!(normalise_email("  A@B.IO "), "a@b.io");
+    }
+
+    #[test]
+    fn if_match() {
+        assert!(if_match_holds("\"3\"", 3));
+        assert!(if_match_holds("\"1\", \"3\"", 3));
+        assert!(if_match_holds("*", 3));
+        assert!(!if_match_holds("\"2\"", 3));
+        assert!(!if_match_holds("W/\"3\"", 3), "If-Match compares strongly");
+        assert!(!if_match_holds("3", 3));
     }
 }

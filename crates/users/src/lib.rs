@@ -1,14 +1,18 @@
 //! User center: the one source of truth for users and identity.
 //!
-//! Registration and login (argon2id), short-lived JWT access tokens signed with Ed25519
-//! (`EdDSA`, with `kid`), the public keys as a JWKS at `/.well-known/jwks.json`, and the
-//! caller's own profile. Same layout as every shopmesh service.
+//! Registration and login (argon2id, throttled per account and per address), short-lived
+//! JWT access tokens signed with Ed25519 (`EdDSA`, with `kid`), refresh tokens rotated on
+//! every use with reuse detection, logout, the public keys as a JWKS at
+//! `/.well-known/jwks.json`, and the caller's own profile with addresses, updated under
+//! optimistic concurrency (`ETag` / `If-Match`). Same layout as every shopmesh service.
 
 pub mod api;
 pub mod keys;
 pub mod model;
 pub mod password;
 pub mod store;
+pub mod throttle;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +41,8 @@ pub struct Settings {
     pub issuer: String,
     pub audience: String,
     pub access_ttl: Duration,
+    /// Lifetime of a refresh token (each use issues a successor with a fresh lifetime).
+    pub refresh_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -45,6 +51,7 @@ impl Default for Settings {
             issuer: ISSUER.into(),
             audience: AUDIENCE.into(),
             access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -54,6 +61,7 @@ pub struct State {
     pub db: Db,
     pub keys: Arc<keys::SigningKeys>,
     pub settings: Arc<Settings>,
+    pub throttle: Arc<throttle::LoginThrottle>,
 }
 
 /// The service's HTTP application. Loads (or on first start creates) the signing key.
@@ -63,6 +71,7 @@ pub async fn app(db: Db, settings: Settings) -> Result<axum::Router, Error> {
         db,
         keys,
         settings: Arc::new(settings),
+        throttle: Arc::new(throttle::LoginThrottle::default()),
     };
     Ok(shopmesh_platform::serve::stack(
         NAME,

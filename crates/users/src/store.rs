@@ -4,15 +4,18 @@ use sqlx::any::AnyRow;
 
 use crate::model::User;
 
-const COLUMNS: &str = "id, email, name, role, status, created_at, updated_at";
+const COLUMNS: &str = "id, email, name, role, status, addresses, version, created_at, updated_at";
 
 fn from_row(row: &AnyRow) -> Result<User, sqlx::Error> {
+    let addresses: String = row.try_get("addresses")?;
     Ok(User {
         id: row.try_get("id")?,
         email: row.try_get("email")?,
         name: row.try_get("name")?,
         role: row.try_get("role")?,
         status: row.try_get("status")?,
+        addresses: serde_json::from_str(&addresses)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         created_at: shopmesh_platform::millis_to_rfc3339(row.try_get("created_at")?),
         updated_at: shopmesh_platform::millis_to_rfc3339(row.try_get("updated_at")?),
     })
@@ -45,13 +48,27 @@ pub async fn insert(db: &Db, u: &NewUser<'_>) -> Result<(), sqlx::Error> {
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<User>, sqlx::Error> {
+    Ok(get_versioned(db, id).await?.map(|(u, _)| u))
+}
+
+/// The user and the version of their profile (what the `ETag` is made of).
+pub async fn get_versioned(db: &Db, id: &str) -> Result<Option<(User, i64)>, sqlx::Error> {
     sqlx::query(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
         .bind(id)
         .fetch_optional(&db.pool)
         .await?
         .as_ref()
-        .map(from_row)
+        .map(|r| Ok((from_row(r)?, r.try_get("version")?)))
         .transpose()
+}
+
+/// Whether the user exists and may get tokens.
+pub async fn is_active(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await?;
+    Ok(status.as_deref() == Some("active"))
 }
 
 /// The user and their password hash, by (normalised) email.
@@ -66,12 +83,27 @@ pub async fn credentials(db: &Db, email: &str) -> Result<Option<(User, String)>,
         .transpose()
 }
 
-pub async fn update_name(db: &Db, id: &str, name: &str) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("UPDATE users SET name = $1, updated_at = $2 WHERE id = $3")
-        .bind(name)
-        .bind(shopmesh_platform::now_millis())
-        .bind(id)
-        .execute(&db.pool)
-        .await?;
+/// Writes a new profile if its version is still `expected` (optimistic concurrency);
+/// false when another write came first.
+pub async fn update_profile(
+    db: &Db,
+    id: &str,
+    expected: i64,
+    name: &str,
+    addresses: &[crate::model::Address],
+) -> Result<bool, sqlx::Error> {
+    let addresses =
+        serde_json::to_string(addresses).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let r = sqlx::query(
+        "UPDATE users SET name = $1, addresses = $2, version = version + 1, updated_at = $3 \
+         WHERE id = $4 AND version = $5",
+    )
+    .bind(name)
+    .bind(addresses)
+    .bind(shopmesh_platform::now_millis())
+    .bind(id)
+    .bind(expected)
+    .execute(&db.pool)
+    .await?;
     Ok(r.rows_affected() == 1)
 }

@@ -1,0 +1,266 @@
+//! The user center as an identity provider, through the gateway: refresh tokens rotated on
+//! every use with reuse detection, logout, optimistic concurrency on the profile (`ETag`,
+//! `If-Match`), addresses, login throttling, and the JWKS.
+
+use serde_json::{Value, json};
+use shopmesh_test_support::{TestShop, expect_problem};
+
+async fn register(shop: &TestShop) -> String {
+    let email = format!("{}@example.test", uuid::Uuid::new_v4().simple());
+    let res = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&json!({"email": email, "password": "correct horse battery", "name": "Ada"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    email
+}
+
+async fn sign_in(shop: &TestShop, email: &str) -> Value {
+    let res = shop
+        .http
+        .post(shop.url("/api/auth/token"))
+        .json(&json!({"email": email, "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+async fn refresh(shop: &TestShop, token: &Value) -> reqwest::Response {
+    shop.http
+        .post(shop.url("/api/auth/refresh"))
+        .json(&json!({"refresh_token": token}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_reused_one_revokes_the_session() {
+    let shop = TestShop::start().await;
+    let email = register(&shop).await;
+    let first = sign_in(&shop, &email).await;
+    assert!(first["refresh_token"].as_str().unwrap().len() >= 40);
+    assert!(first["refresh_expires_in"].as_u64().unwrap() > 3600);
+
+    // Rotation: a new pair, and the new access token works.
+    let res = refresh(&shop, &first["refresh_token"]).await;
+    assert_eq!(res.status(), 200);
+    let second: Value = res.json().await.unwrap();
+    assert_ne!(second["refresh_token"], first["refresh_token"]);
+    let me = shop
+        .get("/api/users/me", second["access_token"].as_str())
+        .await;
+    assert_eq!(me.status(), 200);
+    let third: Value = refresh(&shop, &second["refresh_token"])
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    // The first token again: reuse. 401, and the whole family is revoked, including the
+    // newest token, which an attacker holding the copy might otherwise keep using.
+    let p = expect_problem(refresh(&shop, &first["refresh_token"]).await, 401).await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("already used"),
+        "{p}"
+    );
+    expect_problem(refresh(&shop, &third["refresh_token"]).await, 401).await;
+
+    // Another sign-in is another family, untouched by that revocation.
+    let other = sign_in(&shop, &email).await;
+    let res = refresh(&shop, &other["refresh_token"]).await;
+    assert_eq!(res.status(), 200);
+    let after: Value = res.json().await.unwrap();
+
+    // Logout ends that session.
+    let res = shop
+        .http
+        .post(shop.url("/api/auth/logout"))
+        .json(&json!({"refresh_token": after["refresh_token"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    expect_problem(refresh(&shop, &after["refresh_token"]).await, 401).await;
+
+    // Garbage, empty and oversized tokens are plain 401s.
+    for bad in [json!("nope"), json!(""), json!("x".repeat(10_000))] {
+        expect_problem(refresh(&shop, &bad).await, 401).await;
+    }
+    let res = shop
+        .http
+        .post(shop.url("/api/auth/refresh"))
+        .json(&json!({"token": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+    shop.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_refreshes_with_one_token_cannot_both_win() {
+    let shop = TestShop::start().await;
+    let email = register(&shop).await;
+    let pair = sign_in(&shop, &email).await;
+    let token = pair["refresh_token"].clone();
+    let (a, b) = tokio::join!(refresh(&shop, &token), refresh(&shop, &token));
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    // One successor; the loser is a reuse (and revokes the family, the winner's new token
+    // with it: the client raced itself and must sign in again).
+    assert_eq!(
+        statuses,
+        [200, 401],
+        "one token, one successor, never a 500"
+    );
+    shop.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_profile_is_updated_under_if_match() {
+    let shop = TestShop::start().await;
+    let email = register(&shop).await;
+    let token = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = shop.get("/api/users/me", Some(&token)).await;
+    let etag = res.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    let me: Value = res.json().await.unwrap();
+    assert_eq!(me["addresses"], json!([]));
+
+    let patch = |body: Value, if_match: Option<&str>| {
+        let mut req = shop
+            .http
+            .patch(shop.url("/api/users/me"))
+            .bearer_auth(&token)
+            .json(&body);
+        if let Some(m) = if_match {
+            req = req.header("if-match", m);
+        }
+        req.send()
+    };
+    let home = json!({"label": "home", "recipient": "Ada Lovelace", "line1": "12 St James's Square",
+                      "city": "London", "postal_code": "SW1Y 4JH", "country": "GB"});
+    let res = patch(json!({"addresses": [home]}), Some(&etag))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let new_etag = res.headers()["etag"].to_str().unwrap().to_owned();
+    assert_ne!(new_etag, etag);
+    let me: Value = res.json().await.unwrap();
+    assert_eq!(me["addresses"][0]["city"], "London");
+    assert_eq!(me["name"], "Ada", "absent fields stay");
+
+    // Read your writes.
+    let me: Value = shop.get_json("/api/users/me", Some(&token)).await;
+    assert_eq!(me["addresses"][0]["postal_code"], "SW1Y 4JH");
+
+    // The stale ETag: 412, nothing changed.
+    let p = expect_problem(
+        patch(json!({"name": "Someone else"}), Some(&etag))
+            .await
+            .unwrap(),
+        412,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("changed"));
+    let me: Value = shop.get_json("/api/users/me", Some(&token)).await;
+    assert_eq!(me["name"], "Ada");
+    // A weak tag never matches; `*` always does; no If-Match is an unconditional write.
+    let weak = format!("W/{new_etag}");
+    expect_problem(patch(json!({"name": "B"}), Some(&weak)).await.unwrap(), 412).await;
+    assert_eq!(
+        patch(json!({"name": "C"}), Some("*"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        patch(json!({"name": "D"}), None).await.unwrap().status(),
+        200
+    );
+
+    // Bad addresses: every problem named.
+    let bad =
+        json!({"recipient": "", "line1": "x", "city": "y", "postal_code": "z", "country": "gb"});
+    let p = expect_problem(patch(json!({"addresses": [bad]}), None).await.unwrap(), 422).await;
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["addresses[0].recipient", "addresses[0].country"]);
+    let eleven = vec![home; 11];
+    expect_problem(
+        patch(json!({"addresses": eleven}), None).await.unwrap(),
+        422,
+    )
+    .await;
+    shop.shutdown().await;
+}
+
+#[tokio::test]
+async fn sign_in_is_throttled_per_account_alike_for_unknown_emails() {
+    let shop = TestShop::start().await;
+    let email = register(&shop).await;
+    let attempt = |email: String, password: &'static str| {
+        shop.http
+            .post(shop.url("/api/auth/token"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+    };
+    for target in [email.clone(), "nobody-here@example.test".to_owned()] {
+        let mut statuses = Vec::new();
+        for _ in 0..12 {
+            statuses.push(
+                attempt(target.clone(), "wrong password")
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            );
+        }
+        assert!(statuses[..10].iter().all(|s| *s == 401), "{statuses:?}");
+        assert_eq!(statuses[10..], [429, 429], "{statuses:?}");
+    }
+    // The throttled answer says when to retry; even the right password waits.
+    let res = attempt(email.clone(), "correct horse battery")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert!(
+        res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    // Another account is not affected.
+    let other = register(&shop).await;
+    assert_eq!(sign_in(&shop, &other).await["token_type"], "Bearer");
+    shop.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_published_key_has_a_kid() {
+    let shop = TestShop::start().await;
+    let jwks: Value = shop.get_json("/.well-known/jwks.json", None).await;
+    let keys = jwks["keys"].as_array().unwrap();
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter()
+            .all(|k| k["kid"].as_str().is_some_and(|k| !k.is_empty()))
+    );
+    shop.shutdown().await;
+}
