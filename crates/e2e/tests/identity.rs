@@ -264,3 +264,137 @@ async fn every_published_key_has_a_kid() {
     );
     shop.shutdown().await;
 }
+
+#[tokio::test]
+async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the_gateway() {
+    let shop = TestShop::start_with(|cfg| {
+        cfg.admin_emails = vec!["Root@Example.test".into()];
+        cfg.revocations_poll_ms = 200;
+    })
+    .await;
+    // The bootstrap administrator registers and is an admin.
+    let res = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&json!({"email": "root@example.test", "password": "correct horse battery", "name": "Root"}))
+        .send()
+        .await
+        .unwrap();
+    let root: Value = res.json().await.unwrap();
+    assert_eq!(root["role"], "admin");
+    let admin = sign_in(&shop, "root@example.test").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let email = register(&shop).await;
+    let user_pair = sign_in(&shop, &email).await;
+    let user = user_pair["access_token"].as_str().unwrap().to_owned();
+    let me: Value = shop.get_json("/api/users/me", Some(&user)).await;
+    let id = me["id"].as_str().unwrap().to_owned();
+
+    // Customers are kept out by the gateway's route (roles: [admin]).
+    expect_problem(shop.get("/api/admin/users", Some(&user)).await, 403).await;
+    expect_problem(shop.get("/api/admin/users", None).await, 401).await;
+
+    // Search.
+    let page: Value = shop
+        .get_json(
+            &format!("/api/admin/users?q={}", &email[..10]),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(page["total"], 1);
+    assert_eq!(page["items"][0]["id"], id.as_str());
+    let admins: Value = shop
+        .get_json("/api/admin/users?role=admin", Some(&admin))
+        .await;
+    assert_eq!(admins["total"], 1);
+    expect_problem(
+        shop.get("/api/admin/users?role=root", Some(&admin)).await,
+        422,
+    )
+    .await;
+
+    let administer = |target: String, body: Value| {
+        shop.http
+            .patch(shop.url(&format!("/api/admin/users/{target}")))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+    };
+    // Disable: the user's access token stops working at the gateway within the poll
+    // interval (200 ms here), their session cannot be refreshed, they cannot sign in.
+    let res = administer(id.clone(), json!({"status": "disabled"}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let disabled_at = std::time::Instant::now();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "disabled");
+    loop {
+        let res = shop.get("/api/users/me", Some(&user)).await;
+        if res.status() == 401 {
+            let p: Value = res.json().await.unwrap();
+            assert_eq!(p["detail"], "the account is disabled");
+            break;
+        }
+        assert!(
+            disabled_at.elapsed() < std::time::Duration::from_secs(3),
+            "the disabled user's token still works after 3 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(disabled_at.elapsed() < std::time::Duration::from_secs(2));
+    expect_problem(refresh(&shop, &user_pair["refresh_token"]).await, 401).await;
+    let res = shop
+        .http
+        .post(shop.url("/api/auth/token"))
+        .json(&json!({"email": email, "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    // Enable and promote: they sign in again, as an admin.
+    let res = administer(id.clone(), json!({"status": "active", "role": "admin"}))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Re-enabling reaches the gateway within the poll interval too.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let token = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        shop.get("/api/admin/users", Some(&token)).await.status(),
+        200
+    );
+
+    // What admins cannot do.
+    let root_id = root["id"].as_str().unwrap().to_owned();
+    expect_problem(
+        administer(root_id, json!({"status": "disabled"}))
+            .await
+            .unwrap(),
+        409,
+    )
+    .await;
+    expect_problem(
+        administer(id.clone(), json!({"role": "god"}))
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    expect_problem(
+        administer("nope".into(), json!({"role": "admin"}))
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    expect_problem(administer(id, json!({"email": "x"})).await.unwrap(), 422).await;
+    shop.shutdown().await;
+}

@@ -111,6 +111,14 @@ pub struct JwtConfig {
     /// Minimum time between two JWKS fetches triggered by an unknown `kid`, in seconds.
     #[serde(default = "default_refetch")]
     pub min_refetch_secs: u64,
+    /// A list of subjects whose tokens are refused (disabled accounts), polled from this URL:
+    /// `{"revoked": [{"sub": "…", "since": <unix seconds>}]}`. A token of a listed subject
+    /// issued (`iat`) at or before `since` is refused within `revocations_poll_ms`.
+    #[serde(default)]
+    pub revocations_url: Option<String>,
+    /// How often the revocation list is fetched, in milliseconds.
+    #[serde(default = "default_revocations_poll")]
+    pub revocations_poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -590,6 +598,9 @@ fn default_max_connections() -> usize {
 fn default_leeway() -> u64 {
     30
 }
+fn default_revocations_poll() -> u64 {
+    2_000
+}
 fn default_refetch() -> u64 {
     10
 }
@@ -747,6 +758,15 @@ impl GatewayConfig {
         if let Some(j) = &self.jwt {
             http_url(&j.jwks_url)
                 .map_err(|r| ConfigError::Invalid(format!("jwt.jwks_url: {r}")))?;
+            if let Some(u) = &j.revocations_url {
+                http_url(u)
+                    .map_err(|r| ConfigError::Invalid(format!("jwt.revocations_url: {r}")))?;
+            }
+            if j.revocations_poll_ms < 100 {
+                return Err(ConfigError::Invalid(
+                    "jwt.revocations_poll_ms must be at least 100".into(),
+                ));
+            }
         }
         if let Some(k) = &self.api_keys {
             http::HeaderName::from_bytes(k.header.as_bytes()).map_err(|_| {

@@ -28,6 +28,8 @@ pub struct Identity {
     pub scopes: Vec<String>,
     /// Every claim of the token (composite endpoints read them in templates).
     pub claims: std::sync::Arc<serde_json::Map<String, serde_json::Value>>,
+    /// `iat`, in Unix seconds (0 when absent).
+    pub issued_at: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("identity provider keys unavailable: {0}")]
     KeysUnavailable(String),
+    #[error("token revoked (account disabled)")]
+    Revoked,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +58,8 @@ struct Claims {
     #[serde(default)]
     scope: Option<String>,
     exp: u64,
+    #[serde(default)]
+    iat: u64,
 }
 
 struct Key {
@@ -71,7 +77,24 @@ pub struct JwtVerifier {
     keys: RwLock<HashMap<String, Key>>,
     /// When the last fetch was tried, and whether it worked.
     last_fetch: tokio::sync::Mutex<Option<(Instant, bool)>>,
+    /// Subjects whose tokens issued at or before a time (Unix seconds) are refused.
+    revoked: RwLock<HashMap<String, u64>>,
+    any_revoked: std::sync::atomic::AtomicBool,
 }
+
+#[derive(Deserialize)]
+struct RevocationList {
+    revoked: Vec<RevokedSubject>,
+}
+
+#[derive(Deserialize)]
+struct RevokedSubject {
+    sub: String,
+    since: u64,
+}
+
+/// Most revoked subjects accepted from one list.
+const MAX_REVOKED: usize = 1_000_000;
 
 /// Longest time a verification result is reused.
 const CACHE_TTL: Duration = Duration::from_secs(60);
@@ -93,16 +116,67 @@ impl JwtVerifier {
             client,
             keys: RwLock::new(HashMap::new()),
             last_fetch: tokio::sync::Mutex::new(None),
+            revoked: RwLock::new(HashMap::new()),
+            any_revoked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Refuses the identity of a revoked subject's token.
+    fn check_revoked(&self, id: &Identity) -> Result<(), AuthError> {
+        if !self.any_revoked.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        match revoked.get(&id.subject) {
+            Some(&since) if id.issued_at <= since => Err(AuthError::Revoked),
+            _ => Ok(()),
+        }
+    }
+
+    /// Fetches the revocation list once and replaces the one in use. On failure the last
+    /// list stays (an outage of the identity provider does not re-enable anyone).
+    pub async fn poll_revocations(&self, url: &str) -> Result<usize, String> {
+        let req = http::Request::get(url)
+            .header(http::header::ACCEPT, "application/json")
+            .body::<Body>(empty())
+            .map_err(|e| e.to_string())?;
+        let fetch = async {
+            let res = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if !res.status().is_success() {
+                return Err(format!("status {}", res.status()));
+            }
+            http_body_util::Limited::new(res.into_body(), 64 * 1024 * 1024)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())
+                .map(|b| b.to_bytes())
+        };
+        let body = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .map_err(|_| "timed out".to_string())??;
+        let list: RevocationList = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let map: HashMap<String, u64> = list
+            .revoked
+            .into_iter()
+            .take(MAX_REVOKED)
+            .map(|r| (r.sub, r.since))
+            .collect();
+        let n = map.len();
+        self.any_revoked
+            .store(n > 0, std::sync::atomic::Ordering::Relaxed);
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(n)
     }
 
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         if let Some((id, until)) = self.verified.get(token)
             && Instant::now() < until
         {
+            self.check_revoked(&id)?;
             return Ok(id);
         }
         let (id, exp) = self.verify_signature(token).await?;
+        self.check_revoked(&id)?;
         let now_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -166,6 +240,7 @@ impl JwtVerifier {
                     .map(|s| s.split_ascii_whitespace().map(str::to_owned).collect())
                     .unwrap_or_default(),
                 claims: std::sync::Arc::new(all),
+                issued_at: claims.iat,
             },
             exp,
         ))

@@ -256,6 +256,39 @@ impl Runtime {
         for c in &self.clusters {
             c.start_health_checks(&self.stop);
         }
+        if let Some(jwt) = &self.jwt
+            && let Some(url) = jwt.config().revocations_url.clone()
+        {
+            let jwt = jwt.clone();
+            let stop = self.stop.clone();
+            let every = Duration::from_millis(jwt.config().revocations_poll_ms);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut failing = false;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => match jwt.poll_revocations(&url).await {
+                            Ok(n) => {
+                                if failing {
+                                    tracing::info!(revoked = n, "revocation list fetched again");
+                                }
+                                failing = false;
+                                metrics::gauge!("gateway_revoked_subjects").set(n as f64);
+                            }
+                            Err(e) => {
+                                if !failing {
+                                    tracing::warn!(error = %e, "revocation list fetch failed; the last list stays in force");
+                                }
+                                failing = true;
+                                metrics::counter!("gateway_revocation_fetch_errors_total").increment(1);
+                            }
+                        },
+                    }
+                }
+            });
+        }
         let locals: Vec<Arc<LocalLimiter>> = self
             .routes
             .iter()

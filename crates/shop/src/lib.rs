@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use services::ServiceName;
+pub use shopmesh_users::Settings as UserSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -69,6 +70,12 @@ pub struct SystemConfig {
     pub token_ttl: Duration,
     /// Clock skew the gateway tolerates on token `exp`/`nbf`.
     pub jwt_leeway_secs: u64,
+    /// How often the gateway fetches the disabled accounts (the longest a disabled user's
+    /// access token keeps working).
+    pub revocations_poll_ms: u64,
+    /// Bootstrap administrators: these emails get the admin role (at start-up, or when they
+    /// register).
+    pub admin_emails: Vec<String>,
     /// Largest request body the gateway forwards.
     pub max_body_bytes: u64,
     /// The embedded broker's file.
@@ -96,6 +103,8 @@ impl SystemConfig {
             drain: Duration::from_secs(10),
             token_ttl: Duration::from_secs(15 * 60),
             jwt_leeway_secs: 30,
+            revocations_poll_ms: 2_000,
+            admin_emails: Vec::new(),
             max_body_bytes: 1024 * 1024,
         }
     }
@@ -145,6 +154,9 @@ pub fn gateway_config(
         r("payments", "/api/payments", Payments, true),
         r("payment-methods", "/api/payment-methods", Payments, true),
     ]);
+    let mut admin = r("admin-users", "/api/admin/users", Users, true);
+    admin.auth.roles = vec!["admin".into()];
+    routes.push(admin);
     let mut g = GatewayConfig::new(clusters, routes);
     g.listen = SocketAddr::new(cfg.host, cfg.port);
     // The shop's admin API (its own port) carries the gateway's admin routes.
@@ -156,6 +168,8 @@ pub fn gateway_config(
         audience: shopmesh_users::AUDIENCE.into(),
         leeway_secs: cfg.jwt_leeway_secs,
         min_refetch_secs: 10,
+        revocations_url: Some(format!("http://{}/internal/revocations", addr(Users))),
+        revocations_poll_ms: cfg.revocations_poll_ms,
     });
     g
 }
@@ -213,11 +227,16 @@ impl System {
             saga_deadline: cfg.saga_deadline,
             silent: cfg.silent.clone(),
         };
+        let users = shopmesh_users::Settings {
+            access_ttl: cfg.token_ttl,
+            admins: cfg.admin_emails.clone(),
+            ..Default::default()
+        };
         // Connect, migrate and build all services concurrently.
         let built = futures::future::try_join_all(
             ServiceName::ALL
                 .iter()
-                .map(|n| services::open(*n, &cfg.storage, &deps, cfg.token_ttl, &messaging)),
+                .map(|n| services::open(*n, &cfg.storage, &deps, &users, &messaging)),
         )
         .await?;
         if cfg.seed_products > 0 {

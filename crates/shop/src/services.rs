@@ -168,7 +168,7 @@ pub async fn open(
     name: ServiceName,
     storage: &Storage,
     deps: &Deps,
-    token_ttl: std::time::Duration,
+    users: &shopmesh_users::Settings,
     m: &Messaging,
 ) -> Result<Built, Error> {
     let cfg = storage.for_service(name.as_str());
@@ -240,18 +240,12 @@ pub async fn open(
         ServiceName::Inventory => shopmesh_inventory::app(db.clone()),
         ServiceName::Pricing => shopmesh_pricing::app(db.clone()),
         ServiceName::Promotions => shopmesh_promotions::app(db.clone()),
-        ServiceName::Users => shopmesh_users::app(
-            db.clone(),
-            shopmesh_users::Settings {
-                access_ttl: token_ttl,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| Error::Service {
-            service: shopmesh_users::NAME,
-            reason: e.to_string(),
-        })?,
+        ServiceName::Users => shopmesh_users::app(db.clone(), users.clone())
+            .await
+            .map_err(|e| Error::Service {
+                service: shopmesh_users::NAME,
+                reason: e.to_string(),
+            })?,
         ServiceName::Orders => shopmesh_orders::app(
             db.clone(),
             shopmesh_orders::Deps {

@@ -132,6 +132,14 @@ struct UpArgs {
     /// Products to seed on first start (0: none).
     #[arg(long, env = "SHOPMESH_SEED_PRODUCTS", default_value_t = shopmesh_shop::seed::DEFAULT_PRODUCTS)]
     seed_products: usize,
+    /// Bootstrap administrators: these emails get the admin role, at start-up if they have
+    /// an account, otherwise when they register. Repeat, or separate with commas.
+    #[arg(
+        long = "admin-email",
+        env = "SHOPMESH_ADMIN_EMAILS",
+        value_delimiter = ','
+    )]
+    admin_emails: Vec<String>,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -161,6 +169,13 @@ struct ServiceArgs {
         default_value = "http://127.0.0.1:7007"
     )]
     payments_url: String,
+    /// Bootstrap administrators (users only); see `up --help`.
+    #[arg(
+        long = "admin-email",
+        env = "SHOPMESH_ADMIN_EMAILS",
+        value_delimiter = ','
+    )]
+    admin_emails: Vec<String>,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -199,6 +214,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     cfg.port = a.port;
     cfg.admin_port = a.admin_port;
     cfg.seed_products = a.seed_products;
+    cfg.admin_emails = a.admin_emails;
     let system = System::start(cfg).await?;
     println!("shopmesh is up ({})", storage.describe());
     println!("  gateway    http://{}", system.gateway);
@@ -231,7 +247,10 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
             pricing_url: a.pricing_url.clone(),
             payments_url: a.payments_url.clone(),
         },
-        std::time::Duration::from_secs(15 * 60),
+        &shopmesh_shop::UserSettings {
+            admins: a.admin_emails.clone(),
+            ..Default::default()
+        },
         &messaging,
     )
     .await?;

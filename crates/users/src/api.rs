@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::routing::{get, post};
 use shopmesh_platform::Problem;
 use shopmesh_platform::db::is_unique_violation;
-use shopmesh_platform::extract::Json;
+use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
 use shopmesh_platform::validate::Errors;
 use utoipa::OpenApi;
@@ -14,7 +14,8 @@ use utoipa::OpenApi;
 use crate::State;
 use crate::keys::Jwks;
 use crate::model::{
-    Address, Claims, Credentials, ProfileUpdate, RefreshRequest, Registration, TokenResponse, User,
+    Address, AdminListQuery, AdminUpdate, Claims, Credentials, ProfileUpdate, RefreshRequest,
+    Registration, Revocations, Revoked, TokenResponse, User, UserPage,
 };
 use crate::tokens::Refresh;
 use crate::{password, store, tokens};
@@ -47,6 +48,10 @@ pub fn routes(state: State) -> Router {
         .route("/api/auth/refresh", post(refresh))
         .route("/api/auth/logout", post(logout))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/api/admin/users", get(list_users))
+        .route("/api/admin/users/{id}", axum::routing::patch(administer))
+        // For the gateway, straight from the service: not routed to clients.
+        .route("/internal/revocations", get(revocations))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(state)
 }
@@ -98,12 +103,18 @@ async fn register(
         .await
         .map_err(|e| Problem::internal(&e))?;
     let id = uuid::Uuid::now_v7().to_string();
+    // The configured bootstrap administrators become admins as they register.
+    let role = if s.settings.admins.contains(&email) {
+        "admin"
+    } else {
+        "customer"
+    };
     let new = store::NewUser {
         id: &id,
         email: &email,
         name,
         password_hash: &hash,
-        role: "customer",
+        role,
     };
     match store::insert(&s.db, &new).await {
         Ok(()) => {}
@@ -278,6 +289,109 @@ async fn me(
         .await?
         .ok_or_else(|| Problem::not_found("no such user"))?;
     Ok(([(header::ETAG, etag(version))], Json(user)))
+}
+
+/// List and search accounts (admin).
+#[utoipa::path(get, path = "/api/admin/users", params(AdminListQuery),
+    responses((status = 200, body = UserPage), (status = 403, description = "Not an admin"),
+              (status = 422, description = "Invalid query")))]
+async fn list_users(
+    S(s): S<State>,
+    caller: Caller,
+    Query(q): Query<AdminListQuery>,
+) -> Result<Json<UserPage>, Problem> {
+    caller.require_role("admin")?;
+    let mut errs = Errors::new();
+    let (limit, offset) = shopmesh_platform::validate::page(&mut errs, q.limit, q.offset);
+    errs.check(
+        q.q.as_ref().is_none_or(|t| t.len() <= 200),
+        "q",
+        "at most 200 characters",
+    )
+    .check(
+        q.role.as_deref().is_none_or(|r| ROLES.contains(&r)),
+        "role",
+        "customer or admin",
+    )
+    .check(
+        q.status.as_deref().is_none_or(|r| STATUSES.contains(&r)),
+        "status",
+        "active or disabled",
+    );
+    errs.into_result()?;
+    let filter = store::Filter {
+        q: q.q.as_deref().map(str::trim).filter(|t| !t.is_empty()),
+        role: q.role.as_deref(),
+        status: q.status.as_deref(),
+    };
+    let (items, total) = store::list(&s.db, &filter, limit, offset).await?;
+    Ok(Json(UserPage {
+        items,
+        total,
+        limit,
+        offset,
+    }))
+}
+
+const ROLES: [&str; 2] = ["customer", "admin"];
+const STATUSES: [&str; 2] = ["active", "disabled"];
+
+/// Change an account's role or status (admin). Disabling ends its sessions at once (refresh
+/// tokens revoked) and its access tokens at the gateway within the revocation poll interval.
+#[utoipa::path(patch, path = "/api/admin/users/{id}", request_body = AdminUpdate,
+    responses((status = 200, body = User), (status = 403, description = "Not an admin"),
+              (status = 404, description = "No such user"),
+              (status = 409, description = "Admins cannot demote or disable themselves"),
+              (status = 422, description = "Invalid change")))]
+async fn administer(
+    S(s): S<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(u): Json<AdminUpdate>,
+) -> Result<Json<User>, Problem> {
+    caller.require_role("admin")?;
+    let mut errs = Errors::new();
+    errs.check(
+        u.role.as_deref().is_none_or(|r| ROLES.contains(&r)),
+        "role",
+        "customer or admin",
+    )
+    .check(
+        u.status.as_deref().is_none_or(|r| STATUSES.contains(&r)),
+        "status",
+        "active or disabled",
+    );
+    errs.into_result()?;
+    if id == caller.user_id
+        && (u.role.as_deref().is_some_and(|r| r != "admin")
+            || u.status.as_deref().is_some_and(|st| st != "active"))
+    {
+        return Err(Problem::conflict(
+            "an admin cannot demote or disable their own account",
+        ));
+    }
+    if !store::administer(&s.db, &id, u.role.as_deref(), u.status.as_deref()).await? {
+        return Err(Problem::not_found(format!("no user with id `{id}`")));
+    }
+    if u.status.as_deref() == Some("disabled") {
+        tokens::revoke_user(&s.db, &id).await?;
+    }
+    tracing::info!(user_id = %id, by = %caller.user_id, role = ?u.role, status = ?u.status, "account administered");
+    store::get(&s.db, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no user with id `{id}`")))
+}
+
+/// Disabled accounts, for the gateway to refuse their access tokens.
+#[utoipa::path(get, path = "/internal/revocations", responses((status = 200, body = Revocations)))]
+async fn revocations(S(s): S<State>) -> Result<Json<Revocations>, Problem> {
+    let revoked = store::disabled(&s.db)
+        .await?
+        .into_iter()
+        .map(|(sub, since)| Revoked { sub, since })
+        .collect();
+    Ok(Json(Revocations { revoked }))
 }
 
 fn check_address(errs: &mut Errors, i: usize, a: &Address) {

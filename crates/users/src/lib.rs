@@ -43,6 +43,9 @@ pub struct Settings {
     pub access_ttl: Duration,
     /// Lifetime of a refresh token (each use issues a successor with a fresh lifetime).
     pub refresh_ttl: Duration,
+    /// Bootstrap administrators (normalised emails): made admins at start-up if they have an
+    /// account, and when they register.
+    pub admins: Vec<String>,
 }
 
 impl Default for Settings {
@@ -52,6 +55,7 @@ impl Default for Settings {
             audience: AUDIENCE.into(),
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            admins: Vec::new(),
         }
     }
 }
@@ -67,6 +71,17 @@ pub struct State {
 /// The service's HTTP application. Loads (or on first start creates) the signing key.
 pub async fn app(db: Db, settings: Settings) -> Result<axum::Router, Error> {
     let keys = Arc::new(keys::SigningKeys::load_or_create(&db).await?);
+    let mut settings = settings;
+    settings.admins = settings
+        .admins
+        .iter()
+        .map(|e| e.trim().to_lowercase())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let promoted = store::promote(&db, &settings.admins).await?;
+    if promoted > 0 {
+        tracing::info!(promoted, "bootstrap administrators promoted");
+    }
     let state = State {
         db,
         keys,

@@ -82,3 +82,50 @@ pub struct Claims {
     pub jti: String,
     pub roles: Vec<String>,
 }
+
+/// An administrator's change to an account.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUpdate {
+    /// `customer` or `admin`.
+    pub role: Option<String>,
+    /// `active` or `disabled`. A disabled account cannot sign in or refresh, and the gateway
+    /// refuses its access tokens within its revocation poll interval.
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+pub struct AdminListQuery {
+    /// Text searched in email and name (case-insensitive).
+    pub q: Option<String>,
+    /// `customer` or `admin`.
+    pub role: Option<String>,
+    /// `active` or `disabled`.
+    pub status: Option<String>,
+    /// Page size, 1 to 100 (default 20).
+    pub limit: Option<i64>,
+    /// Items to skip (default 0).
+    pub offset: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UserPage {
+    pub items: Vec<User>,
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Accounts whose tokens the gateway must refuse.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Revocations {
+    pub revoked: Vec<Revoked>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Revoked {
+    /// The account (a token's `sub`).
+    pub sub: String,
+    /// Since when (Unix seconds).
+    pub since: i64,
+}

@@ -107,3 +107,106 @@ pub async fn update_profile(
     .await?;
     Ok(r.rows_affected() == 1)
 }
+
+/// Filters of the admin listing.
+pub struct Filter<'a> {
+    /// Text searched in email and name (case-insensitive).
+    pub q: Option<&'a str>,
+    pub role: Option<&'a str>,
+    pub status: Option<&'a str>,
+}
+
+/// A page of users, by email, and the total matching.
+pub async fn list(
+    db: &Db,
+    filter: &Filter<'_>,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<User>, i64), sqlx::Error> {
+    let mut clauses = Vec::new();
+    let mut binds: Vec<String> = Vec::new();
+    if let Some(q) = filter.q {
+        binds.push(shopmesh_platform::db::like_contains(&q.to_lowercase()));
+        let n = binds.len();
+        clauses.push(format!(
+            "(email LIKE ${n} ESCAPE '\\' OR LOWER(name) LIKE ${n} ESCAPE '\\')"
+        ));
+    }
+    for (column, value) in [("role", filter.role), ("status", filter.status)] {
+        if let Some(v) = value {
+            binds.push(v.to_owned());
+            clauses.push(format!("{column} = ${}", binds.len()));
+        }
+    }
+    let where_sql = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let count_sql = format!("SELECT COUNT(*) FROM users {where_sql}");
+    let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+    for b in &binds {
+        count = count.bind(b.clone());
+    }
+    let total = count.fetch_one(&db.pool).await?;
+    let n = binds.len();
+    let page_sql = format!(
+        "SELECT {COLUMNS} FROM users {where_sql} ORDER BY email LIMIT ${} OFFSET ${}",
+        n + 1,
+        n + 2
+    );
+    let mut page = sqlx::query(&page_sql);
+    for b in binds {
+        page = page.bind(b);
+    }
+    let rows = page.bind(limit).bind(offset).fetch_all(&db.pool).await?;
+    let items = rows.iter().map(from_row).collect::<Result<_, _>>()?;
+    Ok((items, total))
+}
+
+/// Sets a user's role and/or status; false when there is no such user.
+pub async fn administer(
+    db: &Db,
+    id: &str,
+    role: Option<&str>,
+    status: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE users SET role = COALESCE($1, role), status = COALESCE($2, status), \
+         version = version + 1, updated_at = $3 WHERE id = $4",
+    )
+    .bind(role)
+    .bind(status)
+    .bind(shopmesh_platform::now_millis())
+    .bind(id)
+    .execute(&db.pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Makes these (normalised) emails admins, if they have accounts.
+pub async fn promote(db: &Db, emails: &[String]) -> Result<u64, sqlx::Error> {
+    let mut n = 0;
+    for e in emails {
+        n += sqlx::query(
+            "UPDATE users SET role = 'admin', version = version + 1, updated_at = $1 \
+             WHERE email = $2 AND role <> 'admin'",
+        )
+        .bind(shopmesh_platform::now_millis())
+        .bind(e)
+        .execute(&db.pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(n)
+}
+
+/// Disabled accounts and since when (Unix seconds): what the gateway refuses tokens of.
+pub async fn disabled(db: &Db) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT id, updated_at FROM users WHERE status = 'disabled'")
+        .fetch_all(&db.pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get::<i64, _>("updated_at")? / 1000)))
+        .collect()
+}
