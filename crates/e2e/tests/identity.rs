@@ -398,3 +398,108 @@ async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the
     expect_problem(administer(id, json!({"email": "x"})).await.unwrap(), 422).await;
     shop.shutdown().await;
 }
+
+fn kid(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    v["kid"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_key_rotation_keeps_tokens_in_flight_working() {
+    let shop = TestShop::start_with(|cfg| {
+        cfg.admin_emails = vec!["keys@example.test".into()];
+        cfg.key_activation = std::time::Duration::from_millis(1000);
+        cfg.jwks_refresh_ms = 200;
+    })
+    .await;
+    let res = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&json!({"email": "keys@example.test", "password": "correct horse battery", "name": "K"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let admin = sign_in(&shop, "keys@example.test").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let email = register(&shop).await;
+    // Two tokens under the old key: one the gateway has seen, one it has not.
+    let seen = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let unseen = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(shop.get("/api/users/me", Some(&seen)).await.status(), 200);
+
+    let res = shop
+        .http
+        .post(shop.url("/api/admin/keys/rotate"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let new_kid = res.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(new_kid, kid(&seen));
+
+    // The new key is published at once but does not sign yet.
+    let before = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(kid(&before), kid(&seen));
+    let jwks: Value = shop.get_json("/.well-known/jwks.json", None).await;
+    assert!(
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["kid"] == new_kid.as_str())
+    );
+    // Once it takes over, new tokens carry its kid; the old key stays published.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let fresh = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(kid(&fresh), new_kid);
+    let jwks: Value = shop.get_json("/.well-known/jwks.json", None).await;
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert!(
+        kids.contains(&new_kid.as_str()) && kids.contains(&kid(&seen).as_str()),
+        "{kids:?}"
+    );
+
+    // All of them work at the gateway, which fetched the new key before it signed.
+    for t in [&seen, &unseen, &before, &fresh] {
+        assert_eq!(shop.get("/api/users/me", Some(t)).await.status(), 200);
+    }
+    // Customers cannot rotate.
+    let res = shop
+        .http
+        .post(shop.url("/api/admin/keys/rotate"))
+        .bearer_auth(&fresh)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    shop.shutdown().await;
+}

@@ -119,6 +119,11 @@ pub struct JwtConfig {
     /// How often the revocation list is fetched, in milliseconds.
     #[serde(default = "default_revocations_poll")]
     pub revocations_poll_ms: u64,
+    /// How often the JWKS is fetched in any case, in milliseconds (besides the fetches an
+    /// unknown `kid` triggers): an identity provider that publishes a new key ahead of using
+    /// it (as shopmesh's does on rotation) must wait longer than this before signing with it.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -598,6 +603,9 @@ fn default_max_connections() -> usize {
 fn default_leeway() -> u64 {
     30
 }
+fn default_jwks_refresh() -> u64 {
+    60_000
+}
 fn default_revocations_poll() -> u64 {
     2_000
 }
@@ -762,9 +770,9 @@ impl GatewayConfig {
                 http_url(u)
                     .map_err(|r| ConfigError::Invalid(format!("jwt.revocations_url: {r}")))?;
             }
-            if j.revocations_poll_ms < 100 {
+            if j.revocations_poll_ms < 100 || j.jwks_refresh_ms < 100 {
                 return Err(ConfigError::Invalid(
-                    "jwt.revocations_poll_ms must be at least 100".into(),
+                    "jwt.revocations_poll_ms and jwt.jwks_refresh_ms must be at least 100".into(),
                 ));
             }
         }

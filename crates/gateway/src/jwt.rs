@@ -255,8 +255,20 @@ impl JwtVerifier {
 
     /// Refetches the JWKS unless it was fetched less than `min_refetch_secs` ago.
     async fn refresh(&self) -> Result<(), AuthError> {
+        self.fetch_keys(false).await
+    }
+
+    /// The periodic refresh: fetches the JWKS whatever the unknown-`kid` rate limit says,
+    /// so keys published ahead of use (a rotation) are known before their first token.
+    pub async fn refresh_scheduled(&self) -> Result<(), AuthError> {
+        self.fetch_keys(true).await
+    }
+
+    async fn fetch_keys(&self, scheduled: bool) -> Result<(), AuthError> {
         let mut last = self.last_fetch.lock().await;
-        if let Some((t, ok)) = *last {
+        if let Some((t, ok)) = *last
+            && !scheduled
+        {
             let quiet = if ok {
                 Duration::from_secs(self.cfg.min_refetch_secs)
             } else {

@@ -256,6 +256,24 @@ impl Runtime {
         for c in &self.clusters {
             c.start_health_checks(&self.stop);
         }
+        if let Some(jwt) = &self.jwt {
+            let jwt = jwt.clone();
+            let stop = self.stop.clone();
+            let every = Duration::from_millis(jwt.config().jwks_refresh_ms);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // The first tick is immediate: the keys are there before the first token.
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {
+                            let _ = jwt.refresh_scheduled().await;
+                        }
+                    }
+                }
+            });
+        }
         if let Some(jwt) = &self.jwt
             && let Some(url) = jwt.config().revocations_url.clone()
         {

@@ -76,6 +76,11 @@ pub struct SystemConfig {
     /// Bootstrap administrators: these emails get the admin role (at start-up, or when they
     /// register).
     pub admin_emails: Vec<String>,
+    /// How often the gateway fetches the JWKS in any case.
+    pub jwks_refresh_ms: u64,
+    /// After a key rotation, how long the new key is published before it signs (must exceed
+    /// `jwks_refresh_ms`).
+    pub key_activation: Duration,
     /// Largest request body the gateway forwards.
     pub max_body_bytes: u64,
     /// The embedded broker's file.
@@ -105,6 +110,8 @@ impl SystemConfig {
             jwt_leeway_secs: 30,
             revocations_poll_ms: 2_000,
             admin_emails: Vec::new(),
+            jwks_refresh_ms: 30_000,
+            key_activation: Duration::from_secs(60),
             max_body_bytes: 1024 * 1024,
         }
     }
@@ -154,9 +161,14 @@ pub fn gateway_config(
         r("payments", "/api/payments", Payments, true),
         r("payment-methods", "/api/payment-methods", Payments, true),
     ]);
-    let mut admin = r("admin-users", "/api/admin/users", Users, true);
-    admin.auth.roles = vec!["admin".into()];
-    routes.push(admin);
+    for (name, prefix) in [
+        ("admin-users", "/api/admin/users"),
+        ("admin-keys", "/api/admin/keys"),
+    ] {
+        let mut admin = r(name, prefix, Users, true);
+        admin.auth.roles = vec!["admin".into()];
+        routes.push(admin);
+    }
     let mut g = GatewayConfig::new(clusters, routes);
     g.listen = SocketAddr::new(cfg.host, cfg.port);
     // The shop's admin API (its own port) carries the gateway's admin routes.
@@ -170,6 +182,7 @@ pub fn gateway_config(
         min_refetch_secs: 10,
         revocations_url: Some(format!("http://{}/internal/revocations", addr(Users))),
         revocations_poll_ms: cfg.revocations_poll_ms,
+        jwks_refresh_ms: cfg.jwks_refresh_ms,
     });
     g
 }
@@ -230,6 +243,7 @@ impl System {
         let users = shopmesh_users::Settings {
             access_ttl: cfg.token_ttl,
             admins: cfg.admin_emails.clone(),
+            key_activation: cfg.key_activation,
             ..Default::default()
         };
         // Connect, migrate and build all services concurrently.

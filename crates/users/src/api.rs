@@ -50,6 +50,7 @@ pub fn routes(state: State) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/api/admin/users", get(list_users))
         .route("/api/admin/users/{id}", axum::routing::patch(administer))
+        .route("/api/admin/keys/rotate", post(rotate_keys))
         // For the gateway, straight from the service: not routed to clients.
         .route("/internal/revocations", get(revocations))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
@@ -175,7 +176,7 @@ async fn token(
     };
     let refresh_token = tokens::issue(&s.db, &user.id, refresh_ttl_ms(&s)).await?;
     tracing::info!(user_id = %user.id, "signed in");
-    Ok(Json(access(&s, user.id, user.role, refresh_token)?))
+    Ok(Json(access(&s, user.id, user.role, refresh_token).await?))
 }
 
 fn refresh_ttl_ms(s: &State) -> i64 {
@@ -183,12 +184,13 @@ fn refresh_ttl_ms(s: &State) -> i64 {
 }
 
 /// A new access token for `user_id`, paired with `refresh_token`.
-fn access(
+async fn access(
     s: &State,
     user_id: String,
     role: String,
     refresh_token: String,
 ) -> Result<TokenResponse, Problem> {
+    let keys = s.keys().await;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -204,7 +206,7 @@ fn access(
         jti: uuid::Uuid::new_v4().to_string(),
         roles: vec![role],
     };
-    let access_token = s.keys.sign(&claims).map_err(|e| Problem::internal(&e))?;
+    let access_token = keys.sign(&claims).map_err(|e| Problem::internal(&e))?;
     Ok(TokenResponse {
         access_token,
         token_type: "Bearer",
@@ -236,7 +238,7 @@ async fn refresh(
             let user = store::get(&s.db, &user_id)
                 .await?
                 .ok_or_else(|| Problem::unauthorized("the refresh token is not valid"))?;
-            Ok(Json(access(&s, user.id, user.role, token)?))
+            Ok(Json(access(&s, user.id, user.role, token).await?))
         }
         Refresh::Invalid => Err(Problem::unauthorized(
             "the refresh token is not valid; sign in again",
@@ -261,9 +263,28 @@ async fn logout(S(s): S<State>, Json(r): Json<RefreshRequest>) -> Result<StatusC
 #[utoipa::path(get, path = "/.well-known/jwks.json", responses((status = 200, body = Jwks)))]
 async fn jwks(S(s): S<State>) -> ([(header::HeaderName, &'static str); 1], Json<Jwks>) {
     (
-        [(header::CACHE_CONTROL, "public, max-age=300")],
-        Json(s.keys.jwks().clone()),
+        [(header::CACHE_CONTROL, "public, max-age=60")],
+        Json(s.keys().await.jwks().clone()),
     )
+}
+
+/// Rotate the signing key (admin): a new key is published at once and signs after the
+/// activation delay (by then every gateway has fetched it); the old one stays in the JWKS
+/// until the tokens it signed have expired, so tokens in flight keep working.
+#[utoipa::path(post, path = "/api/admin/keys/rotate",
+    responses((status = 200, description = "The new key's kid"),
+              (status = 403, description = "Not an admin")))]
+async fn rotate_keys(S(s): S<State>, caller: Caller) -> Result<Json<serde_json::Value>, Problem> {
+    caller.require_role("admin")?;
+    let (kid, at) = crate::keys::rotate(&s.db, s.settings.key_activation)
+        .await
+        .map_err(|e| Problem::internal(&e))?;
+    s.reload_keys().await;
+    tracing::info!(kid = %kid, by = %caller.user_id, "signing key rotated");
+    Ok(Json(serde_json::json!({
+        "kid": kid,
+        "signs_from": shopmesh_platform::millis_to_rfc3339(at),
+    })))
 }
 
 fn etag(version: i64) -> HeaderValue {

@@ -46,6 +46,47 @@ pub struct Settings {
     /// Bootstrap administrators (normalised emails): made admins at start-up if they have an
     /// account, and when they register.
     pub admins: Vec<String>,
+    /// After a rotation, how long the new key is published before it signs: longer than
+    /// the gateways' JWKS refresh interval.
+    pub key_activation: Duration,
+}
+
+impl Settings {
+    /// How long a retired signing key stays in the JWKS: its tokens' lifetime, plus the
+    /// gateway's clock leeway and a margin.
+    pub fn key_publish_for(&self) -> Duration {
+        self.access_ttl + Duration::from_secs(120)
+    }
+}
+
+/// How old the in-memory copy of the signing keys may get before it is read again (another
+/// instance may have rotated them).
+const KEYS_MAX_AGE: Duration = Duration::from_secs(30);
+
+impl State {
+    /// The signing keys, read again from the database when this copy is old.
+    pub async fn keys(&self) -> Arc<keys::SigningKeys> {
+        let current = self.keys.load_full();
+        if !current.stale(KEYS_MAX_AGE) {
+            return current;
+        }
+        self.reload_keys().await.unwrap_or(current)
+    }
+
+    /// Reads the signing keys again (after a rotation).
+    pub async fn reload_keys(&self) -> Option<Arc<keys::SigningKeys>> {
+        match keys::SigningKeys::load_or_create(&self.db, self.settings.key_publish_for()).await {
+            Ok(k) => {
+                let k = Arc::new(k);
+                self.keys.store(k.clone());
+                Some(k)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "signing keys could not be reloaded; the last ones stay");
+                None
+            }
+        }
+    }
 }
 
 impl Default for Settings {
@@ -56,6 +97,7 @@ impl Default for Settings {
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             admins: Vec::new(),
+            key_activation: Duration::from_secs(90),
         }
     }
 }
@@ -63,14 +105,16 @@ impl Default for Settings {
 #[derive(Clone)]
 pub struct State {
     pub db: Db,
-    pub keys: Arc<keys::SigningKeys>,
+    keys: Arc<arc_swap::ArcSwap<keys::SigningKeys>>,
     pub settings: Arc<Settings>,
     pub throttle: Arc<throttle::LoginThrottle>,
 }
 
 /// The service's HTTP application. Loads (or on first start creates) the signing key.
 pub async fn app(db: Db, settings: Settings) -> Result<axum::Router, Error> {
-    let keys = Arc::new(keys::SigningKeys::load_or_create(&db).await?);
+    let keys = Arc::new(arc_swap::ArcSwap::from_pointee(
+        keys::SigningKeys::load_or_create(&db, settings.key_publish_for()).await?,
+    ));
     let mut settings = settings;
     settings.admins = settings
         .admins
