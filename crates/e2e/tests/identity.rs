@@ -503,3 +503,138 @@ async fn a_key_rotation_keeps_tokens_in_flight_working() {
     assert_eq!(res.status(), 403);
     shop.shutdown().await;
 }
+
+/// The shared data pattern through the user center's interface: orders read the account
+/// (cached, invalidated by `user.updated` events) to refuse disabled accounts and to
+/// snapshot the shipping address.
+#[tokio::test]
+async fn orders_read_accounts_through_the_user_centers_interface() {
+    use shopmesh_test_support::ServiceName;
+    let shop = TestShop::start_with(|cfg| cfg.admin_emails = vec!["ops@example.test".into()]).await;
+    let res = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&json!({"email": "ops@example.test", "password": "correct horse battery", "name": "Ops"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let admin = sign_in(&shop, "ops@example.test").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let email = register(&shop).await;
+    let token = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let me: Value = shop.get_json("/api/users/me", Some(&token)).await;
+    let user_id = me["id"].as_str().unwrap().to_owned();
+    let address = |city: &str| json!({"recipient": "Ada", "line1": "1 Main St", "city": city, "postal_code": "1000", "country": "BE"});
+    let set_addresses = |list: Value| {
+        shop.http
+            .patch(shop.url("/api/users/me"))
+            .bearer_auth(&token)
+            .json(&json!({"addresses": list}))
+            .send()
+    };
+    let product = shop.product(7);
+    let order = |ship_to: Option<usize>| {
+        let mut body =
+            json!({"items": [{"product_id": product, "quantity": 1}], "card": "4242424242424242"});
+        if let Some(i) = ship_to {
+            body["ship_to"] = json!(i);
+        }
+        shop.http
+            .post(shop.url("/api/orders"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+
+    // No address yet: the order has none.
+    let res = order(None).await.unwrap();
+    assert_eq!(res.status(), 202);
+    let o: Value = res.json().await.unwrap();
+    assert!(o.get("shipping_address").is_none(), "{o}");
+
+    // An address: the next order ships there (the directory's copy was dropped by the
+    // `user.updated` event). Measure how long the change takes to be seen.
+    assert_eq!(
+        set_addresses(json!([address("Brussels")]))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let changed = std::time::Instant::now();
+    let first = loop {
+        let o: Value = order(None).await.unwrap().json().await.unwrap();
+        if o["shipping_address"]["city"] == "Brussels" {
+            break o;
+        }
+        assert!(
+            changed.elapsed() < std::time::Duration::from_secs(5),
+            "the change was never seen: {o}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "consistency window (profile change → seen by orders): {:?}",
+        changed.elapsed()
+    );
+
+    // Another change: new orders see it; the order already placed keeps its snapshot.
+    set_addresses(json!([address("Ghent"), address("Liège")]))
+        .await
+        .unwrap();
+    let changed = std::time::Instant::now();
+    loop {
+        let o: Value = order(Some(1)).await.unwrap().json().await.unwrap();
+        if o["shipping_address"]["city"] == "Liège" {
+            break;
+        }
+        assert!(changed.elapsed() < std::time::Duration::from_secs(5), "{o}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let id = first["id"].as_str().unwrap();
+    let placed: Value = shop
+        .get_json(&format!("/api/orders/{id}"), Some(&token))
+        .await;
+    assert_eq!(placed["shipping_address"]["city"], "Brussels");
+    let p = expect_problem(order(Some(5)).await.unwrap(), 422).await;
+    assert_eq!(p["errors"][0]["field"], "ship_to");
+
+    // Disabled: the orders service itself refuses (asked directly, past the gateway's own
+    // check), once the event has reached it.
+    let res = shop
+        .http
+        .patch(shop.url(&format!("/api/admin/users/{user_id}")))
+        .bearer_auth(&admin)
+        .json(&json!({"status": "disabled"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let disabled = std::time::Instant::now();
+    loop {
+        let res = shop
+            .http
+            .post(shop.service_url(ServiceName::Orders, "/api/orders"))
+            .header("x-shopmesh-user-id", &user_id)
+            .header("x-shopmesh-user-roles", "customer")
+            .json(&json!({"items": [{"product_id": product, "quantity": 1}], "card": "4242424242424242"}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 403 {
+            let p: Value = res.json().await.unwrap();
+            assert_eq!(p["detail"], "the account is disabled");
+            break;
+        }
+        assert_eq!(res.status(), 202);
+        assert!(disabled.elapsed() < std::time::Duration::from_secs(5));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    shop.shutdown().await;
+}

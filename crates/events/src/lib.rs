@@ -18,14 +18,33 @@ pub const TOPIC_PAYMENTS: &str = "payments";
 pub const CONSUMER_INVENTORY: &str = "inventory";
 pub const CONSUMER_PAYMENTS: &str = "payments";
 pub const CONSUMER_ORDERS: &str = "orders-saga";
+/// Account changes published by the user center.
+pub const TOPIC_USERS: &str = "users";
+/// The orders service's user directory, invalidated by account changes.
+pub const CONSUMER_ORDERS_USERS: &str = "orders-users";
 
 /// Every subscription of the shop: declared up front so that no publish finds a topic
 /// without its subscribers (like declaring queues and bindings before traffic).
-pub const SUBSCRIPTIONS: [(&str, &[&str]); 3] = [
+pub const SUBSCRIPTIONS: [(&str, &[&str]); 4] = [
     (CONSUMER_INVENTORY, &[TOPIC_ORDERS]),
     (CONSUMER_PAYMENTS, &[TOPIC_ORDERS]),
     (CONSUMER_ORDERS, &[TOPIC_INVENTORY, TOPIC_PAYMENTS]),
+    (CONSUMER_ORDERS_USERS, &[TOPIC_USERS]),
 ];
+
+/// An account changed (profile, role or status). Its `subject` is the user id, so the
+/// changes of one account arrive in order. Readers that cache accounts drop their copy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserUpdated {
+    pub user_id: String,
+    /// The account's version after the change.
+    pub version: i64,
+    /// `active` or `disabled`.
+    pub status: String,
+}
+impl Event for UserUpdated {
+    const TYPE: &'static str = "shop.user.updated";
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {

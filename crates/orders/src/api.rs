@@ -140,6 +140,30 @@ async fn create_order(
         return same_request(&s, &caller.user_id, k, &hash, existing).await;
     }
 
+    // The user center decides who may order and where it ships (a snapshot of the address).
+    let account = s
+        .directory
+        .get(&caller.user_id, &rid)
+        .await?
+        .ok_or_else(|| Problem::forbidden("the account does not exist"))?;
+    if !account.is_active() {
+        return Err(Problem::forbidden("the account is disabled"));
+    }
+    let shipping_address = match (o.ship_to, account.addresses.as_slice()) {
+        (None, []) => None,
+        (None, [first, ..]) => Some(first),
+        (Some(i), list) => Some(list.get(i).ok_or_else(|| {
+            Problem::validation(vec![FieldError::new(
+                "ship_to",
+                format!("the account has {} address(es)", list.len()),
+            )])
+        })?),
+    }
+    .map(serde_json::to_value)
+    .transpose()
+    .map_err(|e| Problem::internal(&e))?;
+    let shipping_text = shipping_address.as_ref().map(|a| a.to_string());
+
     let ids: Vec<&str> = o.items.iter().map(|i| i.product_id.as_str()).collect();
     let prices: PriceList = s
         .pricing
@@ -243,6 +267,7 @@ async fn create_order(
         card_last4: &method.card_last4,
         idempotency_key: key.as_deref(),
         items: &items,
+        shipping_address: shipping_text.as_deref(),
     };
     match store::insert(&s.db, &row).await {
         Ok(()) => {}
@@ -272,6 +297,7 @@ async fn create_order(
         total_minor: total,
         currency,
         card_last4: method.card_last4.clone(),
+        shipping_address,
         trace_id: placed
             .traceparent
             .as_deref()

@@ -22,6 +22,8 @@ pub struct Deps {
     pub pricing_url: String,
     /// The payments service, whose vault takes the card at order time.
     pub payments_url: String,
+    /// The user center's interface: who may order, and where to ship.
+    pub directory: std::sync::Arc<shopmesh_users_client::Directory>,
 }
 
 #[derive(Clone)]
@@ -29,6 +31,7 @@ pub struct State {
     pub db: Db,
     pub pricing: ServiceClient,
     pub payments: ServiceClient,
+    pub directory: std::sync::Arc<shopmesh_users_client::Directory>,
     /// Woken after an order commits, to publish its `OrderPlaced` at once.
     pub relay: Relay,
 }
@@ -38,6 +41,7 @@ pub fn app(db: Db, deps: Deps, relay: Relay) -> axum::Router {
         db,
         pricing: ServiceClient::new("pricing", deps.pricing_url),
         payments: ServiceClient::new("payments", deps.payments_url),
+        directory: deps.directory,
         relay,
     };
     shopmesh_platform::serve::stack(

@@ -14,6 +14,10 @@ pub struct NewOrder {
     /// A payment method of the caller from `POST /api/payment-methods`.
     #[serde(default)]
     pub payment_method: Option<String>,
+    /// Which of the caller's addresses (in the user center) to ship to, by position;
+    /// default the first, when there is one.
+    #[serde(default)]
+    pub ship_to: Option<usize>,
 }
 
 /// Never prints the card number.
@@ -23,6 +27,7 @@ impl std::fmt::Debug for NewOrder {
             .field("items", &self.items)
             .field("card", &self.card.as_ref().map(|_| "<redacted>"))
             .field("payment_method", &self.payment_method)
+            .field("ship_to", &self.ship_to)
             .finish()
     }
 }
@@ -56,6 +61,10 @@ pub struct Order {
     pub total_minor: i64,
     pub currency: String,
     pub card_last4: String,
+    /// Where it ships: the address as the user center had it when the order was placed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub shipping_address: Option<serde_json::Value>,
     /// The W3C trace id the order and every message of its saga carry.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,

@@ -10,7 +10,7 @@ use shopmesh_messaging::{Envelope, outbox};
 use crate::model::{Order, OrderItem, Step};
 
 const COLUMNS: &str = "id, user_id, status, status_reason, total_minor, currency, card_last4, \
-                       created_at, updated_at, traceparent, timeline";
+                       created_at, updated_at, traceparent, timeline, shipping_address";
 
 fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
@@ -23,6 +23,9 @@ fn from_row(row: &AnyRow) -> Result<Order, sqlx::Error> {
         total_minor: row.try_get("total_minor")?,
         currency: row.try_get("currency")?,
         card_last4: row.try_get("card_last4")?,
+        shipping_address: row
+            .try_get::<Option<String>, _>("shipping_address")?
+            .and_then(|a| serde_json::from_str(&a).ok()),
         trace_id: row
             .try_get::<Option<String>, _>("traceparent")?
             .and_then(|t| t.split('-').nth(1).map(str::to_owned)),
@@ -42,6 +45,8 @@ pub struct NewOrderRow<'a> {
     pub card_last4: &'a str,
     pub idempotency_key: Option<&'a str>,
     pub items: &'a [OrderItem],
+    /// The shipping address snapshot (JSON).
+    pub shipping_address: Option<&'a str>,
 }
 
 /// Stores the order (PENDING), its lines, the first step of its timeline and its
@@ -52,7 +57,8 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO orders (id, user_id, status, status_reason, total_minor, currency, \
          card_last4, idempotency_key, created_at, updated_at, request_hash, traceparent, \
-         timeline) VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8, $9, $10)",
+         timeline, shipping_address) \
+         VALUES ($1, $2, 'PENDING', NULL, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11)",
     )
     .bind(o.id)
     .bind(o.user_id)
@@ -64,6 +70,7 @@ pub async fn insert(db: &Db, o: &NewOrderRow<'_>) -> Result<(), sqlx::Error> {
     .bind(o.request_hash)
     .bind(o.placed.traceparent.as_deref())
     .bind(step_line("placed", None))
+    .bind(o.shipping_address)
     .execute(&mut *tx)
     .await?;
     for (i, item) in o.items.iter().enumerate() {

@@ -224,6 +224,7 @@ impl System {
         let deps = services::Deps {
             pricing_url: format!("http://{}", addr_of(ServiceName::Pricing)),
             payments_url: format!("http://{}", addr_of(ServiceName::Payments)),
+            users_url: format!("http://{}", addr_of(ServiceName::Users)),
         };
 
         let broker = shopmesh_messaging::embedded::EmbeddedBroker::open(&cfg.broker_path)

@@ -75,7 +75,12 @@ impl FromStr for ServiceName {
 pub struct Deps {
     pub pricing_url: String,
     pub payments_url: String,
+    /// The user center (orders read accounts through its interface).
+    pub users_url: String,
 }
+
+/// How long the orders service uses a cached account without its `user.updated` event.
+const DIRECTORY_TTL: Duration = Duration::from_secs(60);
 
 /// Messaging settings shared by the services that take part in the order saga.
 #[derive(Clone)]
@@ -183,10 +188,15 @@ pub async fn open(
     };
     let db = Db::connect(&cfg, pool_size(name, storage), migrator).await?;
     let mut tasks = Vec::new();
+    let directory = Arc::new(shopmesh_users_client::Directory::new(
+        deps.users_url.clone(),
+        DIRECTORY_TTL,
+        100_000,
+    ));
     let relay = Relay::new(db.clone(), m.broker.clone());
     if matches!(
         name,
-        ServiceName::Inventory | ServiceName::Payments | ServiceName::Orders
+        ServiceName::Inventory | ServiceName::Payments | ServiceName::Orders | ServiceName::Users
     ) {
         outbox::install(&db).await.map_err(|e| Error::Service {
             service: name.as_str(),
@@ -225,6 +235,20 @@ pub async fn open(
             let h = Arc::new(shopmesh_orders::saga::OrderSaga);
             let topics = [ev::TOPIC_INVENTORY, ev::TOPIC_PAYMENTS];
             tasks = saga_tasks(name, ev::CONSUMER_ORDERS, &topics, &db, m, &relay, h).await?;
+            // Account changes drop the directory's cached copies.
+            let invalidator = Arc::new(shopmesh_users_client::Invalidator(directory.clone()));
+            let c = Consumer::new(
+                ConsumerConfig::new(ev::CONSUMER_ORDERS_USERS, &[ev::TOPIC_USERS]),
+                db.clone(),
+                m.broker.as_ref(),
+                invalidator,
+            )
+            .await
+            .map_err(|e| Error::Service {
+                service: name.as_str(),
+                reason: e.to_string(),
+            })?;
+            tasks.push(Box::new(move |t| c.run(t).boxed()));
             let sweeper = shopmesh_orders::saga::TimeoutSweeper {
                 db: db.clone(),
                 relay: relay.clone(),
@@ -233,6 +257,11 @@ pub async fn open(
             };
             tasks.push(Box::new(move |t| sweeper.run(t).boxed()));
         }
+        ServiceName::Users => {
+            // Publishes `user.updated`.
+            let r = relay.clone();
+            tasks.push(Box::new(move |t| r.run(t).boxed()));
+        }
         _ => {}
     }
     let router = match name {
@@ -240,7 +269,7 @@ pub async fn open(
         ServiceName::Inventory => shopmesh_inventory::app(db.clone()),
         ServiceName::Pricing => shopmesh_pricing::app(db.clone()),
         ServiceName::Promotions => shopmesh_promotions::app(db.clone()),
-        ServiceName::Users => shopmesh_users::app(db.clone(), users.clone())
+        ServiceName::Users => shopmesh_users::app(db.clone(), users.clone(), relay.clone())
             .await
             .map_err(|e| Error::Service {
                 service: shopmesh_users::NAME,
@@ -251,6 +280,7 @@ pub async fn open(
             shopmesh_orders::Deps {
                 pricing_url: deps.pricing_url.clone(),
                 payments_url: deps.payments_url.clone(),
+                directory,
             },
             relay,
         ),

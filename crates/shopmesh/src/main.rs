@@ -169,6 +169,13 @@ struct ServiceArgs {
         default_value = "http://127.0.0.1:7007"
     )]
     payments_url: String,
+    /// Base URL of the users service (orders only: the user center's interface).
+    #[arg(
+        long,
+        env = "SHOPMESH_USERS_URL",
+        default_value = "http://127.0.0.1:7005"
+    )]
+    users_url: String,
     /// Bootstrap administrators (users only); see `up --help`.
     #[arg(
         long = "admin-email",
@@ -246,6 +253,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         &Deps {
             pricing_url: a.pricing_url.clone(),
             payments_url: a.payments_url.clone(),
+            users_url: a.users_url.clone(),
         },
         &shopmesh_shop::UserSettings {
             admins: a.admin_emails.clone(),

@@ -51,8 +51,9 @@ pub fn routes(state: State) -> Router {
         .route("/api/admin/users", get(list_users))
         .route("/api/admin/users/{id}", axum::routing::patch(administer))
         .route("/api/admin/keys/rotate", post(rotate_keys))
-        // For the gateway, straight from the service: not routed to clients.
+        // For the gateway and the services, straight from the service: not routed to clients.
         .route("/internal/revocations", get(revocations))
+        .route("/internal/users/{id}", get(directory_entry))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(state)
 }
@@ -391,9 +392,13 @@ async fn administer(
             "an admin cannot demote or disable their own account",
         ));
     }
-    if !store::administer(&s.db, &id, u.role.as_deref(), u.status.as_deref()).await? {
+    let mut tx = s.db.pool.begin().await?;
+    if !store::administer(&mut tx, &id, u.role.as_deref(), u.status.as_deref()).await? {
         return Err(Problem::not_found(format!("no user with id `{id}`")));
     }
+    crate::stage_updated(&mut tx, &id).await?;
+    tx.commit().await?;
+    s.relay.notify();
     if u.status.as_deref() == Some("disabled") {
         tokens::revoke_user(&s.db, &id).await?;
     }
@@ -402,6 +407,22 @@ async fn administer(
         .await?
         .map(Json)
         .ok_or_else(|| Problem::not_found(format!("no user with id `{id}`")))
+}
+
+/// One account as other services read it (the user-center interface): profile, role,
+/// status and version.
+#[utoipa::path(get, path = "/internal/users/{id}",
+    responses((status = 200, body = User), (status = 404, description = "No such user")))]
+async fn directory_entry(
+    S(s): S<State>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let (user, version) = store::get_versioned(&s.db, &id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no user with id `{id}`")))?;
+    let mut v = serde_json::to_value(user).map_err(|e| Problem::internal(&e))?;
+    v["version"] = version.into();
+    Ok(Json(v))
 }
 
 /// Disabled accounts, for the gateway to refuse their access tokens.
@@ -499,12 +520,17 @@ async fn update_me(
     }
     let name = name.unwrap_or(&current.name);
     let addresses = u.addresses.as_deref().unwrap_or(&current.addresses);
-    // Also guards the window between the read above and this write.
-    if !store::update_profile(&s.db, &caller.user_id, version, name, addresses).await? {
+    // Also guards the window between the read above and this write. The change and its
+    // event commit together.
+    let mut tx = s.db.pool.begin().await?;
+    if !store::update_profile(&mut tx, &caller.user_id, version, name, addresses).await? {
         return Err(Problem::precondition_failed(
             "the profile changed while it was being updated: read it again and reapply the change",
         ));
     }
+    crate::stage_updated(&mut tx, &caller.user_id).await?;
+    tx.commit().await?;
+    s.relay.notify();
     tracing::info!(user_id = %caller.user_id, "profile updated");
     me(S(s), caller).await
 }

@@ -35,6 +35,24 @@ pub enum Error {
     Db(#[from] sqlx::Error),
 }
 
+/// Stages the `user.updated` event of an account changed in `tx`.
+pub async fn stage_updated(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    user_id: &str,
+) -> Result<(), sqlx::Error> {
+    let Some((version, status)) = store::version_in(tx, user_id).await? else {
+        return Ok(());
+    };
+    let event = shopmesh_events::UserUpdated {
+        user_id: user_id.to_owned(),
+        version,
+        status,
+    };
+    let env = shopmesh_messaging::Envelope::new(NAME, user_id, &event)
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    shopmesh_messaging::outbox::stage(tx, shopmesh_events::TOPIC_USERS, &env).await
+}
+
 /// Token settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -108,10 +126,16 @@ pub struct State {
     keys: Arc<arc_swap::ArcSwap<keys::SigningKeys>>,
     pub settings: Arc<Settings>,
     pub throttle: Arc<throttle::LoginThrottle>,
+    /// Publishes the staged `user.updated` events.
+    pub relay: shopmesh_messaging::outbox::Relay,
 }
 
 /// The service's HTTP application. Loads (or on first start creates) the signing key.
-pub async fn app(db: Db, settings: Settings) -> Result<axum::Router, Error> {
+pub async fn app(
+    db: Db,
+    settings: Settings,
+    relay: shopmesh_messaging::outbox::Relay,
+) -> Result<axum::Router, Error> {
     let keys = Arc::new(arc_swap::ArcSwap::from_pointee(
         keys::SigningKeys::load_or_create(&db, settings.key_publish_for()).await?,
     ));
@@ -131,6 +155,7 @@ pub async fn app(db: Db, settings: Settings) -> Result<axum::Router, Error> {
         keys,
         settings: Arc::new(settings),
         throttle: Arc::new(throttle::LoginThrottle::default()),
+        relay,
     };
     Ok(shopmesh_platform::serve::stack(
         NAME,

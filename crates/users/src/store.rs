@@ -1,6 +1,6 @@
 use shopmesh_platform::db::Db;
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
 
 use crate::model::User;
 
@@ -86,7 +86,7 @@ pub async fn credentials(db: &Db, email: &str) -> Result<Option<(User, String)>,
 /// Writes a new profile if its version is still `expected` (optimistic concurrency);
 /// false when another write came first.
 pub async fn update_profile(
-    db: &Db,
+    tx: &mut Transaction<'static, Any>,
     id: &str,
     expected: i64,
     name: &str,
@@ -103,9 +103,20 @@ pub async fn update_profile(
     .bind(shopmesh_platform::now_millis())
     .bind(id)
     .bind(expected)
-    .execute(&db.pool)
+    .execute(&mut **tx)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// The version and status of an account, read in `tx` (after a change, for its event).
+pub async fn version_in(
+    tx: &mut Transaction<'static, Any>,
+    id: &str,
+) -> Result<Option<(i64, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT version, status FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
 }
 
 /// Filters of the admin listing.
@@ -166,7 +177,7 @@ pub async fn list(
 
 /// Sets a user's role and/or status; false when there is no such user.
 pub async fn administer(
-    db: &Db,
+    tx: &mut Transaction<'static, Any>,
     id: &str,
     role: Option<&str>,
     status: Option<&str>,
@@ -179,7 +190,7 @@ pub async fn administer(
     .bind(status)
     .bind(shopmesh_platform::now_millis())
     .bind(id)
-    .execute(&db.pool)
+    .execute(&mut **tx)
     .await?;
     Ok(r.rows_affected() == 1)
 }

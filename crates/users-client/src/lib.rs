@@ -1,0 +1,152 @@
+//! The user center's interface, for the services that read accounts (the shared data
+//! pattern, "through its interface").
+//!
+//! [`Directory::get`] answers from a local cache, else asks the users service
+//! (`GET /internal/users/{id}`). Every account change is published by the user center as a
+//! `user.updated` event (through its transactional outbox); [`Invalidator`], run as a
+//! consumer of those events, drops the cached copy, so a change is seen as soon as its event
+//! arrives. The TTL bounds staleness if events stop arriving. A copy fetched before a change
+//! but stored after its event is not kept: the event leaves the version it announced, and an
+//! older copy is not cached over it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use shopmesh_events::UserUpdated;
+use shopmesh_messaging::{Envelope, Handler, HandlerError};
+use shopmesh_platform::client::{CallError, RequestId, ServiceClient};
+use sqlx::{Any, Transaction};
+
+/// An account as other services see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    /// `customer` or `admin`.
+    pub role: String,
+    /// `active` or `disabled`.
+    pub status: String,
+    #[serde(default)]
+    pub addresses: Vec<Address>,
+    /// Increases with every change.
+    pub version: i64,
+}
+
+impl Account {
+    pub fn is_active(&self) -> bool {
+        self.status == "active"
+    }
+}
+
+/// A postal address of an account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Address {
+    #[serde(default)]
+    pub label: Option<String>,
+    pub recipient: String,
+    pub line1: String,
+    #[serde(default)]
+    pub line2: Option<String>,
+    pub city: String,
+    pub postal_code: String,
+    pub country: String,
+}
+
+#[derive(Clone)]
+enum Entry {
+    Cached(Arc<Account>, Instant),
+    /// Changed to this version: any copy older than it is stale.
+    Changed(i64),
+}
+
+/// Accounts by id, cached.
+pub struct Directory {
+    client: ServiceClient,
+    cache: quick_cache::sync::Cache<String, Entry>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory")
+            .field("client", &self.client)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Directory {
+    /// `users_url`: the users service's base URL. `ttl`: the longest a cached account is
+    /// used without its event (events normally invalidate it first).
+    pub fn new(users_url: impl Into<String>, ttl: Duration, capacity: usize) -> Self {
+        Self {
+            client: ServiceClient::new("users", users_url),
+            cache: quick_cache::sync::Cache::new(capacity.max(16)),
+            ttl,
+        }
+    }
+
+    /// The account `id`, or `None` when there is none.
+    pub async fn get(&self, id: &str, rid: &RequestId) -> Result<Option<Arc<Account>>, CallError> {
+        let floor = match self.cache.get(id) {
+            Some(Entry::Cached(a, at)) if at.elapsed() < self.ttl => {
+                metrics::counter!("users_directory_lookups_total", "result" => "hit").increment(1);
+                return Ok(Some(a));
+            }
+            Some(Entry::Changed(v)) => v,
+            _ => i64::MIN,
+        };
+        metrics::counter!("users_directory_lookups_total", "result" => "miss").increment(1);
+        let path = format!(
+            "/internal/users/{}",
+            percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+        );
+        match self.client.get_json::<Account>(&path, rid).await {
+            Ok(a) => {
+                let a = Arc::new(a);
+                // An event for a newer version may have come in while this was in flight.
+                let newer = matches!(self.cache.get(id), Some(Entry::Changed(v)) if v > a.version);
+                if a.version >= floor && !newer {
+                    self.cache
+                        .insert(id.to_owned(), Entry::Cached(a.clone(), Instant::now()));
+                }
+                Ok(Some(a))
+            }
+            Err(CallError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops the cached copy of `id`: it changed to `version`.
+    pub fn invalidate(&self, id: &str, version: i64) {
+        self.cache.insert(id.to_owned(), Entry::Changed(version));
+    }
+}
+
+/// The consumer of `user.updated` that keeps a [`Directory`] fresh.
+pub struct Invalidator(pub Arc<Directory>);
+
+impl Handler for Invalidator {
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a mut Transaction<'static, Any>,
+        env: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            if !env.is::<UserUpdated>() {
+                return Ok(());
+            }
+            let e: UserUpdated = env
+                .decode()
+                .map_err(|e| HandlerError::Permanent(e.to_string()))?;
+            self.0.invalidate(&e.user_id, e.version);
+            tracing::debug!(user_id = %e.user_id, version = e.version, "account copy dropped");
+            Ok(())
+        }
+        .boxed()
+    }
+}
