@@ -638,3 +638,80 @@ async fn orders_read_accounts_through_the_user_centers_interface() {
     }
     shop.shutdown().await;
 }
+
+/// The shared data pattern through the user center's database: its published view, read
+/// through a read-only connection (a read-only role on PostgreSQL) that cannot write.
+#[tokio::test]
+async fn the_shared_database_way_reads_the_published_view_and_cannot_write() {
+    use shopmesh_platform::db::Db;
+    let shop =
+        TestShop::start_with(|cfg| cfg.users_via = shopmesh_test_support::UsersVia::Database).await;
+    let email = register(&shop).await;
+    let token = sign_in(&shop, &email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let me: Value = shop.get_json("/api/users/me", Some(&token)).await;
+    let id = me["id"].as_str().unwrap().to_owned();
+
+    let reader = Db::open_read_only(
+        &shop.storage.storage.for_service("users"),
+        1,
+        shopmesh_users::DIRECTORY_READER,
+    )
+    .await
+    .unwrap();
+    let found: Option<String> =
+        sqlx::query_scalar("SELECT email FROM user_directory WHERE id = $1")
+            .bind(&id)
+            .fetch_optional(&reader.pool)
+            .await
+            .unwrap();
+    assert_eq!(found.as_deref(), Some(email.as_str()));
+    // No write gets through: not to the view, not to the tables.
+    for write in [
+        "UPDATE users SET role = 'admin'",
+        "UPDATE user_directory SET role = 'admin'",
+        "DELETE FROM users",
+        "INSERT INTO refresh_tokens (id, family, user_id, created_at, expires_at) VALUES ('x', 'x', 'x', 0, 0)",
+    ] {
+        let e = sqlx::query(write).execute(&reader.pool).await;
+        assert!(e.is_err(), "{write} went through");
+    }
+    if shop.storage.is_postgres() {
+        // The role sees the view alone, not the user center's tables.
+        let e = match sqlx::query("SELECT password_hash FROM users")
+            .fetch_all(&reader.pool)
+            .await
+        {
+            Ok(_) => panic!("the reader read the users table"),
+            Err(e) => e,
+        };
+        assert!(e.to_string().contains("permission denied"), "{e}");
+    }
+    let me_again: Value = shop.get_json("/api/users/me", Some(&token)).await;
+    assert_eq!(me_again["role"], "customer");
+
+    // Orders read the view: a change is seen by the very next order, no event to wait for.
+    let res = shop
+        .http
+        .patch(shop.url("/api/users/me"))
+        .bearer_auth(&token)
+        .json(&json!({"addresses": [{"recipient": "Ada", "line1": "1 Main St", "city": "Namur", "postal_code": "5000", "country": "BE"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .json(&json!({"items": [{"product_id": shop.product(9), "quantity": 1}], "card": "4242424242424242"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let o: Value = res.json().await.unwrap();
+    assert_eq!(o["shipping_address"]["city"], "Namur");
+    shop.shutdown().await;
+}

@@ -193,6 +193,77 @@ impl Db {
         Ok(db)
     }
 
+    /// A read-only connection pool to another service's published data (the shared data
+    /// pattern). SQLite: the file opened read-only (`mode=ro`, `query_only`). PostgreSQL:
+    /// every session switches to `reader_role` (which should hold SELECT on the published
+    /// view alone) and makes its transactions read-only. Connections are made on first use
+    /// (the owner may still be migrating when the reader starts).
+    pub async fn open_read_only(
+        cfg: &DbConfig,
+        max_connections: u32,
+        reader_role: &str,
+    ) -> Result<Self, DbError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        match cfg {
+            DbConfig::Sqlite { path } => {
+                let url = format!("sqlite://{}?mode=ro", path.display());
+                let opts: AnyConnectOptions = url
+                    .parse()
+                    .map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(opts);
+                Ok(Db {
+                    pool,
+                    backend: Backend::Sqlite,
+                })
+            }
+            DbConfig::Postgres { url, schema } => {
+                let ident_ok = |s: &str| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                };
+                if !ident_ok(schema) || !ident_ok(reader_role) {
+                    return Err(DbError::Config(format!(
+                        "invalid schema `{schema}` or role `{reader_role}`"
+                    )));
+                }
+                let opts: AnyConnectOptions = url
+                    .parse()
+                    .map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
+                let setup = format!(
+                    "SET search_path TO \"{schema}\"; SET ROLE \"{reader_role}\"; \
+                     SET default_transaction_read_only = on"
+                );
+                let pool = AnyPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .after_connect(move |conn, _| {
+                        let setup = setup.clone();
+                        Box::pin(async move {
+                            conn.execute(setup.as_str()).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(opts);
+                Ok(Db {
+                    pool,
+                    backend: Backend::Postgres,
+                })
+            }
+        }
+    }
+
     /// Readiness probe.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1")

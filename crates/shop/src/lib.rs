@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use services::ServiceName;
+pub use services::{ServiceName, UsersVia};
 pub use shopmesh_users::Settings as UserSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,8 @@ pub struct SystemConfig {
     pub admin_emails: Vec<String>,
     /// How often the gateway fetches the JWKS in any case.
     pub jwks_refresh_ms: u64,
+    /// How the orders service reads accounts: the user center's interface or its database.
+    pub users_via: services::UsersVia,
     /// After a key rotation, how long the new key is published before it signs (must exceed
     /// `jwks_refresh_ms`).
     pub key_activation: Duration,
@@ -111,6 +113,7 @@ impl SystemConfig {
             revocations_poll_ms: 2_000,
             admin_emails: Vec::new(),
             jwks_refresh_ms: 30_000,
+            users_via: services::UsersVia::Interface,
             key_activation: Duration::from_secs(60),
             max_body_bytes: 1024 * 1024,
         }
@@ -225,6 +228,7 @@ impl System {
             pricing_url: format!("http://{}", addr_of(ServiceName::Pricing)),
             payments_url: format!("http://{}", addr_of(ServiceName::Payments)),
             users_url: format!("http://{}", addr_of(ServiceName::Users)),
+            users_via: cfg.users_via,
         };
 
         let broker = shopmesh_messaging::embedded::EmbeddedBroker::open(&cfg.broker_path)

@@ -77,6 +77,18 @@ pub struct Deps {
     pub payments_url: String,
     /// The user center (orders read accounts through its interface).
     pub users_url: String,
+    /// How orders read accounts.
+    pub users_via: UsersVia,
+}
+
+/// The two ways of sharing the user center's data (the shared data pattern).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UsersVia {
+    /// Its HTTP interface, cached, the cache invalidated by `user.updated` events.
+    #[default]
+    Interface,
+    /// Its published view, read through a read-only connection to its database.
+    Database,
 }
 
 /// How long the orders service uses a cached account without its `user.updated` event.
@@ -188,11 +200,19 @@ pub async fn open(
     };
     let db = Db::connect(&cfg, pool_size(name, storage), migrator).await?;
     let mut tasks = Vec::new();
-    let directory = Arc::new(shopmesh_users_client::Directory::new(
-        deps.users_url.clone(),
-        DIRECTORY_TTL,
-        100_000,
-    ));
+    let directory = Arc::new(match deps.users_via {
+        UsersVia::Interface => {
+            shopmesh_users_client::Directory::new(deps.users_url.clone(), DIRECTORY_TTL, 100_000)
+        }
+        UsersVia::Database => shopmesh_users_client::Directory::shared_database(
+            Db::open_read_only(
+                &storage.for_service(ServiceName::Users.as_str()),
+                4,
+                shopmesh_users::DIRECTORY_READER,
+            )
+            .await?,
+        ),
+    });
     let relay = Relay::new(db.clone(), m.broker.clone());
     if matches!(
         name,

@@ -33,6 +33,21 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Via {
+    Interface,
+    Database,
+}
+
+impl From<Via> for shopmesh_shop::UsersVia {
+    fn from(v: Via) -> Self {
+        match v {
+            Via::Interface => shopmesh_shop::UsersVia::Interface,
+            Via::Database => shopmesh_shop::UsersVia::Database,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Text,
     Json,
@@ -140,6 +155,10 @@ struct UpArgs {
         value_delimiter = ','
     )]
     admin_emails: Vec<String>,
+    /// How orders read accounts: the user center's interface (cached, invalidated by
+    /// events) or its published view in its database (read-only).
+    #[arg(long, env = "SHOPMESH_USERS_VIA", value_enum, default_value_t = Via::Interface)]
+    users_via: Via,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -183,6 +202,10 @@ struct ServiceArgs {
         value_delimiter = ','
     )]
     admin_emails: Vec<String>,
+    /// How orders read accounts: the user center's interface (cached, invalidated by
+    /// events) or its published view in its database (read-only).
+    #[arg(long, env = "SHOPMESH_USERS_VIA", value_enum, default_value_t = Via::Interface)]
+    users_via: Via,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -222,6 +245,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     cfg.admin_port = a.admin_port;
     cfg.seed_products = a.seed_products;
     cfg.admin_emails = a.admin_emails;
+    cfg.users_via = a.users_via.into();
     let system = System::start(cfg).await?;
     println!("shopmesh is up ({})", storage.describe());
     println!("  gateway    http://{}", system.gateway);
@@ -254,6 +278,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
             pricing_url: a.pricing_url.clone(),
             payments_url: a.payments_url.clone(),
             users_url: a.users_url.clone(),
+            users_via: a.users_via.into(),
         },
         &shopmesh_shop::UserSettings {
             admins: a.admin_emails.clone(),

@@ -13,8 +13,8 @@ use shopmesh_platform::db::Storage;
 use shopmesh_shop::{System, SystemConfig};
 use tempfile::TempDir;
 
-pub use shopmesh_shop::ServiceName;
 pub use shopmesh_shop::seed::product_id;
+pub use shopmesh_shop::{ServiceName, UsersVia};
 
 /// Products every test shop is seeded with.
 pub const TEST_PRODUCTS: usize = 60;

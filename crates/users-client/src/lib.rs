@@ -63,17 +63,30 @@ enum Entry {
     Changed(i64),
 }
 
-/// Accounts by id, cached.
+/// Where accounts are read.
+enum Source {
+    /// The users service's interface, through a cache invalidated by events.
+    Interface(ServiceClient),
+    /// The user center's published view, through a read-only connection: always current,
+    /// at the price of a query on the shared store per lookup.
+    Database(shopmesh_platform::db::Db),
+}
+
+/// Accounts by id.
 pub struct Directory {
-    client: ServiceClient,
+    source: Source,
     cache: quick_cache::sync::Cache<String, Entry>,
     ttl: Duration,
 }
 
 impl std::fmt::Debug for Directory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let via = match &self.source {
+            Source::Interface(_) => "interface",
+            Source::Database(_) => "database",
+        };
         f.debug_struct("Directory")
-            .field("client", &self.client)
+            .field("via", &via)
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
     }
@@ -84,14 +97,28 @@ impl Directory {
     /// used without its event (events normally invalidate it first).
     pub fn new(users_url: impl Into<String>, ttl: Duration, capacity: usize) -> Self {
         Self {
-            client: ServiceClient::new("users", users_url),
+            source: Source::Interface(ServiceClient::new("users", users_url)),
             cache: quick_cache::sync::Cache::new(capacity.max(16)),
             ttl,
         }
     }
 
+    /// Reads the published `user_directory` view through `db`, a read-only connection to
+    /// the user center's database ([`shopmesh_platform::db::Db::open_read_only`]).
+    pub fn shared_database(db: shopmesh_platform::db::Db) -> Self {
+        Self {
+            source: Source::Database(db),
+            cache: quick_cache::sync::Cache::new(16),
+            ttl: Duration::ZERO,
+        }
+    }
+
     /// The account `id`, or `None` when there is none.
     pub async fn get(&self, id: &str, rid: &RequestId) -> Result<Option<Arc<Account>>, CallError> {
+        let client = match &self.source {
+            Source::Interface(c) => c,
+            Source::Database(db) => return read_view(db, id).await,
+        };
         let floor = match self.cache.get(id) {
             Some(Entry::Cached(a, at)) if at.elapsed() < self.ttl => {
                 metrics::counter!("users_directory_lookups_total", "result" => "hit").increment(1);
@@ -105,7 +132,7 @@ impl Directory {
             "/internal/users/{}",
             percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
         );
-        match self.client.get_json::<Account>(&path, rid).await {
+        match client.get_json::<Account>(&path, rid).await {
             Ok(a) => {
                 let a = Arc::new(a);
                 // An event for a newer version may have come in while this was in flight.
@@ -125,6 +152,39 @@ impl Directory {
     pub fn invalidate(&self, id: &str, version: i64) {
         self.cache.insert(id.to_owned(), Entry::Changed(version));
     }
+}
+
+async fn read_view(
+    db: &shopmesh_platform::db::Db,
+    id: &str,
+) -> Result<Option<Arc<Account>>, CallError> {
+    use sqlx::Row;
+    let unavailable = |e: &dyn std::fmt::Display| CallError::Unavailable {
+        service: "users database",
+        reason: e.to_string(),
+    };
+    let row = sqlx::query(
+        "SELECT id, email, name, role, status, addresses, version FROM user_directory \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&db.pool)
+    .await
+    .map_err(|e| unavailable(&e))?;
+    metrics::counter!("users_directory_lookups_total", "result" => "database").increment(1);
+    let Some(r) = row else { return Ok(None) };
+    let get = |c: &str| r.try_get::<String, _>(c).map_err(|e| unavailable(&e));
+    let addresses: Vec<Address> =
+        serde_json::from_str(&get("addresses")?).map_err(|e| unavailable(&e))?;
+    Ok(Some(Arc::new(Account {
+        id: get("id")?,
+        email: get("email")?,
+        name: get("name")?,
+        role: get("role")?,
+        status: get("status")?,
+        addresses,
+        version: r.try_get("version").map_err(|e| unavailable(&e))?,
+    })))
 }
 
 /// The consumer of `user.updated` that keeps a [`Directory`] fresh.

@@ -22,6 +22,10 @@ use shopmesh_platform::db::Db;
 pub const NAME: &str = "users";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
+/// The PostgreSQL role other services read the published `user_directory` view as (the
+/// shared-database way of sharing): SELECT on that view, nothing else.
+pub const DIRECTORY_READER: &str = "shopmesh_directory_reader";
+
 /// Issuer (`iss`) of the access tokens.
 pub const ISSUER: &str = "shopmesh-users";
 /// Audience (`aud`) of the access tokens.
@@ -33,6 +37,26 @@ pub enum Error {
     Key(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+}
+
+/// Creates the directory reader role (once per cluster) and lets it read the published view
+/// of this schema, and nothing else.
+async fn grant_directory_reader(db: &Db) -> Result<(), sqlx::Error> {
+    let create = format!(
+        "DO $$ BEGIN CREATE ROLE {DIRECTORY_READER} NOLOGIN; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+    );
+    sqlx::query(&create).execute(&db.pool).await?;
+    let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+        .fetch_one(&db.pool)
+        .await?;
+    for grant in [
+        format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {DIRECTORY_READER}"),
+        format!("GRANT SELECT ON \"{schema}\".user_directory TO {DIRECTORY_READER}"),
+    ] {
+        sqlx::query(&grant).execute(&db.pool).await?;
+    }
+    Ok(())
 }
 
 /// Stages the `user.updated` event of an account changed in `tx`.
@@ -146,6 +170,9 @@ pub async fn app(
         .map(|e| e.trim().to_lowercase())
         .filter(|e| !e.is_empty())
         .collect();
+    if db.backend == shopmesh_platform::db::Backend::Postgres {
+        grant_directory_reader(&db).await?;
+    }
     let promoted = store::promote(&db, &settings.admins).await?;
     if promoted > 0 {
         tracing::info!(promoted, "bootstrap administrators promoted");
