@@ -337,7 +337,8 @@ impl Runtime {
     }
 }
 
-fn jwks_client() -> HttpClient {
+/// The HTTP client the gateway fetches JWKS and revocation lists with.
+pub fn jwks_client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     Client::builder(TokioExecutor::new()).build(connector)

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use services::{ServiceName, UsersVia};
-pub use shopmesh_users::Settings as UserSettings;
+pub use shopmesh_users::{DIRECTORY_READER, Settings as UserSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,6 +80,8 @@ pub struct SystemConfig {
     pub jwks_refresh_ms: u64,
     /// How the orders service reads accounts: the user center's interface or its database.
     pub users_via: services::UsersVia,
+    /// Sign-in attempts allowed per account and per client address, per minute.
+    pub login_limits: (u32, u32),
     /// After a key rotation, how long the new key is published before it signs (must exceed
     /// `jwks_refresh_ms`).
     pub key_activation: Duration,
@@ -114,6 +116,10 @@ impl SystemConfig {
             admin_emails: Vec::new(),
             jwks_refresh_ms: 30_000,
             users_via: services::UsersVia::Interface,
+            login_limits: (
+                shopmesh_users::throttle::ACCOUNT_PER_MINUTE,
+                shopmesh_users::throttle::IP_PER_MINUTE,
+            ),
             key_activation: Duration::from_secs(60),
             max_body_bytes: 1024 * 1024,
         }
@@ -249,6 +255,7 @@ impl System {
             access_ttl: cfg.token_ttl,
             admins: cfg.admin_emails.clone(),
             key_activation: cfg.key_activation,
+            login_limits: cfg.login_limits,
             ..Default::default()
         };
         // Connect, migrate and build all services concurrently.

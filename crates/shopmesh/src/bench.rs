@@ -22,6 +22,17 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Serve stand-in JSON backends (products, inventory, prices, promotions).
     Backend(BackendArgs),
+    /// The user center's figures: token verifications per second at the gateway's
+    /// verifier, account lookups through the interface (cache hit, miss) and the shared
+    /// database, and each way's consistency window. Runs the shop in-process on SQLite.
+    Identity(IdentityArgs),
+}
+
+#[derive(Args)]
+struct IdentityArgs {
+    /// Distinct tokens to verify (and lookups to make).
+    #[arg(long, default_value_t = 5000)]
+    n: usize,
 }
 
 #[derive(Args)]
@@ -37,6 +48,7 @@ struct BackendArgs {
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
         BenchCommand::Backend(b) => backend(b).await,
+        BenchCommand::Identity(i) => identity(i).await,
     }
 }
 
@@ -99,4 +111,226 @@ async fn promotions(State(d): State<Duration>) -> impl IntoResponse {
         "id": "promo-1", "name": "Kitchen week", "kind": "percent", "value": 10,
         "category": "kitchen", "active": true
     }], "total": 1, "limit": 20, "offset": 0}))
+}
+
+fn pct(mut v: Vec<std::time::Duration>, p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 * p / 100.0).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i].as_secs_f64() * 1e3
+}
+
+async fn identity(a: IdentityArgs) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    use shopmesh_gateway::config::JwtConfig;
+    use shopmesh_gateway::jwt::JwtVerifier;
+
+    // 1. Token verification at the gateway's verifier: distinct tokens (a signature check
+    // each) and one token again and again (the verified-token cache).
+    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes());
+    let jwks = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "k1", "alg": "EdDSA", "use": "sig"}]});
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let jwks_addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let app = Router::new().route(
+            "/jwks",
+            get(move || {
+                let j = jwks.clone();
+                async move { axum::Json(j) }
+            }),
+        );
+        let _ = axum::serve(listener, app).await;
+    });
+    let der = key.to_pkcs8_der().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let enc = jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes());
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some("k1".into());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let tokens: Vec<String> = (0..a.n)
+        .map(|i| {
+            let claims = json!({"sub": format!("user-{i}"), "iss": "bench", "aud": "bench",
+                "iat": now, "exp": now + 3600, "roles": ["customer"]});
+            jsonwebtoken::encode(&header, &claims, &enc)
+        })
+        .collect::<Result<_, _>>()?;
+    let verifier = JwtVerifier::new(
+        JwtConfig {
+            jwks_url: format!("http://{jwks_addr}/jwks"),
+            issuer: "bench".into(),
+            audience: "bench".into(),
+            leeway_secs: 30,
+            min_refetch_secs: 10,
+            revocations_url: None,
+            revocations_poll_ms: 2000,
+            jwks_refresh_ms: 60_000,
+        },
+        shopmesh_gateway::runtime::jwks_client(),
+    );
+    verifier.verify(&tokens[0]).await?;
+    let t = Instant::now();
+    for tok in &tokens[1..] {
+        verifier.verify(tok).await?;
+    }
+    let distinct = (tokens.len() - 1) as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..a.n {
+        verifier.verify(&tokens[0]).await?;
+    }
+    let cached = a.n as f64 / t.elapsed().as_secs_f64();
+    println!("token verification at the gateway's verifier (EdDSA, one core):");
+    println!("  distinct tokens (signature checked)   {distinct:>10.0} verifications/s");
+    println!("  the same token (verified-token cache) {cached:>10.0} verifications/s");
+
+    // 2. Account lookups and consistency windows, each way, on a real shop.
+    for via in [
+        shopmesh_shop::UsersVia::Interface,
+        shopmesh_shop::UsersVia::Database,
+    ] {
+        lookups(via, a.n.min(2000)).await?;
+    }
+    Ok(())
+}
+
+async fn lookups(via: shopmesh_shop::UsersVia, n: usize) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    use shopmesh_platform::client::RequestId;
+    use shopmesh_platform::db::{Db, Storage};
+    use shopmesh_shop::{ServiceName, System, SystemConfig};
+    use shopmesh_users_client::Directory;
+
+    let dir = tempfile::tempdir()?;
+    let storage = Storage::Sqlite {
+        data_dir: dir.path().to_owned(),
+    };
+    let mut cfg = SystemConfig::new(storage.clone(), dir.path());
+    cfg.port = 0;
+    cfg.admin_port = 0;
+    cfg.seed_products = 5;
+    cfg.users_via = via;
+    let system = System::start(cfg).await?;
+    let base = format!("http://{}", system.gateway);
+    let http = reqwest::Client::new();
+    let email = "bench@example.test";
+    http.post(format!("{base}/api/users"))
+        .json(&json!({"email": email, "password": "correct horse battery", "name": "Bench"}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let tok: serde_json::Value = http
+        .post(format!("{base}/api/auth/token"))
+        .json(&json!({"email": email, "password": "correct horse battery"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = tok["access_token"].as_str().unwrap_or_default().to_owned();
+    let me: serde_json::Value = http
+        .get(format!("{base}/api/users/me"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = me["id"].as_str().unwrap_or_default().to_owned();
+    let rid = RequestId::default();
+    let label = match via {
+        shopmesh_shop::UsersVia::Interface => "interface",
+        shopmesh_shop::UsersVia::Database => "shared database",
+    };
+    println!("account lookups, {label} ({n} sequential lookups):");
+    match via {
+        shopmesh_shop::UsersVia::Interface => {
+            let users = format!("http://{}", system.service_addr(ServiceName::Users));
+            let d = Directory::new(users, std::time::Duration::from_secs(60), 1000);
+            let mut miss = Vec::with_capacity(n);
+            let mut hit = Vec::with_capacity(n);
+            for _ in 0..n {
+                d.invalidate(&id, i64::MIN);
+                let t = Instant::now();
+                d.get(&id, &rid).await?;
+                miss.push(t.elapsed());
+                let t = Instant::now();
+                d.get(&id, &rid).await?;
+                hit.push(t.elapsed());
+            }
+            println!(
+                "  cache miss (HTTP to the users service)  p50 {:>7.3} ms  p99 {:>7.3} ms",
+                pct(miss.clone(), 50.0),
+                pct(miss, 99.0)
+            );
+            println!(
+                "  cache hit                               p50 {:>7.3} ms  p99 {:>7.3} ms",
+                pct(hit.clone(), 50.0),
+                pct(hit, 99.0)
+            );
+        }
+        shopmesh_shop::UsersVia::Database => {
+            let db = Db::open_read_only(
+                &storage.for_service("users"),
+                1,
+                shopmesh_shop::DIRECTORY_READER,
+            )
+            .await?;
+            let d = Directory::shared_database(db);
+            let mut read = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                d.get(&id, &rid).await?;
+                read.push(t.elapsed());
+            }
+            println!(
+                "  read of the published view              p50 {:>7.3} ms  p99 {:>7.3} ms",
+                pct(read.clone(), 50.0),
+                pct(read, 99.0)
+            );
+        }
+    }
+    // The consistency window: a profile change until the orders service ships to it.
+    let product = shopmesh_shop::seed::product_id("SKU-000001");
+    let mut windows = Vec::new();
+    for round in 0..20 {
+        let city = format!("City {round}");
+        http.patch(format!("{base}/api/users/me"))
+            .bearer_auth(&token)
+            .json(
+                &json!({"addresses": [{"recipient": "B", "line1": "1 Main St", "city": city,
+                "postal_code": "1000", "country": "BE"}]}),
+            )
+            .send()
+            .await?
+            .error_for_status()?;
+        let t = Instant::now();
+        loop {
+            let o: serde_json::Value = http
+                .post(format!("{base}/api/orders"))
+                .bearer_auth(&token)
+                .json(&json!({"items": [{"product_id": product, "quantity": 1}],
+                    "card": "4242424242424242"}))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if o["shipping_address"]["city"] == city.as_str() {
+                break;
+            }
+            if t.elapsed() > std::time::Duration::from_secs(10) {
+                anyhow::bail!("the change was not seen within 10 s");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        windows.push(t.elapsed());
+    }
+    println!(
+        "  consistency window (profile change → an order ships there) p50 {:>7.1} ms  max {:>7.1} ms",
+        pct(windows.clone(), 50.0),
+        pct(windows, 100.0)
+    );
+    system.shutdown().await;
+    Ok(())
 }

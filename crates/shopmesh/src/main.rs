@@ -159,6 +159,12 @@ struct UpArgs {
     /// events) or its published view in its database (read-only).
     #[arg(long, env = "SHOPMESH_USERS_VIA", value_enum, default_value_t = Via::Interface)]
     users_via: Via,
+    /// Sign-in attempts allowed per account per minute (throttling).
+    #[arg(long, env = "SHOPMESH_LOGIN_PER_ACCOUNT", default_value_t = 10)]
+    login_per_account: u32,
+    /// Sign-in attempts allowed per client address per minute (throttling).
+    #[arg(long, env = "SHOPMESH_LOGIN_PER_IP", default_value_t = 60)]
+    login_per_ip: u32,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -246,6 +252,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     cfg.seed_products = a.seed_products;
     cfg.admin_emails = a.admin_emails;
     cfg.users_via = a.users_via.into();
+    cfg.login_limits = (a.login_per_account, a.login_per_ip);
     let system = System::start(cfg).await?;
     println!("shopmesh is up ({})", storage.describe());
     println!("  gateway    http://{}", system.gateway);

@@ -91,6 +91,8 @@ pub struct Settings {
     /// After a rotation, how long the new key is published before it signs: longer than
     /// the gateways' JWKS refresh interval.
     pub key_activation: Duration,
+    /// Sign-in attempts allowed per account and per client address, per minute.
+    pub login_limits: (u32, u32),
 }
 
 impl Settings {
@@ -140,6 +142,7 @@ impl Default for Settings {
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             admins: Vec::new(),
             key_activation: Duration::from_secs(90),
+            login_limits: (throttle::ACCOUNT_PER_MINUTE, throttle::IP_PER_MINUTE),
         }
     }
 }
@@ -180,8 +183,11 @@ pub async fn app(
     let state = State {
         db,
         keys,
+        throttle: Arc::new(throttle::LoginThrottle::new(
+            settings.login_limits.0,
+            settings.login_limits.1,
+        )),
         settings: Arc::new(settings),
-        throttle: Arc::new(throttle::LoginThrottle::default()),
         relay,
     };
     Ok(shopmesh_platform::serve::stack(
