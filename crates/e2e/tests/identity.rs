@@ -715,3 +715,53 @@ async fn the_shared_database_way_reads_the_published_view_and_cannot_write() {
     assert_eq!(o["shipping_address"]["city"], "Namur");
     shop.shutdown().await;
 }
+
+/// An unknown email and a wrong password get the same answer after the same work (a hash
+/// verification either way), so neither the body nor the time tells which emails exist.
+#[tokio::test]
+async fn sign_in_failures_take_comparable_time_whatever_the_email() {
+    let shop = TestShop::start().await;
+    let email = register(&shop).await;
+    async fn timed(shop: &TestShop, email: &str) -> (std::time::Duration, Value) {
+        let t = std::time::Instant::now();
+        let res = shop
+            .http
+            .post(shop.url("/api/auth/token"))
+            .json(&json!({"email": email, "password": "not the password"}))
+            .send()
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        assert_eq!(res.status(), 401);
+        (took, res.json().await.unwrap())
+    }
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..5 {
+        let (t, a) = timed(&shop, &email).await;
+        known.push(t);
+        let (u, b) = timed(&shop, &format!("nobody-{i}@example.test")).await;
+        unknown.push(u);
+        assert_eq!(a, b, "the same answer");
+    }
+    known.sort();
+    unknown.sort();
+    let ratio = known[2].as_secs_f64() / unknown[2].as_secs_f64();
+    assert!(
+        (0.5..2.0).contains(&ratio),
+        "median wrong password {:?} vs unknown email {:?}",
+        known[2],
+        unknown[2]
+    );
+    // And a password too easy to guess is refused at registration.
+    let res = shop
+        .http
+        .post(shop.url("/api/users"))
+        .json(&json!({"email": "easy@example.test", "password": "password123", "name": "E"}))
+        .send()
+        .await
+        .unwrap();
+    let p = expect_problem(res, 422).await;
+    assert_eq!(p["errors"][0]["field"], "password");
+    shop.shutdown().await;
+}

@@ -96,6 +96,11 @@ async fn register(
             "must be 8 to 128 characters",
         )
         .check(
+            !(8..=128).contains(&pw_len) || password::acceptable(&r.password, &email),
+            "password",
+            "is too easy to guess (a common password, one repeated character, or your email)",
+        )
+        .check(
             !name.is_empty() && name.chars().count() <= 100,
             "name",
             "must be 1 to 100 characters",

@@ -28,6 +28,49 @@ fn verify_blocking(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Passwords refused whatever their length (NIST SP 800-63B §5.1.1.2: check against
+/// commonly used values, no composition rules). The most common ones of at least 8
+/// characters in public breach corpora.
+const COMMON: [&str; 24] = [
+    "12345678",
+    "123456789",
+    "1234567890",
+    "password",
+    "password1",
+    "password123",
+    "qwertyuiop",
+    "qwerty123",
+    "11111111",
+    "00000000",
+    "iloveyou",
+    "abc12345",
+    "12341234",
+    "1q2w3e4r",
+    "1qaz2wsx",
+    "sunshine",
+    "princess",
+    "football",
+    "baseball",
+    "welcome1",
+    "letmein1",
+    "trustno1",
+    "superman",
+    "passw0rd",
+];
+
+/// Whether `password` may be used by the account `email`: not a common password, not one
+/// character repeated, not the email or its local part.
+pub fn acceptable(password: &str, email: &str) -> bool {
+    let lower = password.to_lowercase();
+    let local = email.split('@').next().unwrap_or_default();
+    let mut chars = lower.chars();
+    let first = chars.next();
+    !COMMON.contains(&lower.as_str())
+        && !chars.all(|c| Some(c) == first)
+        && lower != email
+        && !(local.len() >= 4 && lower.contains(local))
+}
+
 pub async fn hash(password: String) -> Result<String, String> {
     tokio::task::spawn_blocking(move || hash_blocking(&password).map_err(|e| e.to_string()))
         .await
@@ -45,4 +88,22 @@ pub async fn verify(password: String, hash: Option<String>) -> bool {
     })
     .await
     .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::acceptable;
+
+    #[test]
+    fn password_rules() {
+        assert!(acceptable("correct horse battery", "ada@example.com"));
+        assert!(!acceptable("Password123", "ada@example.com"));
+        assert!(!acceptable("aaaaaaaaaa", "ada@example.com"));
+        assert!(!acceptable("lovelace2024", "lovelace@example.com"));
+        assert!(!acceptable("ada@example.com", "ada@example.com"));
+        assert!(
+            acceptable("ada-is-great-2024", "ada@example.com"),
+            "a short local part is fine"
+        );
+    }
 }
