@@ -65,10 +65,10 @@ pub fn acceptable(password: &str, email: &str) -> bool {
     let local = email.split('@').next().unwrap_or_default();
     let mut chars = lower.chars();
     let first = chars.next();
-    !COMMON.contains(&lower.as_str())
-        && !chars.all(|c| Some(c) == first)
-        && lower != email
-        && !(local.len() >= 4 && lower.contains(local))
+    let common = COMMON.contains(&lower.as_str());
+    let repeated = chars.all(|c| Some(c) == first);
+    let personal = lower == email || (local.len() >= 4 && lower.contains(local));
+    !(common || repeated || personal)
 }
 
 pub async fn hash(password: String) -> Result<String, String> {
