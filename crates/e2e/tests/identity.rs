@@ -267,12 +267,10 @@ async fn every_published_key_has_a_kid() {
 
 #[tokio::test]
 async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the_gateway() {
-    let shop = TestShop::start_with(|cfg| {
-        cfg.admin_emails = vec!["Root@Example.test".into()];
-        cfg.revocations_poll_ms = 200;
-    })
-    .await;
-    // The bootstrap administrator registers and is an admin.
+    let poll = |cfg: &mut shopmesh_test_support::SystemConfig| cfg.revocations_poll_ms = 200;
+    let shop = TestShop::start_with(poll).await;
+    // A configured email registering gets no privilege (emails are not verified): it
+    // becomes admin when the shop starts with it as a bootstrap administrator.
     let res = shop
         .http
         .post(shop.url("/api/users"))
@@ -281,11 +279,19 @@ async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the
         .await
         .unwrap();
     let root: Value = res.json().await.unwrap();
-    assert_eq!(root["role"], "admin");
+    assert_eq!(root["role"], "customer");
+    let shop = shop
+        .restart_with(|cfg| {
+            poll(cfg);
+            cfg.admin_emails = vec!["Root@Example.test".into()];
+        })
+        .await;
     let admin = sign_in(&shop, "root@example.test").await["access_token"]
         .as_str()
         .unwrap()
         .to_owned();
+    let root: Value = shop.get_json("/api/users/me", Some(&admin)).await;
+    assert_eq!(root["role"], "admin");
 
     let email = register(&shop).await;
     let user_pair = sign_in(&shop, &email).await;
@@ -336,7 +342,7 @@ async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the
         let res = shop.get("/api/users/me", Some(&user)).await;
         if res.status() == 401 {
             let p: Value = res.json().await.unwrap();
-            assert_eq!(p["detail"], "the account is disabled");
+            assert_eq!(p["detail"], "the access token was revoked; sign in again");
             break;
         }
         assert!(
@@ -361,8 +367,11 @@ async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    // Re-enabling reaches the gateway within the poll interval too.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // Re-enabling reaches the gateway within the poll interval too; the tokens issued
+    // before the disabling stay refused for as long as they could live.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let p = expect_problem(shop.get("/api/users/me", Some(&user)).await, 401).await;
+    assert_eq!(p["detail"], "the access token was revoked; sign in again");
     let token = sign_in(&shop, &email).await["access_token"]
         .as_str()
         .unwrap()
@@ -411,24 +420,14 @@ fn kid(token: &str) -> String {
 
 #[tokio::test]
 async fn a_key_rotation_keeps_tokens_in_flight_working() {
-    let shop = TestShop::start_with(|cfg| {
-        cfg.admin_emails = vec!["keys@example.test".into()];
+    let fast = |cfg: &mut shopmesh_test_support::SystemConfig| {
         cfg.key_activation = std::time::Duration::from_millis(1000);
         cfg.jwks_refresh_ms = 200;
-    })
-    .await;
-    let res = shop
-        .http
-        .post(shop.url("/api/users"))
-        .json(&json!({"email": "keys@example.test", "password": "correct horse battery", "name": "K"}))
-        .send()
+    };
+    let (shop, admin) = TestShop::start_with(fast)
         .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let admin = sign_in(&shop, "keys@example.test").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .with_admin("keys@example.test", fast)
+        .await;
     let email = register(&shop).await;
     // Two tokens under the old key: one the gateway has seen, one it has not.
     let seen = sign_in(&shop, &email).await["access_token"]
@@ -510,19 +509,10 @@ async fn a_key_rotation_keeps_tokens_in_flight_working() {
 #[tokio::test]
 async fn orders_read_accounts_through_the_user_centers_interface() {
     use shopmesh_test_support::ServiceName;
-    let shop = TestShop::start_with(|cfg| cfg.admin_emails = vec!["ops@example.test".into()]).await;
-    let res = shop
-        .http
-        .post(shop.url("/api/users"))
-        .json(&json!({"email": "ops@example.test", "password": "correct horse battery", "name": "Ops"}))
-        .send()
+    let (shop, admin) = TestShop::start()
         .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let admin = sign_in(&shop, "ops@example.test").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .with_admin("ops@example.test", |_| {})
+        .await;
     let email = register(&shop).await;
     let token = sign_in(&shop, &email).await["access_token"]
         .as_str()

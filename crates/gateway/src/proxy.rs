@@ -425,7 +425,7 @@ fn auth_problem(e: &AuthError) -> Problem {
             Problem::unavailable("the identity provider's keys cannot be fetched; retry shortly")
         }
         AuthError::Expired => Problem::unauthorized("the access token has expired"),
-        AuthError::Revoked => Problem::unauthorized("the account is disabled"),
+        AuthError::Revoked => Problem::unauthorized("the access token was revoked; sign in again"),
         _ => Problem::unauthorized("the access token is not valid"),
     }
 }

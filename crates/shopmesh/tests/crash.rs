@@ -113,14 +113,14 @@ async fn crashes_lose_no_order_and_double_no_charge() {
     let base = shop.base.clone();
     let res = http
         .post(format!("{base}/api/users"))
-        .json(&json!({"email": "crash@example.test", "password": "crash-test-pw", "name": "C"}))
+        .json(&json!({"email": "crash@example.test", "password": "kill-nine-proof", "name": "C"}))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
     let tok: Value = http
         .post(format!("{base}/api/auth/token"))
-        .json(&json!({"email": "crash@example.test", "password": "crash-test-pw"}))
+        .json(&json!({"email": "crash@example.test", "password": "kill-nine-proof"}))
         .send()
         .await
         .unwrap()

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use shopmesh_platform::db::Storage;
-use shopmesh_shop::{System, SystemConfig};
+use shopmesh_shop::System;
 use tempfile::TempDir;
 
 pub use shopmesh_shop::seed::product_id;
-pub use shopmesh_shop::{ServiceName, UsersVia};
+pub use shopmesh_shop::{ServiceName, SystemConfig, UsersVia};
 
 /// Products every test shop is seeded with.
 pub const TEST_PRODUCTS: usize = 60;
@@ -110,12 +110,43 @@ impl TestShop {
     }
 
     /// Stops the shop and starts it again on the same storage.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Stops the shop and starts it again on the same data with another configuration.
+    pub async fn restart_with(mut self, adjust: impl FnOnce(&mut SystemConfig)) -> Self {
         if let Some(s) = self.system.take() {
             s.shutdown().await;
         }
         let storage = std::mem::take(&mut self.storage);
-        Self::start_on(storage, |_| {}).await
+        Self::start_on(storage, adjust).await
+    }
+
+    /// Registers `email` and restarts the shop with it as a bootstrap administrator
+    /// (`--admin-email`), with `adjust` applied: returns the shop and the admin's token.
+    pub async fn with_admin(
+        self,
+        email: &str,
+        adjust: impl Fn(&mut SystemConfig),
+    ) -> (Self, String) {
+        let res = self
+            .http
+            .post(self.url("/api/users"))
+            .json(&json!({"email": email, "password": "correct horse battery", "name": "Admin"}))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(res.status(), 201, "register the admin");
+        let owned = email.to_owned();
+        let shop = self
+            .restart_with(move |cfg| {
+                adjust(cfg);
+                cfg.admin_emails = vec![owned];
+            })
+            .await;
+        let token = shop.login(email, "correct horse battery").await;
+        (shop, token)
     }
 
     pub fn system(&self) -> &System {

@@ -135,8 +135,13 @@ impl Directory {
         match client.get_json::<Account>(&path, rid).await {
             Ok(a) => {
                 let a = Arc::new(a);
-                // An event for a newer version may have come in while this was in flight.
-                let newer = matches!(self.cache.get(id), Some(Entry::Changed(v)) if v > a.version);
+                // An event for a newer version, or a newer copy, may have come in while this
+                // was in flight: an older copy never replaces them.
+                let newer = match self.cache.get(id) {
+                    Some(Entry::Changed(v)) => v > a.version,
+                    Some(Entry::Cached(c, _)) => c.version > a.version,
+                    None => false,
+                };
                 if a.version >= floor && !newer {
                     self.cache
                         .insert(id.to_owned(), Entry::Cached(a.clone(), Instant::now()));

@@ -110,18 +110,14 @@ async fn register(
         .await
         .map_err(|e| Problem::internal(&e))?;
     let id = uuid::Uuid::now_v7().to_string();
-    // The configured bootstrap administrators become admins as they register.
-    let role = if s.settings.admins.contains(&email) {
-        "admin"
-    } else {
-        "customer"
-    };
+    // Never admin at registration, whatever the email (emails are not verified): the
+    // bootstrap administrators are promoted at start-up, once their accounts exist.
     let new = store::NewUser {
         id: &id,
         email: &email,
         name,
         password_hash: &hash,
-        role,
+        role: "customer",
     };
     match store::insert(&s.db, &new).await {
         Ok(()) => {}
@@ -162,9 +158,11 @@ async fn token(
         .map(str::trim);
     if let Err(wait) = s.throttle.check(&email, ip) {
         metrics::counter!("users_login_throttled_total").increment(1);
-        return Err(Problem::too_many_requests(wait.as_secs().max(1)).detail(
-            "too many sign-in attempts for this account or from this address; retry later",
-        ));
+        return Err(
+            Problem::too_many_requests(wait.as_secs_f64().ceil().max(1.0) as u64).detail(
+                "too many sign-in attempts for this account or from this address; retry later",
+            ),
+        );
     }
     let found = if c.password.len() > 1024 {
         None
@@ -180,6 +178,10 @@ async fn token(
         Some(u) if ok && u.status == "active" => u,
         _ => return Err(Problem::unauthorized("wrong email or password")),
     };
+    // The hash check takes a while: an account disabled meanwhile gets nothing.
+    if !store::is_active(&s.db, &user.id).await? {
+        return Err(Problem::unauthorized("wrong email or password"));
+    }
     let refresh_token = tokens::issue(&s.db, &user.id, refresh_ttl_ms(&s)).await?;
     tracing::info!(user_id = %user.id, "signed in");
     Ok(Json(access(&s, user.id, user.role, refresh_token).await?))
@@ -234,11 +236,7 @@ async fn refresh(
     if r.refresh_token.is_empty() || r.refresh_token.len() > 256 {
         return Err(Problem::unauthorized("the refresh token is not valid"));
     }
-    let db = s.db.clone();
-    let outcome = tokens::refresh(&s.db, &r.refresh_token, refresh_ttl_ms(&s), async |user| {
-        store::is_active(&db, user).await
-    })
-    .await?;
+    let outcome = tokens::refresh(&s.db, &r.refresh_token, refresh_ttl_ms(&s)).await?;
     match outcome {
         Refresh::Rotated { user_id, token } => {
             let user = store::get(&s.db, &user_id)
@@ -281,7 +279,7 @@ async fn jwks(S(s): S<State>) -> ([(header::HeaderName, &'static str); 1], Json<
     responses((status = 200, description = "The new key's kid"),
               (status = 403, description = "Not an admin")))]
 async fn rotate_keys(S(s): S<State>, caller: Caller) -> Result<Json<serde_json::Value>, Problem> {
-    caller.require_role("admin")?;
+    require_admin(&s, &caller).await?;
     let (kid, at) = crate::keys::rotate(&s.db, s.settings.key_activation)
         .await
         .map_err(|e| Problem::internal(&e))?;
@@ -327,7 +325,7 @@ async fn list_users(
     caller: Caller,
     Query(q): Query<AdminListQuery>,
 ) -> Result<Json<UserPage>, Problem> {
-    caller.require_role("admin")?;
+    require_admin(&s, &caller).await?;
     let mut errs = Errors::new();
     let (limit, offset) = shopmesh_platform::validate::page(&mut errs, q.limit, q.offset);
     errs.check(
@@ -360,6 +358,16 @@ async fn list_users(
     }))
 }
 
+/// The token says admin, and so does the user center now: a demoted or disabled admin's
+/// token does not keep administering until it expires.
+async fn require_admin(s: &State, caller: &Caller) -> Result<(), Problem> {
+    caller.require_role("admin")?;
+    match store::get(&s.db, &caller.user_id).await? {
+        Some(u) if u.role == "admin" && u.status == "active" => Ok(()),
+        _ => Err(Problem::forbidden("this action needs the `admin` role")),
+    }
+}
+
 const ROLES: [&str; 2] = ["customer", "admin"];
 const STATUSES: [&str; 2] = ["active", "disabled"];
 
@@ -376,7 +384,7 @@ async fn administer(
     Path(id): Path<String>,
     Json(u): Json<AdminUpdate>,
 ) -> Result<Json<User>, Problem> {
-    caller.require_role("admin")?;
+    require_admin(&s, &caller).await?;
     let mut errs = Errors::new();
     errs.check(
         u.role.as_deref().is_none_or(|r| ROLES.contains(&r)),
@@ -433,7 +441,8 @@ async fn directory_entry(
 /// Disabled accounts, for the gateway to refuse their access tokens.
 #[utoipa::path(get, path = "/internal/revocations", responses((status = 200, body = Revocations)))]
 async fn revocations(S(s): S<State>) -> Result<Json<Revocations>, Problem> {
-    let revoked = store::disabled(&s.db)
+    let lifetime = i64::try_from(s.settings.key_publish_for().as_secs()).unwrap_or(i64::MAX / 4);
+    let revoked = store::revocations(&s.db, lifetime)
         .await?
         .into_iter()
         .map(|(sub, since)| Revoked { sub, since })

@@ -53,6 +53,8 @@ async fn grant_directory_reader(db: &Db) -> Result<(), sqlx::Error> {
     for grant in [
         format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {DIRECTORY_READER}"),
         format!("GRANT SELECT ON \"{schema}\".user_directory TO {DIRECTORY_READER}"),
+        // Lets a non-superuser service login `SET ROLE` to it.
+        format!("GRANT {DIRECTORY_READER} TO CURRENT_USER"),
     ] {
         sqlx::query(&grant).execute(&db.pool).await?;
     }

@@ -182,13 +182,19 @@ pub async fn administer(
     role: Option<&str>,
     status: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
+    // Disabling or changing the role cuts the account's access tokens issued until now.
+    let cut = status == Some("disabled") || role.is_some();
+    let now = shopmesh_platform::now_millis();
     let r = sqlx::query(
         "UPDATE users SET role = COALESCE($1, role), status = COALESCE($2, status), \
-         version = version + 1, updated_at = $3 WHERE id = $4",
+         version = version + 1, updated_at = $3, \
+         tokens_not_before = CASE WHEN $4 THEN $5 ELSE tokens_not_before END WHERE id = $6",
     )
     .bind(role)
     .bind(status)
-    .bind(shopmesh_platform::now_millis())
+    .bind(now)
+    .bind(cut)
+    .bind(now / 1000)
     .bind(id)
     .execute(&mut **tx)
     .await?;
@@ -212,12 +218,28 @@ pub async fn promote(db: &Db, emails: &[String]) -> Result<u64, sqlx::Error> {
     Ok(n)
 }
 
-/// Disabled accounts and since when (Unix seconds): what the gateway refuses tokens of.
-pub async fn disabled(db: &Db) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT id, updated_at FROM users WHERE status = 'disabled'")
-        .fetch_all(&db.pool)
-        .await?;
+/// What the gateway must refuse, as (account, refuse tokens issued at or before this Unix
+/// second): every token of a disabled account, and the tokens from before a role change or
+/// a re-enabling for as long as they can live (`recent_secs`).
+pub async fn revocations(db: &Db, recent_secs: i64) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let cutoff = shopmesh_platform::now_millis() / 1000 - recent_secs;
+    let rows = sqlx::query(
+        "SELECT id, status, tokens_not_before FROM users \
+         WHERE status = 'disabled' OR tokens_not_before > $1",
+    )
+    .bind(cutoff)
+    .fetch_all(&db.pool)
+    .await?;
     rows.iter()
-        .map(|r| Ok((r.try_get("id")?, r.try_get::<i64, _>("updated_at")? / 1000)))
+        .map(|r| {
+            let status: String = r.try_get("status")?;
+            let since = if status == "disabled" {
+                // Any token, whenever issued (a sign-in racing the disabling included).
+                i64::MAX / 2
+            } else {
+                r.try_get("tokens_not_before")?
+            };
+            Ok((r.try_get("id")?, since))
+        })
         .collect()
 }

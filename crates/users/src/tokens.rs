@@ -63,15 +63,9 @@ async fn insert<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     Ok(())
 }
 
-/// Presents `token`: rotates it, or refuses it (revoking its family when it was reused).
-/// `active` says whether the token's user may still get tokens; when not, the family is
-/// revoked.
-pub async fn refresh(
-    db: &Db,
-    token: &str,
-    ttl_ms: i64,
-    active: impl AsyncFnOnce(&str) -> Result<bool, sqlx::Error>,
-) -> Result<Refresh, sqlx::Error> {
+/// Presents `token`: rotates it, or refuses it (revoking its family when it was reused, or
+/// when its account may no longer get tokens).
+pub async fn refresh(db: &Db, token: &str, ttl_ms: i64) -> Result<Refresh, sqlx::Error> {
     let now = shopmesh_platform::now_millis();
     let id = digest(token);
     let mut tx = db.pool.begin().await?;
@@ -117,7 +111,20 @@ pub async fn refresh(
         tracing::warn!(user_id = %user_id, family = %family, "refresh token reused: session revoked");
         return Ok(Refresh::Reused);
     }
-    if !active(&user_id).await? {
+    // The account's status, read in this transaction: no second connection is needed (a
+    // burst of refreshes cannot starve the pool), and on PostgreSQL the row is locked, so a
+    // concurrent disabling waits for this refresh and its revocation then sees the successor.
+    let lock = if db.backend == shopmesh_platform::db::Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let status: Option<String> =
+        sqlx::query_scalar(&format!("SELECT status FROM users WHERE id = $1{lock}"))
+            .bind(&user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if status.as_deref() != Some("active") {
         revoke_family(&mut *tx, &family, now).await?;
         tx.commit().await?;
         return Ok(Refresh::Invalid);
