@@ -119,6 +119,7 @@ async fn a_session_leaves_no_secret_or_personal_data_in_the_logs() {
     assert!(logs.lines().count() > 20, "the logs were captured");
     let secrets = [
         ("email", email),
+        ("name", "Grace Hopper"),
         ("password", password),
         ("attempted password", "wrong-guess-logged?"),
         ("street", street),

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use shopmesh_platform::problem::Problem;
 use shopmesh_platform::{
-    REQUEST_ID_HEADER, TRUSTED_HEADER_PREFIX, USER_ID_HEADER, USER_ROLES_HEADER,
+    CLIENT_IP_HEADER, REQUEST_ID_HEADER, TRUSTED_HEADER_PREFIX, USER_ID_HEADER, USER_ROLES_HEADER,
 };
 use tower::Service;
 use tracing::Instrument;
@@ -622,6 +622,11 @@ async fn route_and_forward(
             outcome.caller = Some(c.id.clone());
         }
         None => {}
+    }
+    if let Some(ip) = client_ip
+        && let Ok(v) = HeaderValue::from_str(&ip.to_string())
+    {
+        req.headers_mut().insert(CLIENT_IP_HEADER, v);
     }
 
     // 5. Rate limit.

@@ -29,6 +29,9 @@ pub const TRUSTED_HEADER_PREFIX: &str = "x-shopmesh-";
 pub const USER_ID_HEADER: &str = "x-shopmesh-user-id";
 /// Verified roles (comma-separated), set only by the gateway.
 pub const USER_ROLES_HEADER: &str = "x-shopmesh-user-roles";
+/// The client's address as the gateway worked it out (its peer, or from `X-Forwarded-For`
+/// behind trusted proxies). Clients can never set it.
+pub const CLIENT_IP_HEADER: &str = "x-shopmesh-client-ip";
 
 /// Milliseconds since the Unix epoch: how every service stores instants.
 pub fn now_millis() -> i64 {

@@ -281,6 +281,24 @@ pub async fn open(
             // Publishes `user.updated`.
             let r = relay.clone();
             tasks.push(Box::new(move |t| r.run(t).boxed()));
+            // Forgets refresh tokens expired for more than a day, hourly.
+            let purge_db = db.clone();
+            tasks.push(Box::new(move |stop: CancellationToken| {
+                async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tick.tick() => match shopmesh_users::tokens::purge(&purge_db).await {
+                                Ok(n) if n > 0 => tracing::info!(purged = n, "expired refresh tokens purged"),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "refresh token purge failed"),
+                            },
+                        }
+                    }
+                }
+                .boxed()
+            }));
         }
         _ => {}
     }

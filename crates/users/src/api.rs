@@ -149,13 +149,14 @@ async fn token(
     Json(c): Json<Credentials>,
 ) -> Result<Json<TokenResponse>, Problem> {
     let email = normalise_email(&c.email);
-    // The gateway sets X-Forwarded-For to the client it believes in; the service is only
-    // reachable through it.
+    // The client's address as the gateway worked it out (trusted proxies included); the
+    // service is only reachable through the gateway, which never lets clients set it.
     let ip = headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .map(str::trim);
+        .get(shopmesh_platform::CLIENT_IP_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if email.len() > 254 {
+        return Err(Problem::unauthorized("wrong email or password"));
+    }
     if let Err(wait) = s.throttle.check(&email, ip) {
         metrics::counter!("users_login_throttled_total").increment(1);
         return Err(
