@@ -96,6 +96,20 @@ pub struct Db {
     pub backend: Backend,
 }
 
+/// Pool settings shared by every pool: `setup` runs on each new connection.
+fn pool_options(max_connections: u32, setup: String) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .after_connect(move |conn, _| {
+            let setup = setup.clone();
+            Box::pin(async move {
+                conn.execute(setup.as_str()).await?;
+                Ok(())
+            })
+        })
+}
+
 impl Db {
     /// Connects (creating the SQLite file or the PostgreSQL schema if needed) and runs the
     /// service's migrations.
@@ -126,22 +140,15 @@ impl Db {
                 let opts: AnyConnectOptions = url
                     .parse()
                     .map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
-                let pool = AnyPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            conn.execute(
-                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-                            )
-                            .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_with(opts)
-                    .await
-                    .map_err(DbError::Connect)?;
+                let pool = pool_options(
+                    max_connections,
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;"
+                        .into(),
+                )
+                .connect_with(opts)
+                .await
+                .map_err(DbError::Connect)?;
                 Db {
                     pool,
                     backend: Backend::Sqlite,
@@ -170,20 +177,11 @@ impl Db {
                     tracing::debug!(error = %e, "create schema raced");
                 }
                 let _ = conn.close().await;
-                let set_path = format!("SET search_path TO \"{schema}\"");
-                let pool = AnyPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .after_connect(move |conn, _| {
-                        let set_path = set_path.clone();
-                        Box::pin(async move {
-                            conn.execute(set_path.as_str()).await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_with(opts)
-                    .await
-                    .map_err(DbError::Connect)?;
+                let pool =
+                    pool_options(max_connections, format!("SET search_path TO \"{schema}\""))
+                        .connect_with(opts)
+                        .await
+                        .map_err(DbError::Connect)?;
                 Db {
                     pool,
                     backend: Backend::Postgres,
@@ -211,17 +209,11 @@ impl Db {
                 let opts: AnyConnectOptions = url
                     .parse()
                     .map_err(|e: sqlx::Error| DbError::Config(e.to_string()))?;
-                let pool = AnyPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            conn.execute("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;")
-                                .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_lazy_with(opts);
+                let pool = pool_options(
+                    max_connections,
+                    "PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;".into(),
+                )
+                .connect_lazy_with(opts);
                 Ok(Db {
                     pool,
                     backend: Backend::Sqlite,
@@ -245,17 +237,7 @@ impl Db {
                     "SET search_path TO \"{schema}\"; SET ROLE \"{reader_role}\"; \
                      SET default_transaction_read_only = on"
                 );
-                let pool = AnyPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .after_connect(move |conn, _| {
-                        let setup = setup.clone();
-                        Box::pin(async move {
-                            conn.execute(setup.as_str()).await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_lazy_with(opts);
+                let pool = pool_options(max_connections, setup).connect_lazy_with(opts);
                 Ok(Db {
                     pool,
                     backend: Backend::Postgres,
