@@ -103,6 +103,11 @@ impl SigningKeys {
                 .is_some_and(|at| std::time::Instant::now() >= at)
     }
 
+    /// The kid of the key that signs.
+    pub fn current_kid(&self) -> &str {
+        &self.current.0
+    }
+
     pub fn jwks(&self) -> &Jwks {
         &self.jwks
     }
@@ -172,4 +177,56 @@ async fn load(db: &Db) -> Result<Vec<KeyRow>, sqlx::Error> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shopmesh_platform::db::{Db, DbConfig};
+
+    use super::*;
+
+    async fn db(dir: &tempfile::TempDir) -> Db {
+        let cfg = DbConfig::Sqlite {
+            path: dir.path().join("users.db"),
+        };
+        Db::connect(&cfg, 1, &crate::MIGRATOR).await.unwrap()
+    }
+
+    fn kids(k: &SigningKeys) -> Vec<String> {
+        k.jwks().keys.iter().map(|k| k.kid.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_rotated_key_signs_after_its_activation_and_the_old_one_leaves_after_its_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(&dir).await;
+        let long = Duration::from_secs(3600);
+        let first = SigningKeys::load_or_create(&db, long).await.unwrap();
+        let old = first.current_kid().to_owned();
+        assert_eq!(kids(&first), [old.clone()]);
+
+        // Pending: published, not signing yet.
+        let (new, _) = rotate(&db, Duration::from_millis(300)).await.unwrap();
+        let pending = SigningKeys::load_or_create(&db, long).await.unwrap();
+        assert_eq!(pending.current_kid(), old);
+        assert_eq!(kids(&pending), [new.clone(), old.clone()]);
+        assert!(!pending.stale(Duration::from_secs(60)));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(
+            pending.stale(Duration::from_secs(60)),
+            "the activation makes the copy stale"
+        );
+
+        // Active: the new key signs; the old one stays while its tokens can live…
+        let active = SigningKeys::load_or_create(&db, long).await.unwrap();
+        assert_eq!(active.current_kid(), new);
+        assert_eq!(kids(&active), [new.clone(), old.clone()]);
+        // …and is gone once they cannot.
+        let later = SigningKeys::load_or_create(&db, Duration::from_millis(10))
+            .await
+            .unwrap();
+        assert_eq!(kids(&later), [new]);
+    }
 }
