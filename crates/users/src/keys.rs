@@ -205,7 +205,7 @@ mod tests {
         let long = Duration::from_secs(3600);
         let first = SigningKeys::load_or_create(&db, long).await.unwrap();
         let old = first.current_kid().to_owned();
-        assert_eq!(kids(&first), [old.clone()]);
+        assert_eq!(kids(&first), std::slice::from_ref(&old));
 
         // Pending: published, not signing yet.
         let (new, _) = rotate(&db, Duration::from_millis(300)).await.unwrap();
