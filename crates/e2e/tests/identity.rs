@@ -30,6 +30,13 @@ async fn sign_in(shop: &TestShop, email: &str) -> Value {
     res.json().await.unwrap()
 }
 
+async fn access(shop: &TestShop, email: &str) -> String {
+    sign_in(shop, email).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 async fn refresh(shop: &TestShop, token: &Value) -> reqwest::Response {
     shop.http
         .post(shop.url("/api/auth/refresh"))
@@ -126,10 +133,7 @@ async fn concurrent_refreshes_with_one_token_cannot_both_win() {
 async fn the_profile_is_updated_under_if_match() {
     let shop = TestShop::start().await;
     let email = register(&shop).await;
-    let token = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = access(&shop, &email).await;
     let res = shop.get("/api/users/me", Some(&token)).await;
     let etag = res.headers()["etag"].to_str().unwrap().to_owned();
     assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
@@ -286,10 +290,7 @@ async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the
             cfg.admin_emails = vec!["Root@Example.test".into()];
         })
         .await;
-    let admin = sign_in(&shop, "root@example.test").await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin = access(&shop, "root@example.test").await;
     let root: Value = shop.get_json("/api/users/me", Some(&admin)).await;
     assert_eq!(root["role"], "admin");
 
@@ -372,10 +373,7 @@ async fn admins_list_disable_and_promote_and_a_disabled_users_tokens_stop_at_the
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let p = expect_problem(shop.get("/api/users/me", Some(&user)).await, 401).await;
     assert_eq!(p["detail"], "the access token was revoked; sign in again");
-    let token = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = access(&shop, &email).await;
     assert_eq!(
         shop.get("/api/admin/users", Some(&token)).await.status(),
         200
@@ -430,14 +428,8 @@ async fn a_key_rotation_keeps_tokens_in_flight_working() {
         .await;
     let email = register(&shop).await;
     // Two tokens under the old key: one the gateway has seen, one it has not.
-    let seen = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let unseen = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let seen = access(&shop, &email).await;
+    let unseen = access(&shop, &email).await;
     assert_eq!(shop.get("/api/users/me", Some(&seen)).await.status(), 200);
 
     let res = shop
@@ -455,10 +447,7 @@ async fn a_key_rotation_keeps_tokens_in_flight_working() {
     assert_ne!(new_kid, kid(&seen));
 
     // The new key is published at once but does not sign yet.
-    let before = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let before = access(&shop, &email).await;
     assert_eq!(kid(&before), kid(&seen));
     let jwks: Value = shop.get_json("/.well-known/jwks.json", None).await;
     assert!(
@@ -470,10 +459,7 @@ async fn a_key_rotation_keeps_tokens_in_flight_working() {
     );
     // Once it takes over, new tokens carry its kid; the old key stays published.
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-    let fresh = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let fresh = access(&shop, &email).await;
     assert_eq!(kid(&fresh), new_kid);
     let jwks: Value = shop.get_json("/.well-known/jwks.json", None).await;
     let kids: Vec<&str> = jwks["keys"]
@@ -514,10 +500,7 @@ async fn orders_read_accounts_through_the_user_centers_interface() {
         .with_admin("ops@example.test", |_| {})
         .await;
     let email = register(&shop).await;
-    let token = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = access(&shop, &email).await;
     let me: Value = shop.get_json("/api/users/me", Some(&token)).await;
     let user_id = me["id"].as_str().unwrap().to_owned();
     let address = |city: &str| json!({"recipient": "Ada", "line1": "1 Main St", "city": city, "postal_code": "1000", "country": "BE"});
@@ -637,10 +620,7 @@ async fn the_shared_database_way_reads_the_published_view_and_cannot_write() {
     let shop =
         TestShop::start_with(|cfg| cfg.users_via = shopmesh_test_support::UsersVia::Database).await;
     let email = register(&shop).await;
-    let token = sign_in(&shop, &email).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = access(&shop, &email).await;
     let me: Value = shop.get_json("/api/users/me", Some(&token)).await;
     let id = me["id"].as_str().unwrap().to_owned();
 

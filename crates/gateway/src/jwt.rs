@@ -136,24 +136,7 @@ impl JwtVerifier {
     /// Fetches the revocation list once and replaces the one in use. On failure the last
     /// list stays (an outage of the identity provider does not re-enable anyone).
     pub async fn poll_revocations(&self, url: &str) -> Result<usize, String> {
-        let req = http::Request::get(url)
-            .header(http::header::ACCEPT, "application/json")
-            .body::<Body>(empty())
-            .map_err(|e| e.to_string())?;
-        let fetch = async {
-            let res = self.client.request(req).await.map_err(|e| e.to_string())?;
-            if !res.status().is_success() {
-                return Err(format!("status {}", res.status()));
-            }
-            http_body_util::Limited::new(res.into_body(), 64 * 1024 * 1024)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())
-                .map(|b| b.to_bytes())
-        };
-        let body = tokio::time::timeout(Duration::from_secs(5), fetch)
-            .await
-            .map_err(|_| "timed out".to_string())??;
+        let body = self.get(url, 64 * 1024 * 1024).await?;
         let list: RevocationList = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let map: HashMap<String, u64> = list
             .revoked
@@ -303,23 +286,31 @@ impl JwtVerifier {
         }
     }
 
-    async fn fetch(&self) -> Result<HashMap<String, Key>, String> {
-        let req = http::Request::get(&self.cfg.jwks_url)
+    /// GETs a JSON document of at most `limit` bytes from the identity provider, body
+    /// included within one 5 s deadline.
+    async fn get(&self, url: &str, limit: usize) -> Result<bytes::Bytes, String> {
+        let req = http::Request::get(url)
             .header(http::header::ACCEPT, "application/json")
             .body::<Body>(empty())
             .map_err(|e| e.to_string())?;
-        let res = tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
+        let fetch = async {
+            let res = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if !res.status().is_success() {
+                return Err(format!("status {}", res.status()));
+            }
+            http_body_util::Limited::new(res.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())
+                .map(|b| b.to_bytes())
+        };
+        tokio::time::timeout(Duration::from_secs(5), fetch)
             .await
             .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        if !res.status().is_success() {
-            return Err(format!("status {}", res.status()));
-        }
-        let body = http_body_util::Limited::new(res.into_body(), 256 * 1024)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+    }
+
+    async fn fetch(&self) -> Result<HashMap<String, Key>, String> {
+        let body = self.get(&self.cfg.jwks_url, 256 * 1024).await?;
         let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {

@@ -688,15 +688,7 @@ async fn route_and_forward(
             if let Some(d) = &limit_decision {
                 rate_limit_headers(&mut res, d);
             }
-            if req.method() == http::Method::HEAD {
-                // The length of what a GET would have carried, without it.
-                let len = res.body().size_hint().exact();
-                *res.body_mut() = empty();
-                if let Some(len) = len {
-                    res.headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                }
-            }
+            // HEAD: hyper sends the headers (the length included) and drops the body.
             return (outcome, res);
         }
     };

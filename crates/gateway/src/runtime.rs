@@ -257,55 +257,42 @@ impl Runtime {
             c.start_health_checks(&self.stop);
         }
         if let Some(jwt) = &self.jwt {
-            let jwt = jwt.clone();
-            let stop = self.stop.clone();
-            let every = Duration::from_millis(jwt.config().jwks_refresh_ms);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                // The first tick is immediate: the keys are there before the first token.
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => {
-                            let _ = jwt.refresh_scheduled().await;
-                        }
+            // The first tick is immediate: the keys are there before the first token.
+            let j = jwt.clone();
+            self.every(
+                Duration::from_millis(jwt.config().jwks_refresh_ms),
+                move || {
+                    let j = j.clone();
+                    async move {
+                        let _ = j.refresh_scheduled().await;
                     }
-                }
-            });
-        }
-        if let Some(jwt) = &self.jwt
-            && let Some(url) = jwt.config().revocations_url.clone()
-        {
-            let jwt = jwt.clone();
-            let stop = self.stop.clone();
-            let every = Duration::from_millis(jwt.config().revocations_poll_ms);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut failing = false;
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => match jwt.poll_revocations(&url).await {
+                },
+            );
+            if let Some(url) = jwt.config().revocations_url.clone() {
+                let j = jwt.clone();
+                let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                self.every(Duration::from_millis(jwt.config().revocations_poll_ms), move || {
+                    let (j, url, failing) = (j.clone(), url.clone(), failing.clone());
+                    async move {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        match j.poll_revocations(&url).await {
                             Ok(n) => {
-                                if failing {
+                                if failing.swap(false, Relaxed) {
                                     tracing::info!(revoked = n, "revocation list fetched again");
                                 }
-                                failing = false;
                                 metrics::gauge!("gateway_revoked_subjects").set(n as f64);
                             }
                             Err(e) => {
-                                if !failing {
+                                if !failing.swap(true, Relaxed) {
                                     tracing::warn!(error = %e, "revocation list fetch failed; the last list stays in force");
                                 }
-                                failing = true;
-                                metrics::counter!("gateway_revocation_fetch_errors_total").increment(1);
+                                metrics::counter!("gateway_revocation_fetch_errors_total")
+                                    .increment(1);
                             }
-                        },
+                        }
                     }
-                }
-            });
+                });
+            }
         }
         let locals: Vec<Arc<LocalLimiter>> = self
             .routes
@@ -316,17 +303,31 @@ impl Runtime {
             })
             .collect();
         if !locals.is_empty() {
-            let stop = self.stop.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(10));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => locals.iter().for_each(|l| l.housekeep()),
-                    }
-                }
+            let locals = Arc::new(locals);
+            self.every(Duration::from_secs(10), move || {
+                let locals = locals.clone();
+                async move { locals.iter().for_each(|l| l.housekeep()) }
             });
         }
+    }
+
+    /// Runs `job` every `period` (the first time at once) until this generation stops.
+    fn every<F, Fut>(&self, period: Duration, mut job: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => job().await,
+                }
+            }
+        });
     }
 
     /// Whether `ip` is one of the configured trusted proxies.

@@ -300,6 +300,45 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// `LIKE` pattern matching `needle` anywhere, with `%`, `_` and `\` escaped (use with
 /// `ESCAPE '\'`).
+/// One page of `SELECT {select} FROM {from}` filtered by `clauses` (ANDed, their `$n`
+/// numbered after `binds`), ordered by `order_by`, at `(limit, offset)`, and the total
+/// matching the filter.
+/// `select`, `from`, `clauses` and `order_by` are the caller's SQL; only `binds` come from
+/// requests.
+pub async fn filtered_page(
+    db: &Db,
+    select: &str,
+    from: &str,
+    clauses: &[String],
+    binds: Vec<String>,
+    order_by: &str,
+    (limit, offset): (i64, i64),
+) -> Result<(Vec<sqlx::any::AnyRow>, i64), sqlx::Error> {
+    let where_sql = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let count_sql = format!("SELECT COUNT(*) FROM {from} {where_sql}");
+    let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
+    for b in &binds {
+        count = count.bind(b.clone());
+    }
+    let total = count.fetch_one(&db.pool).await?;
+    let n = binds.len();
+    let page_sql = format!(
+        "SELECT {select} FROM {from} {where_sql} ORDER BY {order_by} LIMIT ${} OFFSET ${}",
+        n + 1,
+        n + 2
+    );
+    let mut page = sqlx::query(&page_sql);
+    for b in binds {
+        page = page.bind(b);
+    }
+    let rows = page.bind(limit).bind(offset).fetch_all(&db.pool).await?;
+    Ok((rows, total))
+}
+
 pub fn like_contains(needle: &str) -> String {
     let mut s = String::with_capacity(needle.len() + 2);
     s.push('%');

@@ -200,20 +200,9 @@ pub async fn open(
     };
     let db = Db::connect(&cfg, pool_size(name, storage), migrator).await?;
     let mut tasks = Vec::new();
-    let directory = Arc::new(match deps.users_via {
-        UsersVia::Interface => {
-            shopmesh_users_client::Directory::new(deps.users_url.clone(), DIRECTORY_TTL, 100_000)
-        }
-        UsersVia::Database => shopmesh_users_client::Directory::shared_database(
-            Db::open_read_only(
-                &storage.for_service(ServiceName::Users.as_str()),
-                4,
-                shopmesh_users::DIRECTORY_READER,
-            )
-            .await?,
-        ),
-    });
     let relay = Relay::new(db.clone(), m.broker.clone());
+    // The user center's interface (or view), opened for the orders service only.
+    let mut orders_directory = None;
     if matches!(
         name,
         ServiceName::Inventory | ServiceName::Payments | ServiceName::Orders | ServiceName::Users
@@ -255,6 +244,22 @@ pub async fn open(
             let h = Arc::new(shopmesh_orders::saga::OrderSaga);
             let topics = [ev::TOPIC_INVENTORY, ev::TOPIC_PAYMENTS];
             tasks = saga_tasks(name, ev::CONSUMER_ORDERS, &topics, &db, m, &relay, h).await?;
+            let directory = Arc::new(match deps.users_via {
+                UsersVia::Interface => shopmesh_users_client::Directory::new(
+                    deps.users_url.clone(),
+                    DIRECTORY_TTL,
+                    100_000,
+                ),
+                UsersVia::Database => shopmesh_users_client::Directory::shared_database(
+                    Db::open_read_only(
+                        &storage.for_service(ServiceName::Users.as_str()),
+                        4,
+                        shopmesh_users::DIRECTORY_READER,
+                    )
+                    .await?,
+                ),
+            });
+            orders_directory = Some(directory.clone());
             // Account changes drop the directory's cached copies.
             let invalidator = Arc::new(shopmesh_users_client::Invalidator(directory.clone()));
             let c = Consumer::new(
@@ -318,7 +323,7 @@ pub async fn open(
             shopmesh_orders::Deps {
                 pricing_url: deps.pricing_url.clone(),
                 payments_url: deps.payments_url.clone(),
-                directory,
+                directory: orders_directory.expect("opened with the orders consumers above"),
             },
             relay,
         ),

@@ -149,28 +149,16 @@ pub async fn list(
             clauses.push(format!("{column} = ${}", binds.len()));
         }
     }
-    let where_sql = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
-    let count_sql = format!("SELECT COUNT(*) FROM users {where_sql}");
-    let mut count = sqlx::query_scalar::<_, i64>(&count_sql);
-    for b in &binds {
-        count = count.bind(b.clone());
-    }
-    let total = count.fetch_one(&db.pool).await?;
-    let n = binds.len();
-    let page_sql = format!(
-        "SELECT {COLUMNS} FROM users {where_sql} ORDER BY email LIMIT ${} OFFSET ${}",
-        n + 1,
-        n + 2
-    );
-    let mut page = sqlx::query(&page_sql);
-    for b in binds {
-        page = page.bind(b);
-    }
-    let rows = page.bind(limit).bind(offset).fetch_all(&db.pool).await?;
+    let (rows, total) = shopmesh_platform::db::filtered_page(
+        db,
+        COLUMNS,
+        "users",
+        &clauses,
+        binds,
+        "email",
+        (limit, offset),
+    )
+    .await?;
     let items = rows.iter().map(from_row).collect::<Result<_, _>>()?;
     Ok((items, total))
 }

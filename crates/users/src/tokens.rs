@@ -82,28 +82,22 @@ pub async fn refresh(db: &Db, token: &str, ttl_ms: i64) -> Result<Refresh, sqlx:
     .await?
     .rows_affected()
         == 1;
-    let Some(row) =
-        sqlx::query("SELECT family, user_id, revoked_at FROM refresh_tokens WHERE id = $1")
-            .bind(&id)
-            .fetch_optional(&mut *tx)
-            .await?
+    let Some(row) = sqlx::query(
+        "SELECT family, user_id, used_at, revoked_at FROM refresh_tokens WHERE id = $1",
+    )
+    .bind(&id)
+    .fetch_optional(&mut *tx)
+    .await?
     else {
         return Ok(Refresh::Invalid);
     };
     let family: String = row.try_get("family")?;
     let user_id: String = row.try_get("user_id")?;
+    let used_at: Option<i64> = row.try_get("used_at")?;
     let revoked_at: Option<i64> = row.try_get("revoked_at")?;
     if !claimed {
-        if revoked_at.is_some() {
-            return Ok(Refresh::Invalid);
-        }
-        // Known, not revoked, not claimable: expired, or used before.
-        let used: Option<i64> =
-            sqlx::query_scalar("SELECT used_at FROM refresh_tokens WHERE id = $1")
-                .bind(&id)
-                .fetch_one(&mut *tx)
-                .await?;
-        if used.is_none() {
+        // Known but not claimable: revoked or expired, or used before (a reuse).
+        if revoked_at.is_some() || used_at.is_none() {
             return Ok(Refresh::Invalid);
         }
         revoke_family(&mut *tx, &family, now).await?;

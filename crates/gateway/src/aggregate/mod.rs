@@ -71,6 +71,8 @@ struct PartPlan {
     /// Whether the answer is parsed into a tree. Otherwise (nothing reshapes it, nothing
     /// reads it) it is only validated and copied into the merged document as it came.
     parse: bool,
+    /// `cfg.fallback`, shared rather than copied per request.
+    fallback: Arc<Value>,
 }
 
 #[derive(Debug)]
@@ -248,6 +250,7 @@ impl Plan {
             deps.dedup();
             parts.push(PartPlan {
                 parse: true,
+                fallback: Arc::new(p.fallback.clone()),
                 cfg: p.clone(),
                 name: p.name.as_str().into(),
                 path,
@@ -634,7 +637,7 @@ impl Composite {
         let part = &self.plan.parts[i];
         Report {
             // In the document, a skipped part holds its fallback, so the shape is stable.
-            value: (part.enrich.is_none()).then(|| Arc::new(part.cfg.fallback.clone())),
+            value: part.enrich.is_none().then(|| part.fallback.clone()),
             raw: None,
             failure: None,
             status: None,
@@ -746,7 +749,7 @@ impl Composite {
         let timeout = part.timeout;
         let max = part.cfg.max_body_bytes;
         let parse = part.parse;
-        let fallback = (!part.cfg.required).then(|| Arc::new(part.cfg.fallback.clone()));
+        let fallback = (!part.cfg.required).then(|| part.fallback.clone());
         let route = self.route.clone();
         let name = part.name.clone();
         let m = self.metrics[i].clone();
@@ -810,7 +813,7 @@ impl Composite {
     fn failed(&self, i: usize, failure: Failure, elapsed: Duration) -> Report {
         let part = &self.plan.parts[i];
         Report {
-            value: (!part.cfg.required).then(|| Arc::new(part.cfg.fallback.clone())),
+            value: (!part.cfg.required).then(|| part.fallback.clone()),
             raw: None,
             status: None,
             failure: Some(failure),
@@ -1192,7 +1195,7 @@ fn enrich(doc: &mut BTreeMap<String, Out<'_>>, part: &PartPlan, e: &Enrich, r: &
     let Some(Value::Array(items)) = target else {
         return;
     };
-    let fallback = part.cfg.fallback.clone();
+    let fallback = &*part.fallback;
     let by_key: HashMap<String, Value> = match (&r.failure, &r.value) {
         (None, Some(v)) => shape_each(part, &e.by, v).unwrap_or_default(),
         _ => HashMap::new(),
