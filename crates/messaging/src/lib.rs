@@ -3,8 +3,9 @@
 //! - [`Envelope`]: a typed event in a CloudEvents 1.0 envelope (`id`, `source`, `type`,
 //!   `time`, `subject` — the ordering key — and W3C `traceparent`).
 //! - [`Broker`]: publish and durable subscriptions; [`embedded::EmbeddedBroker`] is a
-//!   durable in-process broker on SQLite (no server; `kill -9` loses nothing). RabbitMQ and
-//!   NATS adapters implement the same trait.
+//!   durable in-process broker on SQLite (no server; `kill -9` loses nothing);
+//!   [`rabbitmq::RabbitMqBroker`] and [`nats::NatsBroker`] implement the same trait on
+//!   RabbitMQ and NATS JetStream. [`connect`] picks one by URL.
 //! - [`outbox`]: the business write and its events commit in one database transaction; a
 //!   relay publishes them in batches and removes them only after the broker has them, so a
 //!   crash anywhere means at-least-once, never zero.
@@ -40,8 +41,123 @@ pub mod dlq;
 pub mod embedded;
 pub mod envelope;
 pub mod failpoint;
+pub mod nats;
 pub mod outbox;
+pub mod partition;
+pub mod rabbitmq;
 
 pub use broker::{Backlog, Broker, BrokerError, Delivery, Subscription};
 pub use consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
 pub use envelope::{Envelope, Event};
+
+use std::path::Path;
+use std::sync::Arc;
+
+/// Which broker a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerUrl {
+    /// The embedded broker, in a file (`embedded`, the default, keeps it in the data directory).
+    Embedded,
+    /// `amqp://user:pass@host:port/vhost` (`amqps://` is not built in).
+    RabbitMq(String),
+    /// `nats://host:port`.
+    Nats(String),
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = BrokerError;
+    fn from_str(s: &str) -> Result<Self, BrokerError> {
+        let s = s.trim();
+        if s.is_empty() || s == "embedded" {
+            Ok(BrokerUrl::Embedded)
+        } else if s.starts_with("amqp://") {
+            Ok(BrokerUrl::RabbitMq(s.to_owned()))
+        } else if s.starts_with("nats://") {
+            Ok(BrokerUrl::Nats(s.to_owned()))
+        } else {
+            Err(BrokerError::Unavailable(format!(
+                "unknown broker `{s}`: expected `embedded`, `amqp://…` or `nats://…`"
+            )))
+        }
+    }
+}
+
+impl BrokerUrl {
+    /// A name for logs and benchmark lines, without credentials.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BrokerUrl::Embedded => "embedded",
+            BrokerUrl::RabbitMq(_) => "rabbitmq",
+            BrokerUrl::Nats(_) => "nats",
+        }
+    }
+}
+
+/// Connects to the broker `url` names; the embedded one lives in the file `embedded_path`.
+pub async fn connect(
+    url: &BrokerUrl,
+    embedded_path: &Path,
+) -> Result<Arc<dyn Broker>, BrokerError> {
+    Ok(match url {
+        BrokerUrl::Embedded => Arc::new(embedded::EmbeddedBroker::open(embedded_path).await?),
+        BrokerUrl::RabbitMq(u) => Arc::new(rabbitmq::RabbitMqBroker::connect(u).await?),
+        BrokerUrl::Nats(u) => Arc::new(nats::NatsBroker::connect(u).await?),
+    })
+}
+
+/// Takes shopmesh's own `partitions=N` out of a broker URL's query.
+pub(crate) fn split_partitions(url: &str) -> Result<(String, u16), BrokerError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), partition::DEFAULT_PARTITIONS));
+    };
+    let mut partitions = partition::DEFAULT_PARTITIONS;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("partitions", n)) => {
+                partitions = n
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or_else(|| {
+                        BrokerError::Unavailable(format!("partitions must be 1 to 1024, not `{n}`"))
+                    })?;
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, partitions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            "embedded".parse::<BrokerUrl>().unwrap(),
+            BrokerUrl::Embedded
+        );
+        assert_eq!("nats://h:4222".parse::<BrokerUrl>().unwrap().kind(), "nats");
+        assert_eq!(
+            "amqp://g:g@h:5672".parse::<BrokerUrl>().unwrap().kind(),
+            "rabbitmq"
+        );
+        assert!("kafka://h".parse::<BrokerUrl>().is_err());
+        assert_eq!(
+            split_partitions("amqp://h?heartbeat=10&partitions=8").unwrap(),
+            ("amqp://h?heartbeat=10".to_owned(), 8)
+        );
+        assert_eq!(
+            split_partitions("nats://h").unwrap(),
+            ("nats://h".to_owned(), 32)
+        );
+        assert!(split_partitions("nats://h?partitions=0").is_err());
+    }
+}

@@ -1,0 +1,515 @@
+//! The broker contract: every adapter passes the same tests. The embedded broker's run with
+//! `cargo test`; RabbitMQ's and NATS's are `#[ignore]`d and run with `-- --ignored` against
+//! the servers at `SHOPMESH_TEST_RABBITMQ` (default `amqp://guest:guest@127.0.0.1:5672`) and
+//! `SHOPMESH_TEST_NATS` (default `nats://127.0.0.1:4222`). A missing server fails them.
+//!
+//! Each test uses its own group and topic names, so they run side by side; the broker
+//! restart test takes a lock that keeps the others of the same broker out meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use shopmesh_messaging::{
+    Broker, Consumer, ConsumerConfig, Delivery, Envelope, Event, Handler, HandlerError,
+    Subscription, dlq, outbox,
+};
+use shopmesh_platform::db::{Db, DbConfig};
+use sqlx::{Any, Transaction};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Step {
+    key: String,
+    seq: u32,
+}
+impl Event for Step {
+    const TYPE: &'static str = "test.step";
+}
+
+fn step(key: &str, seq: u32) -> Envelope {
+    Envelope::new(
+        "contract",
+        key,
+        &Step {
+            key: key.into(),
+            seq,
+        },
+    )
+    .unwrap()
+}
+
+fn decode(d: &Delivery) -> (String, u32, String) {
+    let env = Envelope::from_json(&d.payload).unwrap();
+    let s: Step = serde_json::from_value(env.data).unwrap();
+    (s.key, s.seq, env.id)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Embedded,
+    RabbitMq,
+    Nats,
+}
+
+/// A broker under test. `connect` opens a new connection: a new "process".
+struct Fixture {
+    kind: Kind,
+    dir: tempfile::TempDir,
+}
+
+static EMBEDDED: RwLock<()> = RwLock::new(());
+static RABBIT: RwLock<()> = RwLock::new(());
+static NATS: RwLock<()> = RwLock::new(());
+
+impl Fixture {
+    fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn lock(&self) -> &'static RwLock<()> {
+        match self.kind {
+            Kind::Embedded => &EMBEDDED,
+            Kind::RabbitMq => &RABBIT,
+            Kind::Nats => &NATS,
+        }
+    }
+
+    fn url(&self) -> String {
+        // Few partitions: quicker to declare, and the per-key rules are exercised harder.
+        match self.kind {
+            Kind::Embedded => String::new(),
+            Kind::RabbitMq => format!(
+                "{}?partitions=4",
+                std::env::var("SHOPMESH_TEST_RABBITMQ")
+                    .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+            ),
+            Kind::Nats => format!(
+                "{}?partitions=4",
+                std::env::var("SHOPMESH_TEST_NATS")
+                    .unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+            ),
+        }
+    }
+
+    async fn connect(&self) -> Arc<dyn Broker> {
+        let path = self.dir.path().join("broker.db");
+        let url = match self.kind {
+            Kind::Embedded => shopmesh_messaging::BrokerUrl::Embedded,
+            _ => self.url().parse().unwrap(),
+        };
+        shopmesh_messaging::connect(&url, &path)
+            .await
+            .unwrap_or_else(|e| panic!("{:?} broker at {}: {e}", self.kind, self.url()))
+    }
+
+    /// Restarts the broker server (the embedded one: closes and reopens its file).
+    fn restart(&self) {
+        let sh = |cmd: &str| {
+            let ok = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "`{cmd}` failed");
+        };
+        match self.kind {
+            Kind::Embedded => {}
+            Kind::RabbitMq => sh("rabbitmqctl -q stop_app && rabbitmqctl -q start_app"),
+            Kind::Nats => sh(
+                "pkill -x nats-server; for i in $(seq 1 50); do pgrep -x nats-server >/dev/null || break; sleep 0.1; done; \
+                 start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+                 -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
+            ),
+        }
+    }
+}
+
+fn names() -> (String, String) {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    (format!("g{id}"), format!("t{id}"))
+}
+
+/// Takes deliveries until `want` distinct message ids were seen or `within` passes.
+async fn take(
+    sub: &dyn Subscription,
+    want: usize,
+    within: Duration,
+    ack: bool,
+) -> Vec<(String, u32, String, u32)> {
+    let mut seen = Vec::new();
+    let mut ids = HashSet::new();
+    let deadline = Instant::now() + within;
+    while ids.len() < want && Instant::now() < deadline {
+        let ds = sub.next(64, Duration::from_millis(200)).await.unwrap();
+        for d in &ds {
+            let (k, s, id) = decode(d);
+            ids.insert(id.clone());
+            seen.push((k, s, id, d.attempt));
+        }
+        if ack {
+            sub.ack(&ds).await.unwrap();
+        }
+    }
+    seen
+}
+
+async fn publish_retrying(b: &dyn Broker, topic: &str, batch: &[Envelope]) {
+    // What the outbox relay does: keep the events and try again until the broker takes them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match b.publish(topic, batch).await {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "publish failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("publish never succeeded: {e}"),
+        }
+    }
+}
+
+async fn publish_consume_ack(f: Fixture) {
+    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let b = f.connect().await;
+    let (g, t) = names();
+    let sub = b.subscribe(&g, &[&t]).await.unwrap();
+    let batch: Vec<Envelope> = (0..50)
+        .map(|i| step(&format!("k{}", i % 10), i / 10))
+        .collect();
+    b.publish(&t, &batch).await.unwrap();
+    let got = take(sub.as_ref(), 50, Duration::from_secs(20), true).await;
+    let ids: HashSet<&String> = got.iter().map(|g| &g.2).collect();
+    assert_eq!(ids.len(), 50, "every message arrives");
+    assert!(
+        got.iter().all(|g| g.3 == 1),
+        "first deliveries say attempt 1"
+    );
+    // Acknowledged means gone, for this subscriber and for the next one of its group.
+    assert!(
+        sub.next(64, Duration::from_millis(800))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(sub);
+    let again = b.subscribe(&g, &[&t]).await.unwrap();
+    assert!(
+        again
+            .next(64, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn every_group_gets_a_copy(f: Fixture) {
+    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let b = f.connect().await;
+    let (g, t) = names();
+    let one = b.subscribe(&format!("{g}a"), &[&t]).await.unwrap();
+    let two = b.subscribe(&format!("{g}b"), &[&t]).await.unwrap();
+    let batch: Vec<Envelope> = (0..10).map(|i| step("k", i)).collect();
+    b.publish(&t, &batch).await.unwrap();
+    for sub in [&one, &two] {
+        let got = take(sub.as_ref(), 10, Duration::from_secs(20), true).await;
+        assert_eq!(got.len(), 10);
+    }
+}
+
+async fn redelivery_after_a_consumer_crash(f: Fixture) {
+    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let (g, t) = names();
+    let b = f.connect().await;
+    drop(b.subscribe(&g, &[&t]).await.unwrap());
+    let batch: Vec<Envelope> = (0..6).map(|i| step(&format!("k{i}"), 0)).collect();
+    b.publish(&t, &batch).await.unwrap();
+    let taken: HashSet<String> = {
+        // A "process" takes what it can (one per partition on the partitioned brokers) and
+        // dies before acknowledging.
+        let crashed = f.connect().await;
+        let sub = crashed.subscribe(&g, &[&t]).await.unwrap();
+        let got = take(sub.as_ref(), 6, Duration::from_secs(3), false).await;
+        assert!(!got.is_empty());
+        got.into_iter().map(|g| g.2).collect()
+    };
+    // Long enough for the broker to notice the closed connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b2 = f.connect().await;
+    let sub = b2.subscribe(&g, &[&t]).await.unwrap();
+    // NATS hands them out again once their ack wait (30 s) runs out.
+    let got = take(sub.as_ref(), 6, Duration::from_secs(45), true).await;
+    let ids: HashSet<&String> = got.iter().map(|g| &g.2).collect();
+    assert_eq!(ids.len(), 6, "unacknowledged messages come again");
+    for (_, _, id, attempt) in &got {
+        if taken.contains(id) {
+            assert!(*attempt >= 2, "a redelivery says so: {got:?}");
+        }
+    }
+}
+
+async fn one_key_in_order_across_retries(f: Fixture) {
+    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let b = f.connect().await;
+    let (g, t) = names();
+    let sub = b.subscribe(&g, &[&t]).await.unwrap();
+    let keys = 12;
+    let per_key = 8u32;
+    for seq in 0..per_key {
+        let batch: Vec<Envelope> = (0..keys).map(|k| step(&format!("k{k}"), seq)).collect();
+        b.publish(&t, &batch).await.unwrap();
+    }
+    let mut done: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut n = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.values().map(Vec::len).sum::<usize>() < keys * per_key as usize {
+        assert!(Instant::now() < deadline, "not all handled: {done:?}");
+        let ds = sub.next(64, Duration::from_millis(200)).await.unwrap();
+        let mut ok = Vec::new();
+        for d in ds {
+            n += 1;
+            // Every third delivery fails and is retried a little later.
+            if n % 3 == 0 {
+                sub.nack(&d, Duration::from_millis(30)).await.unwrap();
+            } else {
+                let (k, s, _) = decode(&d);
+                done.entry(k).or_default().push(s);
+                ok.push(d);
+            }
+        }
+        sub.ack(&ok).await.unwrap();
+    }
+    for (k, seqs) in &done {
+        assert_eq!(
+            seqs,
+            &(0..per_key).collect::<Vec<_>>(),
+            "key {k} out of order"
+        );
+    }
+}
+
+async fn competing_consumers_share_the_work(f: Fixture) {
+    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let (g, t) = names();
+    let one = f.connect().await;
+    let two = f.connect().await;
+    let s1: Arc<dyn Subscription> = one.subscribe(&g, &[&t]).await.unwrap().into();
+    let s2: Arc<dyn Subscription> = two.subscribe(&g, &[&t]).await.unwrap().into();
+    let total = 400u32;
+    let keys = 40u32;
+    // The order in which messages were handled, across both instances.
+    let log: Arc<Mutex<Vec<(String, u32, String, usize)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for (i, s) in [s1, s2].into_iter().enumerate() {
+        let (log, stop) = (log.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                // Small batches that take a while: work waits for whichever instance is free.
+                let ds = s.next(8, Duration::from_millis(100)).await.unwrap();
+                for d in &ds {
+                    let (k, seq, id) = decode(d);
+                    log.lock().unwrap().push((k, seq, id, i));
+                }
+                tokio::time::sleep(Duration::from_millis(3) * ds.len() as u32).await;
+                s.ack(&ds).await.unwrap();
+            }
+        }));
+    }
+    // A steady stream over a few seconds, so a consumer that joins the split gets some.
+    for seq in 0..total / keys {
+        let batch: Vec<Envelope> = (0..keys).map(|k| step(&format!("k{k}"), seq)).collect();
+        one.publish(&t, &batch).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ids: HashSet<String> = log.lock().unwrap().iter().map(|l| l.2.clone()).collect();
+        if ids.len() == total as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {total} handled",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let log = log.lock().unwrap();
+    let by = |i| log.iter().filter(|l| l.3 == i).count();
+    assert!(
+        by(0) > 0 && by(1) > 0,
+        "both instances worked: {} and {}",
+        by(0),
+        by(1)
+    );
+    assert_eq!(log.len(), total as usize, "nothing handled twice");
+    let mut next: HashMap<&str, u32> = HashMap::new();
+    for (k, seq, _, _) in log.iter() {
+        let want = next.entry(k.as_str()).or_default();
+        assert_eq!(seq, want, "key {k} out of order across instances");
+        *want += 1;
+    }
+}
+
+/// A handler that fails every message of key `bad`, and counts the others.
+struct Picky {
+    applied: AtomicU32,
+}
+
+impl Handler for Picky {
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a mut Transaction<'static, Any>,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            if envelope.subject == "bad" {
+                return Err(HandlerError::Retryable("always fails".into()));
+            }
+            self.applied.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+async fn service_db(dir: &std::path::Path) -> Db {
+    let db = Db::open(
+        &DbConfig::Sqlite {
+            path: dir.join("service.db"),
+        },
+        2,
+    )
+    .await
+    .unwrap();
+    outbox::install(&db).await.unwrap();
+    db
+}
+
+async fn dead_lettering(f: Fixture) {
+    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let b = f.connect().await;
+    let (g, t) = names();
+    let db = service_db(f.dir.path()).await;
+    let mut cfg = ConsumerConfig::new(&g, &[&t]);
+    cfg.max_attempts = 3;
+    cfg.base_backoff = Duration::from_millis(20);
+    cfg.max_backoff = Duration::from_millis(50);
+    let picky = Arc::new(Picky {
+        applied: AtomicU32::new(0),
+    });
+    let consumer = Consumer::new(cfg, db.clone(), b.as_ref(), picky.clone())
+        .await
+        .unwrap();
+    let mut batch = vec![step("bad", 0)];
+    batch.extend((0..20).map(|i| step(&format!("k{i}"), 0)));
+    b.publish(&t, &batch).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        consumer
+            .poll_once(Duration::from_millis(100))
+            .await
+            .unwrap();
+        let dead = dlq::list(&db, 10).await.unwrap();
+        if !dead.is_empty() && picky.applied.load(Ordering::SeqCst) == 20 {
+            assert_eq!(dead.len(), 1);
+            assert_eq!(dead[0].attempts, 3);
+            assert!(
+                dead[0].reason.contains("always fails"),
+                "{}",
+                dead[0].reason
+            );
+            assert_eq!(dead[0].message_id.as_deref(), Some(batch[0].id.as_str()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failing message was not dead-lettered"
+        );
+    }
+}
+
+async fn nothing_lost_across_a_broker_restart(f: Fixture) {
+    let _l = f.lock().write().unwrap_or_else(|p| p.into_inner());
+    let b = f.connect().await;
+    let (g, t) = names();
+    let sub = b.subscribe(&g, &[&t]).await.unwrap();
+    let first: Vec<Envelope> = (0..100)
+        .map(|i| step(&format!("k{}", i % 10), i / 10))
+        .collect();
+    b.publish(&t, &first).await.unwrap();
+    let got = take(sub.as_ref(), 30, Duration::from_secs(20), true).await;
+    assert!(got.len() >= 30);
+    f.restart();
+    // Published while (or right after) the broker restarts: the publisher retries.
+    let second: Vec<Envelope> = (10..20)
+        .flat_map(|s| (0..10).map(move |k| step(&format!("k{k}"), s)))
+        .collect();
+    publish_retrying(b.as_ref(), &t, &second).await;
+    // The same connection and subscription carry on once reconnected.
+    let before: HashSet<&String> = got.iter().map(|g| &g.2).collect();
+    let rest = take(
+        sub.as_ref(),
+        200 - before.len(),
+        Duration::from_secs(90),
+        true,
+    )
+    .await;
+    let ids: HashSet<String> = got.iter().chain(&rest).map(|g| g.2.clone()).collect();
+    let want: HashSet<String> = first.iter().chain(&second).map(|e| e.id.clone()).collect();
+    let missing: Vec<_> = want.difference(&ids).collect();
+    assert!(missing.is_empty(), "lost {} messages", missing.len());
+}
+
+macro_rules! contract {
+    ($module:ident, $kind:expr, $($ignore:meta)?) => {
+        mod $module {
+            use super::*;
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn publish_consume_ack() { super::publish_consume_ack(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn every_group_gets_a_copy() { super::every_group_gets_a_copy(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redelivery_after_a_consumer_crash() { super::redelivery_after_a_consumer_crash(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn one_key_in_order_across_retries() { super::one_key_in_order_across_retries(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn competing_consumers_share_the_work() { super::competing_consumers_share_the_work(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dead_lettering() { super::dead_lettering(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nothing_lost_across_a_broker_restart() { super::nothing_lost_across_a_broker_restart(Fixture::new($kind)).await }
+        }
+    };
+}
+
+contract!(embedded, Kind::Embedded,);
+contract!(
+    rabbitmq,
+    Kind::RabbitMq,
+    ignore = "needs RabbitMQ: cargo test -- --ignored"
+);
+contract!(
+    nats,
+    Kind::Nats,
+    ignore = "needs NATS JetStream: cargo test -- --ignored"
+);
