@@ -467,5 +467,7 @@ async fn card_numbers_are_vaulted_and_stored_nowhere_else() {
             }
         }
     }
-    assert!(files >= 2, "the broker's files at least");
+    if shop.storage.broker == shopmesh_test_support::BrokerUrl::Embedded {
+        assert!(files >= 2, "the broker's files at least");
+    }
 }

@@ -69,6 +69,15 @@ pub trait Broker: Send + Sync {
         topic: &'a str,
         batch: &'a [Envelope],
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
+    /// Creates the durable subscription `group` to `topics` without consuming from it, so
+    /// that messages published from now on wait for its consumer. Idempotent.
+    fn declare<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move { self.subscribe(group, topics).await.map(drop) })
+    }
     /// Opens the durable subscription `group` to `topics` (creating it if needed). One
     /// subscription per group per process.
     fn subscribe<'a>(
@@ -76,4 +85,47 @@ pub trait Broker: Send + Sync {
         group: &'a str,
         topics: &'a [&'a str],
     ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>>;
+}
+
+/// Test mode: publishes every batch twice (same message ids), as a broker may deliver after
+/// a failover or a lost acknowledgement. Consumers must apply each message once. (NATS
+/// JetStream drops the second copy itself, by message id, within its duplicate window.)
+pub struct Duplicating(pub std::sync::Arc<dyn Broker>);
+
+impl Broker for Duplicating {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        batch: &'a [Envelope],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.0.publish(topic, batch).await?;
+            self.0.publish(topic, batch).await
+        })
+    }
+
+    fn deliver_to<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        batch: &'a [Envelope],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.0.deliver_to(group, topic, batch)
+    }
+
+    fn declare<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.0.declare(group, topics)
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>> {
+        self.0.subscribe(group, topics)
+    }
 }

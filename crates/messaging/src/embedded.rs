@@ -58,7 +58,6 @@ pub struct EmbeddedBroker {
     notify: Arc<Notify>,
     lease: Duration,
     poll: Duration,
-    duplicate: bool,
 }
 
 fn now_ms() -> i64 {
@@ -91,15 +90,7 @@ impl EmbeddedBroker {
             notify: Arc::new(Notify::new()),
             lease: DEFAULT_LEASE,
             poll: Duration::from_millis(200),
-            duplicate: false,
         })
-    }
-
-    /// Test mode: every message is delivered twice (same id), as a broker may do after a
-    /// failover or a lost ack. Consumers must apply it once.
-    pub fn with_duplicate_deliveries(mut self, on: bool) -> Self {
-        self.duplicate = on;
-        self
     }
 
     /// Messages waiting in every queue, by group.
@@ -113,11 +104,7 @@ impl EmbeddedBroker {
     }
 
     async fn publish_batch(&self, topic: &str, batch: &[Envelope]) -> Result<(), BrokerError> {
-        let copies = if self.duplicate { 2 } else { 1 };
-        let messages: Vec<&Envelope> = batch
-            .iter()
-            .flat_map(|e| std::iter::repeat_n(e, copies))
-            .collect();
+        let messages: Vec<&Envelope> = batch.iter().collect();
         // One statement per chunk: the whole chunk fans out to every subscribed group, in
         // message order (the ordinal column), in one fsynced commit.
         for chunk in messages.chunks(200) {

@@ -105,33 +105,81 @@ pub async fn connect(
     })
 }
 
-/// Takes shopmesh's own `partitions=N` out of a broker URL's query.
-pub(crate) fn split_partitions(url: &str) -> Result<(String, u16), BrokerError> {
-    let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_owned(), partition::DEFAULT_PARTITIONS));
-    };
-    let mut partitions = partition::DEFAULT_PARTITIONS;
-    let mut rest = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("partitions", n)) => {
-                partitions = n
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1024).contains(n))
-                    .ok_or_else(|| {
-                        BrokerError::Unavailable(format!("partitions must be 1 to 1024, not `{n}`"))
-                    })?;
+/// shopmesh's own settings in a broker URL's query (`?partitions=8&namespace=staging`),
+/// taken out before the URL goes to the client library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerOptions {
+    /// The URL without shopmesh's settings.
+    pub url: String,
+    /// Partitions per subscription ([`partition::DEFAULT_PARTITIONS`]).
+    pub partitions: u16,
+    /// Prefix of everything shopmesh creates on the broker (`shopmesh`): several shops (or
+    /// environments) can share one broker under different namespaces.
+    pub namespace: String,
+    /// Temporary topology (`expires=SECONDS`): queues and consumers nobody used for this
+    /// long are deleted by the broker, with their messages. For tests and throwaway
+    /// environments only.
+    pub expires: Option<std::time::Duration>,
+    /// RabbitMQ only (`queue_type=classic`): classic queues instead of quorum queues. Lighter
+    /// on the broker, but not replicated and without a delivery count that survives a
+    /// consumer's restart.
+    pub classic_queues: bool,
+}
+
+impl BrokerOptions {
+    pub fn parse(url: &str) -> Result<Self, BrokerError> {
+        let bad = |what: &str| BrokerError::Unavailable(format!("broker URL: {what}"));
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut o = BrokerOptions {
+            url: base.to_owned(),
+            partitions: partition::DEFAULT_PARTITIONS,
+            namespace: "shopmesh".into(),
+            expires: None,
+            classic_queues: false,
+        };
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("partitions", n)) => {
+                    o.partitions = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=1024).contains(n))
+                        .ok_or_else(|| bad(&format!("partitions must be 1 to 1024, not `{n}`")))?;
+                }
+                Some(("namespace", n)) => {
+                    let ok = !n.is_empty()
+                        && n.len() <= 64
+                        && n.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                    if !ok {
+                        return Err(bad(&format!(
+                            "namespace must be 1 to 64 letters, digits, `-` or `_`, not `{n}`"
+                        )));
+                    }
+                    o.namespace = n.to_owned();
+                }
+                Some(("expires", n)) => {
+                    let secs: u64 = n
+                        .parse()
+                        .ok()
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| bad(&format!("expires must be seconds, not `{n}`")))?;
+                    o.expires = Some(std::time::Duration::from_secs(secs));
+                }
+                Some(("queue_type", "classic")) => o.classic_queues = true,
+                Some(("queue_type", "quorum")) => o.classic_queues = false,
+                Some(("queue_type", t)) => {
+                    return Err(bad(&format!("queue_type is quorum or classic, not `{t}`")));
+                }
+                _ => rest.push(pair),
             }
-            _ => rest.push(pair),
         }
+        if !rest.is_empty() {
+            o.url = format!("{base}?{}", rest.join("&"));
+        }
+        Ok(o)
     }
-    let url = if rest.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", rest.join("&"))
-    };
-    Ok((url, partitions))
 }
 
 #[cfg(test)]
@@ -150,14 +198,17 @@ mod tests {
             "rabbitmq"
         );
         assert!("kafka://h".parse::<BrokerUrl>().is_err());
+        let o = BrokerOptions::parse("amqp://h?heartbeat=10&partitions=8&namespace=t1&expires=60")
+            .unwrap();
+        assert_eq!(o.url, "amqp://h?heartbeat=10");
+        assert_eq!((o.partitions, o.namespace.as_str()), (8, "t1"));
+        assert_eq!(o.expires, Some(std::time::Duration::from_secs(60)));
+        let o = BrokerOptions::parse("nats://h").unwrap();
         assert_eq!(
-            split_partitions("amqp://h?heartbeat=10&partitions=8").unwrap(),
-            ("amqp://h?heartbeat=10".to_owned(), 8)
+            (o.url.as_str(), o.partitions, o.namespace.as_str()),
+            ("nats://h", 32, "shopmesh")
         );
-        assert_eq!(
-            split_partitions("nats://h").unwrap(),
-            ("nats://h".to_owned(), 32)
-        );
-        assert!(split_partitions("nats://h?partitions=0").is_err());
+        assert!(BrokerOptions::parse("nats://h?partitions=0").is_err());
+        assert!(BrokerOptions::parse("nats://h?namespace=a.b").is_err());
     }
 }

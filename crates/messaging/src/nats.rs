@@ -1,11 +1,12 @@
 //! NATS JetStream adapter (through `async-nats`). Works with NATS server 2.9 and later.
 //!
-//! Topology, declared by shopmesh at start-up (idempotently):
+//! Topology, declared by shopmesh at start-up (idempotently), under its namespace `{ns}`
+//! (`shopmesh` unless the URL says `?namespace=…`; the stream's name is it upper-cased):
 //!
 //! | object | what for |
 //! |---|---|
-//! | stream `SHOPMESH`, subjects `shopmesh.>` | every message, on file storage, interest retention (a message stays until every group subscribed to it has acknowledged it), at most 7 days, 2-minute duplicate window on the message id |
-//! | subject `shopmesh.{topic}.{p}` | a publish to `topic`, partition `p` of its key |
+//! | stream `{NS}`, subjects `{ns}.>` | every message, on file storage, interest retention (a message stays until every group subscribed to it has acknowledged it), at most 7 days, 2-minute duplicate window on the message id |
+//! | subject `{ns}.{topic}.{p}` | a publish to `topic`, partition `p` of its key |
 //! | durable pull consumer `{group}_{topic}_{p}` | group `group`'s subscription to that partition: explicit acks, one unacknowledged message at a time, redelivered after 30 s without an ack, at most 100 deliveries |
 //!
 //! Ordering and sharing: each partition consumer lets one message out at a time
@@ -35,7 +36,6 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::broker::{Backlog, Broker, BrokerError, Delivery, Subscription};
 use crate::{Envelope, partition};
 
-pub const STREAM: &str = "SHOPMESH";
 pub const DELIVERY_LIMIT: i64 = 100;
 const ACK_WAIT: Duration = Duration::from_secs(30);
 const PUBLISHED_MS: &str = "Shopmesh-Published-Ms";
@@ -44,8 +44,13 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
-fn subject(topic: &str, p: u16) -> String {
-    format!("shopmesh.{topic}.{p}")
+fn subject(namespace: &str, topic: &str, p: u16) -> String {
+    format!("{namespace}.{topic}.{p}")
+}
+
+/// The stream of a namespace: its name upper-cased (`shopmesh` → `SHOPMESH`).
+pub fn stream_name(namespace: &str) -> String {
+    namespace.to_ascii_uppercase()
 }
 
 /// The durable consumer of `group` for `topic`, partition `p` (NATS names cannot hold dots).
@@ -62,16 +67,16 @@ fn set_connected(up: bool) {
 pub struct NatsBroker {
     js: jetstream::Context,
     stream: jetstream::stream::Stream,
-    partitions: u16,
+    options: Arc<crate::BrokerOptions>,
     next_tag: Arc<AtomicI64>,
 }
 
 impl NatsBroker {
-    /// Connects to `url` (`nats://host:port`, optionally with `?partitions=N`) and declares
-    /// the stream. Fails at once if the server cannot be reached; after that the client
-    /// reconnects by itself.
+    /// Connects to `url` (`nats://host:port`, with shopmesh's [`crate::BrokerOptions`] in the
+    /// query if wanted) and declares the stream. Fails at once if the server cannot be
+    /// reached; after that the client reconnects by itself.
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
-        let (url, partitions) = crate::split_partitions(url)?;
+        let options = crate::BrokerOptions::parse(url)?;
         let client = ConnectOptions::new()
             .name("shopmesh")
             .max_reconnects(None)
@@ -89,18 +94,20 @@ impl NatsBroker {
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(url.as_str())
+            .connect(options.url.as_str())
             .await
             .map_err(unavailable)?;
         set_connected(true);
         let js = jetstream::new(client);
         let stream = js
             .get_or_create_stream(StreamConfig {
-                name: STREAM.into(),
-                subjects: vec!["shopmesh.>".into()],
+                name: stream_name(&options.namespace),
+                subjects: vec![format!("{}.>", options.namespace)],
                 storage: StorageType::File,
                 retention: RetentionPolicy::Interest,
-                max_age: Duration::from_secs(7 * 24 * 3600),
+                max_age: options
+                    .expires
+                    .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             })
@@ -109,13 +116,47 @@ impl NatsBroker {
         Ok(Self {
             js,
             stream,
-            partitions,
+            options: Arc::new(options),
             next_tag: Arc::new(AtomicI64::new(1)),
         })
     }
 
     pub fn partitions(&self) -> u16 {
-        self.partitions
+        self.options.partitions
+    }
+
+    /// The group's durable consumers, one per topic and partition (created if missing).
+    async fn consumers(
+        &self,
+        group: &str,
+        topics: &[&str],
+    ) -> Result<Vec<(String, PullConsumer)>, BrokerError> {
+        let mut consumers = Vec::new();
+        for t in topics {
+            for p in 0..self.options.partitions {
+                let name = consumer_name(group, t, p);
+                let c: PullConsumer = self
+                    .stream
+                    .get_or_create_consumer(
+                        &name,
+                        pull::Config {
+                            durable_name: Some(name.clone()),
+                            filter_subject: subject(&self.options.namespace, t, p),
+                            inactive_threshold: self.options.expires.unwrap_or_default(),
+                            ack_policy: AckPolicy::Explicit,
+                            ack_wait: ACK_WAIT,
+                            max_deliver: DELIVERY_LIMIT,
+                            max_ack_pending: 1,
+                            deliver_policy: DeliverPolicy::All,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                consumers.push(((*t).to_owned(), c));
+            }
+        }
+        Ok(consumers)
     }
 
     async fn send(&self, topic: &str, batch: &[Envelope], dedup: bool) -> Result<(), BrokerError> {
@@ -133,7 +174,11 @@ impl NatsBroker {
             let ack = self
                 .js
                 .publish_with_headers(
-                    subject(topic, partition::of(&env.subject, self.partitions)),
+                    subject(
+                        &self.options.namespace,
+                        topic,
+                        partition::of(&env.subject, self.options.partitions),
+                    ),
                     headers,
                     env.to_json().into(),
                 )
@@ -177,36 +222,21 @@ impl Broker for NatsBroker {
         self.send(topic, batch, false).boxed()
     }
 
+    fn declare<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        self.consumers(group, topics).map(|r| r.map(drop)).boxed()
+    }
+
     fn subscribe<'a>(
         &'a self,
         group: &'a str,
         topics: &'a [&'a str],
     ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>> {
         async move {
-            let mut consumers = Vec::new();
-            for t in topics {
-                for p in 0..self.partitions {
-                    let name = consumer_name(group, t, p);
-                    let c: PullConsumer = self
-                        .stream
-                        .get_or_create_consumer(
-                            &name,
-                            pull::Config {
-                                durable_name: Some(name.clone()),
-                                filter_subject: subject(t, p),
-                                ack_policy: AckPolicy::Explicit,
-                                ack_wait: ACK_WAIT,
-                                max_deliver: DELIVERY_LIMIT,
-                                max_ack_pending: 1,
-                                deliver_policy: DeliverPolicy::All,
-                                ..Default::default()
-                            },
-                        )
-                        .await
-                        .map_err(unavailable)?;
-                    consumers.push(((*t).to_owned(), c));
-                }
-            }
+            let consumers = self.consumers(group, topics).await?;
             let (tx, rx) = mpsc::channel(consumers.len() * 2);
             let stop = CancellationToken::new();
             let sub = Arc::new(SubState {

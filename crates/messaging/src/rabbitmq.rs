@@ -1,13 +1,14 @@
 //! RabbitMQ adapter (AMQP 0-9-1, through `lapin`).
 //!
-//! Topology, declared by shopmesh at start-up and on every reconnection (idempotently):
+//! Topology, declared by shopmesh at start-up and on every reconnection (idempotently), under
+//! its namespace `{ns}` (`shopmesh` unless the URL says `?namespace=…`):
 //!
 //! | object | kind | what for |
 //! |---|---|---|
-//! | `shopmesh.events` | durable direct exchange | every publish, routing key `{topic}.{partition}` |
-//! | `shopmesh.{group}.{p}` | durable quorum queue, single active consumer | one per subscription group and partition `p`, bound to `{topic}.{p}` for each of the group's topics |
-//! | `shopmesh.dead-letter` | durable fanout exchange and quorum queue | messages delivered more than 100 times (a message that crashes its consumer before it can be dead-lettered in the service's database) |
-//! | `shopmesh.members` | transient direct exchange | instances of a group announce themselves every second, to share the partitions |
+//! | `{ns}.events` | durable direct exchange | every publish, routing key `{topic}.{partition}` |
+//! | `{ns}.{group}.{p}` | durable quorum queue, single active consumer | one per subscription group and partition `p`, bound to `{topic}.{p}` for each of the group's topics |
+//! | `{ns}.dead-letter` | durable fanout exchange and quorum queue | messages delivered more than 100 times (a message that crashes its consumer before it can be dead-lettered in the service's database) |
+//! | `{ns}.members` | transient direct exchange | instances of a group announce themselves every second, to share the partitions |
 //!
 //! Ordering and sharing: a message's key (its `subject`) picks a partition
 //! ([`crate::partition`]); each partition queue has a single active consumer and a prefetch
@@ -46,9 +47,6 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::broker::{Backlog, Broker, BrokerError, Delivery, Subscription};
 use crate::{Envelope, partition};
 
-pub const EXCHANGE: &str = "shopmesh.events";
-pub const DEAD_LETTER: &str = "shopmesh.dead-letter";
-pub const MEMBERS: &str = "shopmesh.members";
 /// Deliveries after which RabbitMQ itself dead-letters a message (the consumers give up,
 /// into their database's dead letters, long before).
 pub const DELIVERY_LIMIT: i32 = 100;
@@ -64,9 +62,29 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
-/// The queue of `group`'s partition `p`.
-pub fn queue_name(group: &str, p: u16) -> String {
-    format!("shopmesh.{group}.{p}")
+/// The names of what shopmesh declares, under its namespace (`shopmesh` by default).
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub exchange: String,
+    pub dead_letter: String,
+    pub members: String,
+    namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            exchange: format!("{namespace}.events"),
+            dead_letter: format!("{namespace}.dead-letter"),
+            members: format!("{namespace}.members"),
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    /// The queue of `group`'s partition `p`.
+    pub fn queue(&self, group: &str, p: u16) -> String {
+        format!("{}.{group}.{p}", self.namespace)
+    }
 }
 
 fn routing_key(topic: &str, p: u16) -> String {
@@ -82,8 +100,8 @@ struct Link {
 }
 
 struct Shared {
-    url: String,
-    partitions: u16,
+    options: crate::BrokerOptions,
+    names: Names,
     link: watch::Sender<Option<Link>>,
     stop: CancellationToken,
     next_tag: AtomicI64,
@@ -110,9 +128,13 @@ pub struct RabbitMqBroker {
     _guard: Arc<DropGuard>,
 }
 
-async fn open_link(url: &str, generation: u64) -> Result<Link, lapin::Error> {
+async fn open_link(
+    options: &crate::BrokerOptions,
+    names: &Names,
+    generation: u64,
+) -> Result<Link, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name("shopmesh".into());
-    let conn = Connection::connect(url, props).await?;
+    let conn = Connection::connect(&options.url, props).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let durable = ExchangeDeclareOptions {
@@ -120,36 +142,46 @@ async fn open_link(url: &str, generation: u64) -> Result<Link, lapin::Error> {
         ..Default::default()
     };
     ch.exchange_declare(
-        EXCHANGE.into(),
+        names.exchange.as_str().into(),
         ExchangeKind::Direct,
         durable,
         FieldTable::default(),
     )
     .await?;
     ch.exchange_declare(
-        DEAD_LETTER.into(),
+        names.dead_letter.as_str().into(),
         ExchangeKind::Fanout,
         durable,
         FieldTable::default(),
     )
     .await?;
     let mut quorum = FieldTable::default();
-    quorum.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    ch.queue_declare(DEAD_LETTER.into(), QueueDeclareOptions::durable(), quorum)
-        .await?;
+    let kind = if options.classic_queues {
+        "classic"
+    } else {
+        "quorum"
+    };
+    quorum.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+    if let Some(e) = options.expires {
+        let ms = i64::try_from(e.as_millis()).unwrap_or(i64::MAX);
+        quorum.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    }
+    ch.queue_declare(
+        names.dead_letter.as_str().into(),
+        QueueDeclareOptions::durable(),
+        quorum,
+    )
+    .await?;
     ch.queue_bind(
-        DEAD_LETTER.into(),
-        DEAD_LETTER.into(),
+        names.dead_letter.as_str().into(),
+        names.dead_letter.as_str().into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
     ch.exchange_declare(
-        MEMBERS.into(),
+        names.members.as_str().into(),
         ExchangeKind::Direct,
         ExchangeDeclareOptions::default(),
         FieldTable::default(),
@@ -190,7 +222,7 @@ async fn supervise(shared: Arc<Shared>, mut link: Link) {
         link = loop {
             tokio::select! {
                 _ = shared.stop.cancelled() => return,
-                r = open_link(&shared.url, link.generation + 1) => match r {
+                r = open_link(&shared.options, &shared.names, link.generation + 1) => match r {
                     Ok(l) => break l,
                     Err(e) => tracing::debug!(error = %e, "RabbitMQ reconnection failed"),
                 },
@@ -208,17 +240,18 @@ async fn supervise(shared: Arc<Shared>, mut link: Link) {
 }
 
 impl RabbitMqBroker {
-    /// Connects to `url` (`amqp://user:pass@host:port/vhost`, optionally with
-    /// `?partitions=N`). Fails at once if RabbitMQ cannot be reached; after that, lost
-    /// connections are re-established in the background.
+    /// Connects to `url` (`amqp://user:pass@host:port/vhost`, with shopmesh's
+    /// [`crate::BrokerOptions`] in the query if wanted). Fails at once if RabbitMQ cannot be
+    /// reached; after that, lost connections are re-established in the background.
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
-        let (url, partitions) = crate::split_partitions(url)?;
-        let link = open_link(&url, 1).await.map_err(unavailable)?;
+        let options = crate::BrokerOptions::parse(url)?;
+        let names = Names::new(&options.namespace);
+        let link = open_link(&options, &names, 1).await.map_err(unavailable)?;
         set_connected(true);
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
-            url,
-            partitions,
+            options,
+            names,
             link: watch::Sender::new(Some(link.clone())),
             stop: stop.clone(),
             next_tag: AtomicI64::new(1),
@@ -231,7 +264,7 @@ impl RabbitMqBroker {
     }
 
     pub fn partitions(&self) -> u16 {
-        self.shared.partitions
+        self.shared.options.partitions
     }
 
     async fn send(
@@ -295,9 +328,9 @@ impl Broker for RabbitMqBroker {
         batch: &'a [Envelope],
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         async move {
-            let n = self.shared.partitions;
+            let n = self.shared.options.partitions;
             self.send(
-                EXCHANGE,
+                &self.shared.names.exchange,
                 |e| routing_key(topic, partition::of(&e.subject, n)),
                 batch,
             )
@@ -316,12 +349,28 @@ impl Broker for RabbitMqBroker {
         batch: &'a [Envelope],
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         // The default exchange routes by queue name: straight to the group's partition.
-        let n = self.shared.partitions;
+        let n = self.shared.options.partitions;
+        let names = &self.shared.names;
         self.send(
             "",
-            move |e| queue_name(group, partition::of(&e.subject, n)),
+            move |e| names.queue(group, partition::of(&e.subject, n)),
             batch,
         )
+        .boxed()
+    }
+
+    fn declare<'a>(
+        &'a self,
+        group: &'a str,
+        topics: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            let link = self.shared.current().await?;
+            let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+            declare_group(&link, &self.shared, group, &topics)
+                .await
+                .map_err(unavailable)
+        }
         .boxed()
     }
 
@@ -333,12 +382,13 @@ impl Broker for RabbitMqBroker {
         async move {
             let link = self.shared.current().await?;
             let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
-            declare_group(&link, group, &topics, self.shared.partitions)
+            declare_group(&link, &self.shared, group, &topics)
                 .await
                 .map_err(unavailable)?;
-            let (tx, rx) = mpsc::channel(usize::from(self.shared.partitions) * 2);
+            let (tx, rx) = mpsc::channel(usize::from(self.shared.options.partitions) * 2);
             let stop = self.shared.stop.child_token();
             let sub = Arc::new(SubState {
+                declared_on: link.generation,
                 group: group.to_owned(),
                 topics,
                 ready: tx,
@@ -361,33 +411,41 @@ impl Broker for RabbitMqBroker {
 
 async fn declare_group(
     link: &Link,
+    shared: &Shared,
     group: &str,
     topics: &[String],
-    partitions: u16,
 ) -> Result<(), lapin::Error> {
     let ch = link.conn.create_channel().await?;
-    for p in 0..partitions {
+    for p in 0..shared.options.partitions {
         let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
+        let kind = if shared.options.classic_queues {
+            "classic"
+        } else {
+            "quorum"
+        };
+        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         args.insert(
             "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(DEAD_LETTER.into()),
+            AMQPValue::LongString(shared.names.dead_letter.as_str().into()),
         );
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(DELIVERY_LIMIT),
-        );
-        let q = queue_name(group, p);
+        if !shared.options.classic_queues {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(DELIVERY_LIMIT),
+            );
+        }
+        if let Some(e) = shared.options.expires {
+            let ms = i64::try_from(e.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
+        let q = shared.names.queue(group, p);
         ch.queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
             .await?;
         for t in topics {
             ch.queue_bind(
                 q.as_str().into(),
-                EXCHANGE.into(),
+                shared.names.exchange.as_str().into(),
                 routing_key(t, p).as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -409,6 +467,8 @@ struct Held {
 }
 
 struct SubState {
+    /// The connection generation the queues were declared on at subscription.
+    declared_on: u64,
     group: String,
     topics: Vec<String>,
     ready: mpsc::Sender<Delivery>,
@@ -469,10 +529,14 @@ async fn consume_on(
     instance: &str,
     stop: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let partitions = shared.partitions;
-    declare_group(link, &sub.group, &sub.topics, partitions)
-        .await
-        .map_err(unavailable)?;
+    let partitions = shared.options.partitions;
+    if link.generation != sub.declared_on {
+        // A new connection: the broker may have restarted without them (declared at
+        // subscription otherwise).
+        declare_group(link, shared, &sub.group, &sub.topics)
+            .await
+            .map_err(unavailable)?;
+    }
     let ch = link.conn.create_channel().await.map_err(unavailable)?;
     // One unacknowledged message per partition consumer: per-key order.
     ch.basic_qos(1, BasicQosOptions::default())
@@ -489,7 +553,7 @@ async fn consume_on(
         .map_err(unavailable)?;
     ch.queue_bind(
         members_q.name().clone(),
-        MEMBERS.into(),
+        shared.names.members.as_str().into(),
         sub.group.as_str().into(),
         QueueBindOptions::default(),
         FieldTable::default(),
@@ -544,7 +608,7 @@ async fn consume_on(
                     return Err(unavailable("connection lost"));
                 }
                 ch.basic_publish(
-                    MEMBERS.into(),
+                    shared.names.members.as_str().into(),
                     sub.group.as_str().into(),
                     BasicPublishOptions::default(),
                     instance.as_bytes(),
@@ -568,7 +632,7 @@ async fn consume_on(
                         (true, false) => {
                             let tag = format!("{instance}.{p}");
                             let c = ch.basic_consume(
-                                queue_name(&sub.group, p).as_str().into(),
+                                shared.names.queue(&sub.group, p).as_str().into(),
                                 tag.as_str().into(),
                                 BasicConsumeOptions::default(),
                                 FieldTable::default(),
@@ -736,10 +800,10 @@ impl Subscription for RabbitSubscription {
             let link = self.shared.current().await?;
             let ch = link.conn.create_channel().await.map_err(unavailable)?;
             let mut ready = 0u64;
-            for p in 0..self.shared.partitions {
+            for p in 0..self.shared.options.partitions {
                 let q = ch
                     .queue_declare(
-                        queue_name(&self.sub.group, p).as_str().into(),
+                        self.shared.names.queue(&self.sub.group, p).as_str().into(),
                         QueueDeclareOptions::default().passive(),
                         FieldTable::default(),
                     )

@@ -51,7 +51,10 @@ fn decode(d: &Delivery) -> (String, u32, String) {
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Embedded,
+    /// Quorum queues (the default).
     RabbitMq,
+    /// Classic queues (`queue_type=classic`).
+    RabbitMqClassic,
     Nats,
 }
 
@@ -76,7 +79,7 @@ impl Fixture {
     fn lock(&self) -> &'static RwLock<()> {
         match self.kind {
             Kind::Embedded => &EMBEDDED,
-            Kind::RabbitMq => &RABBIT,
+            Kind::RabbitMq | Kind::RabbitMqClassic => &RABBIT,
             Kind::Nats => &NATS,
         }
     }
@@ -85,13 +88,18 @@ impl Fixture {
         // Few partitions: quicker to declare, and the per-key rules are exercised harder.
         match self.kind {
             Kind::Embedded => String::new(),
-            Kind::RabbitMq => format!(
-                "{}?partitions=4",
+            Kind::RabbitMq | Kind::RabbitMqClassic => format!(
+                "{}?partitions=4&namespace=contract&expires=300{}",
                 std::env::var("SHOPMESH_TEST_RABBITMQ")
-                    .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+                    .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into()),
+                if matches!(self.kind, Kind::RabbitMqClassic) {
+                    "&queue_type=classic"
+                } else {
+                    ""
+                }
             ),
             Kind::Nats => format!(
-                "{}?partitions=4",
+                "{}?partitions=4&namespace=contract&expires=300",
                 std::env::var("SHOPMESH_TEST_NATS")
                     .unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
             ),
@@ -122,7 +130,9 @@ impl Fixture {
         };
         match self.kind {
             Kind::Embedded => {}
-            Kind::RabbitMq => sh("rabbitmqctl -q stop_app && rabbitmqctl -q start_app"),
+            Kind::RabbitMq | Kind::RabbitMqClassic => {
+                sh("rabbitmqctl -q stop_app && rabbitmqctl -q start_app")
+            }
             Kind::Nats => sh(
                 "pkill -x nats-server; for i in $(seq 1 50); do pgrep -x nats-server >/dev/null || break; sleep 0.1; done; \
                  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
@@ -512,4 +522,9 @@ contract!(
     nats,
     Kind::Nats,
     ignore = "needs NATS JetStream: cargo test -- --ignored"
+);
+contract!(
+    rabbitmq_classic,
+    Kind::RabbitMqClassic,
+    ignore = "needs RabbitMQ: cargo test -- --ignored"
 );

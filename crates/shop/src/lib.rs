@@ -87,6 +87,8 @@ pub struct SystemConfig {
     pub key_activation: Duration,
     /// Largest request body the gateway forwards.
     pub max_body_bytes: u64,
+    /// The message broker (embedded by default).
+    pub broker: shopmesh_messaging::BrokerUrl,
     /// The embedded broker's file.
     pub broker_path: PathBuf,
     /// Deliver every message twice (tests the consumers' idempotency).
@@ -100,6 +102,7 @@ pub struct SystemConfig {
 impl SystemConfig {
     pub fn new(storage: Storage, data_dir: &std::path::Path) -> Self {
         Self {
+            broker: shopmesh_messaging::BrokerUrl::Embedded,
             broker_path: data_dir.join("broker.db"),
             duplicate_deliveries: false,
             saga_deadline: DEFAULT_SAGA_DEADLINE,
@@ -134,6 +137,8 @@ pub struct System {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
+
+pub use shopmesh_messaging::BrokerUrl;
 
 /// The shop's composite endpoints, in the gateway's configuration language.
 pub const COMPOSITES: &str = include_str!("composites.yaml");
@@ -237,15 +242,17 @@ impl System {
             users_via: cfg.users_via,
         };
 
-        let broker = shopmesh_messaging::embedded::EmbeddedBroker::open(&cfg.broker_path)
+        let broker_error = |e: shopmesh_messaging::BrokerError| Error::Service {
+            service: "broker",
+            reason: e.to_string(),
+        };
+        let mut broker = shopmesh_messaging::connect(&cfg.broker, &cfg.broker_path)
             .await
-            .map_err(|e| Error::Service {
-                service: "broker",
-                reason: e.to_string(),
-            })?
-            .with_duplicate_deliveries(cfg.duplicate_deliveries);
-        services::declare(&broker).await?;
-        let broker: Arc<dyn shopmesh_messaging::Broker> = Arc::new(broker);
+            .map_err(broker_error)?;
+        if cfg.duplicate_deliveries {
+            broker = Arc::new(shopmesh_messaging::broker::Duplicating(broker));
+        }
+        services::declare(broker.as_ref()).await?;
         let messaging = services::Messaging {
             broker: broker.clone(),
             saga_deadline: cfg.saga_deadline,

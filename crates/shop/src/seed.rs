@@ -279,3 +279,24 @@ mod tests {
         assert!(promos.iter().all(|p| p.starts_at < p.ends_at));
     }
 }
+
+/// Seeds `n` products into the catalog-side services' databases of `storage` (creating their
+/// tables first if needed): what `shopmesh up` does on first start, for services run as
+/// separate processes (`shopmesh seed`).
+pub async fn seed_storage(
+    storage: &shopmesh_platform::db::Storage,
+    n: usize,
+) -> Result<(), crate::Error> {
+    use crate::ServiceName;
+    let open = |name: ServiceName| async move {
+        Db::connect(&storage.for_service(name.as_str()), 2, name.migrator()).await
+    };
+    let dbs = Dbs {
+        catalog: open(ServiceName::Catalog).await?,
+        inventory: open(ServiceName::Inventory).await?,
+        pricing: open(ServiceName::Pricing).await?,
+        promotions: open(ServiceName::Promotions).await?,
+    };
+    seed(&dbs, n).await?;
+    Ok(())
+}

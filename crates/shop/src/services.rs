@@ -38,6 +38,25 @@ impl ServiceName {
         ServiceName::Payments,
     ];
 
+    /// The port `shopmesh service NAME` is usually given (7001 to 7007, in this order), and
+    /// that `shopmesh gateway-config` assumes unless told otherwise.
+    pub fn default_port(self) -> u16 {
+        7001 + Self::ALL.iter().position(|s| *s == self).unwrap_or(0) as u16
+    }
+
+    /// The service's database migrations.
+    pub fn migrator(self) -> &'static sqlx::migrate::Migrator {
+        match self {
+            ServiceName::Catalog => &shopmesh_catalog::MIGRATOR,
+            ServiceName::Inventory => &shopmesh_inventory::MIGRATOR,
+            ServiceName::Pricing => &shopmesh_pricing::MIGRATOR,
+            ServiceName::Promotions => &shopmesh_promotions::MIGRATOR,
+            ServiceName::Users => &shopmesh_users::MIGRATOR,
+            ServiceName::Orders => &shopmesh_orders::MIGRATOR,
+            ServiceName::Payments => &shopmesh_payments::MIGRATOR,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ServiceName::Catalog => shopmesh_catalog::NAME,
@@ -118,7 +137,7 @@ pub struct Built {
 pub async fn declare(broker: &dyn Broker) -> Result<(), Error> {
     for (group, topics) in shopmesh_events::SUBSCRIPTIONS {
         broker
-            .subscribe(group, topics)
+            .declare(group, topics)
             .await
             .map_err(|e| Error::Service {
                 service: "broker",
@@ -189,16 +208,7 @@ pub async fn open(
     m: &Messaging,
 ) -> Result<Built, Error> {
     let cfg = storage.for_service(name.as_str());
-    let migrator = match name {
-        ServiceName::Catalog => &shopmesh_catalog::MIGRATOR,
-        ServiceName::Inventory => &shopmesh_inventory::MIGRATOR,
-        ServiceName::Pricing => &shopmesh_pricing::MIGRATOR,
-        ServiceName::Promotions => &shopmesh_promotions::MIGRATOR,
-        ServiceName::Users => &shopmesh_users::MIGRATOR,
-        ServiceName::Orders => &shopmesh_orders::MIGRATOR,
-        ServiceName::Payments => &shopmesh_payments::MIGRATOR,
-    };
-    let db = Db::connect(&cfg, pool_size(name, storage), migrator).await?;
+    let db = Db::connect(&cfg, pool_size(name, storage), name.migrator()).await?;
     let mut tasks = Vec::new();
     let relay = Relay::new(db.clone(), m.broker.clone());
     // The user center's interface (or view), opened for the orders service only.

@@ -26,6 +26,26 @@ enum BenchCommand {
     /// verifier, account lookups through the interface (cache hit, miss) and the shared
     /// database, and each way's consistency window. Runs the shop in-process on SQLite.
     Identity(IdentityArgs),
+    /// The broker adapter's raw rate: messages published in batches (as the outbox relay
+    /// does) and consumed and acknowledged (as a consumer does), with publish→consume
+    /// latency. No database involved.
+    Broker(BrokerArgs),
+}
+
+#[derive(Args)]
+struct BrokerArgs {
+    /// `embedded`, `amqp://…` or `nats://…` (a throwaway namespace is added).
+    #[arg(long, default_value = "embedded")]
+    broker: String,
+    /// Messages to send.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Messages per publish.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Distinct keys (subjects) the messages are spread over.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
 }
 
 #[derive(Args)]
@@ -49,6 +69,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
         BenchCommand::Backend(b) => backend(b).await,
         BenchCommand::Identity(i) => identity(i).await,
+        BenchCommand::Broker(b) => broker(b).await,
     }
 }
 
@@ -332,5 +353,81 @@ async fn lookups(via: shopmesh_shop::UsersVia, n: usize) -> anyhow::Result<()> {
         pct(windows, 100.0)
     );
     system.shutdown().await;
+    Ok(())
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Ping {
+    sent_us: i64,
+}
+
+impl shopmesh_messaging::Event for Ping {
+    const TYPE: &'static str = "bench.ping";
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
+    use shopmesh_messaging::{BrokerUrl, Envelope};
+    let dir = tempfile::tempdir()?;
+    let stamp = now_us();
+    let url: BrokerUrl = if a.broker == "embedded" {
+        BrokerUrl::Embedded
+    } else {
+        let sep = if a.broker.contains('?') { '&' } else { '?' };
+        format!("{}{sep}namespace=bench{stamp}&expires=300", a.broker).parse()?
+    };
+    let b = shopmesh_messaging::connect(&url, &dir.path().join("broker.db")).await?;
+    let sub = b.subscribe("bench", &["bench"]).await?;
+    let n = a.messages;
+    let consumer = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(n);
+        while lat.len() < n {
+            let ds = sub.next(256, Duration::from_secs(10)).await?;
+            if ds.is_empty() {
+                anyhow::bail!("no message for 10 s after {} of {n}", lat.len());
+            }
+            let now = now_us();
+            for d in &ds {
+                let env = Envelope::from_json(&d.payload)?;
+                let p: Ping = env.decode()?;
+                lat.push(Duration::from_micros((now - p.sent_us).max(0) as u64));
+            }
+            sub.ack(&ds).await?;
+        }
+        anyhow::Ok(lat)
+    });
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let batch: Vec<Envelope> = (sent..(sent + a.batch).min(n))
+            .map(|i| {
+                Envelope::new(
+                    "bench",
+                    &format!("k{}", i % a.keys.max(1)),
+                    &Ping { sent_us: now_us() },
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        b.publish("bench", &batch).await?;
+        sent += batch.len();
+    }
+    let published = started.elapsed();
+    let lat = consumer.await??;
+    let total = started.elapsed();
+    println!(
+        "broker: {} publish {:.0} msgs/s, publish->consume {:.0} msgs/s over {n} messages ({} keys, batches of {}), latency p50={:.1}ms p99={:.1}ms",
+        url.kind(),
+        n as f64 / published.as_secs_f64(),
+        n as f64 / total.as_secs_f64(),
+        a.keys,
+        a.batch,
+        pct(lat.clone(), 50.0),
+        pct(lat, 99.0),
+    );
     Ok(())
 }

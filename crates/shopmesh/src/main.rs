@@ -9,7 +9,6 @@ mod bench;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use shopmesh_messaging::embedded::EmbeddedBroker;
 use shopmesh_platform::db::Storage;
 use shopmesh_platform::serve::Server;
 use shopmesh_platform::telemetry::{self, LogFormat};
@@ -63,6 +62,12 @@ enum Command {
     Gateway(GatewayArgs),
     /// Inspect and act on the dead letters of the saga's consumers.
     Dlq(DlqArgs),
+    /// Seed the catalog-side services' databases with products (for separate processes;
+    /// `up` seeds by itself).
+    Seed(SeedArgs),
+    /// Print the shop's gateway configuration for services run as separate processes
+    /// (YAML, for `shopmesh gateway --config`).
+    GatewayConfig(GatewayConfigArgs),
     /// Helpers for the benchmarks under `bench/`.
     Bench(bench::BenchArgs),
 }
@@ -85,6 +90,38 @@ struct GatewayArgs {
     /// How often the configuration file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_poll_ms: u64,
+}
+
+#[derive(Args)]
+struct SeedArgs {
+    /// Products to seed (services that already have them are left alone).
+    #[arg(default_value_t = shopmesh_shop::seed::DEFAULT_PRODUCTS)]
+    products: usize,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+#[derive(Args)]
+struct GatewayConfigArgs {
+    /// Address the gateway listens on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the services run: one `NAME=HOST:PORT` per service that is not on
+    /// 127.0.0.1 at its default port (catalog 7001, inventory 7002, pricing 7003,
+    /// promotions 7004, users 7005, orders 7006, payments 7007).
+    #[arg(long = "service", value_parser = parse_service_addr)]
+    services: Vec<(ServiceName, SocketAddr)>,
+}
+
+fn parse_service_addr(s: &str) -> Result<(ServiceName, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=HOST:PORT, got `{s}`"))?;
+    let name: ServiceName = name.parse().map_err(|e| format!("{e}"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("`{addr}` is not HOST:PORT: {e}"))?;
+    Ok((name, addr))
 }
 
 #[derive(Args)]
@@ -119,17 +156,39 @@ struct StorageArgs {
     /// PostgreSQL URL (one schema per service). Default: SQLite files under --data-dir.
     #[arg(long, env = "SHOPMESH_DATABASE")]
     database: Option<String>,
-    /// Directory of the SQLite files.
+    /// Prefix of the services' PostgreSQL schemas (`{prefix}catalog`, …), to keep several
+    /// shops in one database.
+    #[arg(long, env = "SHOPMESH_SCHEMA_PREFIX", default_value = "")]
+    schema_prefix: String,
+    /// Directory of the SQLite files (and of the embedded broker's file).
     #[arg(long, env = "SHOPMESH_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
+    /// The message broker: `embedded` (a file in --data-dir), `amqp://user:pass@host:5672`
+    /// (RabbitMQ) or `nats://host:4222` (NATS JetStream); the query may add
+    /// `partitions=N` and `namespace=NAME`.
+    #[arg(long, env = "SHOPMESH_BROKER", default_value = "embedded")]
+    broker: shopmesh_messaging::BrokerUrl,
 }
 
 impl StorageArgs {
+    async fn broker(&self) -> anyhow::Result<Arc<dyn shopmesh_messaging::Broker>> {
+        Ok(shopmesh_messaging::connect(&self.broker, &self.data_dir.join("broker.db")).await?)
+    }
+
     fn storage(&self) -> anyhow::Result<Storage> {
-        Ok(Storage::from_args(
-            self.database.as_deref(),
-            self.data_dir.clone(),
-        )?)
+        let mut storage = Storage::from_args(self.database.as_deref(), self.data_dir.clone())?;
+        if let Storage::Postgres { schema_prefix, .. } = &mut storage {
+            let ok = self
+                .schema_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            anyhow::ensure!(
+                ok && self.schema_prefix.len() <= 32,
+                "--schema-prefix: at most 32 lower-case letters, digits or `_`"
+            );
+            schema_prefix.clone_from(&self.schema_prefix);
+        }
+        Ok(storage)
     }
 }
 
@@ -235,6 +294,34 @@ fn main() -> anyhow::Result<()> {
             Command::Up(a) => up(a).await,
             Command::Service(a) => service(a).await,
             Command::Dlq(a) => dlq(a).await,
+            Command::Seed(a) => {
+                let storage = a.storage.storage()?;
+                shopmesh_shop::seed::seed_storage(&storage, a.products).await?;
+                println!("seeded {} products ({})", a.products, storage.describe());
+                Ok(())
+            }
+            Command::GatewayConfig(a) => {
+                let mut cfg = SystemConfig::new(
+                    shopmesh_platform::db::Storage::Sqlite {
+                        data_dir: PathBuf::from("unused"),
+                    },
+                    std::path::Path::new("unused"),
+                );
+                cfg.host = a.listen.ip();
+                cfg.port = a.listen.port();
+                let g = shopmesh_shop::gateway_config(&cfg, |n| {
+                    a.services
+                        .iter()
+                        .find(|(m, _)| *m == n)
+                        .map(|(_, addr)| *addr)
+                        .unwrap_or_else(|| {
+                            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), n.default_port())
+                        })
+                });
+                // JSON is YAML; the gateway reads it as its configuration.
+                println!("{}", serde_json::to_string_pretty(&g)?);
+                Ok(())
+            }
             Command::Gateway(a) => gateway(a).await,
             Command::Bench(a) => bench::run(a).await,
         }
@@ -253,8 +340,13 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     cfg.admin_emails = a.admin_emails;
     cfg.users_via = a.users_via.into();
     cfg.login_limits = (a.login_per_account, a.login_per_ip);
+    cfg.broker = a.storage.broker.clone();
     let system = System::start(cfg).await?;
-    println!("shopmesh is up ({})", storage.describe());
+    println!(
+        "shopmesh is up ({}, {} broker)",
+        storage.describe(),
+        a.storage.broker.kind()
+    );
     println!("  gateway    http://{}", system.gateway);
     println!("  admin      http://{}/metrics", system.admin);
     for (name, addr) in &system.services {
@@ -270,11 +362,12 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
 async fn service(a: ServiceArgs) -> anyhow::Result<()> {
     let _ = telemetry::prometheus();
     let storage = a.storage.storage()?;
-    // Separate processes share the embedded broker's file (SQLite handles the locking).
-    let broker = EmbeddedBroker::open(&a.storage.data_dir.join("broker.db")).await?;
-    services::declare(&broker).await?;
+    // Separate processes share the embedded broker's file (SQLite handles the locking), or
+    // a real broker.
+    let broker = a.storage.broker().await?;
+    services::declare(broker.as_ref()).await?;
     let messaging = services::Messaging {
-        broker: Arc::new(broker),
+        broker,
         saga_deadline: shopmesh_shop::DEFAULT_SAGA_DEADLINE,
         silent: Vec::new(),
     };
@@ -375,8 +468,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
 
 async fn dlq(a: DlqArgs) -> anyhow::Result<()> {
     let storage = a.storage.storage()?;
-    let broker = EmbeddedBroker::open(&a.storage.data_dir.join("broker.db")).await?;
-    let letters = DeadLetters::open(&storage, Arc::new(broker)).await?;
+    let letters = DeadLetters::open(&storage, a.storage.broker().await?).await?;
     match a.action {
         DlqAction::List { limit } => {
             let all = letters.list(limit).await?;

@@ -4,6 +4,11 @@
 //! a `postgres://` URL → that database, with a fresh schema prefix per test so tests never
 //! see each other's data. When PostgreSQL is asked for and cannot be reached, the test fails:
 //! it never falls back to SQLite.
+//!
+//! The broker comes from `SHOPMESH_TEST_BROKER`: unset → the embedded broker in the test's
+//! directory; an `amqp://` or `nats://` URL → that broker, under a namespace of the test's
+//! own (its queues and consumers expire once unused), so tests never see each other's
+//! messages. An unreachable broker fails the test.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +19,7 @@ use shopmesh_shop::System;
 use tempfile::TempDir;
 
 pub use shopmesh_shop::seed::product_id;
-pub use shopmesh_shop::{ServiceName, SystemConfig, UsersVia};
+pub use shopmesh_shop::{BrokerUrl, ServiceName, SystemConfig, UsersVia};
 
 /// Products every test shop is seeded with.
 pub const TEST_PRODUCTS: usize = 60;
@@ -24,6 +29,29 @@ pub struct TestStorage {
     pub storage: Storage,
     /// SQLite files (if SQLite) and the embedded broker's file.
     pub dir: TempDir,
+    /// The broker, with the test's namespace: the same across restarts.
+    pub broker: shopmesh_shop::BrokerUrl,
+}
+
+/// The broker `SHOPMESH_TEST_BROKER` names, under a fresh namespace.
+pub fn test_broker() -> shopmesh_shop::BrokerUrl {
+    match std::env::var("SHOPMESH_TEST_BROKER") {
+        Ok(url) if !url.is_empty() && url != "embedded" => {
+            let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            let sep = if url.contains('?') { '&' } else { '?' };
+            // Light, short-lived topology: classic queues (RabbitMQ), gone a minute after
+            // the test stops using them.
+            let extra = if url.starts_with("amqp") {
+                "&queue_type=classic"
+            } else {
+                ""
+            };
+            format!("{url}{sep}namespace={ns}&partitions=4&expires=60{extra}")
+                .parse()
+                .expect("SHOPMESH_TEST_BROKER must be embedded, amqp://… or nats://…")
+        }
+        _ => shopmesh_shop::BrokerUrl::Embedded,
+    }
 }
 
 impl TestStorage {
@@ -41,6 +69,7 @@ impl TestStorage {
                         schema_prefix: prefix,
                     },
                     dir: tempfile::tempdir().expect("temporary directory"),
+                    broker: test_broker(),
                 }
             }
             _ => {
@@ -50,6 +79,7 @@ impl TestStorage {
                         data_dir: PathBuf::from(dir.path()),
                     },
                     dir,
+                    broker: test_broker(),
                 }
             }
         }
@@ -91,6 +121,7 @@ impl TestShop {
         cfg.admin_port = 0;
         cfg.seed_products = TEST_PRODUCTS;
         cfg.drain = Duration::from_secs(5);
+        cfg.broker = storage.broker.clone();
         adjust(&mut cfg);
         let system = System::start(cfg)
             .await
