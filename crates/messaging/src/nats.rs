@@ -99,16 +99,17 @@ impl NatsBroker {
             .map_err(unavailable)?;
         set_connected(true);
         let js = jetstream::new(client);
+        let max_age = options
+            .expires
+            .unwrap_or(Duration::from_secs(7 * 24 * 3600));
         let stream = js
             .get_or_create_stream(StreamConfig {
                 name: stream_name(&options.namespace),
                 subjects: vec![format!("{}.>", options.namespace)],
                 storage: StorageType::File,
                 retention: RetentionPolicy::Interest,
-                max_age: options
-                    .expires
-                    .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
-                duplicate_window: Duration::from_secs(120),
+                max_age,
+                duplicate_window: Duration::from_secs(120).min(max_age),
                 ..Default::default()
             })
             .await

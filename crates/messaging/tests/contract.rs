@@ -93,7 +93,8 @@ impl Fixture {
                 std::env::var("SHOPMESH_TEST_RABBITMQ")
                     .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into()),
                 if matches!(self.kind, Kind::RabbitMqClassic) {
-                    "&queue_type=classic"
+                    // Its own namespace: a queue keeps the type it was declared with.
+                    "&queue_type=classic&namespace=contract-classic"
                 } else {
                     ""
                 }
