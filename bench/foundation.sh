@@ -40,7 +40,7 @@ sleep 2
 rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$UP_PID/status)
 
 CATALOG=$(grep -Eo 'catalog +http://[0-9.:]+' "$WORK/up2.log" | awk '{print $2}')
-PRODUCT=$(curl -fs "$GW/api/products?limit=1&offset=4321" | sed -E 's/.*"items":\[\{"id":"([^"]+)".*/\1/')
+PRODUCT=$(curl -fs "$GW/api/products?limit=1&offset=4321" | grep -o '"id":"[0-9a-f-]*"' | head -1 | cut -d'"' -f4)
 PATH_Q="/api/products/$PRODUCT"
 
 # 3. nginx as the peer: same request, same catalog service, keep-alive upstream.

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# End-to-end order saga throughput and latency on `shopmesh up` (embedded broker), with the
-# services on SQLite and on PostgreSQL; pgbench -N on the same machine as the database's
-# ceiling. Orders are driven through the gateway with hey; saga latency is measured per
+# End-to-end order saga throughput and latency on `shopmesh up`: embedded broker with the
+# services on SQLite and on PostgreSQL, then PostgreSQL with RabbitMQ and with NATS JetStream;
+# pgbench -N on the same machine as the database's ceiling, and each broker adapter's raw
+# publish→consume rate (`shopmesh bench broker`) so the bottleneck is visible. Orders are driven through the gateway with hey; saga latency is measured per
 # order from its own timestamps (placed → CONFIRMED/CANCELLED).
 #
 # Needs: hey, sqlite3, psql, pgbench (Debian: hey sqlite3 postgresql-client postgresql-contrib).
-# Usage: bench/orders.sh [seconds-of-load (default 10)]   (SQLITE_ONLY=1 skips PostgreSQL, PG_ONLY=1 SQLite)
+# Usage: bench/orders.sh [seconds-of-load (default 10)]
+#   SQLITE_ONLY=1 runs SQLite only; PG_ONLY=1 skips SQLite; NO_BROKERS=1 skips RabbitMQ and NATS;
+#   BROKERS_ONLY=1 runs only the PostgreSQL + RabbitMQ/NATS configurations.
+#   AMQP_URL / NATS_URL (default amqp://guest:guest@127.0.0.1:5672, nats://127.0.0.1:4222).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
 CONC=32
 PG_ADMIN="postgres://postgres@127.0.0.1:5432/test"
 PG_DB=shopmesh_bench
+AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}
+NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+ADMIN=http://127.0.0.1:19901
 for tool in hey sqlite3 psql pgbench curl; do command -v $tool >/dev/null || { echo "missing: $tool"; exit 1; }; done
 
 cargo build --release -q
@@ -37,6 +44,16 @@ stock_sql() {
   else psql -qtA "postgres://postgres@127.0.0.1:5432/$PG_DB" -c "SET search_path TO inventory" -c "$2"; fi
 }
 
+# Messages waiting in the consumers' queues: the embedded broker's table, or (real brokers)
+# the consumers' backlog gauges, which they refresh every second.
+backlog() {
+  if [ -f "$WORK/data/broker.db" ] && [ "$BROKER_KIND" = embedded ]; then
+    sqlite3 "$WORK/data/broker.db" "SELECT COUNT(*) FROM queue"
+  else
+    curl -fs "$ADMIN/metrics" | awk '/^messaging_backlog\{/ {s += $2} END {printf "%d", s}'
+  fi
+}
+
 # Drives load for $SECS seconds (optionally rate-limited), waits for every order to finish,
 # prints "<orders/s> <p50 ms> <p99 ms> <orders> <rejected> <drain ms after the load>".
 drive() { # config, [per-worker rate]
@@ -49,7 +66,8 @@ drive() { # config, [per-worker rate]
   token=$(curl -fs -XPOST "$GW/api/auth/token" -H 'content-type: application/json' \
     -d "{\"email\":\"$email\",\"password\":\"benchmark-pw\"}" | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
   local product
-  product=$(curl -fs "$GW/api/products?limit=1&offset=77" | sed -E 's/.*"items":\[\{"id":"([^"]+)".*/\1/')
+  # The first product id of the (enriched) listing's page.
+  product=$(curl -fs "$GW/api/products?limit=1&offset=77" | grep -o '"id":"[0-9a-f-]*"' | head -1 | cut -d'"' -f4)
   local body="{\"items\":[{\"product_id\":\"$product\",\"quantity\":1}],\"card\":\"4242424242424242\"}"
   local q=()
   [ "$rate" != 0 ] && q=(-q "$rate")
@@ -59,7 +77,7 @@ drive() { # config, [per-worker rate]
   # stock commits included), so that the next run starts from rest.
   for _ in $(seq 1 1200); do
     if [ "$(sql "$cfg" "SELECT COUNT(*) FROM orders WHERE status = 'PENDING'")" = 0 ] &&
-       [ "$(sqlite3 "$WORK/data/broker.db" "SELECT COUNT(*) FROM queue")" = 0 ]; then
+       [ "$(backlog)" = 0 ] && sleep 1.2 && [ "$(backlog)" = 0 ]; then
       break
     fi
     sleep 0.5
@@ -91,6 +109,8 @@ drive() { # config, [per-worker rate]
 
 bench_config() { # config, extra flags...
   local cfg=$1; shift
+  BROKER_KIND=embedded
+  case "$*" in *amqp://*) BROKER_KIND=rabbitmq ;; *nats://*) BROKER_KIND=nats ;; esac
   rm -rf "$WORK/data"
   start --seed-products 1000 "$@"; stop
   # Plenty of stock so every order can be confirmed.
@@ -115,9 +135,31 @@ PGB=$(pgbench -N -c 8 -j 2 -T "$SECS" "postgres://postgres@127.0.0.1:5432/$PG_DB
 
 echo "shopmesh order saga benchmark ($(nproc) cores, $(date -u +%F)); ${SECS}s of load per run, $CONC connections"
 L1="orders: sqlite skipped (PG_ONLY set)"
-[ -n "${PG_ONLY:-}" ] || L1=$(bench_config sqlite)
-L2="orders: postgres skipped (SQLITE_ONLY set)"
-[ -n "${SQLITE_ONLY:-}" ] || L2=$(bench_config postgres --database "postgres://postgres@127.0.0.1:5432/$PG_DB")
+[ -n "${PG_ONLY:-}${BROKERS_ONLY:-}" ] || L1=$(bench_config sqlite)
+L2="orders: postgres skipped (SQLITE_ONLY or BROKERS_ONLY set)"
+[ -n "${SQLITE_ONLY:-}${BROKERS_ONLY:-}" ] || L2=$(bench_config postgres --database "postgres://postgres@127.0.0.1:5432/$PG_DB")
+L3="orders: pg+rabbitmq skipped"; L4="orders: pg+nats skipped"; R1=; R2=
+if [ -z "${SQLITE_ONLY:-}${NO_BROKERS:-}" ]; then
+  L4="orders: pg+nats skipped (NO_NATS set)"
+  # A fresh namespace per run; its queues and consumers expire an hour after the run.
+  NS="bench$(date +%s)"
+  q() { case "$1" in *\?*) echo '&' ;; *) echo '?' ;; esac; }
+  reset_pg() {
+    psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" -c "CREATE DATABASE $PG_DB"
+  }
+  reset_pg
+  L3=$(bench_config pg+rabbitmq --database "postgres://postgres@127.0.0.1:5432/$PG_DB" \
+    --broker "$AMQP_URL$(q "$AMQP_URL")namespace=${NS}r&expires=3600")
+  [ -n "${NO_NATS:-}" ] || reset_pg
+  [ -n "${NO_NATS:-}" ] || L4=$(bench_config pg+nats --database "postgres://postgres@127.0.0.1:5432/$PG_DB" \
+    --broker "$NATS_URL$(q "$NATS_URL")namespace=${NS}n&expires=3600")
+  R1=$("$BIN" bench broker --broker "$AMQP_URL" --messages 20000)
+  R2=$("$BIN" bench broker --broker "$NATS_URL" --messages 20000)
+fi
 echo "pgbench -N on the same PostgreSQL: ${PGB} TPS (the database's ceiling here)"
 echo "$L1"
 echo "$L2"
+echo "$L3"
+echo "$L4"
+[ -z "$R1" ] || echo "$R1"
+[ -z "$R2" ] || echo "$R2"

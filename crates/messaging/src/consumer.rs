@@ -174,6 +174,11 @@ impl Consumer {
         if batch.is_empty() {
             return Ok(0);
         }
+        let redelivered = batch.iter().filter(|d| d.attempt > 1).count();
+        if redelivered > 0 {
+            metrics::counter!("messaging_redeliveries_total", "consumer" => self.cfg.name.clone())
+                .increment(redelivered as u64);
+        }
         let started = Instant::now();
         // Optimistically without savepoints (two statements fewer per message); if a message
         // fails, the batch is rolled back and run again with a savepoint per message.
