@@ -8,8 +8,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
+use tokio::sync::RwLock;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -64,9 +66,9 @@ struct Fixture {
     dir: tempfile::TempDir,
 }
 
-static EMBEDDED: RwLock<()> = RwLock::new(());
-static RABBIT: RwLock<()> = RwLock::new(());
-static NATS: RwLock<()> = RwLock::new(());
+static EMBEDDED: RwLock<()> = RwLock::const_new(());
+static RABBIT: RwLock<()> = RwLock::const_new(());
+static NATS: RwLock<()> = RwLock::const_new(());
 
 impl Fixture {
     fn new(kind: Kind) -> Self {
@@ -188,7 +190,7 @@ async fn publish_retrying(b: &dyn Broker, topic: &str, batch: &[Envelope]) {
 }
 
 async fn publish_consume_ack(f: Fixture) {
-    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let _l = f.lock().read().await;
     let b = f.connect().await;
     let (g, t) = names();
     let sub = b.subscribe(&g, &[&t]).await.unwrap();
@@ -222,7 +224,7 @@ async fn publish_consume_ack(f: Fixture) {
 }
 
 async fn every_group_gets_a_copy(f: Fixture) {
-    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let _l = f.lock().read().await;
     let b = f.connect().await;
     let (g, t) = names();
     let one = b.subscribe(&format!("{g}a"), &[&t]).await.unwrap();
@@ -236,7 +238,7 @@ async fn every_group_gets_a_copy(f: Fixture) {
 }
 
 async fn redelivery_after_a_consumer_crash(f: Fixture) {
-    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let _l = f.lock().read().await;
     let (g, t) = names();
     let b = f.connect().await;
     drop(b.subscribe(&g, &[&t]).await.unwrap());
@@ -267,7 +269,7 @@ async fn redelivery_after_a_consumer_crash(f: Fixture) {
 }
 
 async fn one_key_in_order_across_retries(f: Fixture) {
-    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let _l = f.lock().read().await;
     let b = f.connect().await;
     let (g, t) = names();
     let sub = b.subscribe(&g, &[&t]).await.unwrap();
@@ -287,7 +289,7 @@ async fn one_key_in_order_across_retries(f: Fixture) {
         for d in ds {
             n += 1;
             // Every third delivery fails and is retried a little later.
-            if n % 3 == 0 {
+            if n.is_multiple_of(3) {
                 sub.nack(&d, Duration::from_millis(30)).await.unwrap();
             } else {
                 let (k, s, _) = decode(&d);
@@ -306,8 +308,11 @@ async fn one_key_in_order_across_retries(f: Fixture) {
     }
 }
 
+/// (key, sequence, message id, instance)
+type Handled = (String, u32, String, usize);
+
 async fn competing_consumers_share_the_work(f: Fixture) {
-    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let _l = f.lock().read().await;
     let (g, t) = names();
     let one = f.connect().await;
     let two = f.connect().await;
@@ -316,7 +321,7 @@ async fn competing_consumers_share_the_work(f: Fixture) {
     let total = 400u32;
     let keys = 40u32;
     // The order in which messages were handled, across both instances.
-    let log: Arc<Mutex<Vec<(String, u32, String, usize)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Handled>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let mut workers = Vec::new();
     for (i, s) in [s1, s2].into_iter().enumerate() {
@@ -410,7 +415,7 @@ async fn service_db(dir: &std::path::Path) -> Db {
 }
 
 async fn dead_lettering(f: Fixture) {
-    let _l = f.lock().read().unwrap_or_else(|p| p.into_inner());
+    let _l = f.lock().read().await;
     let b = f.connect().await;
     let (g, t) = names();
     let db = service_db(f.dir.path()).await;
@@ -453,7 +458,7 @@ async fn dead_lettering(f: Fixture) {
 }
 
 async fn nothing_lost_across_a_broker_restart(f: Fixture) {
-    let _l = f.lock().write().unwrap_or_else(|p| p.into_inner());
+    let _l = f.lock().write().await;
     let b = f.connect().await;
     let (g, t) = names();
     let sub = b.subscribe(&g, &[&t]).await.unwrap();

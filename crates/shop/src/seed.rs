@@ -262,24 +262,6 @@ pub async fn seed(dbs: &Dbs, n: usize) -> Result<(), SeedError> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deterministic_and_unique() {
-        let a = products(300);
-        let b = products(300);
-        assert_eq!(a[17].product.id, b[17].product.id);
-        assert_eq!(a[17].product.name, b[17].product.name);
-        let ids: std::collections::HashSet<_> = a.iter().map(|p| &p.product.id).collect();
-        assert_eq!(ids.len(), 300);
-        let promos = promotions(&a, 0);
-        assert_eq!(promos.len(), 10 + 60);
-        assert!(promos.iter().all(|p| p.starts_at < p.ends_at));
-    }
-}
-
 /// Seeds `n` products into the catalog-side services' databases of `storage` (creating their
 /// tables first if needed): what `shopmesh up` does on first start, for services run as
 /// separate processes (`shopmesh seed`).
@@ -299,4 +281,22 @@ pub async fn seed_storage(
     };
     seed(&dbs, n).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_and_unique() {
+        let a = products(300);
+        let b = products(300);
+        assert_eq!(a[17].product.id, b[17].product.id);
+        assert_eq!(a[17].product.name, b[17].product.name);
+        let ids: std::collections::HashSet<_> = a.iter().map(|p| &p.product.id).collect();
+        assert_eq!(ids.len(), 300);
+        let promos = promotions(&a, 0);
+        assert_eq!(promos.len(), 10 + 60);
+        assert!(promos.iter().all(|p| p.starts_at < p.ends_at));
+    }
 }

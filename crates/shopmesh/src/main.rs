@@ -117,7 +117,7 @@ fn parse_service_addr(s: &str) -> Result<(ServiceName, SocketAddr), String> {
     let (name, addr) = s
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=HOST:PORT, got `{s}`"))?;
-    let name: ServiceName = name.parse().map_err(|e| format!("{e}"))?;
+    let name: ServiceName = name.parse()?;
     let addr = addr
         .parse()
         .map_err(|e| format!("`{addr}` is not HOST:PORT: {e}"))?;
