@@ -432,7 +432,7 @@ async fn dead_lettering(f: Fixture) {
     let mut batch = vec![step("bad", 0)];
     batch.extend((0..20).map(|i| step(&format!("k{i}"), 0)));
     b.publish(&t, &batch).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         consumer
             .poll_once(Duration::from_millis(100))
