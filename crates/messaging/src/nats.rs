@@ -334,10 +334,8 @@ async fn pull_loop(
                     }
                 }
                 Some(Err(e)) => {
-                    use async_nats::jetstream::consumer::pull::MessagesErrorKind;
-                    if e.kind() == MessagesErrorKind::MissingHeartbeat {
-                        continue;
-                    }
+                    // A missed heartbeat too: its pull request may be gone (a server restart),
+                    // and a new stream issues a new one.
                     tracing::debug!(error = %e, "NATS consumer stream broke; re-creating");
                     break;
                 }
