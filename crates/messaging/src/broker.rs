@@ -35,6 +35,43 @@ pub struct Backlog {
     pub oldest: Duration,
 }
 
+impl Backlog {
+    /// For adapters that only know when the newest delivered message was published: its age
+    /// stands for the lag while anything is waiting.
+    pub(crate) fn since_last_published(messages: u64, last_published_ms: i64) -> Self {
+        let oldest = if messages > 0 && last_published_ms > 0 {
+            Duration::from_millis(
+                (shopmesh_platform::now_millis() - last_published_ms).max(0) as u64
+            )
+        } else {
+            Duration::ZERO
+        };
+        Backlog { messages, oldest }
+    }
+}
+
+/// Up to `max` deliveries an adapter's receive loop has queued, waiting up to `wait` for
+/// the first.
+pub(crate) async fn take_ready(
+    rx: &mut tokio::sync::mpsc::Receiver<Delivery>,
+    max: usize,
+    wait: Duration,
+) -> Vec<Delivery> {
+    let first = if wait.is_zero() {
+        rx.try_recv().ok()
+    } else {
+        tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
+    };
+    let mut out: Vec<Delivery> = first.into_iter().collect();
+    while out.len() < max {
+        match rx.try_recv() {
+            Ok(d) => out.push(d),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 /// A durable subscription: messages published to its topics while the subscriber is away
 /// wait for it.
 pub trait Subscription: Send + Sync {

@@ -363,27 +363,8 @@ impl Subscription for NatsSubscription {
         max: usize,
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
-        async move {
-            let mut rx = self.rx.lock().await;
-            let mut out = Vec::new();
-            let first = if wait.is_zero() {
-                rx.try_recv().ok()
-            } else {
-                tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
-            };
-            let Some(first) = first else {
-                return Ok(out);
-            };
-            out.push(first);
-            while out.len() < max {
-                match rx.try_recv() {
-                    Ok(d) => out.push(d),
-                    Err(_) => break,
-                }
-            }
-            Ok(out)
-        }
-        .boxed()
+        async move { Ok(crate::broker::take_ready(&mut *self.rx.lock().await, max, wait).await) }
+            .boxed()
     }
 
     fn ack<'a>(&'a self, ds: &'a [Delivery]) -> BoxFuture<'a, Result<(), BrokerError>> {
@@ -426,13 +407,10 @@ impl Subscription for NatsSubscription {
                 let i = i.map_err(unavailable)?;
                 messages += i.num_pending + i.num_ack_pending as u64;
             }
-            let last = self.sub.last_published.load(Ordering::Relaxed);
-            let oldest = if messages > 0 && last > 0 {
-                Duration::from_millis((shopmesh_platform::now_millis() - last).max(0) as u64)
-            } else {
-                Duration::ZERO
-            };
-            Ok(Backlog { messages, oldest })
+            Ok(Backlog::since_last_published(
+                messages,
+                self.sub.last_published.load(Ordering::Relaxed),
+            ))
         }
         .boxed()
     }
