@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::breaker::{Breaker, Permit, State};
-use crate::config::{BreakerConfig, ClusterConfig, HashOn, HealthCheckConfig, LoadBalancer};
+use crate::config::{
+    BreakerConfig, ClusterConfig, HashOn, HealthCheckConfig, LoadBalancer, UpstreamProtocol,
+};
 use crate::proxy::{HttpClient, empty};
 
 /// One upstream endpoint. Survives reloads that keep it (same cluster, URL and breaker
@@ -110,6 +112,7 @@ pub struct Cluster {
     pub retry_attempts: u32,
     budget: TpsBudget,
     health: Option<HealthCheckConfig>,
+    protocol: UpstreamProtocol,
 }
 
 impl Cluster {
@@ -152,10 +155,16 @@ impl Cluster {
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeouts.connect_ms)));
         let clients = (0..=workers)
             .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_millis(cfg.timeouts.idle_ms))
-                    .pool_max_idle_per_host(cfg.timeouts.max_idle_per_endpoint)
-                    .build(connector.clone())
+                let mut b = Client::builder(TokioExecutor::new());
+                b.pool_idle_timeout(Duration::from_millis(cfg.timeouts.idle_ms))
+                    .pool_max_idle_per_host(cfg.timeouts.max_idle_per_endpoint);
+                if cfg.protocol == UpstreamProtocol::H2c {
+                    b.http2_only(true)
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .http2_keep_alive_interval(Duration::from_secs(20))
+                        .http2_keep_alive_timeout(Duration::from_secs(10));
+                }
+                b.build(connector.clone())
             })
             .collect();
         let r = &cfg.retry;
@@ -174,7 +183,16 @@ impl Cluster {
                 r.budget_percent / 100.0,
             ),
             health: cfg.health_check.clone(),
+            protocol: cfg.protocol,
         })
+    }
+
+    /// The HTTP version requests to this cluster's endpoints are sent with.
+    pub fn version(&self) -> http::Version {
+        match self.protocol {
+            UpstreamProtocol::Http1 => http::Version::HTTP_11,
+            UpstreamProtocol::H2c => http::Version::HTTP_2,
+        }
     }
 
     /// The connection pool of the calling worker thread.
@@ -336,6 +354,7 @@ mod tests {
             circuit_breaker: BreakerConfig::default(),
             timeouts: Default::default(),
             retry: Default::default(),
+            protocol: Default::default(),
         };
         Cluster::new(&cfg, None, 1).unwrap()
     }
@@ -459,6 +478,7 @@ mod tests {
             circuit_breaker: BreakerConfig::default(),
             timeouts: Default::default(),
             retry: Default::default(),
+            protocol: Default::default(),
         };
         let next = Cluster::new(&cfg, Some(&c), 1).unwrap();
         assert!(Arc::ptr_eq(&next.endpoints[0], &c.endpoints[0]));

@@ -42,6 +42,10 @@ pub struct GatewayConfig {
     /// Redis for rate limits shared by several gateway instances.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// TLS on the listener (HTTP/2 and HTTP/1.1 by ALPN). The certificate and key files are
+    /// read again on every reload.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Groups of upstream endpoints.
     pub clusters: Vec<ClusterConfig>,
     /// Routes, tried in order: the first whose match fits the request wins.
@@ -74,7 +78,9 @@ pub struct LimitsConfig {
     /// Largest request body forwarded, in bytes (413 beyond).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
-    /// Time a client has to send its request headers, in milliseconds.
+    /// Time a client has to send its request headers, in milliseconds. On HTTP/1.1 it also
+    /// runs while a kept-alive connection waits for its next request, so it is the idle
+    /// timeout too: slow-loris and idle clients are cut after it.
     #[serde(default = "default_header_read_timeout")]
     pub header_read_timeout_ms: u64,
     /// Most request headers accepted.
@@ -83,6 +89,23 @@ pub struct LimitsConfig {
     /// Most client connections open at once; further ones wait in the accept queue.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted, in bytes (431 beyond).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most HTTP/2 streams a client may have open at once on one connection.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+/// TLS for client connections.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first. A relative path is taken from the
+    /// configuration file's directory.
+    pub cert_file: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
 }
 
 impl Default for LimitsConfig {
@@ -92,6 +115,8 @@ impl Default for LimitsConfig {
             header_read_timeout_ms: default_header_read_timeout(),
             max_headers: default_max_headers(),
             max_connections: default_max_connections(),
+            max_header_bytes: default_max_header_bytes(),
+            max_concurrent_streams: default_max_streams(),
         }
     }
 }
@@ -180,6 +205,20 @@ pub struct ClusterConfig {
     /// Retries of idempotent requests without a body, within a budget.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// What the endpoints speak.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext (prior knowledge), as gRPC servers speak: every request of a
+    /// worker thread is a stream on one shared connection per endpoint.
+    H2c,
 }
 
 impl ClusterConfig {
@@ -194,6 +233,7 @@ impl ClusterConfig {
             circuit_breaker: BreakerConfig::default(),
             timeouts: TimeoutsConfig::default(),
             retry: RetryConfig::default(),
+            protocol: UpstreamProtocol::default(),
         }
     }
 }
@@ -326,11 +366,24 @@ pub struct RouteConfig {
     pub name: String,
     #[serde(rename = "match")]
     pub matches: RouteMatch,
-    /// Cluster the route forwards to. Exactly one of `cluster` and `aggregate`.
+    /// Cluster the route forwards to. Exactly one of `cluster`, `split` and `aggregate`.
     #[serde(default)]
     pub cluster: Option<String>,
+    /// A gray release or A/B test: the route's traffic divided between versions of the
+    /// upstream (one cluster each) by rules and weights. Exactly one of `cluster`, `split`
+    /// and `aggregate`.
+    #[serde(default)]
+    pub split: Option<SplitConfig>,
+    /// A copy of a fraction of the requests goes to a shadow cluster; its answers are
+    /// discarded. Not for `aggregate` routes.
+    #[serde(default)]
+    pub mirror: Option<MirrorConfig>,
+    /// Overrides `limits.max_body_bytes` for this route (an upload route, say). Bodies are
+    /// streamed, never held whole, so a large limit costs no memory.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
     /// A composite endpoint: the request fans out to several backend calls whose answers
-    /// are merged into one JSON document. Exactly one of `cluster` and `aggregate`.
+    /// are merged into one JSON document. Exactly one of `cluster`, `split` and `aggregate`.
     #[serde(default)]
     pub aggregate: Option<AggregateConfig>,
     #[serde(default)]
@@ -359,6 +412,9 @@ impl RouteConfig {
                 ..Default::default()
             },
             cluster: Some(cluster.into()),
+            split: None,
+            mirror: None,
+            max_body_bytes: None,
             aggregate: None,
             rewrite: None,
             auth: AuthConfig::default(),
@@ -381,6 +437,7 @@ impl GatewayConfig {
             jwt: None,
             api_keys: None,
             redis: None,
+            tls: None,
             clusters,
             routes,
         }
@@ -411,6 +468,83 @@ pub struct RouteMatch {
     /// Headers that must be present with exactly these values.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+}
+
+/// A route's traffic divided between variants. A request goes to the first variant (in
+/// order) whose `when` it satisfies; otherwise to a variant drawn by weight. The draw is a
+/// hash of who the caller is (the token's subject, else the gateway's cookie, set on the
+/// first answer), so a caller keeps its variant while the weights stay; when a weight
+/// grows, only the callers it needs move.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    pub variants: Vec<VariantConfig>,
+    /// `caller` (default): the same caller always draws the same variant; `none`: every
+    /// request draws anew.
+    #[serde(default)]
+    pub sticky: Stickiness,
+    /// Cookie that identifies an anonymous caller.
+    #[serde(default = "default_variant_cookie")]
+    pub cookie: String,
+    /// Lifetime of that cookie, in seconds.
+    #[serde(default = "default_variant_cookie_age")]
+    pub cookie_max_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Stickiness {
+    #[default]
+    Caller,
+    None,
+}
+
+/// One version of the upstream.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    /// Name, in metrics (`variant` label), logs and the `x-shopmesh-variant` request header.
+    pub name: String,
+    pub cluster: String,
+    /// Share of the traffic no rule claims, relative to the other variants' weights.
+    #[serde(default)]
+    pub weight: u32,
+    /// Requests that satisfy all of these go to this variant, whatever the weights.
+    #[serde(default)]
+    pub when: Option<VariantRules>,
+}
+
+/// Conditions on the request, all of which must hold.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VariantRules {
+    /// Headers with exactly these values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Cookies with exactly these values.
+    #[serde(default)]
+    pub cookies: BTreeMap<String, String>,
+    /// Query parameters with exactly these values.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+}
+
+/// Shadow traffic: copies of requests sent to another cluster, answers discarded. The
+/// client's request never waits for the shadow and never sees its failures.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub cluster: String,
+    /// Share of the requests copied, in percent (0–100).
+    pub percent: f64,
+    /// Most copies in flight at once; beyond it copies are skipped, so
+    /// a slow shadow cannot pile up memory.
+    #[serde(default = "default_mirror_in_flight")]
+    pub max_in_flight: usize,
+    /// Requests with a body larger than this (or of unknown length) are not copied; a
+    /// copied body is held in memory until both have it.
+    #[serde(default = "default_mirror_body")]
+    pub max_body_bytes: u64,
 }
 
 /// How the path is changed before forwarding.
@@ -600,6 +734,24 @@ fn default_max_headers() -> usize {
 fn default_max_connections() -> usize {
     10_000
 }
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_streams() -> u32 {
+    256
+}
+fn default_variant_cookie() -> String {
+    "shopmesh-variant".into()
+}
+fn default_variant_cookie_age() -> u64 {
+    30 * 24 * 3600
+}
+fn default_mirror_in_flight() -> usize {
+    64
+}
+fn default_mirror_body() -> u64 {
+    64 * 1024
+}
 fn default_leeway() -> u64 {
     30
 }
@@ -707,12 +859,22 @@ impl GatewayConfig {
         serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
+    /// Reads a configuration file. Relative TLS file paths are taken from the file's
+    /// directory.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_yaml(&text)
+        let mut cfg = Self::from_yaml(&text)?;
+        if let (Some(tls), Some(dir)) = (&mut cfg.tls, path.parent()) {
+            for f in [&mut tls.cert_file, &mut tls.key_file] {
+                if std::path::Path::new(f.as_str()).is_relative() {
+                    *f = dir.join(&*f).display().to_string();
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// The JSON Schema of the configuration file.
@@ -758,9 +920,20 @@ impl GatewayConfig {
                 ))
             })?;
         }
-        if self.limits.max_body_bytes == 0 || self.limits.max_headers == 0 {
+        let l = &self.limits;
+        if l.max_body_bytes == 0
+            || l.max_headers == 0
+            || l.header_read_timeout_ms == 0
+            || l.max_concurrent_streams == 0
+            || l.max_connections == 0
+        {
             return Err(ConfigError::Invalid(
-                "limits: max_body_bytes and max_headers must be positive".into(),
+                "limits: every limit must be positive".into(),
+            ));
+        }
+        if l.max_header_bytes < 8192 {
+            return Err(ConfigError::Invalid(
+                "limits.max_header_bytes must be at least 8192 (hyper's smallest buffer)".into(),
             ));
         }
         if let Some(j) = &self.jwt {
@@ -886,13 +1059,17 @@ impl GatewayConfig {
             if !names.insert(r.name.as_str()) {
                 return Err(err("duplicate name".into()));
             }
-            match (&r.cluster, &r.aggregate) {
-                (Some(c), None) => {
+            match (&r.cluster, &r.split, &r.aggregate) {
+                (Some(c), None, None) => {
                     if !clusters.contains(c.as_str()) {
                         return Err(err(format!("unknown cluster `{c}`")));
                     }
                 }
-                (None, Some(a)) => {
+                (None, Some(split), None) => split.validate(&clusters).map_err(err)?,
+                (None, None, Some(a)) => {
+                    if r.mirror.is_some() {
+                        return Err(err("`mirror` does not apply to an `aggregate` route".into()));
+                    }
                     if r.rewrite.is_some() {
                         return Err(err(
                             "`rewrite` does not apply to an `aggregate` route".into()
@@ -912,7 +1089,24 @@ impl GatewayConfig {
                     )
                     .map_err(err)?;
                 }
-                _ => return Err(err("needs exactly one of `cluster` and `aggregate`".into())),
+                _ => {
+                    return Err(err(
+                        "needs exactly one of `cluster`, `split` and `aggregate`".into(),
+                    ));
+                }
+            }
+            if let Some(m) = &r.mirror {
+                if !clusters.contains(m.cluster.as_str()) {
+                    return Err(err(format!("mirror: unknown cluster `{}`", m.cluster)));
+                }
+                if !(0.0..=100.0).contains(&m.percent) || m.max_in_flight == 0 {
+                    return Err(err(
+                        "mirror: percent within 0–100, max_in_flight positive".into()
+                    ));
+                }
+            }
+            if r.max_body_bytes == Some(0) {
+                return Err(err("max_body_bytes must be positive".into()));
             }
             let m = &r.matches;
             let kinds = [&m.prefix, &m.exact, &m.template]
@@ -985,6 +1179,63 @@ impl GatewayConfig {
             if r.timeout_ms == Some(0) {
                 return Err(err("timeout_ms must be positive".into()));
             }
+        }
+        Ok(())
+    }
+}
+
+impl SplitConfig {
+    fn validate(&self, clusters: &HashSet<&str>) -> Result<(), String> {
+        if self.variants.is_empty() {
+            return Err("split needs at least one variant".into());
+        }
+        let mut names = HashSet::new();
+        let mut total: u64 = 0;
+        for v in &self.variants {
+            if !names.insert(v.name.as_str()) {
+                return Err(format!("split: variant `{}` listed twice", v.name));
+            }
+            if v.name.is_empty() || !v.name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "split: variant name `{}` must be printable ASCII",
+                    v.name
+                ));
+            }
+            if !clusters.contains(v.cluster.as_str()) {
+                return Err(format!(
+                    "split: variant `{}`: unknown cluster `{}`",
+                    v.name, v.cluster
+                ));
+            }
+            if v.weight > 1_000_000 {
+                return Err(format!(
+                    "split: variant `{}`: weight at most 1000000",
+                    v.name
+                ));
+            }
+            total += u64::from(v.weight);
+            if let Some(w) = &v.when {
+                if w.headers.is_empty() && w.cookies.is_empty() && w.query.is_empty() {
+                    return Err(format!("split: variant `{}`: `when` is empty", v.name));
+                }
+                for (name, value) in &w.headers {
+                    http::HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| format!("split: `{name}` is not a header name"))?;
+                    http::HeaderValue::from_str(value)
+                        .map_err(|_| format!("split: header `{name}`: value not allowed"))?;
+                }
+            }
+        }
+        if total == 0 {
+            return Err("split: the weights add up to 0; give some variant a weight".into());
+        }
+        let cookie_ok = !self.cookie.is_empty()
+            && self
+                .cookie
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !cookie_ok {
+            return Err(format!("split: `{}` is not a cookie name", self.cookie));
         }
         Ok(())
     }

@@ -30,6 +30,8 @@ pub mod reload;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod tls;
+pub mod traffic;
 
 pub use config::GatewayConfig;
 pub use proxy::Gateway;

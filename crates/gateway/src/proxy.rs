@@ -29,6 +29,9 @@ use crate::config::{ConfigError, GatewayConfig, HashOn, RateLimitKey};
 use crate::jwt::AuthError;
 use crate::ratelimit::Decision;
 use crate::runtime::{Runtime, Target};
+use crate::server::ConnInfo;
+use crate::traffic::cookie;
+use hyper_util::rt::TokioIo;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type on both sides of the gateway.
@@ -238,6 +241,7 @@ fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
 struct Outcome {
     route: Arc<str>,
     cluster: Option<Arc<str>>,
+    variant: Option<Arc<str>>,
     endpoint: Option<String>,
     caller: Option<String>,
     attempts: u32,
@@ -248,6 +252,7 @@ impl Outcome {
         Self {
             route,
             cluster: None,
+            variant: None,
             endpoint: None,
             caller: None,
             attempts: 0,
@@ -257,8 +262,25 @@ impl Outcome {
 
 async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
+    // What survives the hop-by-hop cleaning: an HTTP/1.1 upgrade (WebSocket) and gRPC's
+    // `te: trailers`.
+    let upgrade = (req.version() == http::Version::HTTP_11
+        && connection_has(req.headers(), "upgrade"))
+    .then(|| req.headers().get(header::UPGRADE).cloned())
+    .flatten();
+    let te_trailers = req
+        .headers()
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     // First, so that a client's `Connection: <name>` cannot remove what the gateway adds.
     strip_hop_by_hop(req.headers_mut());
+    if te_trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let rid = request_id(req.headers());
     req.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
     let method = req.method().clone();
@@ -295,7 +317,7 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         .get::<ClientAddr>()
         .map(|a| Sender::of(&rt, a.0.ip(), req.headers()));
     let client_ip = client.map(|c| c.ip);
-    let (outcome, mut res) = route_and_forward(&rt, req, client)
+    let (outcome, mut res) = route_and_forward(&rt, req, client, upgrade)
         .instrument(span.clone())
         .await;
     res.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
@@ -308,9 +330,10 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let elapsed = start.elapsed();
     let cluster: Arc<str> = outcome.cluster.clone().unwrap_or_else(|| "".into());
     let endpoint = outcome.endpoint.clone().unwrap_or_default();
-    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "cluster" => cluster, "endpoint" => endpoint, "status" => status.to_string())
+    let variant: Arc<str> = outcome.variant.clone().unwrap_or_else(|| "".into());
+    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "variant" => variant.clone(), "cluster" => cluster, "endpoint" => endpoint, "status" => status.to_string())
         .increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", "route" => outcome.route.clone())
+    metrics::histogram!("gateway_request_duration_seconds", "route" => outcome.route.clone(), "variant" => variant)
         .record(elapsed.as_secs_f64());
     if rt.config.access_log {
         tracing::info!(
@@ -320,6 +343,7 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
             path = %raw_path,
             status,
             route = &*outcome.route,
+            variant = outcome.variant.as_deref().unwrap_or(""),
             cluster = outcome.cluster.as_deref().unwrap_or(""),
             endpoint = outcome.endpoint.as_deref().unwrap_or(""),
             attempts = outcome.attempts,
@@ -401,6 +425,16 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
     "upgrade",
 ];
+
+/// Whether the `Connection` header lists `token`.
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
@@ -523,6 +557,7 @@ async fn route_and_forward(
     rt: &Runtime,
     mut req: Request<Body>,
     client: Option<Sender>,
+    upgrade: Option<HeaderValue>,
 ) -> (Outcome, Response<Body>) {
     let client_ip = client.map(|c| c.ip);
     // 1. Nobody but the gateway speaks for the caller's identity.
@@ -569,6 +604,7 @@ async fn route_and_forward(
     if let Target::Cluster(c) = &route.target {
         outcome.cluster = Some(c.name.clone());
     }
+    let conn = req.extensions().get::<ConnInfo>().cloned();
 
     // 4. Authenticate and authorise.
     let caller = match authenticate(rt, &mut req).await {
@@ -656,21 +692,35 @@ async fn route_and_forward(
 
     // 6. Bound the body: refuse at once when the declared length is too big; a streamed
     // body that grows past the limit is cut.
-    let max = rt.config.limits.max_body_bytes;
-    if let Some(len) = req
+    let max = route.max_body;
+    let content_length = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > max
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if content_length.is_some_and(|len| len > max) {
         return (outcome, problem(Problem::payload_too_large(max as usize)));
     }
 
-    // 7. A composite fans out and merges; anything else is forwarded, idempotent body-less
-    // requests retried within the cluster's budget.
+    // 7. A composite fans out and merges; anything else is forwarded (to the variant the
+    // split assigns), idempotent body-less requests retried within the cluster's budget.
+    let mut set_cookie = None;
     let cluster = match &route.target {
         Target::Cluster(c) => c,
+        Target::Split(split) => {
+            let a = split.assign(
+                req.headers(),
+                req.uri().query(),
+                caller.as_ref().map(|c| c.id.as_str()),
+            );
+            outcome.variant = Some(a.variant.name.clone());
+            outcome.cluster = Some(a.variant.cluster.name.clone());
+            set_cookie = a.set_cookie;
+            if let Ok(v) = HeaderValue::from_str(&a.variant.name) {
+                req.headers_mut().insert(crate::traffic::VARIANT_HEADER, v);
+            }
+            &a.variant.cluster
+        }
         Target::Aggregate(composite) => {
             let mut res = composite
                 .serve(Incoming {
@@ -710,6 +760,14 @@ async fn route_and_forward(
             outcome,
             problem(Problem::bad_request("the request target is not valid")),
         );
+    };
+    // A WebSocket (or other HTTP/1.1 upgrade): the client's side of the tunnel, once the
+    // upstream agrees. Not for HTTP/2 upstreams.
+    let client_upgrade = match &upgrade {
+        Some(_) if cluster.version() == http::Version::HTTP_11 => {
+            Some(hyper::upgrade::on(&mut req))
+        }
+        _ => None,
     };
     let (mut parts, body) = req.into_parts();
     let original_host = parts.headers.remove(header::HOST);
@@ -759,11 +817,24 @@ async fn route_and_forward(
         parts.headers.insert("x-forwarded-host", host);
     }
     if !parts.headers.contains_key("x-forwarded-proto") {
+        let proto = if conn.as_ref().is_some_and(|c| c.tls) {
+            "https"
+        } else {
+            "http"
+        };
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            .insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
-    parts.version = http::Version::HTTP_11;
+    if client_upgrade.is_some()
+        && let Some(proto) = &upgrade
+    {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto.clone());
+    }
+    parts.version = cluster.version();
 
     let hash_key: Option<Vec<u8>> = match &cluster.hash_on {
         Some(HashOn::Header(h)) => parts.headers.get(h).map(|v| v.as_bytes().to_vec()),
@@ -772,7 +843,42 @@ async fn route_and_forward(
     };
     let bodiless = body.is_end_stream();
     let retryable = idempotent(&parts.method) && bodiless;
-    let mut body = Some(Limited::new(body, max as usize).boxed());
+    let timeout = route.explicit_timeout.unwrap_or(cluster.request_timeout);
+    // Shadow traffic: the copy leaves before the request, on its own task.
+    let mut body = match route
+        .mirror
+        .as_ref()
+        .and_then(|m| Some((m, m.sample(content_length, bodiless)?)))
+    {
+        None => body,
+        Some((m, shadow)) => {
+            let buffered = if bodiless {
+                None
+            } else {
+                match crate::traffic::buffer(body, m.max_body).await {
+                    Some(b) => Some(b),
+                    None => {
+                        return (
+                            outcome,
+                            problem(Problem::bad_request("the request body could not be read")),
+                        );
+                    }
+                }
+            };
+            shadow.send(
+                parts.method.clone(),
+                path_and_query.clone(),
+                parts.headers.clone(),
+                buffered.clone(),
+                m.cluster.request_timeout,
+            );
+            match buffered {
+                Some(b) => Full::new(b).map_err(|never| match never {}).boxed(),
+                None => empty(),
+            }
+        }
+    };
+    let mut body = Some(Limited::new(std::mem::replace(&mut body, empty()), max as usize).boxed());
     cluster.deposit();
     let mut last_endpoint: Option<Arc<crate::cluster::Endpoint>> = None;
     loop {
@@ -811,8 +917,7 @@ async fn route_and_forward(
         };
         *upstream_req.version_mut() = parts.version;
 
-        let sent =
-            tokio::time::timeout(route.timeout, cluster.client().request(upstream_req)).await;
+        let sent = tokio::time::timeout(timeout, cluster.client().request(upstream_req)).await;
         let can_retry = retryable && outcome.attempts <= cluster.retry_attempts;
         match sent {
             Err(_) => {
@@ -865,11 +970,35 @@ async fn route_and_forward(
                     last_endpoint = Some(ep);
                     continue;
                 }
+                let mut res = res;
+                let tunnel = if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    let Some(client_side) = client_upgrade else {
+                        tracing::warn!(route = &*route.name, "upstream switched protocols unasked");
+                        return (
+                            outcome,
+                            problem(Problem::bad_gateway("the upstream answered unexpectedly")),
+                        );
+                    };
+                    let upstream_side = hyper::upgrade::on(&mut res);
+                    tunnel(client_side, upstream_side, route.name.clone(), conn.clone());
+                    res.headers().get(header::UPGRADE).cloned()
+                } else {
+                    None
+                };
                 let (mut rparts, rbody) = res.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
+                if let Some(proto) = tunnel {
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    rparts.headers.insert(header::UPGRADE, proto);
+                }
                 let mut res = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
                 if let Some(d) = &limit_decision {
                     rate_limit_headers(&mut res, d);
+                }
+                if let Some(c) = set_cookie {
+                    res.headers_mut().append(header::SET_COOKIE, c);
                 }
                 return (outcome, res);
             }
@@ -877,17 +1006,29 @@ async fn route_and_forward(
     }
 }
 
-/// The value of cookie `name`, if the request carries it.
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then(|| v.to_owned())
-        })
+/// Joins the two sides of an upgraded connection once both are handed over, and copies
+/// bytes both ways until either closes. The client connection's slot is held meanwhile.
+fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    route: Arc<str>,
+    conn: Option<ConnInfo>,
+) {
+    tokio::spawn(async move {
+        let _slot = conn;
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let gauge = metrics::gauge!("gateway_upgraded_connections", "route" => route);
+                gauge.increment(1.0);
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+                gauge.decrement(1.0);
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade not completed"),
+        }
+    });
 }
 
 fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -20,11 +20,14 @@ use crate::jwt::JwtVerifier;
 use crate::proxy::HttpClient;
 use crate::ratelimit::{Limiter, LocalLimiter, SharedStore};
 use crate::router::Matcher;
+use crate::traffic::{Mirror, Split};
 
 /// Where a route's requests go.
 pub enum Target {
     /// Proxied to one cluster.
     Cluster(Arc<Cluster>),
+    /// Divided between versions of the upstream (gray release, A/B test).
+    Split(Arc<Split>),
     /// Answered by a composite of several backend calls.
     Aggregate(Arc<Composite>),
 }
@@ -38,7 +41,13 @@ pub struct Route {
     pub auth: AuthConfig,
     pub limiter: Option<Limiter>,
     pub limit_key: RateLimitKey,
+    /// The composite's deadline, or the upstream answer timeout of a proxied route when the
+    /// route sets one (else each cluster's own).
     pub timeout: Duration,
+    pub explicit_timeout: Option<Duration>,
+    pub mirror: Option<Mirror>,
+    /// Largest request body forwarded.
+    pub max_body: u64,
 }
 
 impl Route {
@@ -78,6 +87,8 @@ pub struct Runtime {
     pub api_keys: Option<ApiKeys>,
     pub trusted_proxies: Vec<(IpAddr, u8)>,
     pub redis: Option<SharedStore>,
+    /// TLS for new client connections (read from its files when this generation was built).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Stops this generation's health checks and housekeeping.
     pub stop: CancellationToken,
 }
@@ -158,14 +169,19 @@ impl Runtime {
                 reason,
             };
             let find = |name: &str| clusters.iter().find(|c| *c.name == *name).cloned();
-            let (target, timeout) = match (&r.cluster, &r.aggregate) {
-                (Some(name), _) => {
+            let (target, timeout) = match (&r.cluster, &r.split, &r.aggregate) {
+                (Some(name), _, _) => {
                     let cluster =
                         find(name).ok_or_else(|| err(format!("unknown cluster `{name}`")))?;
                     let timeout = cluster.request_timeout;
                     (Target::Cluster(cluster), timeout)
                 }
-                (None, Some(a)) => {
+                (None, Some(s), _) => {
+                    let split = Split::new(s, &r.name, &find).map_err(err)?;
+                    let timeout = split.variants[0].cluster.request_timeout;
+                    (Target::Split(Arc::new(split)), timeout)
+                }
+                (None, None, Some(a)) => {
                     let plan =
                         Plan::compile(a, &|c| find(c).is_some(), r.matches.template.as_deref())
                             .map_err(err)?;
@@ -183,8 +199,10 @@ impl Runtime {
                         DEFAULT_AGGREGATE_TIMEOUT,
                     )
                 }
-                (None, None) => {
-                    return Err(err("needs exactly one of `cluster` and `aggregate`".into()));
+                (None, None, None) => {
+                    return Err(err(
+                        "needs exactly one of `cluster`, `split` and `aggregate`".into(),
+                    ));
                 }
             };
             // A composite answers reads: GET and HEAD unless the route says otherwise.
@@ -219,10 +237,22 @@ impl Runtime {
                     ))
                 }
             };
+            let mirror = match &r.mirror {
+                None => None,
+                Some(m) => Some(Mirror::new(
+                    m,
+                    &r.name,
+                    find(&m.cluster)
+                        .ok_or_else(|| err(format!("mirror: unknown cluster `{}`", m.cluster)))?,
+                )),
+            };
             routes.push(Route {
                 name: r.name.as_str().into(),
                 matcher,
                 timeout: r.timeout_ms.map(Duration::from_millis).unwrap_or(timeout),
+                explicit_timeout: r.timeout_ms.map(Duration::from_millis),
+                mirror,
+                max_body: r.max_body_bytes.unwrap_or(cfg.limits.max_body_bytes),
                 target,
                 strip_prefix: r.rewrite.as_ref().and_then(|w| w.strip_prefix.clone()),
                 add_prefix: r.rewrite.as_ref().and_then(|w| w.add_prefix.clone()),
@@ -232,6 +262,12 @@ impl Runtime {
             });
         }
 
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(crate::tls::acceptor)
+            .transpose()
+            .map_err(ConfigError::Invalid)?;
         let trusted_proxies = cfg
             .trusted_proxies
             .iter()
@@ -246,6 +282,7 @@ impl Runtime {
             api_keys,
             trusted_proxies,
             redis,
+            tls,
             stop: CancellationToken::new(),
             config: cfg,
         })

@@ -1,20 +1,59 @@
-//! Accept loop: HTTP/1.1 and HTTP/2 (h2c) through hyper-util, bounded header reading, a
-//! cap on open connections, and graceful shutdown that lets in-flight requests finish.
-//! These limits are read at start; a reload does not change them.
+//! Accept loop: HTTP/1.1 and HTTP/2 (h2c, or either over TLS by ALPN) through hyper-util,
+//! bounded header reading, a cap on open connections (an upgraded connection, a WebSocket,
+//! keeps its slot), and graceful shutdown that lets in-flight requests finish. These limits
+//! are read at start; a reload does not change them. TLS is taken from the serving
+//! generation for each new connection, so a reload renews the certificate.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::Service;
 
-use crate::proxy::{ClientAddr, Gateway};
+use crate::proxy::{Body, ClientAddr, Gateway};
+
+/// What the gateway knows of the connection a request came on (a request extension).
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// The client spoke TLS.
+    pub tls: bool,
+    /// The connection's place under `limits.max_connections`, held as long as any clone
+    /// lives: an upgraded connection (a WebSocket tunnel) keeps it.
+    pub slot: Arc<OwnedSemaphorePermit>,
+}
+
+/// The gateway as one connection sees it: every request carries the peer and [`ConnInfo`].
+#[derive(Clone)]
+struct ConnService {
+    gateway: Gateway,
+    peer: std::net::SocketAddr,
+    info: ConnInfo,
+}
+
+impl Service<http::Request<Incoming>> for ConnService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = <Gateway as Service<http::Request<Incoming>>>::Future;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        req.extensions_mut().insert(self.info.clone());
+        self.gateway.call(req)
+    }
+}
 
 /// Most worker threads [`serve_workers`] starts.
 pub const MAX_WORKERS: usize = 16;
@@ -98,14 +137,22 @@ pub async fn serve(
     drain: Duration,
 ) {
     let limits = gateway.runtime().config.limits.clone();
+    let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
-        .max_buf_size(64 * 1024)
+        .header_read_timeout(header_timeout)
+        .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
-    builder.http2().max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(100)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -129,26 +176,47 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc =
-            gateway
-                .clone()
-                .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ClientAddr(addr));
-                    req
-                });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
-        let conn = graceful.watch(conn.into_owned());
+        let tls = gateway.runtime().tls.clone();
+        let svc = ConnService {
+            gateway: gateway.clone(),
+            peer: addr,
+            info: ConnInfo {
+                tls: tls.is_some(),
+                slot: Arc::new(permit),
+            },
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with error");
+            match tls {
+                None => serve_io(&builder, watcher, TokioIo::new(stream), svc).await,
+                Some(acceptor) => {
+                    // The handshake is part of the request head: the same time limit.
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_io(&builder, watcher, TokioIo::new(tls), svc).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
             }
         });
     }
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(drain) => tracing::warn!("gateway drain timed out"),
+    }
+}
+
+async fn serve_io<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: I,
+    svc: ConnService,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(error = %e, "connection ended with error");
     }
 }
 

@@ -433,7 +433,15 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         anyhow::bail!("--config FILE is required");
     };
     if a.check {
-        return match GatewayConfig::from_file(&path) {
+        let checked = GatewayConfig::from_file(&path).and_then(|cfg| {
+            // The certificate and key are loaded too, as a start would.
+            if let Some(tls) = &cfg.tls {
+                shopmesh_gateway::tls::acceptor(tls)
+                    .map_err(shopmesh_gateway::config::ConfigError::Invalid)?;
+            }
+            Ok(cfg)
+        });
+        return match checked {
             Ok(cfg) => {
                 println!(
                     "{}: valid ({} routes, {} clusters)",
