@@ -7,18 +7,20 @@
 # upstream keepalive) and HAProxy (2 threads, connection reuse) proxy the same upstream with
 # logging off. Each is driven by the same `wrk -t1 -c64` load.
 #
-# Also: the gateway's RSS while 1,000 clients hold connections open under load, and the
-# latency it adds over a direct call at a fixed 1,000 req/s (hey).
+# Also: the gateway's RSS while 1,000 clients hold connections open under load, the
+# latency it adds over a direct call at a fixed 1,000 req/s (hey), HTTP/2 over TLS against
+# nginx (h2load, both terminating TLS with the same certificate), and the cost of mirroring
+# 5% of a route's requests to a shadow.
 #
-# Needs: wrk, hey, nginx, haproxy, openssl, curl (Debian: apt-get install wrk hey
-# nginx-light haproxy openssl curl). Uses ports 18180-18193.
+# Needs: wrk, hey, h2load, nginx, haproxy, openssl, curl (Debian: apt-get install wrk hey
+# nghttp2-client nginx-light haproxy openssl curl). Uses ports 18180-18193.
 # Usage: bench/proxy-vs-peers.sh [seconds-per-run (default 10)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 CONNS=64
-for tool in wrk hey nginx haproxy openssl curl basenc; do
-  command -v $tool >/dev/null || { echo "missing: $tool (apt-get install wrk hey nginx-light haproxy openssl curl)"; exit 1; }
+for tool in wrk hey h2load nginx haproxy openssl curl basenc; do
+  command -v $tool >/dev/null || { echo "missing: $tool (apt-get install wrk hey nghttp2-client nginx-light haproxy openssl curl)"; exit 1; }
 done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -39,6 +41,8 @@ UP=127.0.0.1:18190
 GW=127.0.0.1:18180
 NGX=127.0.0.1:18182
 HAP=127.0.0.1:18183
+NGX_TLS=127.0.0.1:18184
+GW_TLS=127.0.0.1:18185
 
 # 1. A signing key, its JWKS, and one token (EdDSA), made with openssl.
 b64url() { basenc --base64url -w0 | tr -d '='; }
@@ -51,6 +55,10 @@ PAYLOAD=$(printf '{"sub":"bench-user","iss":"bench","aud":"bench","iat":%d,"exp"
 printf '%s.%s' "$HEADER" "$PAYLOAD" >"$WORK/signing-input"
 SIG=$(openssl pkeyutl -sign -inkey "$WORK/key.pem" -rawin -in "$WORK/signing-input" | b64url)
 TOKEN="$HEADER.$PAYLOAD.$SIG"
+
+# A certificate both TLS terminators use.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.pem" -days 2 -subj /CN=localhost 2>/dev/null
 
 # 2. The upstream.
 cat >"$WORK/upstream.conf" <<CONF
@@ -82,6 +90,17 @@ http {
   upstream up { server $UP; keepalive 64; keepalive_requests 10000000; }
   server {
     listen $NGX;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+  server {
+    listen $NGX_TLS ssl http2;
+    ssl_certificate $WORK/tls.pem;
+    ssl_certificate_key $WORK/tls.key;
+    http2_max_concurrent_streams 256;
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -122,7 +141,15 @@ jwt: { jwks_url: "http://$UP/jwks.json", issuer: bench, audience: bench }
 clusters:
   - name: up
     endpoints: ["http://$UP"]
+  - name: shadow
+    endpoints: ["http://$UP"]
 routes:
+  - name: mirrored
+    match: { prefix: /mirrored }
+    cluster: up
+    auth: { required: true }
+    rate_limit: { per_second: 100000000, burst: 100000000, key: user }
+    mirror: { cluster: shadow, percent: 5 }
   - name: bench
     match: { prefix: / }
     cluster: up
@@ -132,6 +159,9 @@ CONF
 SHOPMESH_LOG_FORMAT=json "$BIN" gateway --config "$WORK/gateway.yaml" >"$WORK/gateway.log" 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
+# The same gateway behind TLS, for the HTTP/2 comparison (started after the first runs).
+sed -e "s|^listen: .*|listen: $GW_TLS\ntls: { cert_file: $WORK/tls.pem, key_file: $WORK/tls.key }|" \
+  -e "s|^admin: .*|admin: { listen: 127.0.0.1:18186 }|" "$WORK/gateway.yaml" >"$WORK/gateway-tls.yaml"
 
 wait_up() { for _ in $(seq 1 200); do curl -fs -o /dev/null "$@" && return 0; sleep 0.05; done; echo "not up: $*"; tail -5 "$WORK/gateway.log"; curl -s "$@"; exit 1; }
 wait_up "http://$UP/"
@@ -203,6 +233,31 @@ read -r DQ50 DQ99 < <(hey_q "http://$UP/")
 read -r GQ50 GQ99 < <(hey_q "http://$GW/")
 printf 'added latency at 1000 req/s: direct p50=%sms p99=%sms, gateway p50=%sms p99=%sms, added p50=%.2fms p99=%.2fms\n' \
   "$DQ50" "$DQ99" "$GQ50" "$GQ99" "$(echo "$GQ50-$DQ50" | bc -l)" "$(echo "$GQ99-$DQ99" | bc -l)"
+
+# 8. The cost of mirroring 5% of a route's requests (same gateway, same upstream, the
+# shadow copies going to it too).
+read -r M_RPS M_P50 M_P99 < <(run_wrk mirrored "http://$GW/mirrored")
+copies=$(curl -s http://127.0.0.1:18181/metrics | awk '/^gateway_mirror_requests_total/ {n+=$NF} END {printf "%d", n}')
+printf 'mirror: plain route %d req/s p99=%sms; with a 5%% mirror %d req/s p99=%sms (%.1f%% of plain); %d copies sent\n' \
+  "$G_RPS" "$G_P99" "$M_RPS" "$M_P99" "$(echo "100*$M_RPS/$G_RPS" | bc -l)" "$copies"
+
+# 9. HTTP/2 over TLS: h2load, 16 connections x 10 streams, against nginx and the gateway.
+SHOPMESH_LOG_FORMAT=json "$BIN" gateway --config "$WORK/gateway-tls.yaml" >"$WORK/gateway-tls.log" 2>&1 &
+PIDS+=("$!")
+wait_up -k --http2 -H "Authorization: Bearer $TOKEN" "https://$GW_TLS/"
+wait_up -k --http2 "https://$NGX_TLS/"
+run_h2load() { # url → "rps mean_ms"
+  h2load -D 2 -c 16 -m 10 -t 1 -H "Authorization: Bearer $TOKEN" "$1" >/dev/null # warm-up
+  local out
+  out=$(h2load -D "$DURATION" -c 16 -m 10 -t 1 -H "Authorization: Bearer $TOKEN" "$1")
+  grep -q ' 0 failed' <<<"$out" || { echo "h2load $1: failures"; echo "$out" | tail -12; exit 1; }
+  grep -q 'Application protocol: h2' <<<"$out" || { echo "h2load $1: not h2"; exit 1; }
+  awk '/^finished in/ {rps=$4} /^time for request:/ {m=$6; if (m ~ /us$/) m=m/1000; else if (m ~ /ms$/) m=m+0; else m=m*1000} END {printf "%d %.2f\n", rps, m}' <<<"$out"
+}
+read -r NH_RPS NH_MEAN < <(run_h2load "https://$NGX_TLS/")
+read -r GH_RPS GH_MEAN < <(run_h2load "https://$GW_TLS/")
+printf 'h2 over TLS (h2load -c16 -m10): nginx %d req/s mean=%sms; gateway %d req/s mean=%sms; gateway/nginx rps=%.2f\n' \
+  "$NH_RPS" "$NH_MEAN" "$GH_RPS" "$GH_MEAN" "$(echo "$GH_RPS/$NH_RPS" | bc -l)"
 
 lines=$(grep -c '"shopmesh::access"' "$WORK/gateway.log" || true)
 echo "access log: $lines lines written"

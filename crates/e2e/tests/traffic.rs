@@ -153,11 +153,51 @@ async fn rules_win_over_weights_and_the_first_matching_rule_wins() {
         .await,
         "b"
     );
-    // A variant name from the client is never believed.
-    assert_eq!(
-        get(vec![("x-shopmesh-variant", "canary")], "/x").await,
-        "stable"
-    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_cannot_name_its_variant_or_pass_for_a_shadow_copy() {
+    let up = Upstream::start("up").await;
+    let gw = Gw::start(&format!(
+        r#"
+clusters:
+  - {{ name: up, endpoints: ["{}"] }}
+routes:
+  - {{ name: plain, match: {{ prefix: / }}, cluster: up }}
+"#,
+        up.url()
+    ))
+    .await;
+    let res = gw
+        .http
+        .get(format!("{}/x", gw.base))
+        .header("x-shopmesh-variant", "canary")
+        .header("x-shopmesh-shadow", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(body(res).await["variant"].is_null());
+    assert!(!up.seen.lock().unwrap()[0].shadow);
+    // And a split's rule may not rely on such a header.
+    let e = shopmesh_gateway::GatewayConfig::from_yaml(&format!(
+        r#"
+clusters:
+  - {{ name: up, endpoints: ["{}"] }}
+routes:
+  - name: r
+    match: {{ prefix: / }}
+    split:
+      variants:
+        - {{ name: a, cluster: up, weight: 1 }}
+        - {{ name: b, cluster: up, when: {{ headers: {{ X-Shopmesh-Variant: b }} }} }}
+"#,
+        up.url()
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("removed from every client request"), "{e}");
     gw.stop().await;
 }
 

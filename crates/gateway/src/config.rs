@@ -86,7 +86,8 @@ pub struct LimitsConfig {
     /// Most request headers accepted.
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
-    /// Most client connections open at once; further ones wait in the accept queue.
+    /// Most client connections open at once, per worker thread; further ones wait in the
+    /// accept queue. An open WebSocket keeps its connection's place.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted, in bytes (431 beyond).
@@ -95,6 +96,9 @@ pub struct LimitsConfig {
     /// Most HTTP/2 streams a client may have open at once on one connection.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
+    /// A WebSocket with no traffic either way for this long is closed, in milliseconds.
+    #[serde(default = "default_tunnel_idle")]
+    pub websocket_idle_timeout_ms: u64,
 }
 
 /// TLS for client connections.
@@ -117,6 +121,7 @@ impl Default for LimitsConfig {
             max_connections: default_max_connections(),
             max_header_bytes: default_max_header_bytes(),
             max_concurrent_streams: default_max_streams(),
+            websocket_idle_timeout_ms: default_tunnel_idle(),
         }
     }
 }
@@ -382,6 +387,11 @@ pub struct RouteConfig {
     /// streamed, never held whole, so a large limit costs no memory.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// Let clients open WebSockets on this route (`GET` with `Upgrade: websocket`); the
+    /// route's authentication and rate limit apply to the upgrade request. Other upgrades
+    /// are never passed on.
+    #[serde(default)]
+    pub websocket: bool,
     /// A composite endpoint: the request fans out to several backend calls whose answers
     /// are merged into one JSON document. Exactly one of `cluster`, `split` and `aggregate`.
     #[serde(default)]
@@ -415,6 +425,7 @@ impl RouteConfig {
             split: None,
             mirror: None,
             max_body_bytes: None,
+            websocket: false,
             aggregate: None,
             rewrite: None,
             auth: AuthConfig::default(),
@@ -471,10 +482,10 @@ pub struct RouteMatch {
 }
 
 /// A route's traffic divided between variants. A request goes to the first variant (in
-/// order) whose `when` it satisfies; otherwise to a variant drawn by weight. The draw is a
-/// hash of who the caller is (the token's subject, else the gateway's cookie, set on the
-/// first answer), so a caller keeps its variant while the weights stay; when a weight
-/// grows, only the callers it needs move.
+/// order) whose `when` it satisfies; otherwise to a variant drawn by weight. The draw is
+/// weighted rendezvous hashing of who the caller is (the token's subject, else the
+/// gateway's cookie, set on the first answer), so a caller keeps its variant while the
+/// weights stay, and when a variant's weight grows only callers moving into it move.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SplitConfig {
@@ -486,7 +497,7 @@ pub struct SplitConfig {
     /// Cookie that identifies an anonymous caller.
     #[serde(default = "default_variant_cookie")]
     pub cookie: String,
-    /// Lifetime of that cookie, in seconds.
+    /// Lifetime of that cookie, in seconds. It is `Secure` when the client came over TLS.
     #[serde(default = "default_variant_cookie_age")]
     pub cookie_max_age_secs: u64,
 }
@@ -740,6 +751,9 @@ fn default_max_header_bytes() -> usize {
 fn default_max_streams() -> u32 {
     256
 }
+fn default_tunnel_idle() -> u64 {
+    300_000
+}
 fn default_variant_cookie() -> String {
     "shopmesh-variant".into()
 }
@@ -921,15 +935,22 @@ impl GatewayConfig {
             })?;
         }
         let l = &self.limits;
-        if l.max_body_bytes == 0
-            || l.max_headers == 0
-            || l.header_read_timeout_ms == 0
-            || l.max_concurrent_streams == 0
-            || l.max_connections == 0
-        {
-            return Err(ConfigError::Invalid(
-                "limits: every limit must be positive".into(),
-            ));
+        for (name, value) in [
+            ("max_body_bytes", l.max_body_bytes),
+            ("max_headers", l.max_headers as u64),
+            ("header_read_timeout_ms", l.header_read_timeout_ms),
+            (
+                "max_concurrent_streams",
+                u64::from(l.max_concurrent_streams),
+            ),
+            ("max_connections", l.max_connections as u64),
+            ("websocket_idle_timeout_ms", l.websocket_idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be positive"
+                )));
+            }
         }
         if l.max_header_bytes < 8192 {
             return Err(ConfigError::Invalid(
@@ -1067,8 +1088,16 @@ impl GatewayConfig {
                 }
                 (None, Some(split), None) => split.validate(&clusters).map_err(err)?,
                 (None, None, Some(a)) => {
-                    if r.mirror.is_some() {
-                        return Err(err("`mirror` does not apply to an `aggregate` route".into()));
+                    for (set, key) in [
+                        (r.mirror.is_some(), "mirror"),
+                        (r.max_body_bytes.is_some(), "max_body_bytes"),
+                        (r.websocket, "websocket"),
+                    ] {
+                        if set {
+                            return Err(err(format!(
+                                "`{key}` does not apply to an `aggregate` route"
+                            )));
+                        }
                     }
                     if r.rewrite.is_some() {
                         return Err(err(
@@ -1099,9 +1128,16 @@ impl GatewayConfig {
                 if !clusters.contains(m.cluster.as_str()) {
                     return Err(err(format!("mirror: unknown cluster `{}`", m.cluster)));
                 }
-                if !(0.0..=100.0).contains(&m.percent) || m.max_in_flight == 0 {
+                if !(0.0..=100.0).contains(&m.percent) {
+                    return Err(err("mirror.percent must be within 0–100".into()));
+                }
+                if m.max_in_flight == 0 || m.max_in_flight > 100_000 {
+                    return Err(err("mirror.max_in_flight must be within 1–100000".into()));
+                }
+                if m.max_body_bytes > 16 * 1024 * 1024 {
                     return Err(err(
-                        "mirror: percent within 0–100, max_in_flight positive".into()
+                        "mirror.max_body_bytes is at most 16 MiB (copied bodies are held in memory)"
+                            .into(),
                     ));
                 }
             }
@@ -1221,6 +1257,14 @@ impl SplitConfig {
                 for (name, value) in &w.headers {
                     http::HeaderName::from_bytes(name.as_bytes())
                         .map_err(|_| format!("split: `{name}` is not a header name"))?;
+                    if name
+                        .to_ascii_lowercase()
+                        .starts_with(shopmesh_platform::TRUSTED_HEADER_PREFIX)
+                    {
+                        return Err(format!(
+                            "split: `{name}` is removed from every client request; a rule on it never holds"
+                        ));
+                    }
                     http::HeaderValue::from_str(value)
                         .map_err(|_| format!("split: header `{name}`: value not allowed"))?;
                 }
@@ -1228,6 +1272,9 @@ impl SplitConfig {
         }
         if total == 0 {
             return Err("split: the weights add up to 0; give some variant a weight".into());
+        }
+        if self.cookie_max_age_secs == 0 {
+            return Err("split.cookie_max_age_secs must be positive".into());
         }
         let cookie_ok = !self.cookie.is_empty()
             && self

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -120,7 +120,33 @@ impl Gateway {
             cfg.admin.listen = old.config.admin.listen;
             cfg.workers = old.config.workers;
         }
-        match Runtime::build(cfg, st.next_version, Some(&old)) {
+        let (l, o) = (&cfg.limits, &old.config.limits);
+        if (
+            l.header_read_timeout_ms,
+            l.max_headers,
+            l.max_header_bytes,
+            l.max_connections,
+            l.max_concurrent_streams,
+        ) != (
+            o.header_read_timeout_ms,
+            o.max_headers,
+            o.max_header_bytes,
+            o.max_connections,
+            o.max_concurrent_streams,
+        ) {
+            tracing::warn!(
+                "limits on connections and request heads change only on restart; body limits and the rest are applied"
+            );
+        }
+        let built = if cfg.tls.is_some() != old.config.tls.is_some() {
+            // Clients of a TLS port would be served in the clear, or the other way round.
+            Err(ConfigError::Invalid(
+                "tls can be turned on or off only by a restart (certificates reload)".into(),
+            ))
+        } else {
+            Runtime::build(cfg, st.next_version, Some(&old))
+        };
+        match built {
             Ok(rt) => {
                 let version = rt.version;
                 st.next_version += 1;
@@ -262,12 +288,17 @@ impl Outcome {
 
 async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
-    // What survives the hop-by-hop cleaning: an HTTP/1.1 upgrade (WebSocket) and gRPC's
-    // `te: trailers`.
-    let upgrade = (req.version() == http::Version::HTTP_11
-        && connection_has(req.headers(), "upgrade"))
-    .then(|| req.headers().get(header::UPGRADE).cloned())
-    .flatten();
+    // What survives the hop-by-hop cleaning: a WebSocket upgrade (HTTP/1.1 `GET` asking
+    // for exactly `websocket`, with its key; honoured only on routes that allow it) and
+    // gRPC's `te: trailers`.
+    let websocket = req.version() == http::Version::HTTP_11
+        && req.method() == http::Method::GET
+        && connection_has(req.headers(), "upgrade")
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && req.headers().contains_key(header::SEC_WEBSOCKET_KEY);
     let te_trailers = req
         .headers()
         .get_all(header::TE)
@@ -317,7 +348,7 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         .get::<ClientAddr>()
         .map(|a| Sender::of(&rt, a.0.ip(), req.headers()));
     let client_ip = client.map(|c| c.ip);
-    let (outcome, mut res) = route_and_forward(&rt, req, client, upgrade)
+    let (outcome, mut res) = route_and_forward(&rt, req, client, websocket)
         .instrument(span.clone())
         .await;
     res.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
@@ -415,15 +446,17 @@ pub(crate) fn problem(p: Problem) -> Response<Body> {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+/// (`Trailer` is end-to-end: HTTP/1.1 senders name the trailer fields in it.)
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
+    "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
+    "http2-settings",
 ];
 
 /// Whether the `Connection` header lists `token`.
@@ -557,7 +590,7 @@ async fn route_and_forward(
     rt: &Runtime,
     mut req: Request<Body>,
     client: Option<Sender>,
-    upgrade: Option<HeaderValue>,
+    websocket: bool,
 ) -> (Outcome, Response<Body>) {
     let client_ip = client.map(|c| c.ip);
     // 1. Nobody but the gateway speaks for the caller's identity.
@@ -712,6 +745,7 @@ async fn route_and_forward(
                 req.headers(),
                 req.uri().query(),
                 caller.as_ref().map(|c| c.id.as_str()),
+                conn.as_ref().is_some_and(|c| c.tls),
             );
             outcome.variant = Some(a.variant.name.clone());
             outcome.cluster = Some(a.variant.cluster.name.clone());
@@ -761,14 +795,11 @@ async fn route_and_forward(
             problem(Problem::bad_request("the request target is not valid")),
         );
     };
-    // A WebSocket (or other HTTP/1.1 upgrade): the client's side of the tunnel, once the
-    // upstream agrees. Not for HTTP/2 upstreams.
-    let client_upgrade = match &upgrade {
-        Some(_) if cluster.version() == http::Version::HTTP_11 => {
-            Some(hyper::upgrade::on(&mut req))
-        }
-        _ => None,
-    };
+    // A WebSocket: the client's side of the tunnel, once the upstream agrees. Only where
+    // the route allows it, and not to HTTP/2 upstreams.
+    let client_upgrade =
+        (websocket && route.websocket && cluster.version() == http::Version::HTTP_11)
+            .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let original_host = parts.headers.remove(header::HOST);
     // Forwarding headers: believed (and extended) only from trusted proxies; from anyone
@@ -826,13 +857,19 @@ async fn route_and_forward(
             .headers
             .insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
-    if client_upgrade.is_some()
-        && let Some(proto) = &upgrade
-    {
+    if client_upgrade.is_some() {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, proto.clone());
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    } else if cluster.version() == http::Version::HTTP_11 && parts.headers.contains_key(header::TE)
+    {
+        // `te: trailers` is hop-by-hop in HTTP/1.1: named in `Connection`.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("te"));
     }
     parts.version = cluster.version();
 
@@ -844,41 +881,58 @@ async fn route_and_forward(
     let bodiless = body.is_end_stream();
     let retryable = idempotent(&parts.method) && bodiless;
     let timeout = route.explicit_timeout.unwrap_or(cluster.request_timeout);
-    // Shadow traffic: the copy leaves before the request, on its own task.
-    let mut body = match route
+    // Shadow traffic: the copy leaves before the request, on its own task. A copied body
+    // is read first (it is small, and must arrive within the route's timeout).
+    let mirror = route
         .mirror
         .as_ref()
-        .and_then(|m| Some((m, m.sample(content_length, bodiless)?)))
-    {
+        .filter(|m| client_upgrade.is_none() && m.sample(content_length, bodiless));
+    let body = match mirror {
         None => body,
-        Some((m, shadow)) => {
+        Some(m) => {
             let buffered = if bodiless {
                 None
             } else {
-                match crate::traffic::buffer(body, m.max_body).await {
-                    Some(b) => Some(b),
-                    None => {
+                match tokio::time::timeout(timeout, crate::traffic::buffer(body, m.max_body)).await
+                {
+                    Ok(Some(b)) => Some(b),
+                    Ok(None) => {
                         return (
                             outcome,
                             problem(Problem::bad_request("the request body could not be read")),
                         );
                     }
+                    Err(_) => {
+                        return (
+                            outcome,
+                            problem(
+                                Problem::typed(
+                                    http::StatusCode::REQUEST_TIMEOUT,
+                                    "request-timeout",
+                                    "Request Timeout",
+                                )
+                                .detail("the request body did not arrive in time"),
+                            ),
+                        );
+                    }
                 }
             };
-            shadow.send(
-                parts.method.clone(),
-                path_and_query.clone(),
-                parts.headers.clone(),
-                buffered.clone(),
-                m.cluster.request_timeout,
-            );
+            if let Some(shadow) = m.slot() {
+                shadow.send(
+                    parts.method.clone(),
+                    path_and_query.clone(),
+                    parts.headers.clone(),
+                    buffered.clone(),
+                    m.cluster.request_timeout,
+                );
+            }
             match buffered {
                 Some(b) => Full::new(b).map_err(|never| match never {}).boxed(),
                 None => empty(),
             }
         }
     };
-    let mut body = Some(Limited::new(std::mem::replace(&mut body, empty()), max as usize).boxed());
+    let mut body = Some(Limited::new(body, max as usize).boxed());
     cluster.deposit();
     let mut last_endpoint: Option<Arc<crate::cluster::Endpoint>> = None;
     loop {
@@ -972,7 +1026,11 @@ async fn route_and_forward(
                 }
                 let mut res = res;
                 let tunnel = if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    let Some(client_side) = client_upgrade else {
+                    let agreed = res
+                        .headers()
+                        .get(header::UPGRADE)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+                    let Some(client_side) = client_upgrade.filter(|_| agreed) else {
                         tracing::warn!(route = &*route.name, "upstream switched protocols unasked");
                         return (
                             outcome,
@@ -980,8 +1038,14 @@ async fn route_and_forward(
                         );
                     };
                     let upstream_side = hyper::upgrade::on(&mut res);
-                    tunnel(client_side, upstream_side, route.name.clone(), conn.clone());
-                    res.headers().get(header::UPGRADE).cloned()
+                    tunnel(
+                        client_side,
+                        upstream_side,
+                        route.name.clone(),
+                        conn.clone(),
+                        Duration::from_millis(rt.config.limits.websocket_idle_timeout_ms),
+                    );
+                    Some(HeaderValue::from_static("websocket"))
                 } else {
                     None
                 };
@@ -1006,29 +1070,65 @@ async fn route_and_forward(
     }
 }
 
-/// Joins the two sides of an upgraded connection once both are handed over, and copies
-/// bytes both ways until either closes. The client connection's slot is held meanwhile.
+/// Joins the two sides of a WebSocket once both are handed over, and copies bytes both
+/// ways until both have closed, or nothing has moved for `idle`. The client connection's
+/// slot is held meanwhile.
 fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     route: Arc<str>,
     conn: Option<ConnInfo>,
+    idle: Duration,
 ) {
     tokio::spawn(async move {
         let _slot = conn;
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
-                let gauge = metrics::gauge!("gateway_upgraded_connections", "route" => route);
+                let gauge = metrics::gauge!("gateway_websockets_open", "route" => route);
                 gauge.increment(1.0);
-                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                if let Err(e) = pump(TokioIo::new(c), TokioIo::new(u), idle).await {
+                    tracing::debug!(error = %e, "WebSocket ended with an error");
                 }
                 gauge.decrement(1.0);
             }
             Err(e) => tracing::debug!(error = %e, "upgrade not completed"),
         }
     });
+}
+
+/// Copies both ways, passing on half-closes, until both sides are done or `idle` passes
+/// with no byte either way.
+async fn pump<A, B>(mut a: A, mut b: B, idle: Duration) -> std::io::Result<()>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut buf_a, mut buf_b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        tokio::select! {
+            r = a.read(&mut buf_a), if a_open => match r? {
+                0 => {
+                    a_open = false;
+                    b.shutdown().await?;
+                }
+                n => b.write_all(&buf_a[..n]).await?,
+            },
+            r = b.read(&mut buf_b), if b_open => match r? {
+                0 => {
+                    b_open = false;
+                    a.shutdown().await?;
+                }
+                n => a.write_all(&buf_b[..n]).await?,
+            },
+            _ = tokio::time::sleep(idle) => {
+                tracing::debug!("WebSocket idle; closed");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -48,6 +48,8 @@ pub struct Route {
     pub mirror: Option<Mirror>,
     /// Largest request body forwarded.
     pub max_body: u64,
+    /// WebSocket upgrades are passed on.
+    pub websocket: bool,
 }
 
 impl Route {
@@ -253,6 +255,7 @@ impl Runtime {
                 explicit_timeout: r.timeout_ms.map(Duration::from_millis),
                 mirror,
                 max_body: r.max_body_bytes.unwrap_or(cfg.limits.max_body_bytes),
+                websocket: r.websocket,
                 target,
                 strip_prefix: r.rewrite.as_ref().and_then(|w| w.strip_prefix.clone()),
                 add_prefix: r.rewrite.as_ref().and_then(|w| w.add_prefix.clone()),

@@ -73,7 +73,6 @@ impl Rules {
 /// A route's traffic divided between variants.
 pub struct Split {
     pub variants: Vec<Variant>,
-    total: u64,
     sticky: Stickiness,
     cookie: String,
     cookie_max_age: u64,
@@ -111,13 +110,11 @@ impl Split {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let total = variants.iter().map(|v| v.weight).sum();
-        if total == 0 {
+        if variants.iter().all(|v| v.weight == 0) {
             return Err("split: the weights add up to 0".into());
         }
         Ok(Self {
             variants,
-            total,
             sticky: cfg.sticky,
             cookie: cfg.cookie.clone(),
             cookie_max_age: cfg.cookie_max_age_secs,
@@ -125,12 +122,14 @@ impl Split {
         })
     }
 
-    /// Chooses the variant of one request. `subject` is the authenticated caller, if any.
+    /// Chooses the variant of one request. `subject` is the authenticated caller, if any;
+    /// `secure`: the client came over TLS (a cookie set is then `Secure`).
     pub fn assign(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
         subject: Option<&str>,
+        secure: bool,
     ) -> Assignment<'_> {
         if let Some(v) = self
             .variants
@@ -142,8 +141,8 @@ impl Split {
                 set_cookie: None,
             };
         }
-        let (point, set_cookie) = match self.sticky {
-            Stickiness::None => (rand::random::<u64>(), None),
+        let (key, set_cookie) = match self.sticky {
+            Stickiness::None => (format!("random:{}", rand::random::<u64>()), None),
             Stickiness::Caller => {
                 let known = subject.map(|s| format!("sub:{s}")).or_else(|| {
                     cookie(headers, &self.cookie)
@@ -155,50 +154,59 @@ impl Split {
                         .map(|c| format!("cookie:{c}"))
                 });
                 match known {
-                    Some(key) => (draw(&self.salt, &key), None),
+                    Some(key) => (key, None),
                     None => {
                         let id = uuid::Uuid::new_v4().simple().to_string();
                         let set = HeaderValue::from_str(&format!(
-                            "{}={id}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
-                            self.cookie, self.cookie_max_age
+                            "{}={id}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+                            self.cookie,
+                            self.cookie_max_age,
+                            if secure { "; Secure" } else { "" }
                         ))
                         .ok();
-                        (draw(&self.salt, &format!("cookie:{id}")), set)
+                        (format!("cookie:{id}"), set)
                     }
                 }
             }
         };
         Assignment {
-            variant: self.pick(point),
+            variant: self.pick(&key),
             set_cookie,
         }
     }
 
-    /// The variant owning `point` (uniform over u64) when the line is cut in proportion to
-    /// the weights, in configuration order: raising the last variant's weight moves only
-    /// the callers at the end of the previous ones' ranges.
-    fn pick(&self, point: u64) -> &Variant {
-        let mut at = ((u128::from(point) * u128::from(self.total)) >> 64) as u64;
-        for v in &self.variants {
-            if at < v.weight {
-                return v;
+    /// Weighted rendezvous hashing: every weighted variant scores the caller
+    /// (`-ln(u) / weight`, `u` a hash of caller and variant, uniform in (0, 1)) and the
+    /// lowest score wins. Variant `i` wins with probability `weight_i / Σ weight`; changing
+    /// one variant's weight moves callers only into it (when it grows) or out of it (when
+    /// it shrinks), never between two others.
+    fn pick(&self, key: &str) -> &Variant {
+        let mut best: Option<(f64, &Variant)> = None;
+        for v in self.variants.iter().filter(|v| v.weight > 0) {
+            let h = draw(&self.salt, &v.name, key);
+            // 53 random bits, shifted off zero: u in (0, 1).
+            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let score = -u.ln() / v.weight as f64;
+            if best.is_none_or(|(b, _)| score < b) {
+                best = Some((score, v));
             }
-            at -= v.weight;
         }
-        // Unreachable: `at < total`. The last weighted variant is the safe answer.
-        self.variants
-            .iter()
-            .rev()
-            .find(|v| v.weight > 0)
-            .unwrap_or(&self.variants[0])
+        // `new` refuses splits without a weighted variant.
+        best.map(|(_, v)| v).unwrap_or(&self.variants[0])
     }
 }
 
-/// A stable, well-mixed 64-bit hash of the caller within one route: FNV-1a, then the
-/// SplitMix64 finaliser. The same in every gateway instance and version.
-fn draw(salt: &str, key: &str) -> u64 {
+/// A stable, well-mixed 64-bit hash of a caller for one variant of one route: FNV-1a,
+/// then the SplitMix64 finaliser. The same in every gateway instance and version.
+fn draw(salt: &str, variant: &str, key: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in salt.bytes().chain([0]).chain(key.bytes()) {
+    for b in salt
+        .bytes()
+        .chain([0])
+        .chain(variant.bytes())
+        .chain([0])
+        .chain(key.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -231,7 +239,7 @@ pub struct Mirror {
     route: Arc<str>,
 }
 
-/// A copy about to be sent: it holds its slot from the moment it is decided.
+/// A copy about to be sent, holding its slot.
 pub struct Shadow {
     permit: tokio::sync::OwnedSemaphorePermit,
     cluster: Arc<Cluster>,
@@ -249,15 +257,20 @@ impl Mirror {
         }
     }
 
-    /// Whether this request is copied (sampled, of a copyable size, and a slot is free).
-    pub fn sample(&self, content_length: Option<u64>, bodiless: bool) -> Option<Shadow> {
+    /// Whether this request is to be copied: sampled, and of a size that may be copied.
+    pub fn sample(&self, content_length: Option<u64>, bodiless: bool) -> bool {
         if self.fraction <= 0.0 || rand::random::<f64>() >= self.fraction {
-            return None;
+            return false;
         }
         if !bodiless && content_length.is_none_or(|n| n > self.max_body) {
             metrics::counter!("gateway_mirror_skipped_total", "route" => self.route.clone(), "reason" => "body").increment(1);
-            return None;
+            return false;
         }
+        true
+    }
+
+    /// A slot for one copy, if one is free.
+    pub fn slot(&self) -> Option<Shadow> {
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => Some(Shadow {
                 permit,
@@ -384,9 +397,9 @@ mod tests {
         let mut canary = 0;
         for i in 0..20_000 {
             let sub = format!("user-{i}");
-            let a = s.assign(&h, None, Some(&sub));
+            let a = s.assign(&h, None, Some(&sub), false);
             assert!(a.set_cookie.is_none());
-            let again = s.assign(&h, None, Some(&sub));
+            let again = s.assign(&h, None, Some(&sub), false);
             assert_eq!(a.variant.name, again.variant.name);
             if &*a.variant.name == "canary" {
                 canary += 1;
@@ -397,38 +410,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn growing_the_canary_moves_only_callers_into_it() {
-        let before = split(&[("stable", 95), ("canary", 5)], Stickiness::Caller);
-        let after = split(&[("stable", 80), ("canary", 20)], Stickiness::Caller);
+    async fn growing_a_variant_moves_callers_only_into_it() {
+        let before = split(&[("a", 90), ("b", 5), ("c", 5)], Stickiness::Caller);
+        let after = split(&[("a", 90), ("b", 20), ("c", 5)], Stickiness::Caller);
         let h = HeaderMap::new();
-        for i in 0..5_000 {
+        let mut moved = 0;
+        for i in 0..10_000 {
             let sub = format!("u{i}");
-            let b = before.assign(&h, None, Some(&sub)).variant.name.clone();
-            let a = after.assign(&h, None, Some(&sub)).variant.name.clone();
-            if &*b == "canary" {
-                assert_eq!(&*a, "canary", "caller {sub} left the canary as it grew");
+            let b = before
+                .assign(&h, None, Some(&sub), false)
+                .variant
+                .name
+                .clone();
+            let a = after
+                .assign(&h, None, Some(&sub), false)
+                .variant
+                .name
+                .clone();
+            if a != b {
+                assert_eq!(&*a, "b", "caller {sub} moved from {b} to {a}, not into b");
+                moved += 1;
             }
         }
+        // b goes from 5% to 20/115 ≈ 17.4% of the traffic: about 12% of callers move.
+        assert!((1_000..1_500).contains(&moved), "{moved}");
     }
 
     #[tokio::test]
     async fn anonymous_callers_get_a_cookie_that_keeps_them() {
         let s = split(&[("a", 50), ("b", 50)], Stickiness::Caller);
-        let first = s.assign(&HeaderMap::new(), None, None);
+        let first = s.assign(&HeaderMap::new(), None, None, true);
         let set = first.set_cookie.clone().unwrap();
         let set = set.to_str().unwrap();
         assert!(set.starts_with("v=") && set.contains("HttpOnly"), "{set}");
+        assert!(set.ends_with("; Secure"), "{set}");
         let pair = set.split(';').next().unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::COOKIE, HeaderValue::from_str(pair).unwrap());
         for _ in 0..20 {
-            let a = s.assign(&h, None, None);
+            let a = s.assign(&h, None, None, false);
             assert!(a.set_cookie.is_none());
             assert_eq!(a.variant.name, first.variant.name);
         }
         // A cookie that is not one of ours is replaced.
         h.insert(header::COOKIE, HeaderValue::from_static("v=<script>"));
-        assert!(s.assign(&h, None, None).set_cookie.is_some());
+        assert!(s.assign(&h, None, None, false).set_cookie.is_some());
     }
 
     #[tokio::test]
@@ -451,13 +477,22 @@ mod tests {
         );
         let mut h = HeaderMap::new();
         assert_eq!(
-            &*s.assign(&h, Some("beta=yes"), None).variant.name,
+            &*s.assign(&h, Some("beta=yes"), None, false).variant.name,
             "stable"
         );
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; beta=1"));
-        assert_eq!(&*s.assign(&h, Some("beta=yes"), None).variant.name, "beta");
-        assert_eq!(&*s.assign(&h, Some("beta=no"), None).variant.name, "stable");
+        assert_eq!(
+            &*s.assign(&h, Some("beta=yes"), None, false).variant.name,
+            "beta"
+        );
+        assert_eq!(
+            &*s.assign(&h, Some("beta=no"), None, false).variant.name,
+            "stable"
+        );
         h.insert("x-variant", HeaderValue::from_static("b"));
-        assert_eq!(&*s.assign(&h, Some("beta=yes"), None).variant.name, "b");
+        assert_eq!(
+            &*s.assign(&h, Some("beta=yes"), None, false).variant.name,
+            "b"
+        );
     }
 }

@@ -125,7 +125,11 @@ pub struct Gw {
 
 impl Gw {
     pub async fn start(yaml: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), yaml).await
+    }
+
+    /// Starts with the configuration file in `dir` (where relative paths in it start).
+    pub async fn start_in(dir: tempfile::TempDir, yaml: &str) -> Self {
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, with_listeners(yaml)).unwrap();
         let inner = Standalone::start(path, Duration::from_millis(50))
