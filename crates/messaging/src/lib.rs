@@ -124,6 +124,10 @@ pub struct BrokerOptions {
     /// on the broker, but not replicated and without a delivery count that survives a
     /// consumer's restart.
     pub classic_queues: bool,
+    /// RabbitMQ only (`prefetch=N`, default 8): messages each partition's consumer may hold
+    /// unacknowledged. The adapter still hands out one message per key at a time; more
+    /// prefetch lets the other keys of a partition proceed meanwhile.
+    pub prefetch: u16,
 }
 
 impl BrokerOptions {
@@ -136,6 +140,7 @@ impl BrokerOptions {
             namespace: "shopmesh".into(),
             expires: None,
             classic_queues: false,
+            prefetch: 8,
         };
         let mut rest = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -166,6 +171,13 @@ impl BrokerOptions {
                         .filter(|s| *s > 0)
                         .ok_or_else(|| bad(&format!("expires must be seconds, not `{n}`")))?;
                     o.expires = Some(std::time::Duration::from_secs(secs));
+                }
+                Some(("prefetch", n)) => {
+                    o.prefetch = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n))
+                        .ok_or_else(|| bad(&format!("prefetch must be 1 to 1000, not `{n}`")))?;
                 }
                 Some(("queue_type", "classic")) => o.classic_queues = true,
                 Some(("queue_type", "quorum")) => o.classic_queues = false,

@@ -11,8 +11,10 @@
 //! | `{ns}.members` | transient direct exchange | instances of a group announce themselves every second, to share the partitions |
 //!
 //! Ordering and sharing: a message's key (its `subject`) picks a partition
-//! ([`crate::partition`]); each partition queue has a single active consumer and a prefetch
-//! of one, so one key's messages are handled one at a time, in order. Instances of the same
+//! ([`crate::partition`]); each partition queue has a single active consumer, and of the
+//! messages it holds unacknowledged (`prefetch`, 8 by default) the adapter hands the
+//! consumer one per key at a time, in queue order: one key's messages are handled one at a
+//! time, in order, while the partition's other keys proceed. Instances of the same
 //! group (competing consumers) split the partitions between them (`p % instances == rank`,
 //! from the heartbeats); RabbitMQ's single-active-consumer rule keeps the order safe while
 //! the split changes hands. A partition is handed over only when it has no unacknowledged
@@ -20,11 +22,11 @@
 //!
 //! Durability: persistent messages, publisher confirms (`publish` returns once RabbitMQ has
 //! them), manual acks. A retry delay keeps the message unacknowledged in the consumer (so
-//! the messages behind it on its partition wait) and offers it again after the delay.
+//! the messages of its key behind it wait) and offers it again after the delay.
 //! Connection loss: publishes fail (the outbox keeps the events), consumers stop, and a
 //! supervisor reconnects with exponential backoff; unacknowledged messages come again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,6 +59,8 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// An instance not heard from for this long has left its group.
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(4);
 const PUBLISHED_MS: &str = "x-published-ms";
+/// Header carrying the message's subject (its ordering key).
+const SUBJECT: &str = "x-subject";
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
@@ -282,6 +286,10 @@ impl RabbitMqBroker {
                 PUBLISHED_MS.into(),
                 AMQPValue::LongLongInt(shopmesh_platform::now_millis()),
             );
+            headers.insert(
+                SUBJECT.into(),
+                AMQPValue::LongString(env.subject.as_str().into()),
+            );
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(env.id.as_str().into())
@@ -385,14 +393,19 @@ impl Broker for RabbitMqBroker {
             declare_group(&link, &self.shared, group, &topics)
                 .await
                 .map_err(unavailable)?;
-            let (tx, rx) = mpsc::channel(usize::from(self.shared.options.partitions) * 2);
+            // Room for every partition's whole prefetch, and as much again for retries.
+            let (tx, rx) = mpsc::channel(
+                usize::from(self.shared.options.partitions)
+                    * usize::from(self.shared.options.prefetch)
+                    * 2,
+            );
             let stop = self.shared.stop.child_token();
             let sub = Arc::new(SubState {
                 declared_on: link.generation,
                 group: group.to_owned(),
                 topics,
                 ready: tx,
-                held: Mutex::new(HashMap::new()),
+                held: Mutex::new(Holding::default()),
                 generation: AtomicU64::new(0),
                 last_published: AtomicI64::new(0),
             });
@@ -463,7 +476,69 @@ struct Held {
     tag: u64,
     generation: u64,
     partition: u16,
+    /// The message's subject (its ordering key); `None` for a message published without
+    /// it, which is ordered against its whole partition.
+    key: Option<String>,
+    /// Handed to the consumer (otherwise waiting behind an earlier message of its key).
+    offered: bool,
     delivery: Delivery,
+}
+
+/// What a subscription holds: every unacknowledged delivery, and per key the ones waiting
+/// behind the key's message in progress.
+#[derive(Default)]
+struct Holding {
+    held: HashMap<i64, Held>,
+    waiting: HashMap<(u16, Option<String>), VecDeque<i64>>,
+}
+
+impl Holding {
+    /// Takes delivery `tag` in; true when it may be handed to the consumer now (no earlier
+    /// message of its key is in progress).
+    fn admit(&mut self, tag: i64, h: Held) -> bool {
+        let gate = (h.partition, h.key.clone());
+        let busy = self
+            .held
+            .values()
+            .any(|o| o.offered && o.partition == gate.0 && o.key == gate.1);
+        let mut h = h;
+        h.offered = !busy;
+        self.held.insert(tag, h);
+        if busy {
+            self.waiting.entry(gate).or_default().push_back(tag);
+        }
+        !busy
+    }
+
+    /// Settles `tag`; returns the next delivery of its key, now offered, if one waits.
+    fn settle(&mut self, tag: i64) -> Option<(Held, Option<Delivery>)> {
+        let h = self.held.remove(&tag)?;
+        let gate = (h.partition, h.key.clone());
+        let mut next = None;
+        if let Some(q) = self.waiting.get_mut(&gate) {
+            while let Some(t) = q.pop_front() {
+                if let Some(w) = self.held.get_mut(&t) {
+                    w.offered = true;
+                    next = Some(w.delivery.clone());
+                    break;
+                }
+            }
+            if q.is_empty() {
+                self.waiting.remove(&gate);
+            }
+        }
+        Some((h, next))
+    }
+
+    /// Forgets what came on connection `generation` (RabbitMQ gives it again).
+    fn forget(&mut self, generation: u64) {
+        self.held.retain(|_, h| h.generation != generation);
+        let held = &self.held;
+        self.waiting.retain(|_, q| {
+            q.retain(|t| held.contains_key(t));
+            !q.is_empty()
+        });
+    }
 }
 
 struct SubState {
@@ -472,7 +547,7 @@ struct SubState {
     group: String,
     topics: Vec<String>,
     ready: mpsc::Sender<Delivery>,
-    held: Mutex<HashMap<i64, Held>>,
+    held: Mutex<Holding>,
     /// The connection generation the consume loop is on; deliveries of an older one are
     /// gone (RabbitMQ gives them again on the new connection).
     generation: AtomicU64,
@@ -481,10 +556,10 @@ struct SubState {
 
 impl SubState {
     fn busy_partitions(&self) -> HashSet<u16> {
-        self.lock().values().map(|h| h.partition).collect()
+        self.lock().held.values().map(|h| h.partition).collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Holding> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -509,7 +584,7 @@ async fn consume(shared: Arc<Shared>, sub: Arc<SubState>, stop: CancellationToke
             Err(e) => {
                 tracing::warn!(group = %sub.group, error = %e, "RabbitMQ consumer stopped; restarting");
                 // Whatever was unacknowledged on that channel comes again.
-                sub.lock().retain(|_, h| h.generation != link.generation);
+                sub.lock().forget(link.generation);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -538,8 +613,9 @@ async fn consume_on(
             .map_err(unavailable)?;
     }
     let ch = link.conn.create_channel().await.map_err(unavailable)?;
-    // One unacknowledged message per partition consumer: per-key order.
-    ch.basic_qos(1, BasicQosOptions::default())
+    // A few unacknowledged messages per partition consumer; per-key order is kept by
+    // handing out one message per key at a time (`Holding`).
+    ch.basic_qos(shared.options.prefetch, BasicQosOptions::default())
         .await
         .map_err(unavailable)?;
     // Membership: this instance's heartbeats and its view of the others'.
@@ -680,6 +756,12 @@ async fn forward(
     if let Some(ms) = int(PUBLISHED_MS) {
         sub.last_published.store(ms, Ordering::Relaxed);
     }
+    let key = headers
+        .and_then(|h| h.inner().get(SUBJECT))
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        });
     let suffix = format!(".{p}");
     let topic = d
         .routing_key
@@ -693,18 +775,22 @@ async fn forward(
         payload: String::from_utf8_lossy(&d.data).into_owned(),
         attempt: u32::try_from(previous.max(0) + 1).unwrap_or(u32::MAX),
     };
-    sub.lock().insert(
+    let now = sub.lock().admit(
         delivery.tag,
         Held {
             channel: ch.clone(),
             tag: d.delivery_tag,
             generation,
             partition: p,
+            key,
+            offered: false,
             delivery: delivery.clone(),
         },
     );
-    // Bounded by the prefetch: at most one message per partition is outstanding.
-    let _ = sub.ready.send(delivery).await;
+    // Bounded by the prefetch: the channel holds every partition's whole prefetch.
+    if now {
+        let _ = sub.ready.send(delivery).await;
+    }
 }
 
 struct RabbitSubscription {
@@ -727,20 +813,24 @@ impl Subscription for RabbitSubscription {
 
     fn ack<'a>(&'a self, ds: &'a [Delivery]) -> BoxFuture<'a, Result<(), BrokerError>> {
         async move {
-            let settled: Vec<Held> = {
+            let (settled, next): (Vec<Held>, Vec<Option<Delivery>>) = {
                 let mut held = self.sub.lock();
-                ds.iter().filter_map(|d| held.remove(&d.tag)).collect()
+                ds.iter().filter_map(|d| held.settle(d.tag)).unzip()
             };
             let current = self.sub.generation.load(Ordering::SeqCst);
-            for h in settled {
-                // An ack on a lost channel cannot be sent; the message comes again and the
-                // consumer's inbox recognizes it.
-                if h.generation == current {
-                    h.channel
-                        .basic_ack(h.tag, BasicAckOptions::default())
-                        .await
-                        .map_err(unavailable)?;
-                }
+            // An ack on a lost channel cannot be sent; the message comes again and the
+            // consumer's inbox recognizes it.
+            let acks = settled
+                .iter()
+                .filter(|h| h.generation == current)
+                .map(|h| h.channel.basic_ack(h.tag, BasicAckOptions::default()));
+            let acked = futures::future::join_all(acks).await;
+            // The next message of each settled key is the consumer's now.
+            for d in next.into_iter().flatten() {
+                let _ = self.sub.ready.send(d).await;
+            }
+            for a in acked {
+                a.map_err(unavailable)?;
             }
             Ok(())
         }
@@ -761,7 +851,7 @@ impl Subscription for RabbitSubscription {
             let again = {
                 let mut held = sub.lock();
                 let current = sub.generation.load(Ordering::SeqCst);
-                match held.get_mut(&tag) {
+                match held.held.get_mut(&tag) {
                     Some(h) if h.generation == current => {
                         h.delivery.attempt += 1;
                         Some(h.delivery.clone())
@@ -793,7 +883,7 @@ impl Subscription for RabbitSubscription {
                 ready += u64::from(q.message_count());
             }
             let _ = ch.close(200, "backlog".into()).await;
-            let messages = ready + self.sub.lock().len() as u64;
+            let messages = ready + self.sub.lock().held.len() as u64;
             Ok(Backlog::since_last_published(
                 messages,
                 self.sub.last_published.load(Ordering::Relaxed),
