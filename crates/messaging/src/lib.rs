@@ -124,7 +124,7 @@ pub struct BrokerOptions {
     /// on the broker, but not replicated and without a delivery count that survives a
     /// consumer's restart.
     pub classic_queues: bool,
-    /// RabbitMQ only (`prefetch=N`, default 8): messages each partition's consumer may hold
+    /// RabbitMQ only (`prefetch=N`, default 32): messages each partition's consumer may hold
     /// unacknowledged. The adapter still hands out one message per key at a time; more
     /// prefetch lets the other keys of a partition proceed meanwhile.
     pub prefetch: u16,
@@ -140,7 +140,7 @@ impl BrokerOptions {
             namespace: "shopmesh".into(),
             expires: None,
             classic_queues: false,
-            prefetch: 8,
+            prefetch: 32,
         };
         let mut rest = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {

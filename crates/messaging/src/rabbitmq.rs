@@ -12,7 +12,7 @@
 //!
 //! Ordering and sharing: a message's key (its `subject`) picks a partition
 //! ([`crate::partition`]); each partition queue has a single active consumer, and of the
-//! messages it holds unacknowledged (`prefetch`, 8 by default) the adapter hands the
+//! messages it holds unacknowledged (`prefetch`, 32 by default) the adapter hands the
 //! consumer one per key at a time, in queue order: one key's messages are handled one at a
 //! time, in order, while the partition's other keys proceed. Instances of the same
 //! group (competing consumers) split the partitions between them (`p % instances == rank`,
