@@ -153,15 +153,15 @@ if [ -z "${SQLITE_ONLY:-}${NO_BROKERS:-}" ]; then
   [ -n "${NO_NATS:-}" ] || reset_pg
   [ -n "${NO_NATS:-}" ] || L4=$(bench_config pg+nats --database "postgres://postgres@127.0.0.1:5432/$PG_DB" \
     --broker "$NATS_URL$(q "$NATS_URL")namespace=${NS}n&expires=3600")
-  # Leave a local RabbitMQ as found: the run's queues go now (they would expire in an hour,
-  # and many idle quorum queues slow RabbitMQ down).
+  R1=$("$BIN" bench broker --broker "$AMQP_URL" --messages 20000)
+  R2=$("$BIN" bench broker --broker "$NATS_URL" --messages 20000)
+  # Leave a local RabbitMQ as found: the queues of these runs (the saga's, `bench broker`'s)
+  # go now rather than when they expire, since many idle quorum queues slow RabbitMQ down.
   if command -v rabbitmqctl >/dev/null; then
-    rabbitmqctl list_queues -q name </dev/null 2>/dev/null | grep "^${NS}r\." | while read -r qn; do
+    rabbitmqctl list_queues -q name </dev/null 2>/dev/null | grep -E "^bench[0-9]+r?\." | while read -r qn; do
       rabbitmqctl delete_queue "$qn" </dev/null >/dev/null 2>&1 || true
     done
   fi
-  R1=$("$BIN" bench broker --broker "$AMQP_URL" --messages 20000)
-  R2=$("$BIN" bench broker --broker "$NATS_URL" --messages 20000)
 fi
 echo "pgbench -N on the same PostgreSQL: ${PGB} TPS (the database's ceiling here)"
 echo "$L1"
