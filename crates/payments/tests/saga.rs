@@ -122,3 +122,25 @@ async fn orders_pay_with_vaulted_methods_of_their_own_user_only() {
         ]
     );
 }
+
+/// The saga captures or voids a payment by its order id: that must be an index search, not
+/// a scan of every payment (before `payments_order` it was, and the order flow slowed down
+/// quadratically with the table).
+#[tokio::test]
+async fn settling_a_payment_by_its_order_uses_an_index() {
+    let (_dir, db) = payments_db().await;
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        "EXPLAIN QUERY PLAN UPDATE payments SET status = 'CAPTURED', updated_at = 1 \
+         WHERE order_id = 'o-1' AND idempotency_key = 'saga:o-1' AND status = 'AUTHORIZED'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let detail: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
+    assert!(
+        detail
+            .iter()
+            .any(|d| d.contains("USING INDEX payments_order")),
+        "{detail:?}"
+    );
+}
