@@ -254,15 +254,7 @@ async fn each_variant_has_its_own_metrics() {
     for _ in 0..40 {
         gw.get("/x").await;
     }
-    let text = gw
-        .http
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     for v in ["stable", "canary"] {
         let line = text
             .lines()
@@ -408,15 +400,7 @@ async fn a_slow_or_failing_shadow_is_invisible_to_the_client_and_bounded() {
         4,
         "at most max_in_flight copies are outstanding"
     );
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("gateway_mirror_skipped_total{route=\"mirrored\",reason=\"busy\"}"),
         "{metrics}"

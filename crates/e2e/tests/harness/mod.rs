@@ -174,6 +174,18 @@ impl Gw {
             .unwrap()
     }
 
+    /// The admin API's Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn version(&self) -> u64 {
         self.admin_json("/config").await["status"]["version"]
             .as_u64()
