@@ -633,3 +633,67 @@ routes:
     assert_eq!(&b, b"HTTP/1.1 200");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_client_gets_no_more_streams_than_the_limit() {
+    // An upstream that counts the requests it holds at once.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (now, peak) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let (n, p) = (now.clone(), peak.clone());
+    let app = axum::Router::new().fallback(move || {
+        let (n, p) = (n.clone(), p.clone());
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            p.fetch_max(n.fetch_add(1, SeqCst) + 1, SeqCst);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            n.fetch_sub(1, SeqCst);
+            "ok"
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let gw = Gw::start(&format!(
+        r#"
+limits: {{ max_concurrent_streams: 2 }}
+clusters:
+  - {{ name: slow, endpoints: ["http://{addr}"] }}
+routes:
+  - {{ name: all, match: {{ prefix: / }}, cluster: slow }}
+"#
+    ))
+    .await;
+    let tcp = TcpStream::connect(addr_of(&gw)).await.unwrap();
+    let (h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let gw_addr = addr_of(&gw);
+    let get = |mut h2: hyper::client::conn::http2::SendRequest<Empty<Bytes>>, i: usize| async move {
+        h2.ready().await.unwrap();
+        let req = http::Request::get(format!("http://{gw_addr}/s/{i}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        h2.send_request(req).await.unwrap().status()
+    };
+    // One exchange first: the client then knows the server's SETTINGS.
+    assert_eq!(get(h2.clone(), 0).await, 200);
+    peak.store(0, std::sync::atomic::Ordering::SeqCst);
+    let t = Instant::now();
+    let statuses = futures::future::join_all((1..=6).map(|i| get(h2.clone(), i))).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        peak.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "requests of one connection upstream at once"
+    );
+    // Six requests, two at a time, 150 ms each.
+    assert!(
+        t.elapsed() >= Duration::from_millis(440),
+        "{:?}",
+        t.elapsed()
+    );
+    gw.stop().await;
+}
