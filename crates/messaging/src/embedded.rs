@@ -6,12 +6,14 @@
 //! message, a nack makes it available again after a delay, and a lease that runs out (the
 //! subscriber died) makes it deliverable again. Only the oldest message of each subject in a
 //! queue can be leased, so messages of one key are handled in order while different keys run
-//! concurrently. Waiting subscribers are woken at once by publishes in the same process and
-//! poll for publishes from other processes.
+//! concurrently. Waiting subscribers are woken at once by what concerns their group in the
+//! same process (a publish to one of its topics, an ack of one of its messages), and poll
+//! for publishes from other processes.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -55,9 +57,55 @@ pub struct EmbeddedBroker {
     /// crash loses none of them (the WAL is in the OS's hands); a power cut may lose the last
     /// acks, which means redeliveries the inboxes absorb.
     work: SqlitePool,
-    notify: Arc<Notify>,
+    wakeups: Arc<Wakeups>,
     lease: Duration,
     poll: Duration,
+}
+
+/// Who to wake in this process: each group's waiting subscribers, and the groups of each
+/// topic. Waking only the groups concerned keeps the others from running an empty lease
+/// query for every publish and ack.
+#[derive(Default)]
+struct Wakeups {
+    groups: Mutex<HashMap<String, Arc<Notify>>>,
+    topics: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl Wakeups {
+    fn group(&self, group: &str) -> Arc<Notify> {
+        let mut g = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        g.entry(group.to_owned()).or_default().clone()
+    }
+
+    fn subscribe(&self, group: &str, topics: &[&str]) -> Arc<Notify> {
+        let mut t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        for topic in topics {
+            t.entry((*topic).to_owned())
+                .or_default()
+                .insert(group.to_owned());
+        }
+        drop(t);
+        self.group(group)
+    }
+
+    fn wake_group(&self, group: &str) {
+        let g = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get(group) {
+            n.notify_waiters();
+        }
+    }
+
+    fn wake_topic(&self, topic: &str) {
+        let groups: Vec<String> = {
+            let t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+            t.get(topic)
+                .map(|g| g.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        for g in groups {
+            self.wake_group(&g);
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -87,7 +135,7 @@ impl EmbeddedBroker {
         Ok(Self {
             pool,
             work,
-            notify: Arc::new(Notify::new()),
+            wakeups: Arc::default(),
             lease: DEFAULT_LEASE,
             poll: Duration::from_millis(200),
         })
@@ -127,7 +175,7 @@ impl EmbeddedBroker {
         }
         metrics::counter!("messaging_published_total", "topic" => topic.to_owned())
             .increment(batch.len() as u64);
-        self.notify.notify_waiters();
+        self.wakeups.wake_topic(topic);
         Ok(())
     }
 }
@@ -163,7 +211,7 @@ impl Broker for EmbeddedBroker {
                 .await?;
             }
             tx.commit().await?;
-            self.notify.notify_waiters();
+            self.wakeups.wake_group(group);
             Ok(())
         }
         .boxed()
@@ -194,6 +242,7 @@ impl Broker for EmbeddedBroker {
                 .await?;
             tx.commit().await?;
             Ok(Box::new(EmbeddedSubscription {
+                notify: self.wakeups.subscribe(group, topics),
                 broker: self.clone(),
                 group: group.to_owned(),
             }) as Box<dyn Subscription>)
@@ -205,6 +254,8 @@ impl Broker for EmbeddedBroker {
 struct EmbeddedSubscription {
     broker: EmbeddedBroker,
     group: String,
+    /// Woken by what concerns this group.
+    notify: Arc<Notify>,
 }
 
 impl EmbeddedSubscription {
@@ -252,7 +303,7 @@ impl Subscription for EmbeddedSubscription {
             let deadline = tokio::time::Instant::now() + wait;
             loop {
                 // Register for wake-ups before looking, so a publish in between is not missed.
-                let notified = self.broker.notify.notified();
+                let notified = self.notify.notified();
                 let got = self.lease(max).await?;
                 if !got.is_empty() {
                     return Ok(got);
@@ -282,7 +333,7 @@ impl Subscription for EmbeddedSubscription {
                 .execute(&self.broker.work)
                 .await?;
             // The next message of the same key may be deliverable now.
-            self.broker.notify.notify_waiters();
+            self.notify.notify_waiters();
             Ok(())
         }
         .boxed()
