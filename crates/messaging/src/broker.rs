@@ -50,23 +50,43 @@ impl Backlog {
     }
 }
 
+/// The receiving end of an adapter's ready deliveries (bounded or not).
+pub(crate) trait Ready {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Delivery>> + Send;
+    fn try_recv(&mut self) -> Option<Delivery>;
+}
+
+impl Ready for tokio::sync::mpsc::Receiver<Delivery> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Delivery>> + Send {
+        tokio::sync::mpsc::Receiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<Delivery> {
+        tokio::sync::mpsc::Receiver::try_recv(self).ok()
+    }
+}
+
+impl Ready for tokio::sync::mpsc::UnboundedReceiver<Delivery> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Delivery>> + Send {
+        tokio::sync::mpsc::UnboundedReceiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<Delivery> {
+        tokio::sync::mpsc::UnboundedReceiver::try_recv(self).ok()
+    }
+}
+
 /// Up to `max` deliveries an adapter's receive loop has queued, waiting up to `wait` for
 /// the first.
-pub(crate) async fn take_ready(
-    rx: &mut tokio::sync::mpsc::Receiver<Delivery>,
-    max: usize,
-    wait: Duration,
-) -> Vec<Delivery> {
+pub(crate) async fn take_ready(rx: &mut impl Ready, max: usize, wait: Duration) -> Vec<Delivery> {
     let first = if wait.is_zero() {
-        rx.try_recv().ok()
+        rx.try_recv()
     } else {
         tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
     };
     let mut out: Vec<Delivery> = first.into_iter().collect();
     while out.len() < max {
         match rx.try_recv() {
-            Ok(d) => out.push(d),
-            Err(_) => break,
+            Some(d) => out.push(d),
+            None => break,
         }
     }
     out

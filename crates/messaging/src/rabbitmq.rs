@@ -16,9 +16,11 @@
 //! consumer one per key at a time, in queue order: one key's messages are handled one at a
 //! time, in order, while the partition's other keys proceed. Instances of the same
 //! group (competing consumers) split the partitions between them (`p % instances == rank`,
-//! from the heartbeats); RabbitMQ's single-active-consumer rule keeps the order safe while
-//! the split changes hands. A partition is handed over only when it has no unacknowledged
-//! message.
+//! from the heartbeats); each partition is consumed on a channel of its own. To let a
+//! partition go, an instance stops offering its messages, waits until the consumer has
+//! settled those it has, and closes the partition's channel: RabbitMQ takes back the rest,
+//! in order, before the partition's next (single active) consumer starts. Prefetched
+//! messages that went back this way count as deliveries in RabbitMQ's delivery count.
 //!
 //! Durability: persistent messages, publisher confirms (`publish` returns once RabbitMQ has
 //! them), manual acks. A retry delay keeps the message unacknowledged in the consumer (so
@@ -35,9 +37,8 @@ use futures::future::BoxFuture;
 use futures::stream::SelectAll;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
@@ -393,12 +394,7 @@ impl Broker for RabbitMqBroker {
             declare_group(&link, &self.shared, group, &topics)
                 .await
                 .map_err(unavailable)?;
-            // Room for every partition's whole prefetch, and as much again for retries.
-            let (tx, rx) = mpsc::channel(
-                usize::from(self.shared.options.partitions)
-                    * usize::from(self.shared.options.prefetch)
-                    * 2,
-            );
+            let (tx, rx) = mpsc::unbounded_channel();
             let stop = self.shared.stop.child_token();
             let sub = Arc::new(SubState {
                 declared_on: link.generation,
@@ -476,46 +472,60 @@ struct Held {
     tag: u64,
     generation: u64,
     partition: u16,
-    /// The message's subject (its ordering key); `None` for a message published without
-    /// it, which is ordered against its whole partition.
-    key: Option<String>,
+    /// The message's subject: its ordering key.
+    key: String,
     /// Handed to the consumer (otherwise waiting behind an earlier message of its key).
     offered: bool,
     delivery: Delivery,
 }
 
-/// What a subscription holds: every unacknowledged delivery, and per key the ones waiting
-/// behind the key's message in progress.
+/// What a subscription holds: every unacknowledged delivery; per key, whether one of its
+/// messages is in the consumer's hands and which wait behind it; and the partitions being
+/// handed to another instance.
 #[derive(Default)]
 struct Holding {
     held: HashMap<i64, Held>,
-    waiting: HashMap<(u16, Option<String>), VecDeque<i64>>,
+    busy: HashSet<(u16, String)>,
+    waiting: HashMap<(u16, String), VecDeque<i64>>,
+    /// Partitions being let go: nothing more of theirs is offered, and their channel closes
+    /// once the consumer has settled what it has of them.
+    draining: HashSet<u16>,
 }
 
 impl Holding {
-    /// Takes delivery `tag` in; true when it may be handed to the consumer now (no earlier
-    /// message of its key is in progress).
-    fn admit(&mut self, tag: i64, h: Held) -> bool {
+    /// Takes delivery `tag` in: `Some(true)` when it may be handed to the consumer now (no
+    /// message of its key is in progress), `Some(false)` when it waits, `None` when its
+    /// partition is draining (the delivery is not kept: RabbitMQ has it back when the
+    /// partition's channel closes).
+    fn admit(&mut self, tag: i64, mut h: Held) -> Option<bool> {
+        if self.draining.contains(&h.partition) {
+            return None;
+        }
         let gate = (h.partition, h.key.clone());
-        let busy = self
-            .held
-            .values()
-            .any(|o| o.offered && o.partition == gate.0 && o.key == gate.1);
-        let mut h = h;
-        h.offered = !busy;
+        let free = self.busy.insert(gate.clone());
+        h.offered = free;
         self.held.insert(tag, h);
-        if busy {
+        if !free {
             self.waiting.entry(gate).or_default().push_back(tag);
         }
-        !busy
+        Some(free)
     }
 
-    /// Settles `tag`; returns the next delivery of its key, now offered, if one waits.
+    /// Settles `tag`; returns the next delivery of its key, now offered, if one waits (and
+    /// its partition is not draining).
     fn settle(&mut self, tag: i64) -> Option<(Held, Option<Delivery>)> {
         let h = self.held.remove(&tag)?;
         let gate = (h.partition, h.key.clone());
+        if !h.offered {
+            if let Some(q) = self.waiting.get_mut(&gate) {
+                q.retain(|t| *t != tag);
+            }
+            return Some((h, None));
+        }
         let mut next = None;
-        if let Some(q) = self.waiting.get_mut(&gate) {
+        if !self.draining.contains(&gate.0)
+            && let Some(q) = self.waiting.get_mut(&gate)
+        {
             while let Some(t) = q.pop_front() {
                 if let Some(w) = self.held.get_mut(&t) {
                     w.offered = true;
@@ -527,17 +537,45 @@ impl Holding {
                 self.waiting.remove(&gate);
             }
         }
+        if next.is_none() {
+            self.busy.remove(&gate);
+        }
         Some((h, next))
+    }
+
+    /// Partitions being let go whose offered deliveries are all settled.
+    fn drained(&self) -> Vec<u16> {
+        self.draining
+            .iter()
+            .copied()
+            .filter(|p| !self.held.values().any(|h| h.partition == *p && h.offered))
+            .collect()
+    }
+
+    /// Drops all that is held of partition `p`: its channel closes and RabbitMQ takes it
+    /// back, in order.
+    fn release(&mut self, p: u16) {
+        self.held.retain(|_, h| h.partition != p);
+        self.busy.retain(|g| g.0 != p);
+        self.waiting.retain(|g, _| g.0 != p);
+        self.draining.remove(&p);
     }
 
     /// Forgets what came on connection `generation` (RabbitMQ gives it again).
     fn forget(&mut self, generation: u64) {
         self.held.retain(|_, h| h.generation != generation);
+        self.busy = self
+            .held
+            .values()
+            .filter(|h| h.offered)
+            .map(|h| (h.partition, h.key.clone()))
+            .collect();
         let held = &self.held;
         self.waiting.retain(|_, q| {
             q.retain(|t| held.contains_key(t));
             !q.is_empty()
         });
+        self.draining.clear();
     }
 }
 
@@ -546,7 +584,9 @@ struct SubState {
     declared_on: u64,
     group: String,
     topics: Vec<String>,
-    ready: mpsc::Sender<Delivery>,
+    /// Unbounded: what is in it is bounded by what is held (partitions × prefetch per
+    /// connection), and the consume loop must never wait on it.
+    ready: mpsc::UnboundedSender<Delivery>,
     held: Mutex<Holding>,
     /// The connection generation the consume loop is on; deliveries of an older one are
     /// gone (RabbitMQ gives them again on the new connection).
@@ -555,10 +595,6 @@ struct SubState {
 }
 
 impl SubState {
-    fn busy_partitions(&self) -> HashSet<u16> {
-        self.lock().held.values().map(|h| h.partition).collect()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Holding> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -595,7 +631,9 @@ async fn consume(shared: Arc<Shared>, sub: Arc<SubState>, stop: CancellationToke
     }
 }
 
-type Tagged = futures::stream::BoxStream<'static, (u16, lapin::Result<lapin::message::Delivery>)>;
+/// A partition's deliveries, tagged with the partition and which acquisition of it.
+type Tagged =
+    futures::stream::BoxStream<'static, (u16, u64, lapin::Result<lapin::message::Delivery>)>;
 
 async fn consume_on(
     shared: &Shared,
@@ -612,12 +650,10 @@ async fn consume_on(
             .await
             .map_err(unavailable)?;
     }
+    // The control channel: membership. Each partition gets a channel of its own, so that
+    // letting a partition go is closing its channel: RabbitMQ then takes back what the
+    // channel held, in order, before the partition's next consumer starts.
     let ch = link.conn.create_channel().await.map_err(unavailable)?;
-    // A few unacknowledged messages per partition consumer; per-key order is kept by
-    // handing out one message per key at a time (`Holding`).
-    ch.basic_qos(shared.options.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(unavailable)?;
     // Membership: this instance's heartbeats and its view of the others'.
     let members_q = ch
         .queue_declare(
@@ -648,48 +684,50 @@ async fn consume_on(
         )
         .await
         .map_err(unavailable)?;
+    sub.lock().draining.clear();
     let mut members: HashMap<String, Instant> = HashMap::new();
-    let mut owned: HashMap<u16, String> = HashMap::new();
-    let mut releasing: HashSet<u16> = HashSet::new();
+    // Partition → (which acquisition of it, its channel).
+    let mut owned: HashMap<u16, (u64, Channel)> = HashMap::new();
+    let mut acquisitions: u64 = 0;
     let mut streams: SelectAll<Tagged> = SelectAll::new();
     let mut tick = tokio::time::interval(HEARTBEAT);
     let mut first = true;
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = stop.cancelled() => {
-                let _ = ch.close(200, "unsubscribed".into()).await;
-                return Ok(());
-            }
+            _ = stop.cancelled() => break Ok(()),
             hb = heartbeats.next() => match hb {
                 Some(Ok(d)) => {
                     if let Ok(id) = String::from_utf8(d.data) {
                         members.insert(id, Instant::now());
                     }
                 }
-                Some(Err(e)) => return Err(unavailable(e)),
-                None => return Err(unavailable("membership consumer cancelled")),
+                Some(Err(e)) => break Err(unavailable(e)),
+                None => break Err(unavailable("membership consumer cancelled")),
             },
-            Some((p, d)) = streams.next(), if !streams.is_empty() => {
-                let d = d.map_err(unavailable)?;
-                if releasing.contains(&p) {
-                    // Arrived after this instance let the partition go: back to the queue
-                    // for its new owner.
-                    ch.basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true }).await.map_err(unavailable)?;
+            Some((p, acquisition, d)) = streams.next(), if !streams.is_empty() => {
+                // A delivery of a channel since closed: RabbitMQ has it back.
+                let Some((current, pch)) = owned.get(&p) else { continue };
+                if *current != acquisition {
                     continue;
                 }
-                forward(shared, sub, &ch, link.generation, p, d).await;
+                match d {
+                    Ok(d) => forward(shared, sub, pch, link.generation, p, d),
+                    Err(e) => break Err(unavailable(e)),
+                }
             }
             _ = tick.tick() => {
                 if !link.conn.status().connected() {
-                    return Err(unavailable("connection lost"));
+                    break Err(unavailable("connection lost"));
                 }
-                ch.basic_publish(
+                if let Err(e) = ch.basic_publish(
                     shared.names.members.as_str().into(),
                     sub.group.as_str().into(),
                     BasicPublishOptions::default(),
                     instance.as_bytes(),
                     BasicProperties::default(),
-                ).await.map_err(unavailable)?;
+                ).await {
+                    break Err(unavailable(e));
+                }
                 members.insert(instance.to_owned(), Instant::now());
                 members.retain(|_, seen| seen.elapsed() < MEMBER_TIMEOUT);
                 if first {
@@ -701,37 +739,73 @@ async fn consume_on(
                 ids.sort();
                 let rank = ids.iter().position(|m| m.as_str() == instance).unwrap_or(0);
                 let n = ids.len().max(1);
-                let busy = sub.busy_partitions();
+                let mut failed = None;
                 for p in 0..partitions {
                     let mine = usize::from(p) % n == rank;
-                    match (mine, owned.contains_key(&p)) {
-                        (true, false) => {
-                            let tag = format!("{instance}.{p}");
-                            let c = ch.basic_consume(
-                                shared.names.queue(&sub.group, p).as_str().into(),
-                                tag.as_str().into(),
-                                BasicConsumeOptions::default(),
-                                FieldTable::default(),
-                            ).await.map_err(unavailable)?;
-                            releasing.remove(&p);
-                            owned.insert(p, tag);
-                            streams.push(c.map(move |d| (p, d)).boxed());
-                        }
-                        (false, true) if !busy.contains(&p) => {
-                            if let Some(tag) = owned.remove(&p) {
-                                releasing.insert(p);
-                                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.map_err(unavailable)?;
+                    if mine && !owned.contains_key(&p) {
+                        acquisitions += 1;
+                        match acquire(link, shared, sub, p, instance).await {
+                            Ok((pch, stream)) => {
+                                let a = acquisitions;
+                                owned.insert(p, (a, pch));
+                                streams.push(stream.map(move |d| (p, a, d)).boxed());
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
                             }
                         }
-                        _ => {}
+                    } else if !mine && owned.contains_key(&p) {
+                        // Let it go: nothing more of it is offered; the channel closes once
+                        // the consumer has settled what it has.
+                        sub.lock().draining.insert(p);
+                    }
+                }
+                if let Some(e) = failed {
+                    break Err(e);
+                }
+                let drained = sub.lock().drained();
+                for p in drained {
+                    if let Some((_, pch)) = owned.remove(&p) {
+                        sub.lock().release(p);
+                        let _ = pch.close(200, "partition handed over".into()).await;
                     }
                 }
             }
         }
+    };
+    for (_, (_, pch)) in owned {
+        let _ = pch.close(200, "unsubscribed".into()).await;
     }
+    let _ = ch.close(200, "unsubscribed".into()).await;
+    result
 }
 
-async fn forward(
+/// Opens partition `p`'s channel and consumes its queue, up to `prefetch` unacknowledged.
+async fn acquire(
+    link: &Link,
+    shared: &Shared,
+    sub: &SubState,
+    p: u16,
+    instance: &str,
+) -> Result<(Channel, lapin::Consumer), BrokerError> {
+    let pch = link.conn.create_channel().await.map_err(unavailable)?;
+    pch.basic_qos(shared.options.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(unavailable)?;
+    let consumer = pch
+        .basic_consume(
+            shared.names.queue(&sub.group, p).as_str().into(),
+            format!("{instance}.{p}").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok((pch, consumer))
+}
+
+fn forward(
     shared: &Shared,
     sub: &SubState,
     ch: &Channel,
@@ -756,12 +830,18 @@ async fn forward(
     if let Some(ms) = int(PUBLISHED_MS) {
         sub.last_published.store(ms, Ordering::Relaxed);
     }
+    let payload = String::from_utf8_lossy(&d.data).into_owned();
+    // The subject travels in a header; a message without it (published by an earlier
+    // version) is read for it. One that cannot be read is poison: key "" (the consumer
+    // dead-letters it).
     let key = headers
         .and_then(|h| h.inner().get(SUBJECT))
         .and_then(|v| match v {
             AMQPValue::LongString(s) => Some(s.to_string()),
             _ => None,
-        });
+        })
+        .or_else(|| crate::Envelope::from_json(&payload).ok().map(|e| e.subject))
+        .unwrap_or_default();
     let suffix = format!(".{p}");
     let topic = d
         .routing_key
@@ -772,7 +852,7 @@ async fn forward(
     let delivery = Delivery {
         tag: shared.next_tag.fetch_add(1, Ordering::Relaxed),
         topic,
-        payload: String::from_utf8_lossy(&d.data).into_owned(),
+        payload,
         attempt: u32::try_from(previous.max(0) + 1).unwrap_or(u32::MAX),
     };
     let now = sub.lock().admit(
@@ -787,16 +867,15 @@ async fn forward(
             delivery: delivery.clone(),
         },
     );
-    // Bounded by the prefetch: the channel holds every partition's whole prefetch.
-    if now {
-        let _ = sub.ready.send(delivery).await;
+    if now == Some(true) {
+        let _ = sub.ready.send(delivery);
     }
 }
 
 struct RabbitSubscription {
     sub: Arc<SubState>,
     shared: Arc<Shared>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Delivery>>,
     _stop: DropGuard,
     _broker: Arc<DropGuard>,
 }
@@ -807,8 +886,16 @@ impl Subscription for RabbitSubscription {
         max: usize,
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
-        async move { Ok(crate::broker::take_ready(&mut *self.rx.lock().await, max, wait).await) }
-            .boxed()
+        async move {
+            let ds = crate::broker::take_ready(&mut *self.rx.lock().await, max, wait).await;
+            // Deliveries of a lost connection, or of a partition let go, are RabbitMQ's again.
+            let held = self.sub.lock();
+            Ok(ds
+                .into_iter()
+                .filter(|d| held.held.contains_key(&d.tag))
+                .collect())
+        }
+        .boxed()
     }
 
     fn ack<'a>(&'a self, ds: &'a [Delivery]) -> BoxFuture<'a, Result<(), BrokerError>> {
@@ -827,7 +914,7 @@ impl Subscription for RabbitSubscription {
             let acked = futures::future::join_all(acks).await;
             // The next message of each settled key is the consumer's now.
             for d in next.into_iter().flatten() {
-                let _ = self.sub.ready.send(d).await;
+                let _ = self.sub.ready.send(d);
             }
             for a in acked {
                 a.map_err(unavailable)?;
@@ -842,7 +929,7 @@ impl Subscription for RabbitSubscription {
         d: &'a Delivery,
         delay: Duration,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
-        // The message stays unacknowledged (its partition waits behind it) and is offered
+        // The message stays unacknowledged (its key's later messages wait behind it) and is offered
         // again after the delay.
         let sub = self.sub.clone();
         let tag = d.tag;
@@ -860,7 +947,7 @@ impl Subscription for RabbitSubscription {
                 }
             };
             if let Some(d) = again {
-                let _ = sub.ready.send(d).await;
+                let _ = sub.ready.send(d);
             }
         });
         async { Ok(()) }.boxed()
