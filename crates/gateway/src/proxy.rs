@@ -637,7 +637,7 @@ async fn route_and_forward(
     if let Target::Cluster(c) = &route.target {
         outcome.cluster = Some(c.name.clone());
     }
-    let conn = req.extensions().get::<ConnInfo>().cloned();
+    let tls = req.extensions().get::<ConnInfo>().is_some_and(|c| c.tls);
 
     // 4. Authenticate and authorise.
     let caller = match authenticate(rt, &mut req).await {
@@ -745,7 +745,7 @@ async fn route_and_forward(
                 req.headers(),
                 req.uri().query(),
                 caller.as_ref().map(|c| c.id.as_str()),
-                conn.as_ref().is_some_and(|c| c.tls),
+                tls,
             );
             outcome.variant = Some(a.variant.name.clone());
             outcome.cluster = Some(a.variant.cluster.name.clone());
@@ -766,7 +766,7 @@ async fn route_and_forward(
                         roles: &c.roles,
                         claims: c.claims.as_deref(),
                     }),
-                    deadline: route.timeout,
+                    deadline: route.deadline(),
                 })
                 .await;
             if let Some(d) = &limit_decision {
@@ -848,11 +848,7 @@ async fn route_and_forward(
         parts.headers.insert("x-forwarded-host", host);
     }
     if !parts.headers.contains_key("x-forwarded-proto") {
-        let proto = if conn.as_ref().is_some_and(|c| c.tls) {
-            "https"
-        } else {
-            "http"
-        };
+        let proto = if tls { "https" } else { "http" };
         parts
             .headers
             .insert("x-forwarded-proto", HeaderValue::from_static(proto));
@@ -880,7 +876,7 @@ async fn route_and_forward(
     };
     let bodiless = body.is_end_stream();
     let retryable = idempotent(&parts.method) && bodiless;
-    let timeout = route.explicit_timeout.unwrap_or(cluster.request_timeout);
+    let timeout = route.timeout.unwrap_or(cluster.request_timeout);
     // Shadow traffic: the copy leaves before the request, on its own task. A copied body
     // is read first (it is small, and must arrive within the route's timeout).
     let mirror = route
@@ -1042,7 +1038,7 @@ async fn route_and_forward(
                         client_side,
                         upstream_side,
                         route.name.clone(),
-                        conn.clone(),
+                        parts.extensions.get::<ConnInfo>().cloned(),
                         Duration::from_millis(rt.config.limits.websocket_idle_timeout_ms),
                     );
                     Some(HeaderValue::from_static("websocket"))

@@ -41,10 +41,9 @@ pub struct Route {
     pub auth: AuthConfig,
     pub limiter: Option<Limiter>,
     pub limit_key: RateLimitKey,
-    /// The composite's deadline, or the upstream answer timeout of a proxied route when the
-    /// route sets one (else each cluster's own).
-    pub timeout: Duration,
-    pub explicit_timeout: Option<Duration>,
+    /// The route's `timeout_ms`: a proxied route's upstream answer timeout (else each
+    /// cluster's own), a composite's deadline (else [`Route::deadline`]'s default).
+    pub timeout: Option<Duration>,
     pub mirror: Option<Mirror>,
     /// Largest request body forwarded.
     pub max_body: u64,
@@ -53,6 +52,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// How long a composite may take.
+    pub fn deadline(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_AGGREGATE_TIMEOUT)
+    }
+
     pub fn needs_identity(&self) -> bool {
         self.auth.required || !self.auth.roles.is_empty() || !self.auth.scopes.is_empty()
     }
@@ -171,17 +175,12 @@ impl Runtime {
                 reason,
             };
             let find = |name: &str| clusters.iter().find(|c| *c.name == *name).cloned();
-            let (target, timeout) = match (&r.cluster, &r.split, &r.aggregate) {
-                (Some(name), _, _) => {
-                    let cluster =
-                        find(name).ok_or_else(|| err(format!("unknown cluster `{name}`")))?;
-                    let timeout = cluster.request_timeout;
-                    (Target::Cluster(cluster), timeout)
-                }
+            let target = match (&r.cluster, &r.split, &r.aggregate) {
+                (Some(name), _, _) => Target::Cluster(
+                    find(name).ok_or_else(|| err(format!("unknown cluster `{name}`")))?,
+                ),
                 (None, Some(s), _) => {
-                    let split = Split::new(s, &r.name, &find).map_err(err)?;
-                    let timeout = split.variants[0].cluster.request_timeout;
-                    (Target::Split(Arc::new(split)), timeout)
+                    Target::Split(Arc::new(Split::new(s, &r.name, &find).map_err(err)?))
                 }
                 (None, None, Some(a)) => {
                     let plan =
@@ -196,10 +195,7 @@ impl Runtime {
                     let composite =
                         Composite::new(r.name.as_str().into(), plan, &find, previous.as_deref())
                             .map_err(err)?;
-                    (
-                        Target::Aggregate(Arc::new(composite)),
-                        DEFAULT_AGGREGATE_TIMEOUT,
-                    )
+                    Target::Aggregate(Arc::new(composite))
                 }
                 (None, None, None) => {
                     return Err(err(
@@ -251,8 +247,7 @@ impl Runtime {
             routes.push(Route {
                 name: r.name.as_str().into(),
                 matcher,
-                timeout: r.timeout_ms.map(Duration::from_millis).unwrap_or(timeout),
-                explicit_timeout: r.timeout_ms.map(Duration::from_millis),
+                timeout: r.timeout_ms.map(Duration::from_millis),
                 mirror,
                 max_body: r.max_body_bytes.unwrap_or(cfg.limits.max_body_bytes),
                 websocket: r.websocket,

@@ -96,14 +96,12 @@ impl Wakeups {
     }
 
     fn wake_topic(&self, topic: &str) {
-        let groups: Vec<String> = {
-            let t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-            t.get(topic)
-                .map(|g| g.iter().cloned().collect())
-                .unwrap_or_default()
-        };
-        for g in groups {
-            self.wake_group(&g);
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        for g in topics.get(topic).into_iter().flatten() {
+            if let Some(n) = groups.get(g) {
+                n.notify_waiters();
+            }
         }
     }
 }

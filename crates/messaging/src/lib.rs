@@ -142,16 +142,20 @@ impl BrokerOptions {
             classic_queues: false,
             prefetch: 32,
         };
+        // A whole number within `range`, for setting `name`.
+        let ranged = |name: &str, n: &str, range: std::ops::RangeInclusive<u16>| {
+            n.parse().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+                bad(&format!(
+                    "{name} must be {} to {}, not `{n}`",
+                    range.start(),
+                    range.end()
+                ))
+            })
+        };
         let mut rest = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some(("partitions", n)) => {
-                    o.partitions = n
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=1024).contains(n))
-                        .ok_or_else(|| bad(&format!("partitions must be 1 to 1024, not `{n}`")))?;
-                }
+                Some(("partitions", n)) => o.partitions = ranged("partitions", n, 1..=1024)?,
                 Some(("namespace", n)) => {
                     let ok = !n.is_empty()
                         && n.len() <= 64
@@ -172,13 +176,7 @@ impl BrokerOptions {
                         .ok_or_else(|| bad(&format!("expires must be seconds, not `{n}`")))?;
                     o.expires = Some(std::time::Duration::from_secs(secs));
                 }
-                Some(("prefetch", n)) => {
-                    o.prefetch = n
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=1000).contains(n))
-                        .ok_or_else(|| bad(&format!("prefetch must be 1 to 1000, not `{n}`")))?;
-                }
+                Some(("prefetch", n)) => o.prefetch = ranged("prefetch", n, 1..=1000)?,
                 Some(("queue_type", "classic")) => o.classic_queues = true,
                 Some(("queue_type", "quorum")) => o.classic_queues = false,
                 Some(("queue_type", t)) => {

@@ -160,21 +160,10 @@ async fn open_link(
         FieldTable::default(),
     )
     .await?;
-    let mut quorum = FieldTable::default();
-    let kind = if options.classic_queues {
-        "classic"
-    } else {
-        "quorum"
-    };
-    quorum.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
-    if let Some(e) = options.expires {
-        let ms = i64::try_from(e.as_millis()).unwrap_or(i64::MAX);
-        quorum.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
-    }
     ch.queue_declare(
         names.dead_letter.as_str().into(),
         QueueDeclareOptions::durable(),
-        quorum,
+        queue_args(options),
     )
     .await?;
     ch.queue_bind(
@@ -197,6 +186,22 @@ async fn open_link(
         publish: ch,
         generation,
     })
+}
+
+/// What every queue shopmesh declares has: its type, and its expiry when the URL asks.
+fn queue_args(options: &crate::BrokerOptions) -> FieldTable {
+    let mut args = FieldTable::default();
+    let kind = if options.classic_queues {
+        "classic"
+    } else {
+        "quorum"
+    };
+    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+    if let Some(e) = options.expires {
+        let ms = i64::try_from(e.as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    }
+    args
 }
 
 fn set_connected(up: bool) {
@@ -425,32 +430,26 @@ async fn declare_group(
     topics: &[String],
 ) -> Result<(), lapin::Error> {
     let ch = link.conn.create_channel().await?;
-    for p in 0..shared.options.partitions {
-        let mut args = FieldTable::default();
-        let kind = if shared.options.classic_queues {
-            "classic"
-        } else {
-            "quorum"
-        };
-        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    let mut args = queue_args(&shared.options);
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(shared.names.dead_letter.as_str().into()),
+    );
+    if !shared.options.classic_queues {
         args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(shared.names.dead_letter.as_str().into()),
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(DELIVERY_LIMIT),
         );
-        if !shared.options.classic_queues {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongInt(DELIVERY_LIMIT),
-            );
-        }
-        if let Some(e) = shared.options.expires {
-            let ms = i64::try_from(e.as_millis()).unwrap_or(i64::MAX);
-            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
-        }
+    }
+    for p in 0..shared.options.partitions {
         let q = shared.names.queue(group, p);
-        ch.queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
-            .await?;
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args.clone(),
+        )
+        .await?;
         for t in topics {
             ch.queue_bind(
                 q.as_str().into(),

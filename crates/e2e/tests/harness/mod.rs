@@ -163,27 +163,21 @@ impl Gw {
             .unwrap()
     }
 
-    pub async fn admin_json(&self, path: &str) -> Value {
+    async fn admin_get(&self, path: &str) -> reqwest::Response {
         self.http
             .get(format!("{}{path}", self.admin))
             .send()
             .await
             .unwrap()
-            .json()
-            .await
-            .unwrap()
+    }
+
+    pub async fn admin_json(&self, path: &str) -> Value {
+        self.admin_get(path).await.json().await.unwrap()
     }
 
     /// The admin API's Prometheus text.
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.admin_get("/metrics").await.text().await.unwrap()
     }
 
     pub async fn version(&self) -> u64 {
