@@ -43,6 +43,7 @@ NGX=127.0.0.1:18182
 HAP=127.0.0.1:18183
 NGX_TLS=127.0.0.1:18184
 GW_TLS=127.0.0.1:18185
+BARE=127.0.0.1:18187
 
 # 1. A signing key, its JWKS, and one token (EdDSA), made with openssl.
 b64url() { basenc --base64url -w0 | tr -d '='; }
@@ -132,6 +133,12 @@ backend be
 CONF
 haproxy -D -f "$WORK/haproxy.cfg"
 
+# 4b. The floor of the gateway's own stack: hyper + tokio forwarding and nothing else
+# (`shopmesh bench bare-proxy`), so the cost of the gateway's chain is visible apart from
+# the cost of its HTTP stack.
+"$BIN" bench bare-proxy --listen "$BARE" --upstream "$UP" >"$WORK/bare.log" 2>&1 &
+PIDS+=("$!")
+
 # 5. The gateway, full chain on.
 cat >"$WORK/gateway.yaml" <<CONF
 listen: $GW
@@ -167,6 +174,7 @@ wait_up() { for _ in $(seq 1 200); do curl -fs -o /dev/null "$@" && return 0; sl
 wait_up "http://$UP/"
 wait_up "http://$NGX/"
 wait_up "http://$HAP/"
+wait_up "http://$BARE/"
 wait_up -H "Authorization: Bearer $TOKEN" "http://$GW/"
 # The chain is really on: no token → 401.
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$GW/")" = 401 ] || { echo "gateway does not enforce JWT"; exit 1; }
@@ -211,8 +219,11 @@ read -r D_RPS D_P50 D_P99 < <(run_wrk direct "http://$UP/")
 read -r N_RPS N_P50 N_P99 < <(run_wrk nginx "http://$NGX/")
 read -r H_RPS H_P50 H_P99 < <(run_wrk haproxy "http://$HAP/")
 read -r G_RPS G_P50 G_P99 < <(run_wrk gateway "http://$GW/")
+read -r B_RPS B_P50 B_P99 < <(run_wrk bare "http://$BARE/")
 printf 'proxy: %-8s %7d req/s p50=%sms p99=%sms\n' direct "$D_RPS" "$D_P50" "$D_P99" \
   nginx "$N_RPS" "$N_P50" "$N_P99" haproxy "$H_RPS" "$H_P50" "$H_P99" gateway "$G_RPS" "$G_P50" "$G_P99"
+printf 'floor: hyper+tokio forwarding alone (bench bare-proxy) %d req/s p50=%sms p99=%sms; gateway/floor rps=%.2f, floor/nginx rps=%.2f\n' \
+  "$B_RPS" "$B_P50" "$B_P99" "$(echo "$G_RPS/$B_RPS" | bc -l)" "$(echo "$B_RPS/$N_RPS" | bc -l)"
 
 # 6b. RSS with 1,000 connections all sending at once (wrk -c1000), after the runs above.
 wrk -t1 -c1000 -d6s -H "Authorization: Bearer $TOKEN" "http://$GW/" >"$WORK/wrk1000.txt" &

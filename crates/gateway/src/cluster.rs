@@ -23,7 +23,7 @@ use crate::proxy::{HttpClient, empty};
 /// settings), so its health and breaker state are not forgotten.
 #[derive(Debug)]
 pub struct Endpoint {
-    pub url: String,
+    pub url: Arc<str>,
     pub scheme: Scheme,
     pub authority: Authority,
     pub breaker: Breaker,
@@ -38,7 +38,7 @@ impl Endpoint {
     fn new(url: &str, breaker: BreakerConfig) -> Option<Self> {
         let parts = url.parse::<http::Uri>().ok()?.into_parts();
         Some(Self {
-            url: url.trim_end_matches('/').to_owned(),
+            url: url.trim_end_matches('/').into(),
             scheme: parts.scheme.unwrap_or(Scheme::HTTP),
             authority: parts.authority?,
             breaker: Breaker::new(breaker.clone()),
@@ -131,7 +131,7 @@ impl Cluster {
                 let reused = previous.and_then(|p| {
                     p.endpoints
                         .iter()
-                        .find(|e| e.url == url_norm && e.breaker_cfg == cfg.circuit_breaker)
+                        .find(|e| *e.url == *url_norm && e.breaker_cfg == cfg.circuit_breaker)
                         .cloned()
                 });
                 match reused {

@@ -231,7 +231,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = uuid::Uuid::new_v4().hyphenated();
+            HeaderValue::from_bytes(id.encode_lower(&mut buf).as_bytes())
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
         })
 }
@@ -268,7 +270,7 @@ struct Outcome {
     route: Arc<str>,
     cluster: Option<Arc<str>>,
     variant: Option<Arc<str>>,
-    endpoint: Option<String>,
+    endpoint: Option<Arc<str>>,
     caller: Option<String>,
     attempts: u32,
 }
@@ -317,8 +319,12 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let method = req.method().clone();
     let raw_path = req.uri().path().to_owned();
     // Exported when OpenTelemetry is on (a child of the client's `traceparent`); otherwise
-    // disabled and free: the access log carries the request's fields.
-    let span = tracing::info_span!(
+    // not made at all (the registry would still track it): the access log carries the
+    // request's fields.
+    let span = if !shopmesh_platform::otel::active() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
         target: shopmesh_platform::otel::SPAN_TARGET,
         "gateway",
         otel.name = %format_args!("{method} {raw_path}"),
@@ -329,7 +335,8 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         request_id = rid.to_str().unwrap_or(""),
         http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
-    );
+        )
+    };
     shopmesh_platform::otel::link_parent(
         &span,
         req.headers()
@@ -359,10 +366,12 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         span.record("otel.status_code", "ERROR");
     }
     let elapsed = start.elapsed();
-    let cluster: Arc<str> = outcome.cluster.clone().unwrap_or_else(|| "".into());
-    let endpoint = outcome.endpoint.clone().unwrap_or_default();
-    let variant: Arc<str> = outcome.variant.clone().unwrap_or_else(|| "".into());
-    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "variant" => variant.clone(), "cluster" => cluster, "endpoint" => endpoint, "status" => status.to_string())
+    let label = |v: &Option<Arc<str>>| match v {
+        Some(v) => metrics::SharedString::from(v.clone()),
+        None => metrics::SharedString::const_str(""),
+    };
+    let variant = label(&outcome.variant);
+    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "variant" => variant.clone(), "cluster" => label(&outcome.cluster), "endpoint" => label(&outcome.endpoint), "status" => status_label(status))
         .increment(1);
     metrics::histogram!("gateway_request_duration_seconds", "route" => outcome.route.clone(), "variant" => variant)
         .record(elapsed.as_secs_f64());
@@ -445,18 +454,46 @@ pub(crate) fn problem(p: Problem) -> Response<Body> {
     res
 }
 
+/// The `status` label without an allocation for the statuses a gateway gives most.
+fn status_label(status: u16) -> metrics::SharedString {
+    let s = match status {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        other => return metrics::SharedString::from(other.to_string()),
+    };
+    metrics::SharedString::const_str(s)
+}
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 /// (`Trailer` is end-to-end: HTTP/1.1 senders name the trailer fields in it.)
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Whether the `Connection` header lists `token`.
@@ -471,17 +508,19 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
 }

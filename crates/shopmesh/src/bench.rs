@@ -30,6 +30,22 @@ enum BenchCommand {
     /// does) and consumed and acknowledged (as a consumer does), with publish→consume
     /// latency. No database involved.
     Broker(BrokerArgs),
+    /// The floor of the gateway's stack: a reverse proxy with nothing but hyper and tokio
+    /// (one current-thread runtime per worker on a shared port, as the gateway runs, and
+    /// hyper-util's pooled client). No routing, no auth, no limits, no metrics, no log. The
+    /// gateway cannot be faster than this; `bench/proxy-vs-peers.sh` prints it beside nginx.
+    BareProxy(BareProxyArgs),
+}
+
+#[derive(Args)]
+struct BareProxyArgs {
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The one upstream, `host:port` (plain HTTP/1.1).
+    #[arg(long)]
+    upstream: SocketAddr,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
 }
 
 #[derive(Args)]
@@ -70,7 +86,68 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Backend(b) => backend(b).await,
         BenchCommand::Identity(i) => identity(i).await,
         BenchCommand::Broker(b) => broker(b).await,
+        BenchCommand::BareProxy(b) => bare_proxy(b),
     }
+}
+
+/// Blocks the calling thread until the workers stop.
+fn bare_proxy(a: BareProxyArgs) -> anyhow::Result<()> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = a.upstream;
+    let mut threads = Vec::new();
+    for i in 0..a.workers.max(1) {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseport(true)?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(a.listen)?;
+        let listener = socket.listen(4096)?.into_std()?;
+        threads.push(std::thread::Builder::new().name(format!("bare-{i}")).spawn(
+            move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let client: Client<_, hyper::body::Incoming> =
+                        Client::builder(TokioExecutor::new()).build_http();
+                    loop {
+                        let (stream, _) = listener.accept().await?;
+                        let _ = stream.set_nodelay(true);
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            let service = hyper::service::service_fn(
+                                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                                    let client = client.clone();
+                                    async move {
+                                        let path = req
+                                            .uri()
+                                            .path_and_query()
+                                            .map(|p| p.as_str())
+                                            .unwrap_or("/");
+                                        *req.uri_mut() =
+                                            format!("http://{upstream}{path}").parse()?;
+                                        anyhow::Ok(client.request(req).await?)
+                                    }
+                                },
+                            );
+                            let _ = hyper_util::server::conn::auto::Builder::new(
+                                TokioExecutor::new(),
+                            )
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                        });
+                    }
+                })
+            },
+        )?);
+    }
+    println!("bare proxy ready");
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+    }
+    Ok(())
 }
 
 async fn backend(a: BackendArgs) -> anyhow::Result<()> {
