@@ -17,10 +17,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use shopmesh_platform::TRUSTED_HEADER_PREFIX;
 use shopmesh_platform::problem::Problem;
-use shopmesh_platform::{
-    CLIENT_IP_HEADER, REQUEST_ID_HEADER, TRUSTED_HEADER_PREFIX, USER_ID_HEADER, USER_ROLES_HEADER,
-};
 use tower::Service;
 use tracing::Instrument;
 
@@ -224,7 +222,7 @@ where
 /// Request ids from clients are kept when they are short and printable; otherwise replaced.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
-        .get(REQUEST_ID_HEADER)
+        .get(&names::REQUEST_ID)
         .filter(|v| {
             let b = v.as_bytes();
             !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
@@ -242,7 +240,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// the parent span), or a new trace starts. Returns the header and the trace id.
 fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
     let incoming = headers
-        .get("traceparent")
+        .get(&names::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let parts: Vec<&str> = v.split('-').collect();
@@ -315,7 +313,8 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     let rid = request_id(req.headers());
-    req.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
+    req.headers_mut()
+        .insert(names::REQUEST_ID.clone(), rid.clone());
     let method = req.method().clone();
     let raw_path = req.uri().path().to_owned();
     // Exported when OpenTelemetry is on (a child of the client's `traceparent`); otherwise
@@ -340,7 +339,7 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     shopmesh_platform::otel::link_parent(
         &span,
         req.headers()
-            .get("traceparent")
+            .get(&names::TRACEPARENT)
             .and_then(|v| v.to_str().ok()),
     );
     let (tp, trace_id) = match shopmesh_platform::otel::traceparent(&span)
@@ -349,7 +348,7 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         Some((value, text)) => (value, text[3..35].to_owned()),
         None => traceparent(req.headers()),
     };
-    req.headers_mut().insert("traceparent", tp);
+    req.headers_mut().insert(names::TRACEPARENT.clone(), tp);
     let client = req
         .extensions()
         .get::<ClientAddr>()
@@ -358,7 +357,8 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let (outcome, mut res) = route_and_forward(&rt, req, client, websocket)
         .instrument(span.clone())
         .await;
-    res.headers_mut().insert(REQUEST_ID_HEADER, rid.clone());
+    res.headers_mut()
+        .insert(names::REQUEST_ID.clone(), rid.clone());
     let status = res.status().as_u16();
     span.record("http.route", &*outcome.route);
     span.record("http.response.status_code", status);
@@ -422,7 +422,7 @@ impl Sender {
 fn client_ip(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     let mut ip = peer;
     let hops: Vec<&str> = headers
-        .get_all("x-forwarded-for")
+        .get_all(&names::X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -452,6 +452,22 @@ pub(crate) fn problem(p: Problem) -> Response<Body> {
         res.headers_mut().insert(name, value);
     }
     res
+}
+
+/// Header names the proxy sets on every request, parsed once (a `&str` name is parsed and
+/// validated on every map operation).
+mod names {
+    use http::HeaderName;
+    pub static REQUEST_ID: HeaderName =
+        HeaderName::from_static(shopmesh_platform::REQUEST_ID_HEADER);
+    pub static USER_ID: HeaderName = HeaderName::from_static(shopmesh_platform::USER_ID_HEADER);
+    pub static USER_ROLES: HeaderName =
+        HeaderName::from_static(shopmesh_platform::USER_ROLES_HEADER);
+    pub static CLIENT_IP: HeaderName = HeaderName::from_static(shopmesh_platform::CLIENT_IP_HEADER);
+    pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 }
 
 /// The `status` label without an allocation for the statuses a gateway gives most.
@@ -716,7 +732,7 @@ async fn route_and_forward(
             }
             let h = req.headers_mut();
             match HeaderValue::from_str(&c.id) {
-                Ok(v) => h.insert(USER_ID_HEADER, v),
+                Ok(v) => h.insert(names::USER_ID.clone(), v),
                 Err(_) => {
                     return (
                         outcome,
@@ -725,7 +741,7 @@ async fn route_and_forward(
                 }
             };
             if let Ok(v) = HeaderValue::from_str(&c.roles.join(",")) {
-                h.insert(USER_ROLES_HEADER, v);
+                h.insert(names::USER_ROLES.clone(), v);
             }
             outcome.caller = Some(c.id.clone());
         }
@@ -734,7 +750,7 @@ async fn route_and_forward(
     if let Some(ip) = client_ip
         && let Ok(v) = HeaderValue::from_str(&ip.to_string())
     {
-        req.headers_mut().insert(CLIENT_IP_HEADER, v);
+        req.headers_mut().insert(names::CLIENT_IP.clone(), v);
     }
 
     // 5. Rate limit.
@@ -849,7 +865,7 @@ async fn route_and_forward(
         .then(|| {
             parts
                 .headers
-                .get_all("x-forwarded-for")
+                .get_all(&names::X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect::<Vec<_>>()
@@ -866,17 +882,17 @@ async fn route_and_forward(
             parts.headers.remove(h);
         }
     }
-    parts.headers.remove("x-forwarded-for");
+    parts.headers.remove(&names::X_FORWARDED_FOR);
     if let Some(ip) = peer {
         let xff = match prior_xff {
             Some(prev) => format!("{prev}, {ip}"),
             None => ip.to_string(),
         };
         if let Ok(v) = HeaderValue::from_str(&xff) {
-            parts.headers.insert("x-forwarded-for", v);
+            parts.headers.insert(names::X_FORWARDED_FOR.clone(), v);
         }
     }
-    if !parts.headers.contains_key("x-forwarded-host")
+    if !parts.headers.contains_key(&names::X_FORWARDED_HOST)
         && let Some(host) = original_host.or_else(|| {
             parts
                 .uri
@@ -884,13 +900,14 @@ async fn route_and_forward(
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         })
     {
-        parts.headers.insert("x-forwarded-host", host);
+        parts.headers.insert(names::X_FORWARDED_HOST.clone(), host);
     }
-    if !parts.headers.contains_key("x-forwarded-proto") {
+    if !parts.headers.contains_key(&names::X_FORWARDED_PROTO) {
         let proto = if tls { "https" } else { "http" };
-        parts
-            .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        parts.headers.insert(
+            names::X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(proto),
+        );
     }
     if client_upgrade.is_some() {
         parts

@@ -49,7 +49,10 @@ pub fn init_tracing(format: LogFormat) -> LogGuard {
         // Block-buffered: the writer thread flushes whenever its queue runs empty, so a
         // line waits for nothing but the lines queued with it, and a busy gateway makes
         // one `write` per batch instead of one per line (stdout alone is line-buffered).
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(writer)

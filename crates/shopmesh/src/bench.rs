@@ -102,45 +102,47 @@ fn bare_proxy(a: BareProxyArgs) -> anyhow::Result<()> {
         socket.set_reuseaddr(true)?;
         socket.bind(a.listen)?;
         let listener = socket.listen(4096)?.into_std()?;
-        threads.push(std::thread::Builder::new().name(format!("bare-{i}")).spawn(
-            move || -> anyhow::Result<()> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    let client: Client<_, hyper::body::Incoming> =
-                        Client::builder(TokioExecutor::new()).build_http();
-                    loop {
-                        let (stream, _) = listener.accept().await?;
-                        let _ = stream.set_nodelay(true);
-                        let client = client.clone();
-                        tokio::spawn(async move {
-                            let service = hyper::service::service_fn(
-                                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                                    let client = client.clone();
-                                    async move {
-                                        let path = req
-                                            .uri()
-                                            .path_and_query()
-                                            .map(|p| p.as_str())
-                                            .unwrap_or("/");
-                                        *req.uri_mut() =
-                                            format!("http://{upstream}{path}").parse()?;
-                                        anyhow::Ok(client.request(req).await?)
-                                    }
-                                },
-                            );
-                            let _ = hyper_util::server::conn::auto::Builder::new(
-                                TokioExecutor::new(),
-                            )
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                        });
-                    }
-                })
-            },
-        )?);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("bare-{i}"))
+                .spawn(move || -> anyhow::Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        let client: Client<_, hyper::body::Incoming> =
+                            Client::builder(TokioExecutor::new()).build_http();
+                        loop {
+                            let (stream, _) = listener.accept().await?;
+                            let _ = stream.set_nodelay(true);
+                            let client = client.clone();
+                            tokio::spawn(async move {
+                                let service = hyper::service::service_fn(
+                                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                                        let client = client.clone();
+                                        async move {
+                                            let path = req
+                                                .uri()
+                                                .path_and_query()
+                                                .map(|p| p.as_str())
+                                                .unwrap_or("/");
+                                            *req.uri_mut() =
+                                                format!("http://{upstream}{path}").parse()?;
+                                            anyhow::Ok(client.request(req).await?)
+                                        }
+                                    },
+                                );
+                                let _ = hyper_util::server::conn::auto::Builder::new(
+                                    TokioExecutor::new(),
+                                )
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                            });
+                        }
+                    })
+                })?,
+        );
     }
     println!("bare proxy ready");
     for t in threads {
