@@ -165,10 +165,42 @@ async fn create_order(
     let shipping_text = shipping_address.as_ref().map(|a| a.to_string());
 
     let ids: Vec<&str> = o.items.iter().map(|i| i.product_id.as_str()).collect();
-    let prices: PriceList = s
-        .pricing
-        .get_json(&format!("/api/prices?ids={}", encode_ids(&ids)), &rid)
-        .await?;
+    // The prices and the means of payment are independent: both calls go out at once (an
+    // order refused for its items may leave the card vaulted, as a vault call alone would).
+    let prices_path = format!("/api/prices?ids={}", encode_ids(&ids));
+    let prices = s.pricing.get_json::<PriceList>(&prices_path, &rid);
+    let method = async {
+        match (&o.card, &o.payment_method) {
+            (Some(card), _) => s
+                .payments
+                .post_json::<_, VaultedCard>(
+                    "/api/payment-methods",
+                    &serde_json::json!({ "card": card.replace(' ', "") }),
+                    &caller,
+                    &rid,
+                )
+                .await
+                .map_err(Problem::from),
+            (None, Some(pm)) => s
+                .payments
+                .get_json_as::<VaultedCard>(
+                    &format!("/api/payment-methods/{}", encode_ids(&[pm.as_str()])),
+                    &caller,
+                    &rid,
+                )
+                .await
+                .map_err(|e| match e {
+                    CallError::NotFound(_) => Problem::validation(vec![FieldError::new(
+                        "payment_method",
+                        "no such payment method of yours",
+                    )]),
+                    other => other.into(),
+                }),
+            (None, None) => Err(Problem::unprocessable("no means of payment")),
+        }
+    };
+    let (prices, method) = tokio::join!(prices, method);
+    let prices = prices?;
     let prices: HashMap<&str, _> = prices
         .items
         .iter()
@@ -209,35 +241,8 @@ async fn create_order(
             line_total_minor: line,
         });
     }
-    // The card goes to the payments vault now; from here on only its id travels.
-    let method: VaultedCard = match (&o.card, &o.payment_method) {
-        (Some(card), _) => {
-            s.payments
-                .post_json(
-                    "/api/payment-methods",
-                    &serde_json::json!({ "card": card.replace(' ', "") }),
-                    &caller,
-                    &rid,
-                )
-                .await?
-        }
-        (None, Some(pm)) => s
-            .payments
-            .get_json_as(
-                &format!("/api/payment-methods/{}", encode_ids(&[pm.as_str()])),
-                &caller,
-                &rid,
-            )
-            .await
-            .map_err(|e| match e {
-                CallError::NotFound(_) => Problem::validation(vec![FieldError::new(
-                    "payment_method",
-                    "no such payment method of yours",
-                )]),
-                other => other.into(),
-            })?,
-        (None, None) => return Err(Problem::unprocessable("no means of payment")),
-    };
+    // The card went to the payments vault; from here on only its id travels.
+    let method: VaultedCard = method?;
     let id = uuid::Uuid::now_v7().to_string();
     let placed = OrderPlaced {
         order_id: id.clone(),
