@@ -392,7 +392,7 @@ mod tests {
     #[tokio::test]
     async fn consistent_hash_sticks_and_moves_only_the_lost_keys() {
         let c = cluster(LoadBalancer::ConsistentHash, 4);
-        let before: Vec<String> = (0..200)
+        let before: Vec<Arc<str>> = (0..200)
             .map(|k| {
                 c.pick(Some(format!("user-{k}").as_bytes()), None)
                     .unwrap()
@@ -401,7 +401,7 @@ mod tests {
                     .clone()
             })
             .collect();
-        let again: Vec<String> = (0..200)
+        let again: Vec<Arc<str>> = (0..200)
             .map(|k| {
                 c.pick(Some(format!("user-{k}").as_bytes()), None)
                     .unwrap()
