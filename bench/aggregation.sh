@@ -137,7 +137,8 @@ printf "  %-40s p50 %8s ms   p99 %8s ms   4 client round trips per page\n" "four
 echo "  speedup ${SPEEDUP}x, 3 client round trips saved per page"
 
 # --- 2. Throughput and CPU ------------------------------------------------------------
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$GWPID/stat"; }
+ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TIMEFORMAT='%U %S'   # bash's `time`: the load generator's own CPU
 TICK=$(getconf CLK_TCK)
 # Every request asks for a random product id (of 100,000), so that identical concurrent
 # part calls (which the gateway coalesces into one) are rare: this measures aggregation,
@@ -149,14 +150,12 @@ request = function()
   return wrk.format("GET", prefix .. math.random(1, ids))
 end
 EOF
-ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run_wrk() { # $1: label, $2: path prefix, $3: how many ids (one is appended at random) → prints a line, sets RPS, GW_US, BE_US, WRK_US
   local before after reqs be_before be_after wrk_cpu
-  before=$(cpu_ticks)
+  before=$(ticks_of "$GWPID")
   be_before=$(ticks_of "$FASTPID")
-  TIMEFORMAT='%U %S'
   { time PREFIX=$2 IDS=$3 wrk -t1 -c64 -d"${DURATION}s" --latency -s "$WORK/ids.lua" "http://$GW" >"$WORK/wrk.out"; } 2>"$WORK/wrk.time"
-  after=$(cpu_ticks)
+  after=$(ticks_of "$GWPID")
   be_after=$(ticks_of "$FASTPID")
   wrk_cpu=$(awk '{print $1 + $2}' "$WORK/wrk.time")
   RPS=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$WORK/wrk.out")

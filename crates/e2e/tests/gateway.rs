@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use harness::{Gw, Upstream, body, sha256_hex};
+use harness::{Gw, Upstream, body, proxy_config, sha256_hex};
 use serde_json::{Value, json};
 use shopmesh_gateway::server::Standalone;
 use tokio::net::TcpListener;
@@ -687,18 +687,7 @@ routes:
 async fn reload_applies_a_valid_file_and_keeps_serving_on_an_invalid_one() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let conf = |up: &Upstream| {
-        format!(
-            r#"
-clusters:
-  - {{ name: c, endpoints: ["{}"] }}
-routes:
-  - {{ name: r, match: {{ prefix: / }}, cluster: c }}
-"#,
-            up.url()
-        )
-    };
-    let gw = Gw::start(&conf(&a)).await;
+    let gw = Gw::start(&proxy_config(&a)).await;
     assert_eq!(body(gw.get("/x").await).await["upstream"], "a");
     let v1 = gw.version().await;
 
@@ -731,7 +720,7 @@ routes:
 
     for round in 0..6 {
         let next = if round % 2 == 0 { &b } else { &a };
-        gw.rewrite(&conf(next));
+        gw.rewrite(&proxy_config(next));
         gw.wait_version(v1 + round + 1).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
@@ -782,7 +771,7 @@ routes:
         .await
         .unwrap();
     assert_eq!(res.status(), 422);
-    gw.rewrite(&conf(&b));
+    gw.rewrite(&proxy_config(&b));
     gw.wait_version(before + 1).await;
     assert_eq!(body(gw.get("/x").await).await["upstream"], "b");
     gw.stop().await;
@@ -792,19 +781,13 @@ routes:
 async fn in_flight_requests_finish_on_the_old_configuration() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let conf = |up: &Upstream| {
-        format!(
-            "clusters:\n  - {{ name: c, endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: r, match: {{ prefix: / }}, cluster: c }}\n",
-            up.url()
-        )
-    };
-    let gw = Gw::start(&conf(&a)).await;
+    let gw = Gw::start(&proxy_config(&a)).await;
     let slow = tokio::spawn({
         let (http, base) = (gw.http.clone(), gw.base.clone());
         async move { http.get(format!("{base}/slow")).send().await.unwrap() }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    gw.rewrite(&conf(&b));
+    gw.rewrite(&proxy_config(&b));
     gw.wait_version(2).await;
     let res = slow.await.unwrap();
     assert_eq!(res.status(), 200);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{Request, State};
 use futures::StreamExt;
-use harness::{Gw, Upstream, body, sha256_hex};
+use harness::{Gw, Upstream, body, proxy_config, sha256_hex};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -159,16 +159,7 @@ async fn rules_win_over_weights_and_the_first_matching_rule_wins() {
 #[tokio::test]
 async fn a_client_cannot_name_its_variant_or_pass_for_a_shadow_copy() {
     let up = Upstream::start("up").await;
-    let gw = Gw::start(&format!(
-        r#"
-clusters:
-  - {{ name: up, endpoints: ["{}"] }}
-routes:
-  - {{ name: plain, match: {{ prefix: / }}, cluster: up }}
-"#,
-        up.url()
-    ))
-    .await;
+    let gw = Gw::start(&proxy_config(&up)).await;
     let res = gw
         .http
         .get(format!("{}/x", gw.base))

@@ -316,7 +316,8 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     req.headers_mut()
         .insert(names::REQUEST_ID.clone(), rid.clone());
     let method = req.method().clone();
-    let raw_path = req.uri().path().to_owned();
+    // The path as the client sent it, for the span and the access log (a shared copy).
+    let uri = req.uri().clone();
     // Exported when OpenTelemetry is on (a child of the client's `traceparent`); otherwise
     // not made at all (the registry would still track it): the access log carries the
     // request's fields.
@@ -326,11 +327,11 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         tracing::info_span!(
         target: shopmesh_platform::otel::SPAN_TARGET,
         "gateway",
-        otel.name = %format_args!("{method} {raw_path}"),
+        otel.name = %format_args!("{method} {}", uri.path()),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         http.request.method = %method,
-        url.path = %raw_path,
+        url.path = %uri.path(),
         request_id = rid.to_str().unwrap_or(""),
         http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
@@ -380,7 +381,7 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
             target: "shopmesh::access",
             client = %client_ip.map(|i| i.to_string()).unwrap_or_default(),
             method = %method,
-            path = %raw_path,
+            path = %uri.path(),
             status,
             route = &*outcome.route,
             variant = outcome.variant.as_deref().unwrap_or(""),

@@ -94,7 +94,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 fn bare_proxy(a: BareProxyArgs) -> anyhow::Result<()> {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let upstream = a.upstream;
+    let upstream: hyper::http::uri::Authority = a.upstream.to_string().parse()?;
     let mut threads = Vec::new();
     for i in 0..a.workers.max(1) {
         let socket = tokio::net::TcpSocket::new_v4()?;
@@ -102,6 +102,7 @@ fn bare_proxy(a: BareProxyArgs) -> anyhow::Result<()> {
         socket.set_reuseaddr(true)?;
         socket.bind(a.listen)?;
         let listener = socket.listen(4096)?.into_std()?;
+        let upstream = upstream.clone();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("bare-{i}"))
@@ -116,19 +117,21 @@ fn bare_proxy(a: BareProxyArgs) -> anyhow::Result<()> {
                         loop {
                             let (stream, _) = listener.accept().await?;
                             let _ = stream.set_nodelay(true);
-                            let client = client.clone();
+                            let (client, upstream) = (client.clone(), upstream.clone());
                             tokio::spawn(async move {
                                 let service = hyper::service::service_fn(
                                     move |mut req: hyper::Request<hyper::body::Incoming>| {
-                                        let client = client.clone();
+                                        let (client, upstream) = (client.clone(), upstream.clone());
                                         async move {
-                                            let path = req
-                                                .uri()
-                                                .path_and_query()
-                                                .map(|p| p.as_str())
-                                                .unwrap_or("/");
-                                            *req.uri_mut() =
-                                                format!("http://{upstream}{path}").parse()?;
+                                            // As the gateway does: the parts, no parsing.
+                                            let path = req.uri().path_and_query().cloned();
+                                            *req.uri_mut() = hyper::Uri::builder()
+                                                .scheme("http")
+                                                .authority(upstream)
+                                                .path_and_query(path.unwrap_or_else(|| {
+                                                    hyper::http::uri::PathAndQuery::from_static("/")
+                                                }))
+                                                .build()?;
                                             anyhow::Ok(client.request(req).await?)
                                         }
                                     },

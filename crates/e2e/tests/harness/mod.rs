@@ -29,6 +29,19 @@ pub struct Seen {
     pub shadow: bool,
 }
 
+/// A gateway config that sends every request to `up`.
+pub fn proxy_config(up: &Upstream) -> String {
+    format!(
+        r#"
+clusters:
+  - {{ name: up, endpoints: ["{}"] }}
+routes:
+  - {{ name: all, match: {{ prefix: / }}, cluster: up }}
+"#,
+        up.url()
+    )
+}
+
 /// A real HTTP upstream that records what reaches it.
 #[derive(Clone)]
 pub struct Upstream {
