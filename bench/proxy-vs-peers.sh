@@ -5,7 +5,9 @@
 # shopmesh gateway runs its full chain: routing, JWT (EdDSA) verification, a per-user rate
 # limit, Prometheus metrics and a JSON access log written to a file. nginx (2 workers,
 # upstream keepalive) and HAProxy (2 threads, connection reuse) proxy the same upstream with
-# logging off. Each is driven by the same `wrk -t1 -c64` load.
+# logging off. Each is driven by the same `wrk -t1 -c64` load. Two more lines take the
+# gateway's cost apart: its HTTP stack alone (`shopmesh bench bare-proxy`, the floor) and the
+# gateway with its chain off (one route, no JWT, no limit, no access log).
 #
 # Also: the gateway's RSS while 1,000 clients hold connections open under load, the
 # latency it adds over a direct call at a fixed 1,000 req/s (hey), HTTP/2 over TLS against
@@ -44,6 +46,7 @@ HAP=127.0.0.1:18183
 NGX_TLS=127.0.0.1:18184
 GW_TLS=127.0.0.1:18185
 BARE=127.0.0.1:18187
+GW_MIN=127.0.0.1:18188
 
 # 1. A signing key, its JWKS, and one token (EdDSA), made with openssl.
 b64url() { basenc --base64url -w0 | tr -d '='; }
@@ -166,6 +169,21 @@ CONF
 SHOPMESH_LOG_FORMAT=json "$BIN" gateway --config "$WORK/gateway.yaml" >"$WORK/gateway.log" 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
+# 5b. The same gateway with its chain off (one route, no JWT, no rate limit, no access log;
+# metrics stay, they cannot be turned off), so the chain's cost and the core's are apart.
+cat >"$WORK/gateway-bare.yaml" <<CONF
+listen: $GW_MIN
+admin: { listen: 127.0.0.1:18189 }
+clusters:
+  - name: up
+    endpoints: ["http://$UP"]
+routes:
+  - name: bench
+    match: { prefix: / }
+    cluster: up
+CONF
+"$BIN" gateway --config "$WORK/gateway-bare.yaml" >"$WORK/gateway-bare.log" 2>&1 &
+PIDS+=("$!")
 # The same gateway behind TLS, for the HTTP/2 comparison (started after the first runs).
 sed -e "s|^listen: .*|listen: $GW_TLS\ntls: { cert_file: $WORK/tls.pem, key_file: $WORK/tls.key }|" \
   -e "s|^admin: .*|admin: { listen: 127.0.0.1:18186 }|" "$WORK/gateway.yaml" >"$WORK/gateway-tls.yaml"
@@ -175,6 +193,7 @@ wait_up "http://$UP/"
 wait_up "http://$NGX/"
 wait_up "http://$HAP/"
 wait_up "http://$BARE/"
+wait_up "http://$GW_MIN/"
 wait_up -H "Authorization: Bearer $TOKEN" "http://$GW/"
 # The chain is really on: no token → 401.
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$GW/")" = 401 ] || { echo "gateway does not enforce JWT"; exit 1; }
@@ -182,10 +201,11 @@ wait_up -H "Authorization: Bearer $TOKEN" "http://$GW/"
 to_ms() { # wrk latency value (e.g. 812.00us, 1.23ms, 1.02s) → ms
   awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
 }
-run_wrk() { # name url → "rps p50 p99"
-  local name=$1 url=$2 out
-  wrk -t1 -c"$CONNS" -d2s -H "Authorization: Bearer $TOKEN" "$url" >/dev/null # warm-up
-  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Authorization: Bearer $TOKEN" "$url")
+run_wrk() { # name url [noauth] → "rps p50 p99"
+  local name=$1 url=$2 out auth=(-H "Authorization: Bearer $TOKEN")
+  [ "${3:-}" = noauth ] && auth=()
+  wrk -t1 -c"$CONNS" -d2s "${auth[@]}" "$url" >/dev/null # warm-up
+  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${auth[@]}" "$url")
   local rps p50 p99 errors
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
   p50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
@@ -220,10 +240,13 @@ read -r N_RPS N_P50 N_P99 < <(run_wrk nginx "http://$NGX/")
 read -r H_RPS H_P50 H_P99 < <(run_wrk haproxy "http://$HAP/")
 read -r G_RPS G_P50 G_P99 < <(run_wrk gateway "http://$GW/")
 read -r B_RPS B_P50 B_P99 < <(run_wrk bare "http://$BARE/")
+read -r M0_RPS M0_P50 M0_P99 < <(run_wrk gateway-min "http://$GW_MIN/" noauth)
 printf 'proxy: %-8s %7d req/s p50=%sms p99=%sms\n' direct "$D_RPS" "$D_P50" "$D_P99" \
   nginx "$N_RPS" "$N_P50" "$N_P99" haproxy "$H_RPS" "$H_P50" "$H_P99" gateway "$G_RPS" "$G_P50" "$G_P99"
 printf 'floor: hyper+tokio forwarding alone (bench bare-proxy) %d req/s p50=%sms p99=%sms; gateway/floor rps=%.2f, floor/nginx rps=%.2f\n' \
   "$B_RPS" "$B_P50" "$B_P99" "$(echo "$G_RPS/$B_RPS" | bc -l)" "$(echo "$B_RPS/$N_RPS" | bc -l)"
+printf 'chain: gateway with the chain off (routing, metrics) %d req/s p50=%sms p99=%sms; core/floor rps=%.2f, full chain/chain off rps=%.2f\n' \
+  "$M0_RPS" "$M0_P50" "$M0_P99" "$(echo "$M0_RPS/$B_RPS" | bc -l)" "$(echo "$G_RPS/$M0_RPS" | bc -l)"
 
 # 6b. RSS with 1,000 connections all sending at once (wrk -c1000), after the runs above.
 wrk -t1 -c1000 -d6s -H "Authorization: Bearer $TOKEN" "http://$GW/" >"$WORK/wrk1000.txt" &

@@ -24,6 +24,7 @@ pub mod breaker;
 pub mod cluster;
 pub mod config;
 pub mod jwt;
+mod observe;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

@@ -367,15 +367,16 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
         span.record("otel.status_code", "ERROR");
     }
     let elapsed = start.elapsed();
-    let label = |v: &Option<Arc<str>>| match v {
-        Some(v) => metrics::SharedString::from(v.clone()),
-        None => metrics::SharedString::const_str(""),
-    };
-    let variant = label(&outcome.variant);
-    metrics::counter!("gateway_requests_total", "route" => outcome.route.clone(), "variant" => variant.clone(), "cluster" => label(&outcome.cluster), "endpoint" => label(&outcome.endpoint), "status" => status_label(status))
-        .increment(1);
-    metrics::histogram!("gateway_request_duration_seconds", "route" => outcome.route.clone(), "variant" => variant)
-        .record(elapsed.as_secs_f64());
+    rt.request_metrics.record(
+        &crate::observe::Labels {
+            route: &outcome.route,
+            variant: outcome.variant.as_ref(),
+            cluster: outcome.cluster.as_ref(),
+            endpoint: outcome.endpoint.as_ref(),
+            status,
+        },
+        elapsed.as_secs_f64(),
+    );
     if rt.config.access_log {
         tracing::info!(
             target: "shopmesh::access",
@@ -469,34 +470,6 @@ mod names {
     pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
     pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-}
-
-/// The `status` label without an allocation for the statuses a gateway gives most.
-fn status_label(status: u16) -> metrics::SharedString {
-    let s = match status {
-        200 => "200",
-        201 => "201",
-        202 => "202",
-        204 => "204",
-        206 => "206",
-        301 => "301",
-        302 => "302",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        409 => "409",
-        413 => "413",
-        422 => "422",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        other => return metrics::SharedString::from(other.to_string()),
-    };
-    metrics::SharedString::const_str(s)
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -665,7 +638,7 @@ async fn route_and_forward(
         Ok(p) => p,
         Err(e) => {
             return (
-                Outcome::new("unmatched".into()),
+                Outcome::new(rt.unmatched.clone()),
                 problem(Problem::bad_request(e.to_string())),
             );
         }
@@ -685,7 +658,7 @@ async fn route_and_forward(
             .map(|params| (r, params))
     }) else {
         return (
-            Outcome::new("unmatched".into()),
+            Outcome::new(rt.unmatched.clone()),
             problem(Problem::not_found("no route matches this request")),
         );
     };

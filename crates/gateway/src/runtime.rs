@@ -97,6 +97,10 @@ pub struct Runtime {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Stops this generation's health checks and housekeeping.
     pub stop: CancellationToken,
+    /// The `route` label of requests no route matched (one allocation, so that its metric
+    /// handles are found by identity like every route's).
+    pub unmatched: Arc<str>,
+    pub(crate) request_metrics: crate::observe::RequestMetrics,
 }
 
 impl Drop for Runtime {
@@ -282,6 +286,8 @@ impl Runtime {
             redis,
             tls,
             stop: CancellationToken::new(),
+            unmatched: "unmatched".into(),
+            request_metrics: Default::default(),
             config: cfg,
         })
     }
