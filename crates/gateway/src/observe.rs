@@ -208,8 +208,9 @@ mod tests {
             ]
         );
         assert!(
-            series(&text, "gateway_request_duration_seconds_count")
-                .contains(&r#"gateway_request_duration_seconds_count{route="r",variant=""} 6"#.to_owned()),
+            series(&text, "gateway_request_duration_seconds_count").contains(
+                &r#"gateway_request_duration_seconds_count{route="r",variant=""} 6"#.to_owned()
+            ),
             "{text}"
         );
     }

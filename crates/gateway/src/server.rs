@@ -189,13 +189,20 @@ pub async fn serve(
         tokio::spawn(async move {
             match tls {
                 None => serve_io(&builder, watcher, TokioIo::new(stream), svc).await,
+                // Boxed: a TLS session is large, and an unboxed branch would make every
+                // plain connection's task as big as a TLS one's.
                 Some(acceptor) => {
-                    // The handshake is part of the request head: the same time limit.
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_io(&builder, watcher, TokioIo::new(tls), svc).await,
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    }
+                    Box::pin(async move {
+                        // The handshake is part of the request head: the same time limit.
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => {
+                                serve_io(&builder, watcher, TokioIo::new(tls), svc).await
+                            }
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        }
+                    })
+                    .await
                 }
             }
         });
