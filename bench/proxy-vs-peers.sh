@@ -7,7 +7,8 @@
 # upstream keepalive) and HAProxy (2 threads, connection reuse) proxy the same upstream with
 # logging off. Each is driven by the same `wrk -t1 -c64` load. Two more lines take the
 # gateway's cost apart: its HTTP stack alone (`shopmesh bench bare-proxy`, the floor) and the
-# gateway with its chain off (one route, no JWT, no limit, no access log).
+# gateway with its chain off (one route, no JWT, no limit, no access log). And nginx with
+# the part of the chain it has (a JSON access log and limit_req; no JWT).
 #
 # Also: the gateway's RSS while 1,000 clients hold connections open under load, the
 # latency it adds over a direct call at a fixed 1,000 req/s (hey), HTTP/2 over TLS against
@@ -47,6 +48,7 @@ NGX_TLS=127.0.0.1:18184
 GW_TLS=127.0.0.1:18185
 BARE=127.0.0.1:18187
 GW_MIN=127.0.0.1:18188
+NGX_LOG=127.0.0.1:18192
 
 # 1. A signing key, its JWKS, and one token (EdDSA), made with openssl.
 b64url() { basenc --base64url -w0 | tr -d '='; }
@@ -95,6 +97,20 @@ http {
   server {
     listen $NGX;
     location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+  # nginx with what of the gateway's chain it has without modules: a JSON access log to a
+  # file and a request limit per caller (it has no JWT verification).
+  log_format json escape=json '{"time":"\$time_iso8601","client":"\$remote_addr","method":"\$request_method","path":"\$uri","status":\$status,"duration_ms":\$request_time,"upstream":"\$upstream_addr","request_id":"\$request_id"}';
+  limit_req_zone \$http_authorization zone=callers:10m rate=100000000r/s;
+  server {
+    listen $NGX_LOG;
+    access_log $WORK/nginx-access.log json;
+    location / {
+      limit_req zone=callers burst=100000000 nodelay;
       proxy_pass http://up;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
@@ -191,6 +207,7 @@ sed -e "s|^listen: .*|listen: $GW_TLS\ntls: { cert_file: $WORK/tls.pem, key_file
 wait_up() { for _ in $(seq 1 200); do curl -fs -o /dev/null "$@" && return 0; sleep 0.05; done; echo "not up: $*"; tail -5 "$WORK/gateway.log"; curl -s "$@"; exit 1; }
 wait_up "http://$UP/"
 wait_up "http://$NGX/"
+wait_up "http://$NGX_LOG/"
 wait_up "http://$HAP/"
 wait_up "http://$BARE/"
 wait_up "http://$GW_MIN/"
@@ -237,6 +254,7 @@ wait $IDLE_PID
 echo "wrk -t1 -c$CONNS -d${DURATION}s, 2 cores shared by load generator, proxy and upstream"
 read -r D_RPS D_P50 D_P99 < <(run_wrk direct "http://$UP/")
 read -r N_RPS N_P50 N_P99 < <(run_wrk nginx "http://$NGX/")
+read -r NL_RPS NL_P50 NL_P99 < <(run_wrk nginx-log "http://$NGX_LOG/")
 read -r H_RPS H_P50 H_P99 < <(run_wrk haproxy "http://$HAP/")
 read -r G_RPS G_P50 G_P99 < <(run_wrk gateway "http://$GW/")
 read -r B_RPS B_P50 B_P99 < <(run_wrk bare "http://$BARE/")
@@ -245,6 +263,8 @@ printf 'proxy: %-8s %7d req/s p50=%sms p99=%sms\n' direct "$D_RPS" "$D_P50" "$D_
   nginx "$N_RPS" "$N_P50" "$N_P99" haproxy "$H_RPS" "$H_P50" "$H_P99" gateway "$G_RPS" "$G_P50" "$G_P99"
 printf 'floor: hyper+tokio forwarding alone (bench bare-proxy) %d req/s p50=%sms p99=%sms; gateway/floor rps=%.2f, floor/nginx rps=%.2f\n' \
   "$B_RPS" "$B_P50" "$B_P99" "$(echo "$G_RPS/$B_RPS" | bc -l)" "$(echo "$B_RPS/$N_RPS" | bc -l)"
+printf 'chain: nginx with a JSON access log and a per-caller limit_req %d req/s p50=%sms p99=%sms (%.2f of plain nginx); gateway/that nginx rps=%.2f\n' \
+  "$NL_RPS" "$NL_P50" "$NL_P99" "$(echo "$NL_RPS/$N_RPS" | bc -l)" "$(echo "$G_RPS/$NL_RPS" | bc -l)"
 printf 'chain: gateway with the chain off (routing, metrics) %d req/s p50=%sms p99=%sms; core/floor rps=%.2f, full chain/chain off rps=%.2f\n' \
   "$M0_RPS" "$M0_P50" "$M0_P99" "$(echo "$M0_RPS/$B_RPS" | bc -l)" "$(echo "$G_RPS/$M0_RPS" | bc -l)"
 
