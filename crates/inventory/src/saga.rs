@@ -18,31 +18,25 @@ fn permanent(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::Permanent(e.to_string())
 }
 
-async fn reservation(
+/// Moves the order's reservation from `RESERVED` to `to` and returns its lines; `None` when
+/// there is no reservation in that state (already committed or released: nothing to do).
+async fn settle(
     tx: &mut Transaction<'static, Any>,
     order_id: &str,
-) -> Result<Option<(String, Vec<Line>)>, HandlerError> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT status, items FROM reservations WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-    row.map(|(s, items)| Ok((s, serde_json::from_str(&items).map_err(permanent)?)))
+    to: &str,
+) -> Result<Option<Vec<Line>>, HandlerError> {
+    let items: Option<String> = sqlx::query_scalar(
+        "UPDATE reservations SET status = $1, updated_at = $2 \
+         WHERE order_id = $3 AND status = 'RESERVED' RETURNING items",
+    )
+    .bind(to)
+    .bind(shopmesh_platform::now_millis())
+    .bind(order_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    items
+        .map(|items| serde_json::from_str(&items).map_err(permanent))
         .transpose()
-}
-
-async fn set_status(
-    tx: &mut Transaction<'static, Any>,
-    order_id: &str,
-    status: &str,
-) -> Result<(), HandlerError> {
-    sqlx::query("UPDATE reservations SET status = $1, updated_at = $2 WHERE order_id = $3")
-        .bind(status)
-        .bind(shopmesh_platform::now_millis())
-        .bind(order_id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 async fn reply<E: Event>(
@@ -111,7 +105,11 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
             .execute(&mut **tx)
             .await?;
     }
-    set_status(tx, &ev.order_id, "REJECTED").await?;
+    sqlx::query("UPDATE reservations SET status = 'REJECTED', updated_at = $1 WHERE order_id = $2")
+        .bind(now)
+        .bind(&ev.order_id)
+        .execute(&mut **tx)
+        .await?;
     let r = StockRejected {
         order_id: ev.order_id.clone(),
         reason: "out_of_stock".into(),
@@ -121,12 +119,9 @@ async fn placed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<()
 
 async fn confirmed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
     let ev: OrderConfirmed = env.decode().map_err(permanent)?;
-    let Some((status, items)) = reservation(tx, &ev.order_id).await? else {
+    let Some(items) = settle(tx, &ev.order_id, "COMMITTED").await? else {
         return Ok(());
     };
-    if status != "RESERVED" {
-        return Ok(());
-    }
     for line in &items {
         sqlx::query(
             "UPDATE stock SET on_hand = on_hand - $1, reserved = reserved - $1, updated_at = $2 \
@@ -138,14 +133,15 @@ async fn confirmed(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result
         .execute(&mut **tx)
         .await?;
     }
-    set_status(tx, &ev.order_id, "COMMITTED").await
+    Ok(())
 }
 
 async fn cancelled(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result<(), HandlerError> {
     let ev: OrderCancelled = env.decode().map_err(permanent)?;
-    let Some((status, items)) = reservation(tx, &ev.order_id).await? else {
+    let Some(items) = settle(tx, &ev.order_id, "RELEASED").await? else {
         // Cancelled before we reserved (e.g. timed out while `OrderPlaced` sat in the dead
-        // letters): leave a marker so that a late `OrderPlaced` reserves nothing.
+        // letters): leave a marker so that a late `OrderPlaced` reserves nothing. (A
+        // reservation already settled or rejected keeps its row: the insert does nothing.)
         sqlx::query(
             "INSERT INTO reservations (order_id, status, items, created_at, updated_at) \
              VALUES ($1, 'RELEASED', '[]', $2, $2) ON CONFLICT DO NOTHING",
@@ -156,9 +152,6 @@ async fn cancelled(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result
         .await?;
         return Ok(());
     };
-    if status != "RESERVED" {
-        return Ok(());
-    }
     for line in &items {
         sqlx::query(
             "UPDATE stock SET reserved = reserved - $1, updated_at = $2 WHERE product_id = $3",
@@ -169,7 +162,7 @@ async fn cancelled(tx: &mut Transaction<'static, Any>, env: &Envelope) -> Result
         .execute(&mut **tx)
         .await?;
     }
-    set_status(tx, &ev.order_id, "RELEASED").await
+    Ok(())
 }
 
 impl Handler for InventorySaga {

@@ -51,14 +51,6 @@ async fn placed(
 ) -> Result<(), HandlerError> {
     let ev: OrderPlaced = env.decode().map_err(permanent)?;
     let key = key(&ev.order_id);
-    let cancelled: Option<String> =
-        sqlx::query_scalar("SELECT order_id FROM saga_cancellations WHERE order_id = $1")
-            .bind(&ev.order_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-    if cancelled.is_some() {
-        return Ok(());
-    }
     // The order carries a vaulted payment method, never a card number.
     let method = vault
         .open_with(&mut **tx, &ev.user_id, &ev.payment_method)
@@ -86,8 +78,9 @@ async fn placed(
         ),
     };
     let id = uuid::Uuid::now_v7().to_string();
-    // A second attempt hits the (user, idempotency key) constraint and stops here.
-    let inserted = store::insert_new(
+    // A second attempt hits the (user, idempotency key) constraint and stops here; an order
+    // the saga already cancelled (a late `OrderPlaced`) inserts nothing either.
+    let inserted = store::insert_unless_cancelled(
         &mut **tx,
         &store::NewRecord {
             id: &id,

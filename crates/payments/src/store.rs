@@ -1,3 +1,5 @@
+use std::sync::LazyLock;
+
 use shopmesh_platform::db::Db;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -42,33 +44,57 @@ pub struct NewRecord<'a> {
     pub now: i64,
 }
 
+const INSERT: &str = "INSERT INTO payments (id, order_id, user_id, amount_minor, currency, \
+    card_brand, card_last4, status, decline_code, captured_minor, refunded_minor, \
+    idempotency_key, created_at, updated_at)";
+const VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, $10, $11, $11";
+const ON_CONFLICT: &str = "ON CONFLICT (user_id, idempotency_key) DO NOTHING";
+
 /// Inserts a payment unless `(user_id, idempotency_key)` already exists; returns whether it
 /// was inserted.
 pub async fn insert_new<'e, E>(ex: E, r: &NewRecord<'_>) -> Result<bool, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
-    sqlx::query(
-        "INSERT INTO payments (id, order_id, user_id, amount_minor, currency, card_brand, \
-         card_last4, status, decline_code, captured_minor, refunded_minor, idempotency_key, \
-         created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, $10, $11, $11) \
-         ON CONFLICT (user_id, idempotency_key) DO NOTHING",
-    )
-    .bind(r.id)
-    .bind(r.order_id)
-    .bind(r.user_id)
-    .bind(r.amount_minor)
-    .bind(r.currency)
-    .bind(r.card_brand)
-    .bind(r.card_last4)
-    .bind(r.status.as_str())
-    .bind(r.decline_code)
-    .bind(r.idempotency_key)
-    .bind(r.now)
-    .execute(ex)
-    .await
-    .map(|r| r.rows_affected() == 1)
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("{INSERT} VALUES ({VALUES}) {ON_CONFLICT}"));
+    insert(ex, &SQL, r).await
+}
+
+/// As [`insert_new`], and not at all when the saga has recorded the order as cancelled (a
+/// late `OrderPlaced` authorizes nothing): the check and the insert in one statement.
+pub async fn insert_unless_cancelled<'e, E>(ex: E, r: &NewRecord<'_>) -> Result<bool, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{INSERT} SELECT {VALUES} WHERE NOT EXISTS \
+             (SELECT 1 FROM saga_cancellations WHERE order_id = $2) {ON_CONFLICT}"
+        )
+    });
+    insert(ex, &SQL, r).await
+}
+
+async fn insert<'e, E>(ex: E, sql: &str, r: &NewRecord<'_>) -> Result<bool, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query(sql)
+        .bind(r.id)
+        .bind(r.order_id)
+        .bind(r.user_id)
+        .bind(r.amount_minor)
+        .bind(r.currency)
+        .bind(r.card_brand)
+        .bind(r.card_last4)
+        .bind(r.status.as_str())
+        .bind(r.decline_code)
+        .bind(r.idempotency_key)
+        .bind(r.now)
+        .execute(ex)
+        .await
+        .map(|r| r.rows_affected() == 1)
 }
 
 /// One of `user_id`'s payments.
