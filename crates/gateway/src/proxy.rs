@@ -239,26 +239,42 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// W3C trace context for the upstream hop: the client's trace continues (with this hop as
 /// the parent span), or a new trace starts. Returns the header and the trace id.
 fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
+    fn hex(s: &[u8]) -> bool {
+        s.iter().all(u8::is_ascii_hexdigit)
+    }
+    // `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, 55 bytes.
     let incoming = headers
         .get(&names::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let parts: Vec<&str> = v.split('-').collect();
-            let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-            (parts.len() == 4
-                && parts[0] == "00"
-                && hex(parts[1], 32)
-                && parts[1] != "00000000000000000000000000000000"
-                && hex(parts[2], 16)
-                && hex(parts[3], 2))
-            .then(|| (parts[1].to_ascii_lowercase(), parts[3].to_owned()))
+        .map(HeaderValue::as_bytes)
+        .filter(|v| {
+            v.len() == 55
+                && v.starts_with(b"00-")
+                && v[35] == b'-'
+                && v[52] == b'-'
+                && hex(&v[3..35])
+                && &v[3..35] != b"00000000000000000000000000000000"
+                && hex(&v[36..52])
+                && hex(&v[53..55])
         });
-    let (trace_id, flags) =
-        incoming.unwrap_or_else(|| (uuid::Uuid::new_v4().simple().to_string(), "01".to_owned()));
-    let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    let value = format!("00-{trace_id}-{span_id}-{flags}");
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match incoming {
+        Some(v) => {
+            value[3..35].copy_from_slice(&v[3..35]);
+            value[3..35].make_ascii_lowercase();
+            value[53..55].copy_from_slice(&v[53..55]);
+        }
+        None => {
+            uuid::Uuid::new_v4()
+                .simple()
+                .encode_lower(&mut value[3..35]);
+        }
+    }
+    let mut span_id = [0u8; 32];
+    uuid::Uuid::new_v4().simple().encode_lower(&mut span_id);
+    value[36..52].copy_from_slice(&span_id[..16]);
+    let trace_id = String::from_utf8_lossy(&value[3..35]).into_owned();
     (
-        HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("")),
+        HeaderValue::from_bytes(&value).unwrap_or_else(|_| HeaderValue::from_static("")),
         trace_id,
     )
 }
@@ -497,6 +513,10 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of nine removals.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -649,12 +669,11 @@ async fn route_and_forward(
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .map(str::to_owned);
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let matched = crate::router::match_path(&path);
     let Some((route, params)) = rt.routes.iter().find_map(|r| {
         r.matcher
-            .matches(req.method(), host.as_deref(), &matched, req.headers())
+            .matches(req.method(), host, &matched, req.headers())
             .map(|params| (r, params))
     }) else {
         return (
@@ -721,10 +740,12 @@ async fn route_and_forward(
         }
         None => {}
     }
-    if let Some(ip) = client_ip
-        && let Ok(v) = HeaderValue::from_str(&ip.to_string())
-    {
-        req.headers_mut().insert(names::CLIENT_IP.clone(), v);
+    // The client's address as a header value, made once (it is also the peer's, and so the
+    // whole `X-Forwarded-For`, whenever the peer is not a trusted proxy).
+    let client_ip_value = client_ip.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok());
+    if let Some(v) = &client_ip_value {
+        req.headers_mut()
+            .insert(names::CLIENT_IP.clone(), v.clone());
     }
 
     // 5. Rate limit.
@@ -814,15 +835,25 @@ async fn route_and_forward(
     } else {
         path
     };
-    let path_and_query = match req.uri().query() {
-        Some(q) => format!("{forwarded_path}?{q}"),
-        None => forwarded_path,
-    };
-    let Ok(path_and_query) = http::uri::PathAndQuery::try_from(path_and_query) else {
-        return (
-            outcome,
-            problem(Problem::bad_request("the request target is not valid")),
-        );
+    // Unchanged by normalising and rewriting (the usual case): the client's own, shared.
+    let unchanged = (forwarded_path == req.uri().path())
+        .then(|| req.uri().path_and_query().cloned())
+        .flatten();
+    let path_and_query = match unchanged {
+        Some(pq) => pq,
+        None => {
+            let target = match req.uri().query() {
+                Some(q) => format!("{forwarded_path}?{q}"),
+                None => forwarded_path,
+            };
+            let Ok(pq) = http::uri::PathAndQuery::try_from(target) else {
+                return (
+                    outcome,
+                    problem(Problem::bad_request("the request target is not valid")),
+                );
+            };
+            pq
+        }
     };
     // A WebSocket: the client's side of the tunnel, once the upstream agrees. Only where
     // the route allows it, and not to HTTP/2 upstreams.
@@ -858,11 +889,12 @@ async fn route_and_forward(
     }
     parts.headers.remove(&names::X_FORWARDED_FOR);
     if let Some(ip) = peer {
-        let xff = match prior_xff {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.to_string(),
+        let xff = match (prior_xff, &client_ip_value) {
+            (None, Some(v)) if client_ip == Some(ip) => Some(v.clone()),
+            (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
+            (None, _) => HeaderValue::from_str(&ip.to_string()).ok(),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        if let Some(v) = xff {
             parts.headers.insert(names::X_FORWARDED_FOR.clone(), v);
         }
     }
@@ -1189,6 +1221,29 @@ mod tests {
         assert!(!v.contains("00f067aa0ba902b7"));
         h.insert("traceparent", HeaderValue::from_static("garbage"));
         assert_ne!(traceparent(&h).1, "garbage");
+        // Upper-case hex is read (and the id lower-cased); the flags pass unchanged.
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-00"),
+        );
+        let (v, id) = traceparent(&h);
+        assert_eq!(id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(v.to_str().unwrap().ends_with("-00"));
+        // An all-zero trace id, another version, a bad length or a non-hex id: a new trace.
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+        ] {
+            h.insert("traceparent", HeaderValue::from_static(bad));
+            let (v, id) = traceparent(&h);
+            assert_ne!(id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+            assert_ne!(id, "00000000000000000000000000000000", "{bad}");
+            assert_eq!(v.len(), 55);
+            assert!(v.to_str().unwrap().ends_with("-01"), "{bad}");
+        }
     }
 
     #[test]
