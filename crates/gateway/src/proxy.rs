@@ -612,6 +612,25 @@ async fn authenticate(rt: &Runtime, req: &mut Request<Body>) -> Result<Option<Ca
     Ok(None)
 }
 
+/// The path and query sent upstream: `path` (normalised, maybe rewritten) and the client's
+/// query. When `path` is what the client sent (the usual case) the client's own target is
+/// reused, shared; but only when its text starts with that path: an absolute-form
+/// `http://host?q` has the path `/` and the text `?q`, which an HTTP/2 upstream refuses.
+fn upstream_target(uri: &Uri, path: String) -> Option<http::uri::PathAndQuery> {
+    if path == uri.path()
+        && let Some(pq) = uri
+            .path_and_query()
+            .filter(|pq| pq.as_str().starts_with('/'))
+    {
+        return Some(pq.clone());
+    }
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    http::uri::PathAndQuery::try_from(target).ok()
+}
+
 /// Methods a retry cannot turn into a second effect (RFC 9110 §9.2.2).
 fn idempotent(m: &http::Method) -> bool {
     matches!(
@@ -835,25 +854,11 @@ async fn route_and_forward(
     } else {
         path
     };
-    // Unchanged by normalising and rewriting (the usual case): the client's own, shared.
-    let unchanged = (forwarded_path == req.uri().path())
-        .then(|| req.uri().path_and_query().cloned())
-        .flatten();
-    let path_and_query = match unchanged {
-        Some(pq) => pq,
-        None => {
-            let target = match req.uri().query() {
-                Some(q) => format!("{forwarded_path}?{q}"),
-                None => forwarded_path,
-            };
-            let Ok(pq) = http::uri::PathAndQuery::try_from(target) else {
-                return (
-                    outcome,
-                    problem(Problem::bad_request("the request target is not valid")),
-                );
-            };
-            pq
-        }
+    let Some(path_and_query) = upstream_target(req.uri(), forwarded_path) else {
+        return (
+            outcome,
+            problem(Problem::bad_request("the request target is not valid")),
+        );
     };
     // A WebSocket: the client's side of the tunnel, once the upstream agrees. Only where
     // the route allows it, and not to HTTP/2 upstreams.
@@ -1244,6 +1249,29 @@ mod tests {
             assert_eq!(v.len(), 55);
             assert!(v.to_str().unwrap().ends_with("-01"), "{bad}");
         }
+    }
+
+    #[test]
+    fn upstream_target_reuses_the_clients_only_when_it_is_the_same() {
+        let t = |uri: &str, path: &str| {
+            upstream_target(&uri.parse().unwrap(), path.to_owned())
+                .unwrap()
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(t("/a/b?x=1", "/a/b"), "/a/b?x=1");
+        assert_eq!(t("/a/b?", "/a/b"), "/a/b?");
+        assert_eq!(t("/a/%7Eb?x=1", "/a/~b"), "/a/~b?x=1");
+        assert_eq!(t("/api/x?y", "/x"), "/x?y");
+        // Absolute form with a query and no path: the path is `/`, never the bare `?x=1`
+        // (which is what the parsed target's own text is).
+        let bare: Uri = "http://gw.example?x=1".parse().unwrap();
+        assert_eq!(
+            (bare.path(), bare.path_and_query().unwrap().as_str()),
+            ("/", "?x=1")
+        );
+        assert_eq!(t("http://gw.example?x=1", "/"), "/?x=1");
+        assert_eq!(t("http://gw.example", "/"), "/");
     }
 
     #[test]

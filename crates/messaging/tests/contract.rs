@@ -378,7 +378,6 @@ async fn competing_consumers_share_the_work(f: Fixture) {
     }
 }
 
-/// A handler that fails every message of key `bad`, and counts the others.
 /// Fails every message with the subject `bad`; records every other one as a row in the
 /// consumer's transaction (a counter outside it would also count the tries of a batch that
 /// was rolled back and run again).
