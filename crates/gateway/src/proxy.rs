@@ -472,9 +472,9 @@ pub(crate) fn problem(p: Problem) -> Response<Body> {
     res
 }
 
-/// Header names the proxy sets on every request, parsed once (a `&str` name is parsed and
-/// validated on every map operation).
-mod names {
+/// Header names the proxy and the composites set on every request, parsed once (a `&str`
+/// name is parsed and validated on every map operation).
+pub(crate) mod names {
     use http::HeaderName;
     pub static REQUEST_ID: HeaderName =
         HeaderName::from_static(shopmesh_platform::REQUEST_ID_HEADER);
@@ -518,17 +518,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // Headers named in `Connection` are hop-by-hop too.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
-        }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
     }
     for n in &HOP_BY_HOP {
         headers.remove(n);

@@ -67,6 +67,32 @@ pub fn worker_index() -> usize {
     WORKER.with(|w| w.get())
 }
 
+/// `n` listeners on one address with `SO_REUSEPORT` (the kernel spreads connections among
+/// them), one per worker thread. The first bind fixes the port when `addr` asks for any.
+pub fn reuseport_listeners(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let bind = |addr: std::net::SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)?.into_std()
+    };
+    let first = bind(addr)?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..n.max(1) {
+        listeners.push(bind(bound)?);
+    }
+    Ok(listeners)
+}
+
 /// Thread per core, as nginx and pingora do: `workers` OS threads, each with a
 /// single-threaded tokio runtime, its own `SO_REUSEPORT` listener on `addr` (the kernel
 /// spreads connections among them) and its own upstream connection pools, so a request
@@ -80,25 +106,8 @@ pub fn serve_workers(
     workers: usize,
 ) -> std::io::Result<(std::net::SocketAddr, std::thread::JoinHandle<()>)> {
     let workers = workers.clamp(1, MAX_WORKERS);
-    let bind = |addr: std::net::SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let socket = match addr {
-            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        socket.set_reuseaddr(true)?;
-        #[cfg(unix)]
-        socket.set_reuseport(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
-        listener.into_std()
-    };
-    // The first bind fixes the port (when `addr` asks for any port).
-    let first = bind(addr)?;
-    let bound = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..workers {
-        listeners.push(bind(bound)?);
-    }
+    let listeners = reuseport_listeners(addr, workers)?;
+    let bound = listeners[0].local_addr()?;
     let mut threads = Vec::with_capacity(workers);
     for (i, listener) in listeners.into_iter().enumerate() {
         let (gateway, shutdown) = (gateway.clone(), shutdown.clone());

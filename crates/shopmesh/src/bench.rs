@@ -96,12 +96,9 @@ fn bare_proxy(a: BareProxyArgs) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let upstream: hyper::http::uri::Authority = a.upstream.to_string().parse()?;
     let mut threads = Vec::new();
-    for i in 0..a.workers.max(1) {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.set_reuseport(true)?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(a.listen)?;
-        let listener = socket.listen(4096)?.into_std()?;
+    // Listening as the gateway's workers do.
+    let listeners = shopmesh_gateway::server::reuseport_listeners(a.listen, a.workers)?;
+    for (i, listener) in listeners.into_iter().enumerate() {
         let upstream = upstream.clone();
         threads.push(
             std::thread::Builder::new()

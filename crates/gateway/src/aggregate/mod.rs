@@ -28,7 +28,7 @@ use shopmesh_platform::Problem;
 
 use crate::cluster::Cluster;
 use crate::config::{AggregateConfig, PartConfig};
-use crate::proxy::{Body, empty};
+use crate::proxy::{Body, empty, names};
 use cache::{PartCache, Via};
 use template::{Context, Encoding, Template, Unresolved};
 
@@ -717,10 +717,10 @@ impl Composite {
                 what: "(caller id)".into(),
                 client: false,
             })?;
-            headers.insert(shopmesh_platform::USER_ID_HEADER, id);
+            headers.insert(names::USER_ID.clone(), id);
             let roles = c.roles.join(",");
             if let Ok(v) = HeaderValue::from_str(&roles) {
-                headers.insert(shopmesh_platform::USER_ROLES_HEADER, v);
+                headers.insert(names::USER_ROLES.clone(), v);
             }
             // Answers are kept per caller and per roles: a demoted caller does not see
             // what it saw as an admin.
@@ -729,9 +729,9 @@ impl Composite {
             key.push_str("\nroles:");
             key.push_str(&roles);
         }
-        for h in [shopmesh_platform::REQUEST_ID_HEADER, "traceparent"] {
+        for h in [&names::REQUEST_ID, &names::TRACEPARENT] {
             if let Some(v) = inc.headers.get(h) {
-                headers.insert(h, v.clone());
+                headers.insert(h.clone(), v.clone());
             }
         }
         Ok(PartRequest {
