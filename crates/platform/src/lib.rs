@@ -7,12 +7,15 @@
 //!   panic guard, 404/405 problems) and graceful serving;
 //! - [`identity`]: the caller identity the gateway vouches for;
 //! - [`telemetry`]: logs and the Prometheus recorder;
-//! - [`client`]: service-to-service HTTP that carries the request id.
+//! - [`client`]: service-to-service HTTP that carries the request id;
+//! - [`openapi`]: the conventions every service's OpenAPI document follows (problems,
+//!   the gateway identity, the statuses an operation's shape can answer).
 
 pub mod client;
 pub mod db;
 pub mod extract;
 pub mod identity;
+pub mod openapi;
 pub mod otel;
 pub mod problem;
 pub mod serve;

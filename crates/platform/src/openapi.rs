@@ -1,0 +1,362 @@
+//! The conventions every service's OpenAPI document follows, applied in one place (as
+//! [`problem`](crate::problem) is the one place errors are built): add
+//! `modifiers(&Conventions)` to a service's `#[openapi(...)]`.
+//!
+//! What [`Conventions`] does to a document:
+//!
+//! - adds the `Problem` (and `FieldError`) component schemas, the shape
+//!   [`Problem`](crate::Problem) serialises;
+//! - adds the `gatewayIdentity` security scheme: the identity headers the gateway sets
+//!   ([`identity`](crate::identity)). An operation that needs a caller says so with
+//!   `security(("gatewayIdentity" = []))`, one where a caller is optional with
+//!   `security((), ("gatewayIdentity" = []))`;
+//! - declares the path parameters a path template names but the operation does not (a
+//!   string, required, at least one character: an empty segment does not match the route);
+//! - adds the statuses an operation can answer by its shape, as the extractors of
+//!   [`extract`](crate::extract) and [`identity`](crate::identity) and the stack of
+//!   [`serve`](crate::serve) really answer them:
+//!   - a JSON body: 400 (malformed JSON, or a body that cannot be read), 413 (over the body
+//!     limit), 415 (not `application/json`), 422 (JSON of the wrong shape);
+//!   - query parameters: 400 (a query string that does not deserialize: unknown, repeated or
+//!     mistyped parameters);
+//!   - path parameters: 400 (a parameter that does not decode, e.g. invalid UTF-8);
+//!   - a required caller: 401 (no `x-shopmesh-user-id`);
+//!   - every operation: 500 (an internal failure or a panic: the problem says only to quote
+//!     the `x-request-id` response header), and 503 (the storage pool exhausted, or a
+//!     dependency unavailable) unless the operation is marked with [`NO_STORAGE`];
+//!
+//!   403, 404, 409, 412, 429, and 422 for values a handler validates, are the operation's own
+//!   and stay in its `#[utoipa::path]` annotation;
+//! - gives every 4xx/5xx response the `application/problem+json` content, schema `Problem`.
+
+use std::collections::BTreeSet;
+
+use utoipa::Modify;
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::openapi::{
+    Content, OpenApi, PathItem, Ref, RefOr, Required, Response, Schema, SchemaFormat,
+};
+
+use crate::{USER_ID_HEADER, USER_ROLES_HEADER};
+
+/// The security scheme of the identity the gateway vouches for.
+pub const SECURITY_SCHEME: &str = "gatewayIdentity";
+/// The component schema of every error response.
+pub const PROBLEM_SCHEMA: &str = "Problem";
+/// An operation extension (`extensions(("x-shopmesh-no-storage" = json!(true)))`) for the
+/// rare operation that touches neither storage nor a dependency, so cannot answer 503. It
+/// is removed from the document.
+pub const NO_STORAGE: &str = "x-shopmesh-no-storage";
+
+/// The `Modify` every service's `ApiDoc` uses (see the module documentation).
+pub struct Conventions;
+
+impl Modify for Conventions {
+    fn modify(&self, doc: &mut OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components
+            .schemas
+            .insert(PROBLEM_SCHEMA.into(), RefOr::T(problem_schema()));
+        components
+            .schemas
+            .insert("FieldError".into(), RefOr::T(field_error_schema()));
+        components.add_security_scheme(
+            SECURITY_SCHEME,
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                USER_ID_HEADER.to_owned(),
+                format!(
+                    "The caller as the gateway vouches for it, from a verified bearer token: \
+                     `{USER_ID_HEADER}` is the user id (the token's `sub`), and \
+                     `{USER_ROLES_HEADER}` its roles, comma-separated (e.g. `admin,customer`). \
+                     The gateway removes every `x-shopmesh-*` header a client sends; services \
+                     are reachable only through it."
+                ),
+            ))),
+        );
+        for (template, item) in doc.paths.paths.iter_mut() {
+            for op in operations(item) {
+                conform(template, op);
+            }
+        }
+    }
+}
+
+fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.options,
+        &mut item.head,
+        &mut item.patch,
+        &mut item.trace,
+    ]
+    .into_iter()
+    .filter_map(Option::as_mut)
+}
+
+/// The `{name}` segments of a path template.
+fn template_params(template: &str) -> impl Iterator<Item = &str> {
+    template
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+}
+
+/// Whether the operation needs a caller: `gatewayIdentity` is asked for, and no alternative
+/// requirement is empty (`{}` makes the caller optional).
+fn needs_caller(op: &Operation) -> bool {
+    let Some(reqs) = &op.security else {
+        return false;
+    };
+    let reqs: Vec<serde_json::Value> = reqs
+        .iter()
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .collect();
+    reqs.iter().any(|r| r.get(SECURITY_SCHEME).is_some())
+        && !reqs
+            .iter()
+            .any(|r| r.as_object().is_some_and(|o| o.is_empty()))
+}
+
+fn conform(template: &str, op: &mut Operation) {
+    // Path parameters the template names but the operation does not declare.
+    let declared: BTreeSet<String> = op
+        .parameters
+        .iter()
+        .flatten()
+        .filter(|p| p.parameter_in == ParameterIn::Path)
+        .map(|p| p.name.clone())
+        .collect();
+    for name in template_params(template) {
+        if !declared.contains(name) {
+            op.parameters.get_or_insert_with(Vec::new).push(
+                ParameterBuilder::new()
+                    .name(name)
+                    .parameter_in(ParameterIn::Path)
+                    .required(Required::True)
+                    .schema(Some(
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .min_length(Some(1)),
+                    ))
+                    .build(),
+            );
+        }
+    }
+
+    let params = op.parameters.iter().flatten();
+    let has_query = params.clone().any(|p| p.parameter_in == ParameterIn::Query);
+    let has_path = params.clone().any(|p| p.parameter_in == ParameterIn::Path);
+    let has_body = op.request_body.is_some();
+    let caller = needs_caller(op);
+    let no_storage = op
+        .extensions
+        .as_mut()
+        .is_some_and(|e| e.remove(NO_STORAGE).is_some());
+    if op.extensions.as_ref().is_some_and(|e| e.is_empty()) {
+        op.extensions = None;
+    }
+    let mut bad_request = Vec::new();
+    if has_body {
+        bad_request.push("malformed JSON, or a body that cannot be read");
+    }
+    if has_query {
+        bad_request.push(
+            "a query string that does not deserialize (an unknown, repeated or mistyped parameter)",
+        );
+    }
+    if has_path {
+        bad_request.push("a path parameter that does not decode (e.g. invalid UTF-8)");
+    }
+    let responses = &mut op.responses.responses;
+    let mut add = |status: &str, description: String| {
+        responses
+            .entry(status.to_owned())
+            .or_insert_with(|| RefOr::T(Response::new(description)));
+    };
+    if !bad_request.is_empty() {
+        add("400", capitalised(&bad_request.join("; ")));
+    }
+    if has_body {
+        add("413", "The body exceeds the service's size limit".into());
+        add(
+            "415",
+            "The body is not `Content-Type: application/json`".into(),
+        );
+        add(
+            "422",
+            "JSON of the wrong shape (a missing, unknown or mistyped field), or values out of \
+             bounds"
+                .into(),
+        );
+    }
+    if caller {
+        add(
+            "401",
+            format!(
+                "No caller: `{USER_ID_HEADER}` is missing (no valid bearer token at the gateway)"
+            ),
+        );
+    }
+    add(
+        "500",
+        "An unexpected failure; the problem says only to quote the `x-request-id` response \
+         header"
+            .into(),
+    );
+    if !no_storage {
+        add(
+            "503",
+            "The storage is overloaded or a dependency is unavailable; retry shortly".into(),
+        );
+    }
+
+    // Every error is a problem.
+    for (status, response) in responses.iter_mut() {
+        if let (Some(b'4' | b'5'), RefOr::T(response)) = (status.bytes().next(), response) {
+            response.content.clear();
+            response.content.insert(
+                crate::problem::CONTENT_TYPE.into(),
+                Content::new(Some(Ref::from_schema_name(PROBLEM_SCHEMA))),
+            );
+        }
+    }
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+fn string(description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+}
+
+fn count(description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(
+            utoipa::openapi::KnownFormat::Int64,
+        )))
+        .minimum(Some(0))
+        .description(Some(description))
+}
+
+/// What [`Problem`](crate::Problem) serialises: the RFC 9457 members it sets, the extension
+/// members the platform adds, and any other extension member a service adds.
+fn problem_schema() -> Schema {
+    ObjectBuilder::new()
+        .description(Some(
+            "RFC 9457 problem details: every error a client sees. Services add extension \
+             members of their own (e.g. `reserved`, `unknown_products`, `current_status`).",
+        ))
+        .property(
+            "type",
+            string("`about:blank`, or a stable `urn:shopmesh:problem:<slug>`")
+                .pattern(Some("^(about:blank|urn:shopmesh:problem:[a-z-]+)$")),
+        )
+        .required("type")
+        .property(
+            "title",
+            string("Short, the same for every problem of a type"),
+        )
+        .required("title")
+        .property(
+            "status",
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Int32,
+                )))
+                .minimum(Some(400))
+                .maximum(Some(599))
+                .description(Some("The HTTP status, as answered")),
+        )
+        .required("status")
+        .property("detail", string("This occurrence, written for the client"))
+        .property(
+            "errors",
+            ArrayBuilder::new()
+                .items(Ref::from_schema_name("FieldError"))
+                .description(Some("422 `validation`: every field in error")),
+        )
+        .property(
+            "limit_bytes",
+            count("413: the body limit that was exceeded"),
+        )
+        .property(
+            "retry_after",
+            count("429: seconds until a request fits (also `Retry-After`)"),
+        )
+        .property(
+            "retry_after_seconds",
+            count("503: seconds after which to retry"),
+        )
+        .into()
+}
+
+fn field_error_schema() -> Schema {
+    ObjectBuilder::new()
+        .description(Some("One field in error"))
+        .property(
+            "field",
+            string("The field, as a path (`items[0].quantity`)"),
+        )
+        .required("field")
+        .property("message", string("What is wrong with it"))
+        .required("message")
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Problem;
+    use crate::problem::FieldError;
+    use http::StatusCode;
+
+    #[test]
+    fn template_parameters() {
+        assert_eq!(
+            template_params("/api/payments/{id}/capture").collect::<Vec<_>>(),
+            ["id"]
+        );
+        assert_eq!(template_params("/api/products").count(), 0);
+    }
+
+    #[test]
+    fn the_problem_schema_has_what_is_served() {
+        let RefOr::T(Schema::Object(schema)) = RefOr::T(problem_schema()) else {
+            panic!("an object schema");
+        };
+        let served = [
+            Problem::validation(vec![FieldError::new("a", "b")]),
+            Problem::payload_too_large(10),
+            Problem::too_many_requests(3),
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED).detail("x"),
+            Problem::from(sqlx::Error::PoolTimedOut),
+        ];
+        for p in served {
+            let v = serde_json::to_value(&p).unwrap();
+            for (member, value) in v.as_object().unwrap() {
+                assert!(
+                    schema.properties.contains_key(member),
+                    "{member} is served but not in the schema"
+                );
+                if member == "status" {
+                    assert!((400..=599).contains(&value.as_u64().unwrap()));
+                }
+            }
+            for member in &schema.required {
+                assert!(v.get(member).is_some(), "{member} is required");
+            }
+        }
+    }
+}
