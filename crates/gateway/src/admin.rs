@@ -101,6 +101,14 @@ async fn config(State(s): State<AdminState>) -> Json<Value> {
     }))
 }
 
+/// The public API document of the serving configuration (404 when it asks for none).
+async fn document(State(s): State<AdminState>) -> Response {
+    match &s.gateway.runtime().document {
+        Some(doc) => doc.serve().await.into_response(),
+        None => Problem::not_found("the configuration has no `openapi` section").into_response(),
+    }
+}
+
 async fn reload(State(s): State<AdminState>) -> Result<Json<Value>, Problem> {
     let Some(path) = &s.config_path else {
         return Err(Problem::conflict(
@@ -127,6 +135,7 @@ pub fn api_routes(gateway: Gateway, config_path: Option<PathBuf>) -> Router {
         .route("/clusters", get(clusters))
         .route("/config", get(config))
         .route("/reload", post(reload))
+        .route("/openapi.json", get(document))
         .with_state(state)
 }
 

@@ -355,6 +355,7 @@ mod tests {
             timeouts: Default::default(),
             retry: Default::default(),
             protocol: Default::default(),
+            openapi: None,
         };
         Cluster::new(&cfg, None, 1).unwrap()
     }
@@ -479,6 +480,7 @@ mod tests {
             timeouts: Default::default(),
             retry: Default::default(),
             protocol: Default::default(),
+            openapi: None,
         };
         let next = Cluster::new(&cfg, Some(&c), 1).unwrap();
         assert!(Arc::ptr_eq(&next.endpoints[0], &c.endpoints[0]));

@@ -50,6 +50,50 @@ pub struct GatewayConfig {
     pub clusters: Vec<ClusterConfig>,
     /// Routes, tried in order: the first whose match fits the request wins.
     pub routes: Vec<RouteConfig>,
+    /// Serve the public API's OpenAPI document, built from these routes and the clusters'
+    /// own documents (`clusters[].openapi`).
+    #[serde(default)]
+    pub openapi: Option<OpenApiConfig>,
+}
+
+/// The public API document the gateway serves (also on the admin port, and printed by
+/// `shopmesh gateway --openapi`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenApiConfig {
+    /// Path it is served at, before any route (`GET`).
+    #[serde(default = "default_openapi_path")]
+    pub path: String,
+    /// `info.title`.
+    #[serde(default = "default_openapi_title")]
+    pub title: String,
+    /// `info.version`.
+    #[serde(default = "default_openapi_version")]
+    pub version: String,
+    /// `info.description`.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl Default for OpenApiConfig {
+    fn default() -> Self {
+        Self {
+            path: default_openapi_path(),
+            title: default_openapi_title(),
+            version: default_openapi_version(),
+            description: None,
+        }
+    }
+}
+
+fn default_openapi_path() -> String {
+    "/openapi.json".into()
+}
+fn default_openapi_title() -> String {
+    "API".into()
+}
+fn default_openapi_version() -> String {
+    "1".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -213,6 +257,10 @@ pub struct ClusterConfig {
     /// What the endpoints speak.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+    /// Path of the endpoints' own OpenAPI document (e.g. `/openapi.json`): the public
+    /// document takes the operations this cluster's routes expose from it.
+    #[serde(default)]
+    pub openapi: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -239,6 +287,7 @@ impl ClusterConfig {
             timeouts: TimeoutsConfig::default(),
             retry: RetryConfig::default(),
             protocol: UpstreamProtocol::default(),
+            openapi: None,
         }
     }
 }
@@ -451,6 +500,7 @@ impl GatewayConfig {
             tls: None,
             clusters,
             routes,
+            openapi: None,
         }
     }
 }
@@ -949,6 +999,25 @@ impl GatewayConfig {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!(
                     "limits.{name} must be positive"
+                )));
+            }
+        }
+        if let Some(o) = &self.openapi
+            && (!o.path.starts_with('/')
+                || crate::router::normalize(&o.path).ok().as_deref() != Some(o.path.as_str()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "openapi.path `{}` must be a normalised absolute path",
+                o.path
+            )));
+        }
+        for c in &self.clusters {
+            if let Some(p) = &c.openapi
+                && (!p.starts_with('/') || p.contains(['?', '#']))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster `{}`: openapi `{p}` must be an absolute path",
+                    c.name
                 )));
             }
         }

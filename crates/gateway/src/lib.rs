@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod jwt;
 mod observe;
+pub mod openapi;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

@@ -40,8 +40,8 @@ pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-fn full(bytes: Vec<u8>) -> Body {
-    Full::new(Bytes::from(bytes))
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
 }
@@ -842,6 +842,7 @@ async fn route_and_forward(
             // HEAD: hyper sends the headers (the length included) and drops the body.
             return (outcome, res);
         }
+        Target::Document(doc) => return (outcome, doc.serve().await),
     };
     let forwarded_path = if route.strip_prefix.is_some() || route.add_prefix.is_some() {
         crate::router::rewrite(

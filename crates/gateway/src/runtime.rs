@@ -17,6 +17,7 @@ use crate::aggregate::{Composite, Plan};
 use crate::cluster::Cluster;
 use crate::config::{AuthConfig, ConfigError, GatewayConfig, RateLimitKey};
 use crate::jwt::JwtVerifier;
+use crate::openapi::PublicDocument;
 use crate::proxy::HttpClient;
 use crate::ratelimit::{Limiter, LocalLimiter, SharedStore};
 use crate::router::Matcher;
@@ -30,6 +31,8 @@ pub enum Target {
     Split(Arc<Split>),
     /// Answered by a composite of several backend calls.
     Aggregate(Arc<Composite>),
+    /// Answered by the gateway itself: the public API's OpenAPI document.
+    Document(Arc<PublicDocument>),
 }
 
 pub struct Route {
@@ -101,6 +104,8 @@ pub struct Runtime {
     /// handles are found by identity like every route's).
     pub unmatched: Arc<str>,
     pub(crate) request_metrics: crate::observe::RequestMetrics,
+    /// The public API document, when the configuration asks for one.
+    pub document: Option<Arc<PublicDocument>>,
 }
 
 impl Drop for Runtime {
@@ -172,7 +177,36 @@ impl Runtime {
             ),
         };
 
-        let mut routes = Vec::with_capacity(cfg.routes.len());
+        let mut routes = Vec::with_capacity(cfg.routes.len() + 1);
+        // The public API document comes before every route.
+        let document = cfg.openapi.as_ref().map(|o| {
+            (
+                o.path.clone(),
+                Arc::new(PublicDocument::new(Arc::new(cfg.clone()), jwks_client())),
+            )
+        });
+        if let Some((path, doc)) = &document {
+            let matcher = Matcher::new(&crate::config::RouteMatch {
+                exact: Some(path.clone()),
+                methods: vec!["GET".into(), "HEAD".into()],
+                ..Default::default()
+            })
+            .map_err(ConfigError::Invalid)?;
+            routes.push(Route {
+                name: "openapi".into(),
+                matcher,
+                timeout: None,
+                mirror: None,
+                max_body: 0,
+                websocket: false,
+                target: Target::Document(doc.clone()),
+                strip_prefix: None,
+                add_prefix: None,
+                auth: AuthConfig::default(),
+                limit_key: RateLimitKey::default(),
+                limiter: None,
+            });
+        }
         for r in &cfg.routes {
             let err = |reason: String| ConfigError::Route {
                 route: r.name.clone(),
@@ -288,6 +322,7 @@ impl Runtime {
             stop: CancellationToken::new(),
             unmatched: "unmatched".into(),
             request_metrics: Default::default(),
+            document: document.map(|(_, d)| d),
             config: cfg,
         })
     }

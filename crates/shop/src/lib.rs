@@ -152,7 +152,11 @@ pub fn gateway_config(
     use ServiceName::*;
     let clusters = ServiceName::ALL
         .iter()
-        .map(|s| ClusterConfig::new(s.as_str(), vec![format!("http://{}", addr(*s))]))
+        .map(|s| {
+            let mut c = ClusterConfig::new(s.as_str(), vec![format!("http://{}", addr(*s))]);
+            c.openapi = Some("/openapi.json".into());
+            c
+        })
         .collect();
     let r = |name: &str, prefix: &str, svc: ServiceName, required: bool| {
         let mut route = RouteConfig::prefix(name, prefix, svc.as_str());
@@ -184,6 +188,17 @@ pub fn gateway_config(
         routes.push(admin);
     }
     let mut g = GatewayConfig::new(clusters, routes);
+    g.openapi = Some(shopmesh_gateway::config::OpenApiConfig {
+        title: "shopmesh".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: Some(
+            "The shop's public API, as the gateway serves it: products (composite pages and \
+             lists), stock, prices, promotions, accounts and sign-in, orders and payments. \
+             Errors are RFC 9457 problem+json."
+                .into(),
+        ),
+        ..Default::default()
+    });
     g.listen = SocketAddr::new(cfg.host, cfg.port);
     // The shop's admin API (its own port) carries the gateway's admin routes.
     g.admin.listen = None;

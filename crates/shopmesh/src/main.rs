@@ -92,6 +92,13 @@ struct GatewayArgs {
     /// Print the configuration's JSON Schema and exit.
     #[arg(long, conflicts_with = "check")]
     schema: bool,
+    /// Print the public API's OpenAPI document and exit (the clusters' own documents are
+    /// fetched from their endpoints, which must be up).
+    #[arg(long, conflicts_with_all = ["check", "schema"])]
+    openapi: bool,
+    /// With --openapi: `3.1` (as served) or `3.0` (for generators that read only 3.0).
+    #[arg(long, default_value = "3.1", value_parser = ["3.0", "3.1"], requires = "openapi")]
+    openapi_version: String,
     /// How often the configuration file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_poll_ms: u64,
@@ -437,6 +444,19 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let Some(path) = a.config else {
         anyhow::bail!("--config FILE is required");
     };
+    if a.openapi {
+        let cfg = GatewayConfig::from_file(&path)
+            .and_then(|c| c.validate().map(|()| c))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let client = shopmesh_gateway::runtime::jwks_client();
+        let docs = shopmesh_gateway::openapi::fetch_documents(&cfg, &client).await?;
+        let mut doc = shopmesh_gateway::openapi::build(&cfg, &docs);
+        if a.openapi_version == "3.0" {
+            shopmesh_gateway::openapi::to_openapi_30(&mut doc);
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
     if a.check {
         let checked = GatewayConfig::from_file(&path).and_then(|cfg| {
             // The certificate and key are loaded too, as a start would.
