@@ -27,13 +27,15 @@
 //!
 //!   403, 404, 409, 412, 429, and 422 for values a handler validates, are the operation's own
 //!   and stay in its `#[utoipa::path]` annotation;
-//! - gives every 4xx/5xx response the `application/problem+json` content, schema `Problem`.
+//! - gives every 4xx/5xx response the `application/problem+json` content, schema `Problem`;
+//! - spells the response links (`links(...)` in `#[utoipa::path]`) as OpenAPI does.
 
 use std::collections::BTreeSet;
 
 use utoipa::Modify;
+use utoipa::openapi::link::Link;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
-use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, SchemaType, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::openapi::{
     Content, OpenApi, PathItem, Ref, RefOr, Required, Response, Schema, SchemaFormat,
@@ -214,16 +216,70 @@ fn conform(template: &str, op: &mut Operation) {
         );
     }
 
-    // Every error is a problem.
     for (status, response) in responses.iter_mut() {
-        if let (Some(b'4' | b'5'), RefOr::T(response)) = (status.bytes().next(), response) {
+        let RefOr::T(response) = response else {
+            continue;
+        };
+        // Every error is a problem.
+        if let Some(b'4' | b'5') = status.bytes().next() {
             response.content.clear();
             response.content.insert(
                 crate::problem::CONTENT_TYPE.into(),
                 Content::new(Some(Ref::from_schema_name(PROBLEM_SCHEMA))),
             );
         }
+        for link in response.links.values_mut() {
+            if let RefOr::T(link) = link {
+                spell_link(link);
+            }
+        }
     }
+}
+
+/// utoipa 5.5 serialises a link's `operationId`, `operationRef` and `requestBody` in snake
+/// case (`operation_id`…), which no client reads: they are moved to the link's extension
+/// map, which is serialised flattened and as spelled.
+fn spell_link(link: &mut Link) {
+    let mut fields = Vec::new();
+    for (name, value) in [
+        ("operationId", std::mem::take(&mut link.operation_id)),
+        ("operationRef", std::mem::take(&mut link.operation_ref)),
+    ] {
+        if !value.is_empty() {
+            fields.push((name, serde_json::Value::from(value)));
+        }
+    }
+    if let Some(body) = link.request_body.take() {
+        fields.push(("requestBody", body));
+    }
+    if !fields.is_empty() {
+        let extensions = link.extensions.get_or_insert_with(Default::default);
+        for (name, value) in fields {
+            extensions.insert(name.into(), value);
+        }
+    }
+}
+
+/// A string schema that is one of `values`, for string fields that hold an enumeration
+/// (`#[schema(schema_with = ...)]` with a function returning this).
+pub fn one_of(values: &[&str]) -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values.iter().copied()))
+        .build()
+}
+
+/// [`one_of`], or `null` (an `Option` field that accepts `null` as absent).
+pub fn one_of_or_null(values: &[&str]) -> Object {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(
+            values
+                .iter()
+                .map(|v| serde_json::Value::from(*v))
+                .chain([serde_json::Value::Null]),
+        ))
+        .build()
 }
 
 fn capitalised(s: &str) -> String {
@@ -321,6 +377,19 @@ mod tests {
     use crate::Problem;
     use crate::problem::FieldError;
     use http::StatusCode;
+
+    #[test]
+    fn links_are_spelled_as_openapi_does() {
+        let mut link = Link::builder()
+            .operation_id("get_thing")
+            .parameter("id", "$response.body#/id")
+            .build();
+        spell_link(&mut link);
+        assert_eq!(
+            serde_json::to_value(&link).unwrap(),
+            serde_json::json!({"operationId": "get_thing", "parameters": {"id": "$response.body#/id"}})
+        );
+    }
 
     #[test]
     fn template_parameters() {
