@@ -4,6 +4,7 @@ use axum::routing::get;
 use shopmesh_platform::Problem;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
+use shopmesh_platform::openapi::Conventions;
 use shopmesh_platform::validate::Errors;
 use utoipa::OpenApi;
 
@@ -18,7 +19,8 @@ use crate::store;
         description = "Products: list, search, get, create."
     ),
     paths(list_products, get_product, create_product),
-    components(schemas(Product, NewProduct, ProductPage))
+    components(schemas(Product, NewProduct, ProductPage)),
+    modifiers(&Conventions)
 )]
 pub struct ApiDoc;
 
@@ -32,7 +34,8 @@ pub fn routes(state: State) -> Router {
 
 /// List products, optionally filtered by text and category.
 #[utoipa::path(get, path = "/api/products", params(ListQuery),
-    responses((status = 200, body = ProductPage), (status = 400, description = "Bad query")))]
+    responses((status = 200, body = ProductPage),
+              (status = 422, description = "`limit`, `offset` or `q` out of bounds")))]
 async fn list_products(
     axum::extract::State(s): axum::extract::State<State>,
     Query(q): Query<ListQuery>,
@@ -60,6 +63,7 @@ async fn list_products(
 
 /// Get one product.
 #[utoipa::path(get, path = "/api/products/{id}",
+    params(("id" = String, Path, description = "Product id")),
     responses((status = 200, body = Product), (status = 404, description = "Unknown product")))]
 async fn get_product(
     axum::extract::State(s): axum::extract::State<State>,
@@ -73,7 +77,12 @@ async fn get_product(
 
 /// Create a product (admin).
 #[utoipa::path(post, path = "/api/products", request_body = NewProduct,
-    responses((status = 201, body = Product), (status = 409, description = "SKU exists"),
+    security(("gatewayIdentity" = [])),
+    responses((status = 201, body = Product, links(
+                  ("getProduct" = (operation_id = "get_product",
+                                   parameters(("id" = "$response.body#/id")))))),
+              (status = 403, description = "Not an admin"),
+              (status = 409, description = "SKU exists"),
               (status = 422, description = "Invalid product")))]
 async fn create_product(
     axum::extract::State(s): axum::extract::State<State>,

@@ -3,6 +3,7 @@ use axum::routing::get;
 use shopmesh_platform::Problem;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
+use shopmesh_platform::openapi::Conventions;
 use shopmesh_platform::validate::{Errors, id_list};
 use utoipa::OpenApi;
 
@@ -22,7 +23,8 @@ const MAX_BATCH: usize = 100;
         description = "Stock levels: get, batch get, set."
     ),
     paths(batch_stock, get_stock, set_stock),
-    components(schemas(StockLevel, SetStock, StockList))
+    components(schemas(StockLevel, SetStock, StockList)),
+    modifiers(&Conventions)
 )]
 pub struct ApiDoc;
 
@@ -37,7 +39,8 @@ pub fn routes(state: State) -> Router {
 /// Get the stock levels of several products at once.
 #[utoipa::path(get, path = "/api/inventory", params(BatchQuery),
     responses((status = 200, body = StockList),
-              (status = 400, description = "Missing `ids` or more than 100 of them")))]
+              (status = 400, description = "Missing `ids`, more than 100 of them, or another \
+                                             parameter")))]
 async fn batch_stock(
     axum::extract::State(s): axum::extract::State<State>,
     Query(q): Query<BatchQuery>,
@@ -63,9 +66,12 @@ async fn get_stock(
 
 /// Set the units on hand of a product (admin), creating its stock level if needed.
 #[utoipa::path(put, path = "/api/inventory/{product_id}", request_body = SetStock,
-    params(("product_id" = String, Path, description = "Product id")),
-    responses((status = 200, body = StockLevel),
-              (status = 401, description = "Not authenticated"),
+    params(("product_id" = String, Path, pattern = "^[\\x21-\\x2B\\x2D-\\x7E]{1,64}$",
+            description = "Product id: 1 to 64 visible ASCII characters, no commas")),
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = StockLevel, links(
+                  ("getStock" = (operation_id = "get_stock",
+                                 parameters(("product_id" = "$response.body#/product_id")))))),
               (status = 403, description = "Not an admin"),
               (status = 409, description = "Below the units reserved"),
               (status = 422, description = "Invalid stock level")))]

@@ -3,12 +3,20 @@ use utoipa::{IntoParams, ToSchema};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StockLevel {
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[\\x21-\\x2B\\x2D-\\x7E]{1,64}$"
+    )]
     pub product_id: String,
     /// Units physically in stock.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub on_hand: i64,
     /// Units held for orders not yet fulfilled.
+    #[schema(minimum = 0)]
     pub reserved: i64,
     /// `on_hand - reserved`: what can still be sold.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub available: i64,
 }
 
@@ -16,6 +24,7 @@ pub struct StockLevel {
 #[serde(deny_unknown_fields)]
 pub struct SetStock {
     /// 0 to 1000000000, and not below the units reserved.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub on_hand: i64,
 }
 
@@ -23,7 +32,7 @@ pub struct SetStock {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct BatchQuery {
-    /// Comma-separated product ids, at most 100.
+    /// Comma-separated product ids, at most 100 (empty items are skipped).
     pub ids: String,
 }
 

@@ -3,12 +3,20 @@ use utoipa::{IntoParams, ToSchema};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Price {
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[\\x21-\\x2B\\x2D-\\x7E]{1,64}$"
+    )]
     pub product_id: String,
     /// Amount in the currency's minor unit (cents for USD).
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
     pub amount_minor: i64,
     /// ISO 4217 code, e.g. `EUR`.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub updated_at: String,
 }
 
@@ -16,8 +24,10 @@ pub struct Price {
 #[serde(deny_unknown_fields)]
 pub struct SetPrice {
     /// 0 to 1000000000000.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
     pub amount_minor: i64,
     /// Three uppercase ASCII letters.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
 }
 

@@ -4,6 +4,7 @@ use axum::routing::get;
 use shopmesh_platform::Problem;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
+use shopmesh_platform::openapi::Conventions;
 use shopmesh_platform::validate::Errors;
 use utoipa::OpenApi;
 
@@ -24,7 +25,8 @@ const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000;
         description = "Promotions: list, get, create."
     ),
     paths(list_promotions, get_promotion, create_promotion),
-    components(schemas(Promotion, PromotionKind, NewPromotion, PromotionPage))
+    components(schemas(Promotion, PromotionKind, NewPromotion, PromotionPage)),
+    modifiers(&Conventions)
 )]
 pub struct ApiDoc;
 
@@ -41,8 +43,9 @@ pub fn routes(state: State) -> Router {
 
 /// List promotions of a product and/or a category, by default only those running now.
 #[utoipa::path(get, path = "/api/promotions", params(ListQuery),
-    responses((status = 200, body = PromotionPage), (status = 400, description = "Bad query"),
-              (status = 422, description = "Invalid query")))]
+    responses((status = 200, body = PromotionPage),
+              (status = 422, description = "`limit`, `offset`, `product_id` or `category` out \
+                                             of bounds")))]
 async fn list_promotions(
     axum::extract::State(s): axum::extract::State<State>,
     Query(q): Query<ListQuery>,
@@ -101,8 +104,10 @@ fn parse_instant(s: &str) -> Option<i64> {
 
 /// Create a promotion (admin).
 #[utoipa::path(post, path = "/api/promotions", request_body = NewPromotion,
-    responses((status = 201, body = Promotion),
-              (status = 401, description = "Not authenticated"),
+    security(("gatewayIdentity" = [])),
+    responses((status = 201, body = Promotion, links(
+                  ("getPromotion" = (operation_id = "get_promotion",
+                                     parameters(("id" = "$response.body#/id")))))),
               (status = 403, description = "Not an admin"),
               (status = 422, description = "Invalid promotion")))]
 async fn create_promotion(

@@ -31,20 +31,33 @@ impl PromotionKind {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Promotion {
     pub id: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
+    #[schema(max_length = 10_000)]
     pub description: String,
     pub kind: PromotionKind,
-    /// Percentage (`percent_off`) or minor units of `currency` (`amount_off`).
+    /// Percentage (`percent_off`, 1 to 100) or minor units of `currency` (`amount_off`).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
     pub value: i64,
     /// Only for `amount_off`.
+    #[schema(required = true, pattern = "^[A-Z]{3}$")]
     pub currency: Option<String>,
     /// Set when the promotion targets one product (exclusive with `category`).
+    #[schema(
+        required = true,
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[\\x21-\\x2B\\x2D-\\x7E]{1,64}$"
+    )]
     pub product_id: Option<String>,
     /// Set when the promotion targets a category (exclusive with `product_id`).
+    #[schema(required = true, min_length = 1, max_length = 100)]
     pub category: Option<String>,
     /// RFC 3339, inclusive.
+    #[schema(format = DateTime)]
     pub starts_at: String,
     /// RFC 3339, exclusive.
+    #[schema(format = DateTime)]
     pub ends_at: String,
     /// Whether the promotion is running now (`starts_at <= now < ends_at`).
     pub active: bool,
@@ -53,19 +66,34 @@ pub struct Promotion {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPromotion {
+    /// 1 to 200 characters, not blank (trimmed).
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     #[serde(default)]
+    #[schema(max_length = 10_000)]
     pub description: String,
     pub kind: PromotionKind,
+    /// `percent_off`: 1 to 100; `amount_off`: 1 to 1000000000000 minor units.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
     pub value: i64,
-    /// Required for `amount_off`, absent for `percent_off`.
+    /// Required for `amount_off`, absent (or null) for `percent_off`.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: Option<String>,
     /// Exactly one of `product_id` and `category`.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[\\x21-\\x2B\\x2D-\\x7E]{1,64}$"
+    )]
     pub product_id: Option<String>,
+    /// 1 to 100 characters, not blank (trimmed).
+    #[schema(min_length = 1, max_length = 100)]
     pub category: Option<String>,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub starts_at: String,
     /// RFC 3339, after `starts_at`.
+    #[schema(format = DateTime)]
     pub ends_at: String,
 }
 
@@ -88,23 +116,32 @@ pub struct PromotionSeed {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// Promotions of this product. With `category`, promotions of either.
+    /// Promotions of this product (at most 64 bytes). With `category`, promotions of either.
+    #[param(max_length = 64, nullable = false)]
     pub product_id: Option<String>,
-    /// Promotions of this category. With `product_id`, promotions of either.
+    /// Promotions of this category (at most 100 bytes). With `product_id`, promotions of
+    /// either.
+    #[param(max_length = 100, nullable = false)]
     pub category: Option<String>,
     /// `true` (default): only promotions running now; `false`: all of them.
+    #[param(default = true, nullable = false)]
     pub active: Option<bool>,
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100, default = 20, nullable = false)]
     pub limit: Option<i64>,
-    /// Items to skip (default 0).
+    /// Items to skip, 0 to 1000000 (default 0).
+    #[param(minimum = 0, maximum = 1_000_000, default = 0, nullable = false)]
     pub offset: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PromotionPage {
     pub items: Vec<Promotion>,
+    #[schema(minimum = 0)]
     pub total: i64,
+    #[schema(minimum = 1, maximum = 100)]
     pub limit: i64,
+    #[schema(minimum = 0, maximum = 1_000_000)]
     pub offset: i64,
 }
 
