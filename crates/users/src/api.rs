@@ -8,14 +8,15 @@ use shopmesh_platform::Problem;
 use shopmesh_platform::db::is_unique_violation;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
+use shopmesh_platform::openapi::Conventions;
 use shopmesh_platform::validate::Errors;
 use utoipa::OpenApi;
 
 use crate::State;
 use crate::keys::Jwks;
 use crate::model::{
-    Address, AdminListQuery, AdminUpdate, Claims, Credentials, ProfileUpdate, RefreshRequest,
-    Registration, Revocations, Revoked, TokenResponse, User, UserPage,
+    Address, AdminListQuery, AdminUpdate, Claims, Credentials, KeyRotation, ProfileUpdate, ROLES,
+    RefreshRequest, Registration, Revocations, Revoked, STATUSES, TokenResponse, User, UserPage,
 };
 use crate::tokens::Refresh;
 use crate::{password, store, tokens};
@@ -26,7 +27,18 @@ use crate::{password, store, tokens};
         title = "shopmesh users",
         description = "User center: registration, tokens, JWKS, profile."
     ),
-    paths(register, token, refresh, logout, jwks, me, update_me),
+    paths(
+        register,
+        token,
+        refresh,
+        logout,
+        jwks,
+        me,
+        update_me,
+        list_users,
+        administer,
+        rotate_keys
+    ),
     components(schemas(
         User,
         Address,
@@ -35,8 +47,12 @@ use crate::{password, store, tokens};
         TokenResponse,
         RefreshRequest,
         ProfileUpdate,
-        Jwks
-    ))
+        Jwks,
+        UserPage,
+        AdminUpdate,
+        KeyRotation
+    )),
+    modifiers(&Conventions)
 )]
 pub struct ApiDoc;
 
@@ -79,7 +95,15 @@ fn email_ok(email: &str) -> bool {
 
 /// Register a new user (role `customer`).
 #[utoipa::path(post, path = "/api/users", request_body = Registration,
-    responses((status = 201, body = User), (status = 409, description = "Email taken"),
+    responses((status = 201, body = User, description = "Registered",
+               headers(("Location" = String, description = "`/api/users/me`")),
+               links(("signIn" = (operation_id = "token", request_body = json!({
+                          "email": "$request.body#/email",
+                          "password": "$request.body#/password"
+                      }))),
+                     ("administer" = (operation_id = "administer",
+                                      parameters(("id" = "$response.body#/id")))))),
+              (status = 409, description = "Email taken"),
               (status = 422, description = "Invalid registration")))]
 async fn register(
     S(s): S<State>,
@@ -141,8 +165,17 @@ async fn register(
 
 /// Exchange email and password for an access token.
 #[utoipa::path(post, path = "/api/auth/token", request_body = Credentials,
-    responses((status = 200, body = TokenResponse),
-              (status = 401, description = "Wrong email or password (same answer for both)")))]
+    responses((status = 200, body = TokenResponse, links(
+                  ("refresh" = (operation_id = "refresh", request_body = json!({
+                       "refresh_token": "$response.body#/refresh_token"
+                   }))),
+                  ("logout" = (operation_id = "logout", request_body = json!({
+                       "refresh_token": "$response.body#/refresh_token"
+                   }))))),
+              (status = 401, description = "Wrong email or password (same answer for both)"),
+              (status = 429, description = "Too many sign-in attempts for the account or from \
+                                              the address",
+               headers(("Retry-After" = u64, description = "Seconds until the next attempt")))))]
 async fn token(
     S(s): S<State>,
     headers: HeaderMap,
@@ -228,7 +261,10 @@ async fn access(
 /// Exchange a refresh token for a new access token and a new refresh token. The presented
 /// one is spent; presenting it again revokes the session.
 #[utoipa::path(post, path = "/api/auth/refresh", request_body = RefreshRequest,
-    responses((status = 200, body = TokenResponse),
+    responses((status = 200, body = TokenResponse, links(
+                  ("refresh" = (operation_id = "refresh", request_body = json!({
+                       "refresh_token": "$response.body#/refresh_token"
+                   }))))),
               (status = 401, description = "Unknown, expired, revoked or reused refresh token")))]
 async fn refresh(
     S(s): S<State>,
@@ -265,7 +301,10 @@ async fn logout(S(s): S<State>, Json(r): Json<RefreshRequest>) -> Result<StatusC
 }
 
 /// The public keys that verify access tokens.
-#[utoipa::path(get, path = "/.well-known/jwks.json", responses((status = 200, body = Jwks)))]
+#[utoipa::path(get, path = "/.well-known/jwks.json",
+    extensions(("x-shopmesh-no-storage" = json!(true))),
+    responses((status = 200, body = Jwks,
+               headers(("Cache-Control" = String, description = "`public, max-age=60`")))))]
 async fn jwks(S(s): S<State>) -> ([(header::HeaderName, &'static str); 1], Json<Jwks>) {
     (
         [(header::CACHE_CONTROL, "public, max-age=60")],
@@ -277,19 +316,20 @@ async fn jwks(S(s): S<State>) -> ([(header::HeaderName, &'static str); 1], Json<
 /// activation delay (by then every gateway has fetched it); the old one stays in the JWKS
 /// until the tokens it signed have expired, so tokens in flight keep working.
 #[utoipa::path(post, path = "/api/admin/keys/rotate",
-    responses((status = 200, description = "The new key's kid"),
-              (status = 403, description = "Not an admin")))]
-async fn rotate_keys(S(s): S<State>, caller: Caller) -> Result<Json<serde_json::Value>, Problem> {
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = KeyRotation, description = "The new key"),
+              (status = 403, description = "Not an admin (by the token and in the user center)")))]
+async fn rotate_keys(S(s): S<State>, caller: Caller) -> Result<Json<KeyRotation>, Problem> {
     require_admin(&s, &caller).await?;
     let (kid, at) = crate::keys::rotate(&s.db, s.settings.key_activation)
         .await
         .map_err(|e| Problem::internal(&e))?;
     s.reload_keys().await;
     tracing::info!(kid = %kid, by = %caller.user_id, "signing key rotated");
-    Ok(Json(serde_json::json!({
-        "kid": kid,
-        "signs_from": shopmesh_platform::millis_to_rfc3339(at),
-    })))
+    Ok(Json(KeyRotation {
+        kid,
+        signs_from: shopmesh_platform::millis_to_rfc3339(at),
+    }))
 }
 
 fn etag(version: i64) -> HeaderValue {
@@ -305,8 +345,9 @@ fn if_match_holds(value: &str, version: i64) -> bool {
 
 /// The caller's own profile, with its `ETag`.
 #[utoipa::path(get, path = "/api/users/me",
+    security(("gatewayIdentity" = [])),
     responses((status = 200, body = User, headers(("ETag" = String, description = "Version of the profile, for If-Match"))),
-              (status = 401, description = "No identity")))]
+              (status = 404, description = "The caller has no account")))]
 async fn me(
     S(s): S<State>,
     caller: Caller,
@@ -319,8 +360,10 @@ async fn me(
 
 /// List and search accounts (admin).
 #[utoipa::path(get, path = "/api/admin/users", params(AdminListQuery),
-    responses((status = 200, body = UserPage), (status = 403, description = "Not an admin"),
-              (status = 422, description = "Invalid query")))]
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = UserPage),
+              (status = 403, description = "Not an admin (by the token and in the user center)"),
+              (status = 422, description = "A parameter out of bounds")))]
 async fn list_users(
     S(s): S<State>,
     caller: Caller,
@@ -369,13 +412,13 @@ async fn require_admin(s: &State, caller: &Caller) -> Result<(), Problem> {
     }
 }
 
-const ROLES: [&str; 2] = ["customer", "admin"];
-const STATUSES: [&str; 2] = ["active", "disabled"];
-
 /// Change an account's role or status (admin). Disabling ends its sessions at once (refresh
 /// tokens revoked) and its access tokens at the gateway within the revocation poll interval.
 #[utoipa::path(patch, path = "/api/admin/users/{id}", request_body = AdminUpdate,
-    responses((status = 200, body = User), (status = 403, description = "Not an admin"),
+    params(("id" = String, Path, description = "User id")),
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = User),
+              (status = 403, description = "Not an admin (by the token and in the user center)"),
               (status = 404, description = "No such user"),
               (status = 409, description = "Admins cannot demote or disable themselves"),
               (status = 422, description = "Invalid change")))]
@@ -490,7 +533,14 @@ fn check_address(errs: &mut Errors, i: usize, a: &Address) {
 /// Update the caller's own profile. With `If-Match` (the `ETag` from a read) the update
 /// applies only if nobody changed the profile since: otherwise 412.
 #[utoipa::path(patch, path = "/api/users/me", request_body = ProfileUpdate,
+    params(("If-Match" = Option<String>, Header,
+            description = "The `ETag` of a read (a list of them, or `*`): the update applies only \
+                           if the profile is still at that version")),
+    security(("gatewayIdentity" = [])),
     responses((status = 200, body = User, headers(("ETag" = String, description = "The new version"))),
+              (status = 400, description = "Malformed JSON, a body that cannot be read, or an \
+                                            `If-Match` that is not visible ASCII"),
+              (status = 404, description = "The caller has no account"),
               (status = 412, description = "The profile changed since the If-Match version"),
               (status = 422, description = "Invalid profile")))]
 async fn update_me(
