@@ -10,6 +10,7 @@ use shopmesh_platform::client::{CallError, RequestId};
 use shopmesh_platform::db::is_unique_violation;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
+use shopmesh_platform::openapi::Conventions;
 use shopmesh_platform::problem::FieldError;
 use shopmesh_platform::validate::{Errors, luhn_valid};
 use utoipa::OpenApi;
@@ -33,7 +34,8 @@ pub const MAX_QUANTITY: i64 = 1000;
         description = "Place, get and list your own orders."
     ),
     paths(create_order, get_order, list_orders),
-    components(schemas(NewOrder, NewItem, Order, OrderItem, OrderPage))
+    components(schemas(NewOrder, NewItem, Order, OrderItem, OrderPage)),
+    modifiers(&Conventions)
 )]
 pub struct ApiDoc;
 
@@ -121,9 +123,26 @@ fn replayed(order: Order) -> Response {
 /// Place an order. Accepted as PENDING; prices come from the pricing service. With an
 /// `Idempotency-Key` header a retried request returns the original order.
 #[utoipa::path(post, path = "/api/orders", request_body = NewOrder,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
-    responses((status = 202, body = Order), (status = 200, body = Order, description = "Replay"),
-              (status = 401, description = "No identity"), (status = 422, description = "Invalid order")))]
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
+            description = "Makes retries safe: 1 to 200 visible ASCII characters; a repeat by \
+                           the same user answers the original order")),
+    security(("gatewayIdentity" = [])),
+    responses((status = 202, body = Order, description = "Accepted, PENDING",
+               headers(("Location" = String, description = "`/api/orders/{id}`")),
+               links(("getOrder" = (operation_id = "get_order",
+                                    parameters(("id" = "$response.body#/id")))))),
+              (status = 200, body = Order, description = "Idempotent repeat: the original order",
+               headers(("idempotent-replayed" = String, description = "`true`")),
+               links(("getOrder" = (operation_id = "get_order",
+                                    parameters(("id" = "$response.body#/id")))))),
+              (status = 400, description = "Malformed JSON, a body that cannot be read, or an \
+                                            `Idempotency-Key` that is not 1 to 200 visible ASCII \
+                                            characters"),
+              (status = 403, description = "The caller's account does not exist or is disabled"),
+              (status = 422, description = "Invalid order: its shape or values, unknown or \
+                                            unpriced products, several currencies, an unknown \
+                                            payment method or address, or an `Idempotency-Key` \
+                                            used for another order")))]
 async fn create_order(
     S(s): S<State>,
     caller: Caller,
@@ -390,6 +409,8 @@ fn encode_ids(ids: &[&str]) -> String {
 
 /// One of the caller's orders (another user's order is 404, never 403).
 #[utoipa::path(get, path = "/api/orders/{id}",
+    params(("id" = String, Path, description = "Order id")),
+    security(("gatewayIdentity" = [])),
     responses((status = 200, body = Order), (status = 404, description = "No such order of yours")))]
 async fn get_order(
     S(s): S<State>,
@@ -404,7 +425,9 @@ async fn get_order(
 
 /// The caller's orders, newest first.
 #[utoipa::path(get, path = "/api/orders", params(ListQuery),
-    responses((status = 200, body = OrderPage), (status = 401, description = "No identity")))]
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = OrderPage),
+              (status = 422, description = "`limit` or `offset` out of bounds")))]
 async fn list_orders(
     S(s): S<State>,
     caller: Caller,

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use shopmesh_platform::Problem;
 use shopmesh_platform::extract::{Json, Path, Query};
 use shopmesh_platform::identity::Caller;
+use shopmesh_platform::openapi::Conventions;
 use shopmesh_platform::validate::Errors;
 use utoipa::OpenApi;
 
@@ -51,7 +52,8 @@ const TRANSITION_ATTEMPTS: usize = 3;
         Status,
         NewPaymentMethod,
         PaymentMethod
-    ))
+    )),
+    modifiers(&Conventions)
 )]
 pub struct ApiDoc;
 
@@ -71,7 +73,10 @@ pub fn routes(state: State) -> Router {
 /// Vault a card: the answer's `id` pays for an order (`payment_method`) without the number
 /// ever travelling again. Only brand and last four digits are kept.
 #[utoipa::path(post, path = "/api/payment-methods", request_body = NewPaymentMethod,
-    responses((status = 201, body = PaymentMethod), (status = 401, description = "Not authenticated"),
+    security(("gatewayIdentity" = [])),
+    responses((status = 201, body = PaymentMethod, links(
+                  ("getPaymentMethod" = (operation_id = "get_payment_method",
+                                         parameters(("id" = "$response.body#/id")))))),
               (status = 422, description = "Not a valid card number")))]
 async fn create_payment_method(
     axum::extract::State(s): axum::extract::State<State>,
@@ -92,6 +97,8 @@ async fn create_payment_method(
 
 /// One of the caller's payment methods.
 #[utoipa::path(get, path = "/api/payment-methods/{id}",
+    params(("id" = String, Path, description = "Payment method id (`pm_…`)")),
+    security(("gatewayIdentity" = [])),
     responses((status = 200, body = PaymentMethod), (status = 404, description = "No such method of the caller")))]
 async fn get_payment_method(
     axum::extract::State(s): axum::extract::State<State>,
@@ -106,12 +113,31 @@ async fn get_payment_method(
 
 /// Authorize a card payment. A declined card is recorded (status `DECLINED`), not an error.
 #[utoipa::path(post, path = "/api/payments", request_body = NewPayment,
-    params(("Idempotency-Key" = Option<String>, Header,
-            description = "1 to 200 characters; a repeat by the same user returns the original payment")),
-    responses((status = 201, body = Payment, description = "Authorized or declined"),
-              (status = 200, body = Payment, description = "Idempotent repeat: the original payment"),
-              (status = 401, description = "Not authenticated"),
-              (status = 422, description = "Invalid payment")))]
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
+            description = "1 to 200 visible ASCII characters, not starting with `saga:`; a \
+                           repeat by the same user returns the original payment")),
+    security(("gatewayIdentity" = [])),
+    responses((status = 201, body = Payment, description = "Authorized or declined",
+               links(("getPayment" = (operation_id = "get_payment",
+                                      parameters(("id" = "$response.body#/id")))),
+                     ("capturePayment" = (operation_id = "capture_payment",
+                                          parameters(("id" = "$response.body#/id")))),
+                     ("voidPayment" = (operation_id = "void_payment",
+                                       parameters(("id" = "$response.body#/id")))),
+                     ("refundPayment" = (operation_id = "refund_payment",
+                                         parameters(("id" = "$response.body#/id")))))),
+              (status = 200, body = Payment, description = "Idempotent repeat: the original payment",
+               links(("getPayment" = (operation_id = "get_payment",
+                                      parameters(("id" = "$response.body#/id")))),
+                     ("capturePayment" = (operation_id = "capture_payment",
+                                          parameters(("id" = "$response.body#/id")))),
+                     ("voidPayment" = (operation_id = "void_payment",
+                                       parameters(("id" = "$response.body#/id")))),
+                     ("refundPayment" = (operation_id = "refund_payment",
+                                         parameters(("id" = "$response.body#/id")))))),
+              (status = 409, description = "A concurrent request with the same key won, and its \
+                                            payment cannot be read"),
+              (status = 422, description = "Invalid payment or `Idempotency-Key`")))]
 async fn create_payment(
     axum::extract::State(s): axum::extract::State<State>,
     caller: Caller,
@@ -204,8 +230,9 @@ async fn create_payment(
 
 /// The caller's payments, newest first (at most 100), optionally of one order.
 #[utoipa::path(get, path = "/api/payments", params(ListQuery),
-    responses((status = 200, body = PaymentList), (status = 400, description = "Bad query"),
-              (status = 401, description = "Not authenticated")))]
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = PaymentList),
+              (status = 422, description = "`order_id` too long")))]
 async fn list_payments(
     axum::extract::State(s): axum::extract::State<State>,
     caller: Caller,
@@ -230,8 +257,8 @@ async fn list_payments(
 /// Get one of the caller's payments.
 #[utoipa::path(get, path = "/api/payments/{id}",
     params(("id" = String, Path, description = "Payment id")),
-    responses((status = 200, body = Payment), (status = 401, description = "Not authenticated"),
-              (status = 404, description = "Unknown payment")))]
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = Payment), (status = 404, description = "Unknown payment")))]
 async fn get_payment(
     axum::extract::State(s): axum::extract::State<State>,
     caller: Caller,
@@ -246,9 +273,9 @@ async fn get_payment(
 /// Capture an authorized payment in full (`AUTHORIZED` → `CAPTURED`).
 #[utoipa::path(post, path = "/api/payments/{id}/capture",
     params(("id" = String, Path, description = "Payment id")),
-    responses((status = 200, body = Payment), (status = 401, description = "Not authenticated"),
-              (status = 404, description = "Unknown payment"),
-              (status = 409, description = "Not AUTHORIZED")))]
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = Payment), (status = 404, description = "Unknown payment"),
+              (status = 409, description = "Not AUTHORIZED, or changed concurrently")))]
 async fn capture_payment(
     axum::extract::State(s): axum::extract::State<State>,
     caller: Caller,
@@ -260,9 +287,9 @@ async fn capture_payment(
 /// Release an authorization (`AUTHORIZED` → `VOIDED`).
 #[utoipa::path(post, path = "/api/payments/{id}/void",
     params(("id" = String, Path, description = "Payment id")),
-    responses((status = 200, body = Payment), (status = 401, description = "Not authenticated"),
-              (status = 404, description = "Unknown payment"),
-              (status = 409, description = "Not AUTHORIZED")))]
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = Payment), (status = 404, description = "Unknown payment"),
+              (status = 409, description = "Not AUTHORIZED, or changed concurrently")))]
 async fn void_payment(
     axum::extract::State(s): axum::extract::State<State>,
     caller: Caller,
@@ -275,10 +302,12 @@ async fn void_payment(
 /// body, or without `amount_minor`, refunds everything not yet refunded.
 #[utoipa::path(post, path = "/api/payments/{id}/refund",
     params(("id" = String, Path, description = "Payment id")),
-    request_body = Option<RefundRequest>,
-    responses((status = 200, body = Payment), (status = 401, description = "Not authenticated"),
-              (status = 404, description = "Unknown payment"),
-              (status = 409, description = "Not CAPTURED"),
+    request_body(content = ref("#/components/schemas/RefundRequest"),
+                 description = "Optional: without a body (or `amount_minor`), everything not yet \
+                                refunded"),
+    security(("gatewayIdentity" = [])),
+    responses((status = 200, body = Payment), (status = 404, description = "Unknown payment"),
+              (status = 409, description = "Not CAPTURED, or changed concurrently"),
               (status = 422, description = "Amount not between 1 and the remaining amount")))]
 async fn refund_payment(
     axum::extract::State(s): axum::extract::State<State>,

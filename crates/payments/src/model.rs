@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
+use shopmesh_platform::openapi::one_of;
 use shopmesh_platform::validate::luhn_valid;
+use utoipa::openapi::schema::Object;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::PaymentError;
@@ -56,24 +58,48 @@ impl std::fmt::Display for Status {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Payment {
     pub id: String,
+    /// 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200)]
     pub order_id: String,
-    /// Amount authorized, in minor units of `currency`.
+    /// Amount authorized, in minor units of `currency` (an order's total, for the saga's).
+    #[schema(minimum = 0)]
     pub amount_minor: i64,
     /// ISO 4217 code.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     pub status: Status,
     /// Why the card was declined (only when `DECLINED`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = decline_code_schema, required = false)]
     pub decline_code: Option<String>,
     /// `visa`, `mastercard`, `amex` or `unknown`.
+    #[schema(schema_with = card_brand_schema)]
     pub card_brand: String,
+    #[schema(pattern = "^[0-9]{4}$")]
     pub card_last4: String,
+    #[schema(minimum = 0)]
     pub captured_minor: i64,
+    #[schema(minimum = 0)]
     pub refunded_minor: i64,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub updated_at: String,
+}
+
+/// What [`card_brand`] answers.
+pub const CARD_BRANDS: [&str; 4] = ["visa", "mastercard", "amex", "unknown"];
+/// What [`card_outcome`] declines with.
+pub const DECLINE_CODES: [&str; 3] = ["card_declined", "insufficient_funds", "expired_card"];
+
+fn card_brand_schema() -> Object {
+    one_of(&CARD_BRANDS)
+}
+
+fn decline_code_schema() -> Object {
+    one_of(&DECLINE_CODES)
 }
 
 /// A card to vault: the answer is a payment method id to pay with later (orders use it so
@@ -81,7 +107,8 @@ pub struct Payment {
 #[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPaymentMethod {
-    /// Card number, 12 to 19 digits (spaces allowed).
+    /// Card number, 12 to 19 digits passing the Luhn check (spaces allowed).
+    #[schema(pattern = "^[0-9 ]+$", example = "4242424242424242")]
     pub card: String,
 }
 
@@ -97,10 +124,14 @@ impl std::fmt::Debug for NewPaymentMethod {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PaymentMethod {
     /// `pm_…`, usable by its owner only.
+    #[schema(pattern = "^pm_")]
     pub id: String,
+    #[schema(schema_with = card_brand_schema)]
     pub card_brand: String,
+    #[schema(pattern = "^[0-9]{4}$")]
     pub card_last4: String,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -115,12 +146,18 @@ pub fn network_verdict(number: &str) -> String {
 #[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPayment {
+    /// 1 to 200 characters once trimmed.
+    #[schema(min_length = 1, max_length = 200)]
     pub order_id: String,
     /// In minor units, 1 to 100000000000.
+    #[schema(minimum = 1, maximum = 100_000_000_000_i64)]
     pub amount_minor: i64,
     /// Three uppercase letters (ISO 4217).
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
-    /// Card number, 12 to 19 digits (spaces allowed). Only its brand and last 4 digits are kept.
+    /// Card number, 12 to 19 digits passing the Luhn check (spaces allowed). Only its brand
+    /// and last 4 digits are kept.
+    #[schema(pattern = "^[0-9 ]+$", example = "4242424242424242")]
     pub card: String,
 }
 
@@ -140,19 +177,23 @@ impl std::fmt::Debug for NewPayment {
 #[serde(deny_unknown_fields)]
 pub struct RefundRequest {
     /// In minor units, 1 to the amount not yet refunded (the default).
+    #[schema(minimum = 1, maximum = 100_000_000_000_i64)]
     pub amount_minor: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// Only the payments of this order.
+    /// Only the payments of this order (at most 200 bytes once trimmed).
+    #[param(max_length = 200, nullable = false)]
     pub order_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PaymentList {
     /// Newest first, at most 100.
+    #[schema(max_items = 100)]
     pub items: Vec<Payment>,
 }
 
