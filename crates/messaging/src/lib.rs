@@ -4,8 +4,8 @@
 //!   `time`, `subject` — the ordering key — and W3C `traceparent`).
 //! - [`Broker`]: publish and durable subscriptions; [`embedded::EmbeddedBroker`] is a
 //!   durable in-process broker on SQLite (no server; `kill -9` loses nothing);
-//!   [`rabbitmq::RabbitMqBroker`] and [`nats::NatsBroker`] implement the same trait on
-//!   RabbitMQ and NATS JetStream. [`connect`] picks one by URL.
+//!   [`rabbitmq::RabbitMqBroker`], [`nats::NatsBroker`] and [`kafka::KafkaBroker`] implement
+//!   the same trait on RabbitMQ, NATS JetStream and Kafka. [`connect`] picks one by URL.
 //! - [`outbox`]: the business write and its events commit in one database transaction; a
 //!   relay publishes them in batches and removes them only after the broker has them, so a
 //!   crash anywhere means at-least-once, never zero.
@@ -41,6 +41,7 @@ pub mod dlq;
 pub mod embedded;
 pub mod envelope;
 pub mod failpoint;
+pub mod kafka;
 pub mod nats;
 pub mod outbox;
 pub mod partition;
@@ -62,6 +63,8 @@ pub enum BrokerUrl {
     RabbitMq(String),
     /// `nats://host:port`.
     Nats(String),
+    /// `kafka://host:port[,host:port…]`.
+    Kafka(String),
 }
 
 impl std::str::FromStr for BrokerUrl {
@@ -74,9 +77,11 @@ impl std::str::FromStr for BrokerUrl {
             Ok(BrokerUrl::RabbitMq(s.to_owned()))
         } else if s.starts_with("nats://") {
             Ok(BrokerUrl::Nats(s.to_owned()))
+        } else if s.starts_with("kafka://") {
+            Ok(BrokerUrl::Kafka(s.to_owned()))
         } else {
             Err(BrokerError::Unavailable(format!(
-                "unknown broker `{s}`: expected `embedded`, `amqp://…` or `nats://…`"
+                "unknown broker `{s}`: expected `embedded`, `amqp://…`, `nats://…` or `kafka://…`"
             )))
         }
     }
@@ -89,6 +94,7 @@ impl BrokerUrl {
             BrokerUrl::Embedded => "embedded",
             BrokerUrl::RabbitMq(_) => "rabbitmq",
             BrokerUrl::Nats(_) => "nats",
+            BrokerUrl::Kafka(_) => "kafka",
         }
     }
 }
@@ -102,6 +108,7 @@ pub async fn connect(
         BrokerUrl::Embedded => Arc::new(embedded::EmbeddedBroker::open(embedded_path).await?),
         BrokerUrl::RabbitMq(u) => Arc::new(rabbitmq::RabbitMqBroker::connect(u).await?),
         BrokerUrl::Nats(u) => Arc::new(nats::NatsBroker::connect(u).await?),
+        BrokerUrl::Kafka(u) => Arc::new(kafka::KafkaBroker::connect(u).await?),
     })
 }
 
@@ -124,7 +131,7 @@ pub struct BrokerOptions {
     /// on the broker, but not replicated and without a delivery count that survives a
     /// consumer's restart.
     pub classic_queues: bool,
-    /// RabbitMQ only (`prefetch=N`, default 32): messages each partition's consumer may hold
+    /// RabbitMQ and Kafka (`prefetch=N`, default 32): messages each partition's consumer may hold
     /// unacknowledged. The adapter still hands out one message per key at a time; more
     /// prefetch lets the other keys of a partition proceed meanwhile.
     pub prefetch: u16,
@@ -207,7 +214,11 @@ mod tests {
             "amqp://g:g@h:5672".parse::<BrokerUrl>().unwrap().kind(),
             "rabbitmq"
         );
-        assert!("kafka://h".parse::<BrokerUrl>().is_err());
+        assert_eq!(
+            "kafka://h:9092".parse::<BrokerUrl>().unwrap().kind(),
+            "kafka"
+        );
+        assert!("kafka:h".parse::<BrokerUrl>().is_err());
         let o = BrokerOptions::parse("amqp://h?heartbeat=10&partitions=8&namespace=t1&expires=60")
             .unwrap();
         assert_eq!(o.url, "amqp://h?heartbeat=10");

@@ -1,7 +1,10 @@
 //! The broker contract: every adapter passes the same tests. The embedded broker's run with
-//! `cargo test`; RabbitMQ's and NATS's are `#[ignore]`d and run with `-- --ignored` against
-//! the servers at `SHOPMESH_TEST_RABBITMQ` (default `amqp://guest:guest@127.0.0.1:5672`) and
-//! `SHOPMESH_TEST_NATS` (default `nats://127.0.0.1:4222`). A missing server fails them.
+//! `cargo test`; RabbitMQ's, NATS's and Kafka's are `#[ignore]`d and run with `-- --ignored`
+//! against the servers at `SHOPMESH_TEST_RABBITMQ` (default
+//! `amqp://guest:guest@127.0.0.1:5672`), `SHOPMESH_TEST_NATS` (default
+//! `nats://127.0.0.1:4222`) and `SHOPMESH_TEST_KAFKA` (default `kafka://127.0.0.1:9092`, a
+//! Tansu started by `.ci/kafka.sh`; its restart test needs Tansu's durable storage, which
+//! `.ci/kafka.sh` uses when that binary is installed). A missing server fails them.
 //!
 //! Each test uses its own group and topic names, so they run side by side; the broker
 //! restart test takes a lock that keeps the others of the same broker out meanwhile.
@@ -57,6 +60,7 @@ enum Kind {
     /// Classic queues (`queue_type=classic`).
     RabbitMqClassic,
     Nats,
+    Kafka,
 }
 
 /// A broker under test. `connect` opens a new connection: a new "process".
@@ -68,6 +72,7 @@ struct Fixture {
 static EMBEDDED: RwLock<()> = RwLock::const_new(());
 static RABBIT: RwLock<()> = RwLock::const_new(());
 static NATS: RwLock<()> = RwLock::const_new(());
+static KAFKA: RwLock<()> = RwLock::const_new(());
 
 impl Fixture {
     fn new(kind: Kind) -> Self {
@@ -82,6 +87,7 @@ impl Fixture {
             Kind::Embedded => &EMBEDDED,
             Kind::RabbitMq | Kind::RabbitMqClassic => &RABBIT,
             Kind::Nats => &NATS,
+            Kind::Kafka => &KAFKA,
         }
     }
 
@@ -104,6 +110,11 @@ impl Fixture {
                 "{}?partitions=4&namespace=contract&expires=300",
                 std::env::var("SHOPMESH_TEST_NATS")
                     .unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+            ),
+            Kind::Kafka => format!(
+                "{}?partitions=4&namespace=contract&expires=300",
+                std::env::var("SHOPMESH_TEST_KAFKA")
+                    .unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
             ),
         }
     }
@@ -140,6 +151,11 @@ impl Fixture {
                  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
                  -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
             ),
+            // Tansu, as `.ci/kafka.sh` started it (the durable one keeps everything).
+            Kind::Kafka => sh(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../.ci/kafka.sh restart"
+            )),
         }
     }
 }
@@ -248,7 +264,9 @@ async fn redelivery_after_a_consumer_crash(f: Fixture) {
         // dies before acknowledging.
         let crashed = f.connect().await;
         let sub = crashed.subscribe(&g, &[&t]).await.unwrap();
-        let got = take(sub.as_ref(), 6, Duration::from_secs(3), false).await;
+        // (Kafka: a consumer group's first join takes a few seconds on Tansu.)
+        let within = Duration::from_secs(if matches!(f.kind, Kind::Kafka) { 10 } else { 3 });
+        let got = take(sub.as_ref(), 6, within, false).await;
         assert!(!got.is_empty());
         got.into_iter().map(|g| g.2).collect()
     };
@@ -468,6 +486,185 @@ async fn dead_lettering(f: Fixture) {
     }
 }
 
+async fn applied_count(db: &Db) -> (i64, i64) {
+    sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT subject) FROM applied")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn duplicates_are_absorbed(f: Fixture) {
+    let _l = f.lock().read().await;
+    let b = f.connect().await;
+    // Every batch published twice, same message ids: what a publisher retry after a lost
+    // confirmation does.
+    let dup = shopmesh_messaging::broker::Duplicating(b.clone());
+    let (g, t) = names();
+    let db = service_db(f.dir.path()).await;
+    sqlx::query("CREATE TABLE applied (subject TEXT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let consumer = Consumer::new(
+        ConsumerConfig::new(&g, &[&t]),
+        db.clone(),
+        &dup,
+        Arc::new(Picky),
+    )
+    .await
+    .unwrap();
+    let batch: Vec<Envelope> = (0..20).map(|i| step(&format!("k{i}"), 0)).collect();
+    dup.publish(&t, &batch).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    loop {
+        seen += consumer
+            .poll_once(Duration::from_millis(100))
+            .await
+            .unwrap();
+        let (applied, distinct) = applied_count(&db).await;
+        assert_eq!(applied, distinct, "a message took effect twice");
+        if applied == 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {applied} of 20 applied");
+    }
+    // The second copies (those the broker did not drop itself) come and change nothing.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        seen += consumer
+            .poll_once(Duration::from_millis(100))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        applied_count(&db).await,
+        (20, 20),
+        "a duplicate took effect"
+    );
+    assert!(seen >= 20, "{seen} deliveries");
+}
+
+/// Fails the message with the subject `bad` until `fixed`; records every message it applies.
+struct Flaky {
+    fixed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Handler for Flaky {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut Transaction<'static, Any>,
+        envelope: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            if envelope.subject == "bad" && !self.fixed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(HandlerError::Retryable("not yet".into()));
+            }
+            sqlx::query("INSERT INTO applied (subject) VALUES ($1)")
+                .bind(&envelope.subject)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| HandlerError::Retryable(e.to_string()))?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// Polls every consumer once, at the same time.
+async fn poll_all(parts: &[(Consumer, Db)]) {
+    let polls = parts
+        .iter()
+        .map(|(c, _)| c.poll_once(Duration::from_millis(50)));
+    for r in futures::future::join_all(polls).await {
+        r.unwrap();
+    }
+}
+
+/// A dead letter replayed reaches the consumer that gave up on it, which applies it once;
+/// the other group, which applied it the first time, applies it no second time.
+async fn replay_reaches_the_consumer_that_gave_up(f: Fixture) {
+    let _l = f.lock().read().await;
+    let b = f.connect().await;
+    let (g, t) = names();
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut parts = Vec::new();
+    for (name, handler) in [
+        (
+            format!("{g}a"),
+            Arc::new(Flaky {
+                fixed: fixed.clone(),
+            }) as Arc<dyn Handler>,
+        ),
+        (
+            format!("{g}b"),
+            Arc::new(Flaky {
+                fixed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            }) as Arc<dyn Handler>,
+        ),
+    ] {
+        let dir = f.dir.path().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = service_db(&dir).await;
+        sqlx::query("CREATE TABLE applied (subject TEXT NOT NULL)")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let mut cfg = ConsumerConfig::new(&name, &[&t]);
+        cfg.max_attempts = 2;
+        cfg.base_backoff = Duration::from_millis(20);
+        cfg.max_backoff = Duration::from_millis(50);
+        let c = Consumer::new(cfg, db.clone(), b.as_ref(), handler)
+            .await
+            .unwrap();
+        parts.push((c, db));
+    }
+    let mut batch = vec![step("bad", 0)];
+    batch.extend((0..5).map(|i| step(&format!("k{i}"), 0)));
+    b.publish(&t, &batch).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        poll_all(&parts).await;
+        let dead = dlq::list(&parts[0].1, 10).await.unwrap();
+        if dead.len() == 1 && applied_count(&parts[0].1).await == (5, 5) {
+            break dead;
+        }
+        assert!(Instant::now() < deadline, "the first group never gave up");
+    };
+    assert_eq!(dead[0].message_id.as_deref(), Some(batch[0].id.as_str()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while applied_count(&parts[1].1).await != (6, 6) {
+        poll_all(&parts).await;
+        assert!(
+            Instant::now() < deadline,
+            "the second group did not apply all six"
+        );
+    }
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    dlq::replay(&parts[0].1, b.as_ref(), &dead[0].id)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        poll_all(&parts).await;
+        if applied_count(&parts[0].1).await == (6, 6) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replay was not applied");
+    }
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        poll_all(&parts).await;
+    }
+    assert_eq!(applied_count(&parts[0].1).await, (6, 6));
+    assert!(dlq::list(&parts[0].1, 10).await.unwrap().is_empty());
+    assert_eq!(
+        applied_count(&parts[1].1).await,
+        (6, 6),
+        "the other group applied the replay again"
+    );
+}
+
 async fn nothing_lost_across_a_broker_restart(f: Fixture) {
     let _l = f.lock().write().await;
     let b = f.connect().await;
@@ -524,6 +721,12 @@ macro_rules! contract {
             async fn dead_lettering() { super::dead_lettering(Fixture::new($kind)).await }
             $(#[$ignore])?
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn duplicates_are_absorbed() { super::duplicates_are_absorbed(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn replay_reaches_the_consumer_that_gave_up() { super::replay_reaches_the_consumer_that_gave_up(Fixture::new($kind)).await }
+            $(#[$ignore])?
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn nothing_lost_across_a_broker_restart() { super::nothing_lost_across_a_broker_restart(Fixture::new($kind)).await }
         }
     };
@@ -539,6 +742,11 @@ contract!(
     nats,
     Kind::Nats,
     ignore = "needs NATS JetStream: cargo test -- --ignored"
+);
+contract!(
+    kafka,
+    Kind::Kafka,
+    ignore = "needs Kafka (Tansu: .ci/kafka.sh): cargo test -- --ignored"
 );
 contract!(
     rabbitmq_classic,
