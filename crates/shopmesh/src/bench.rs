@@ -50,7 +50,7 @@ struct BareProxyArgs {
 
 #[derive(Args)]
 struct BrokerArgs {
-    /// `embedded`, `amqp://…` or `nats://…` (a throwaway namespace is added).
+    /// `embedded`, `amqp://…`, `nats://…` or `kafka://…` (a throwaway namespace is added).
     #[arg(long, default_value = "embedded")]
     broker: String,
     /// Messages to send.

@@ -176,8 +176,8 @@ struct StorageArgs {
     #[arg(long, env = "SHOPMESH_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// The message broker: `embedded` (a file in --data-dir), `amqp://user:pass@host:5672`
-    /// (RabbitMQ) or `nats://host:4222` (NATS JetStream); the query may add
-    /// `partitions=N` and `namespace=NAME`.
+    /// (RabbitMQ), `nats://host:4222` (NATS JetStream) or `kafka://host:9092` (Kafka); the
+    /// query may add `partitions=N` and `namespace=NAME`.
     #[arg(long, env = "SHOPMESH_BROKER", default_value = "embedded")]
     broker: shopmesh_messaging::BrokerUrl,
 }

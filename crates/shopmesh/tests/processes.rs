@@ -1,7 +1,8 @@
 //! The shop deployed for real: every service its own `shopmesh service NAME` process on
 //! PostgreSQL and a real broker, `shopmesh gateway` in front with the configuration
 //! `shopmesh gateway-config` writes. `#[ignore]`d: they need `SHOPMESH_TEST_DATABASE`
-//! (postgres://…) and `SHOPMESH_TEST_BROKER` (amqp://… or nats://…), and fail without them.
+//! (postgres://…) and `SHOPMESH_TEST_BROKER` (amqp://…, nats://… or kafka://…), and fail
+//! without them.
 //! Each test has its own schemas, broker namespace and ports.
 
 use std::collections::HashMap;
@@ -312,7 +313,7 @@ fn dump(dir: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs PostgreSQL and RabbitMQ or NATS: SHOPMESH_TEST_DATABASE, SHOPMESH_TEST_BROKER"]
+#[ignore = "needs PostgreSQL and RabbitMQ, NATS or Kafka: SHOPMESH_TEST_DATABASE, SHOPMESH_TEST_BROKER"]
 async fn the_saga_outcomes_as_separate_processes() {
     let c = Cluster::start().await;
     let token = c.token("procs@example.test").await;
@@ -348,7 +349,7 @@ async fn the_saga_outcomes_as_separate_processes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs PostgreSQL and RabbitMQ or NATS: SHOPMESH_TEST_DATABASE, SHOPMESH_TEST_BROKER"]
+#[ignore = "needs PostgreSQL and RabbitMQ, NATS or Kafka: SHOPMESH_TEST_DATABASE, SHOPMESH_TEST_BROKER"]
 async fn a_service_killed_mid_burst_loses_nothing() {
     let c = Cluster::start().await;
     let token = c.token("burst@example.test").await;

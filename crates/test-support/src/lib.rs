@@ -6,9 +6,10 @@
 //! it never falls back to SQLite.
 //!
 //! The broker comes from `SHOPMESH_TEST_BROKER`: unset → the embedded broker in the test's
-//! directory; an `amqp://` or `nats://` URL → that broker, under a namespace of the test's
-//! own (its queues and consumers expire once unused), so tests never see each other's
-//! messages. An unreachable broker fails the test.
+//! directory; an `amqp://`, `nats://` or `kafka://` URL → that broker, under a namespace of
+//! the test's own (its queues and consumers expire once unused; Kafka topics stay until the
+//! broker is reset), so tests never see each other's messages. An unreachable broker fails
+//! the test.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,14 +42,18 @@ pub fn test_broker() -> shopmesh_shop::BrokerUrl {
             let sep = if url.contains('?') { '&' } else { '?' };
             // Light, short-lived topology: classic queues (RabbitMQ), gone a minute after
             // the test stops using them.
+            // Kafka (Tansu): a consumer group's join is answered after half the session
+            // timeout, so a short one lets a fresh shop's consumers start within a second.
             let extra = if url.starts_with("amqp") {
                 "&queue_type=classic"
+            } else if url.starts_with("kafka") {
+                "&session.timeout.ms=2000&heartbeat.interval.ms=500"
             } else {
                 ""
             };
             format!("{url}{sep}namespace={ns}&partitions=4&expires=60{extra}")
                 .parse()
-                .expect("SHOPMESH_TEST_BROKER must be embedded, amqp://… or nats://…")
+                .expect("SHOPMESH_TEST_BROKER must be embedded, amqp://…, nats://… or kafka://…")
         }
         _ => shopmesh_shop::BrokerUrl::Embedded,
     }
