@@ -404,6 +404,13 @@ impl Ctx<'_> {
                 set_problem_content(r);
             }
         }
+        if self.cfg.jwt.is_some() || self.cfg.api_keys.is_some() {
+            // The gateway's meaning, whatever the upstream said of its own trusted headers:
+            // a client meets a 401 only for its credentials.
+            let mut r = json!({"description": "Credentials are missing where required, or the presented ones are not valid."});
+            set_problem_content(&mut r);
+            responses.insert("401".into(), r);
+        }
         let mut add = |status: u16, description: &str| {
             let entry = responses
                 .entry(status.to_string())
@@ -411,12 +418,6 @@ impl Ctx<'_> {
             set_problem_content(entry);
         };
         add(400, "The path or request is malformed.");
-        if self.cfg.jwt.is_some() || self.cfg.api_keys.is_some() {
-            add(
-                401,
-                "Credentials are missing where required, or the presented ones are not valid.",
-            );
-        }
         if !route.auth.roles.is_empty() || !route.auth.scopes.is_empty() {
             add(403, "The caller lacks a role or scope this route requires.");
         }
@@ -493,6 +494,8 @@ impl Ctx<'_> {
                     }
                 }
                 self.imported.rewrite(cluster, &mut op);
+                declare_path_parameters(&public, &mut op);
+                parameters_not_null(&mut op);
                 // The gateway removes every `x-shopmesh-*` header a client sends.
                 if let Some(Value::Array(params)) = op.get_mut("parameters") {
                     params.retain(|p| {
@@ -660,6 +663,7 @@ impl Ctx<'_> {
         if let Some(s) = self.security(route, None) {
             op["security"] = s;
         }
+        parameters_not_null(&mut op);
         self.gateway_responses(route, &mut op, true);
         out.add(&public, "get", op, Some(&route.name));
     }
@@ -682,6 +686,78 @@ impl Ctx<'_> {
         let mut op = item.get("get")?.clone();
         self.imported.rewrite(&part.cluster, &mut op);
         Some(op)
+    }
+}
+
+/// Makes an operation's path parameters those of its path: each `{name}` declared (a
+/// string, when the upstream document forgot it), none that the path does not have.
+fn declare_path_parameters(path: &str, op: &mut Value) {
+    let names: Vec<&str> = path
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+        .map(|s| s.trim_start_matches('*'))
+        .collect();
+    let Some(o) = op.as_object_mut() else { return };
+    let params = o.entry("parameters").or_insert_with(|| json!([]));
+    let Some(params) = params.as_array_mut() else {
+        return;
+    };
+    let is_path = |p: &Value| p.get("in").and_then(Value::as_str) == Some("path");
+    params.retain(|p| {
+        !is_path(p)
+            || p.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| names.contains(&n))
+    });
+    for name in names {
+        if !params
+            .iter()
+            .any(|p| is_path(p) && p.get("name").and_then(Value::as_str) == Some(name))
+        {
+            params.push(json!({"name": name, "in": "path", "required": true,
+                               "schema": {"type": "string", "minLength": 1}}));
+        }
+    }
+    if params.is_empty() {
+        o.remove("parameters");
+    }
+}
+
+/// A parameter is absent or has a value: a `null` alternative in its schema (what an
+/// `Option` field becomes in some generators) means nothing on the wire, and makes clients
+/// take an `Option<Option<_>>`.
+fn parameters_not_null(op: &mut Value) {
+    let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for p in params {
+        let Some(schema) = p.get_mut("schema").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        if let Some(Value::Array(types)) = schema.get_mut("type") {
+            types.retain(|t| t != "null");
+            if types.len() == 1 {
+                let only = types[0].clone();
+                schema.insert("type".into(), only);
+            }
+        }
+        for key in ["oneOf", "anyOf"] {
+            if let Some(Value::Array(alts)) = schema.get(key) {
+                let kept: Vec<Value> = alts
+                    .iter()
+                    .filter(|a| a.get("type").and_then(Value::as_str) != Some("null"))
+                    .cloned()
+                    .collect();
+                if kept.len() == 1 && kept.len() != alts.len() {
+                    schema.remove(key);
+                    if let Value::Object(only) = &kept[0] {
+                        for (k, v) in only {
+                            schema.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -907,13 +983,11 @@ impl Import {
             }
         }
         // A name is shared when every definition is the same and everything those refer
-        // to is shared too (to a fixed point). The gateway's own `Problem` takes part.
+        // to is shared too (to a fixed point). The services' shared `Problem` describes the
+        // gateway's problems too (the same type writes them); without one, the gateway's own.
         let mut shared: BTreeSet<(String, String)> = by_name
             .iter()
-            .filter(|(key, defs)| {
-                defs.windows(2).all(|w| w[0].1 == w[1].1)
-                    && (key.1 != PROBLEM || key.0 != "schemas" || defs[0].1 == problem_schema())
-            })
+            .filter(|(_, defs)| defs.windows(2).all(|w| w[0].1 == w[1].1))
             .map(|(k, _)| k.clone())
             .collect();
         loop {
@@ -1326,7 +1400,7 @@ routes:
                                        {"name": "x-shopmesh-user-id", "in": "header", "schema": {"type": "string"}}],
                         "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Product"}}}},
                                       "404": problem_response()}},
-                    "delete": {"operationId": "delete_product", "responses": {"204": {"description": "gone"}, "409": {"description": "in use"}}}
+                    "delete": {"operationId": "delete_product", "parameters": [{"name": "x-shopmesh-user-id", "in": "header", "schema": {"type": "string"}}, {"name": "if-match", "in": "header", "schema": {"type": ["string", "null"]}}], "responses": {"204": {"description": "gone"}, "409": {"description": "in use"}}}
                 },
                 "/v1/products": {"post": {"operationId": "create", "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Product"}}}},
                     "responses": {"201": {"description": "made", "links": {
@@ -1420,13 +1494,15 @@ routes:
                 ["$ref"],
             "#/components/schemas/CatalogProduct"
         );
-        // The trusted identity headers are not a client's to send.
-        let composite_free = build(&config(), &docs());
-        let page = &composite_free["paths"]["/shop/products/{id}"];
-        assert!(
-            page["delete"]["parameters"]
-                .as_array()
-                .is_none_or(|p| p.is_empty())
+        // The trusted identity headers are not a client's to send; a path parameter the
+        // upstream forgot is declared.
+        assert!(!doc["paths"].to_string().contains("x-shopmesh-user-id"));
+        // A parameter is never null on the wire.
+        assert_eq!(
+            del["parameters"],
+            json!([{"name": "if-match", "in": "header", "schema": {"type": "string"}},
+                   {"name": "id", "in": "path", "required": true,
+                    "schema": {"type": "string", "minLength": 1}}])
         );
     }
 

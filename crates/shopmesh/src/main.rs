@@ -331,7 +331,7 @@ fn main() -> anyhow::Result<()> {
                         })
                 });
                 // JSON is YAML; the gateway reads it as its configuration.
-                println!("{}", serde_json::to_string_pretty(&g)?);
+                print_document(&serde_json::to_string_pretty(&g)?)?;
                 Ok(())
             }
             Command::Gateway(a) => gateway(a).await,
@@ -438,7 +438,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
 async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     use shopmesh_gateway::GatewayConfig;
     if a.schema {
-        println!("{}", GatewayConfig::json_schema());
+        print_document(&GatewayConfig::json_schema())?;
         return Ok(());
     }
     let Some(path) = a.config else {
@@ -454,7 +454,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         if a.openapi_version == "3.0" {
             shopmesh_gateway::openapi::to_openapi_30(&mut doc);
         }
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        print_document(&serde_json::to_string_pretty(&doc)?)?;
         return Ok(());
     }
     if a.check {
@@ -558,5 +558,16 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// Prints a document meant for a pipe or a file. A reader that stops early (`| head`) ends
+/// the output quietly instead of panicking on the closed pipe.
+fn print_document(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }
