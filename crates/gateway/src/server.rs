@@ -242,6 +242,8 @@ pub struct Standalone {
     pub addr: std::net::SocketAddr,
     pub admin: Option<std::net::SocketAddr>,
     pub gateway: Gateway,
+    /// `/readyz` on the admin port; [`shopmesh_platform::health::prestop`] turns it off.
+    pub readiness: shopmesh_platform::health::Readiness,
     stop: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -274,6 +276,9 @@ impl Standalone {
             None => None,
         };
         let gateway = Gateway::new(cfg)?;
+        // Ready once the listeners are bound and the configuration is loaded (both done
+        // when `start` returns), until shutdown begins.
+        let readiness = shopmesh_platform::health::Readiness::new();
         let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let (addr, joiner) = serve_workers(
@@ -292,7 +297,8 @@ impl Standalone {
             let server = shopmesh_platform::serve::Server {
                 name: "gateway-admin",
                 listener: l,
-                router: crate::admin::router(gateway.clone(), Some(path.clone())),
+                router: crate::admin::router(gateway.clone(), Some(path.clone()))
+                    .merge(readiness.router()),
             };
             admin = Some(server.local_addr());
             let token = stop.clone();
@@ -310,6 +316,7 @@ impl Standalone {
             addr,
             admin,
             gateway,
+            readiness,
             stop,
             tasks,
         })

@@ -14,6 +14,7 @@
 pub mod client;
 pub mod db;
 pub mod extract;
+pub mod health;
 pub mod identity;
 pub mod openapi;
 pub mod otel;

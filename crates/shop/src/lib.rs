@@ -134,6 +134,8 @@ pub struct System {
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub services: Vec<(ServiceName, SocketAddr)>,
+    /// `/readyz` on the admin port: every service's storage answers, and no shutdown began.
+    pub readiness: shopmesh_platform::health::Readiness,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -315,6 +317,15 @@ impl System {
                 .collect(),
             broker,
         );
+        // Ready while every service's storage answers (and until shutdown begins).
+        let readiness = shopmesh_platform::health::Readiness::new();
+        for b in &built {
+            let db = b.db.clone();
+            readiness.add_check(format!("{}.storage", b.name.as_str()), move || {
+                let db = db.clone();
+                async move { db.ping().await.map_err(|e| e.to_string()) }
+            });
+        }
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for (mut b, (_, listener)) in built.into_iter().zip(listeners) {
@@ -347,7 +358,7 @@ impl System {
         let admin = Server {
             name: "admin",
             listener: admin_listener,
-            router: admin::router(dead_letters, gateway.clone()),
+            router: admin::router(dead_letters, gateway.clone()).merge(readiness.router()),
         };
         let admin_addr = admin.local_addr();
         let (token, drain) = (shutdown.clone(), Duration::from_secs(1));
@@ -359,6 +370,7 @@ impl System {
             gateway: gateway_addr,
             admin: admin_addr,
             services: addrs,
+            readiness,
             shutdown,
             tasks,
         })

@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shopmesh_platform::db::Storage;
+use shopmesh_platform::health;
 use shopmesh_platform::serve::Server;
 use shopmesh_platform::telemetry::{self, LogFormat};
 use shopmesh_shop::dlq::DeadLetters;
@@ -102,6 +103,10 @@ struct GatewayArgs {
     /// How often the configuration file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_poll_ms: u64,
+    /// On SIGTERM, how long to keep serving after turning not-ready (`/readyz` 503) before
+    /// stopping accepting and draining, so that balancers stop sending first.
+    #[arg(long, env = "SHOPMESH_PRESTOP_DELAY_MS", default_value_t = 0)]
+    prestop_delay_ms: u64,
 }
 
 #[derive(Args)]
@@ -236,6 +241,10 @@ struct UpArgs {
     /// Sign-in attempts allowed per client address per minute (throttling).
     #[arg(long, env = "SHOPMESH_LOGIN_PER_IP", default_value_t = 60)]
     login_per_ip: u32,
+    /// On SIGTERM, how long to keep serving after turning not-ready (`/readyz` 503) before
+    /// stopping accepting and draining, so that balancers stop sending first.
+    #[arg(long, env = "SHOPMESH_PRESTOP_DELAY_MS", default_value_t = 0)]
+    prestop_delay_ms: u64,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -251,6 +260,10 @@ struct ServiceArgs {
     /// Admin and metrics port (none if absent).
     #[arg(long, env = "SHOPMESH_ADMIN_PORT")]
     admin_port: Option<u16>,
+    /// On SIGTERM, how long to keep serving after turning not-ready (`/readyz` 503) before
+    /// stopping accepting and draining, so that balancers stop sending first.
+    #[arg(long, env = "SHOPMESH_PRESTOP_DELAY_MS", default_value_t = 0)]
+    prestop_delay_ms: u64,
     /// Base URL of the pricing service (orders only).
     #[arg(
         long,
@@ -366,6 +379,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     }
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
     shutdown_signal().await;
+    health::prestop(&system.readiness, Duration::from_millis(a.prestop_delay_ms)).await;
     tracing::info!("shutting down: finishing in-flight requests");
     system.shutdown().await;
     Ok(())
@@ -417,17 +431,25 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
+    let readiness = health::Readiness::new();
+    let db = built.db.clone();
+    readiness.add_check("storage", move || {
+        let db = db.clone();
+        async move { db.ping().await.map_err(|e| e.to_string()) }
+    });
     if let Some(port) = a.admin_port {
         let admin = Server::bind(
             "admin",
             SocketAddr::new(a.host, port),
-            telemetry::admin_router(),
+            telemetry::admin_router().merge(readiness.router()),
         )
         .await?;
         println!("admin listening on http://{}/metrics", admin.local_addr());
         tasks.spawn(admin.run(token.clone(), Duration::from_secs(1)));
     }
     shutdown_signal().await;
+    health::prestop(&readiness, Duration::from_millis(a.prestop_delay_ms)).await;
+    tracing::info!("shutting down: finishing in-flight requests");
     token.cancel();
     while let Some(r) = tasks.join_next().await {
         r??;
@@ -494,6 +516,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         println!("  admin    http://{admin}/clusters");
     }
     shutdown_signal().await;
+    health::prestop(&gw.readiness, Duration::from_millis(a.prestop_delay_ms)).await;
     tracing::info!("shutting down: finishing in-flight requests");
     gw.shutdown().await;
     Ok(())
