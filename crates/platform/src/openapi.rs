@@ -11,7 +11,9 @@
 //!   `security(("gatewayIdentity" = []))`, one where a caller is optional with
 //!   `security((), ("gatewayIdentity" = []))`;
 //! - declares the path parameters a path template names but the operation does not (a
-//!   string, required, at least one character: an empty segment does not match the route);
+//!   string, required, at least one character: an empty segment does not match the route),
+//!   gives every string path parameter that minimum length, and makes no parameter
+//!   nullable (utoipa's reading of an `Option`: a parameter is absent, never `null`);
 //! - adds the statuses an operation can answer by its shape, as the extractors of
 //!   [`extract`](crate::extract) and [`identity`](crate::identity) and the stack of
 //!   [`serve`](crate::serve) really answer them:
@@ -146,6 +148,25 @@ fn conform(template: &str, op: &mut Operation) {
                     ))
                     .build(),
             );
+        }
+    }
+
+    for param in op.parameters.iter_mut().flatten() {
+        if let Some(RefOr::T(Schema::Object(schema))) = &mut param.schema {
+            // A parameter is absent or a string, never JSON `null` (what utoipa makes of an
+            // `Option`).
+            if let SchemaType::Array(types) = &mut schema.schema_type {
+                types.retain(|t| *t != Type::Null);
+                if let [one] = types.as_slice() {
+                    schema.schema_type = SchemaType::Type(one.clone());
+                }
+            }
+            if param.parameter_in == ParameterIn::Path
+                && schema.schema_type == SchemaType::Type(Type::String)
+                && schema.min_length.is_none()
+            {
+                schema.min_length = Some(1);
+            }
         }
     }
 
@@ -389,6 +410,84 @@ mod tests {
             serde_json::to_value(&link).unwrap(),
             serde_json::json!({"operationId": "get_thing", "parameters": {"id": "$response.body#/id"}})
         );
+    }
+
+    #[derive(serde::Deserialize, utoipa::ToSchema)]
+    #[allow(dead_code)]
+    struct Thing {
+        name: String,
+    }
+
+    /// A body, a caller, a query parameter and an undeclared path parameter.
+    #[utoipa::path(post, path = "/things/{id}", request_body = Thing,
+        params(("dry_run" = Option<bool>, Query)),
+        security(("gatewayIdentity" = [])),
+        responses((status = 201, links(("get" = (operation_id = "get_thing",
+                                                 parameters(("id" = "$response.body#/id")))))),
+                  (status = 404, description = "No such thing")))]
+    #[allow(dead_code)]
+    fn put_thing() {}
+
+    /// Optional caller, no storage.
+    #[utoipa::path(get, path = "/things/{id}", params(("id" = String, Path)),
+        security((), ("gatewayIdentity" = [])),
+        extensions(("x-shopmesh-no-storage" = json!(true))),
+        responses((status = 200)))]
+    #[allow(dead_code)]
+    fn get_thing() {}
+
+    #[derive(utoipa::OpenApi)]
+    #[openapi(paths(put_thing, get_thing), modifiers(&Conventions))]
+    struct Doc;
+
+    #[test]
+    fn conventions() {
+        use utoipa::OpenApi as _;
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        let put = &doc["paths"]["/things/{id}"]["post"];
+        let statuses: Vec<&str> = put["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                "201", "400", "401", "404", "413", "415", "422", "500", "503"
+            ]
+        );
+        assert_eq!(
+            put["responses"]["404"]["content"]["application/problem+json"]["schema"]["$ref"],
+            "#/components/schemas/Problem"
+        );
+        assert_eq!(
+            put["responses"]["201"]["links"]["get"]["operationId"],
+            "get_thing"
+        );
+        let params = put["parameters"].as_array().unwrap();
+        assert_eq!(params[0]["schema"]["type"], "boolean", "never null");
+        assert_eq!(params[1]["name"], "id");
+        assert_eq!(params[1]["in"], "path");
+        assert_eq!(params[1]["required"], true);
+        assert_eq!(params[1]["schema"]["minLength"], 1);
+
+        let get = &doc["paths"]["/things/{id}"]["get"];
+        let statuses: Vec<&str> = get["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(statuses, ["200", "400", "500"], "no 401, no 503");
+        assert!(get.get(NO_STORAGE).is_none());
+        assert_eq!(get["parameters"][0]["schema"]["minLength"], 1);
+
+        let scheme = &doc["components"]["securitySchemes"][SECURITY_SCHEME];
+        assert_eq!(scheme["type"], "apiKey");
+        assert_eq!(scheme["in"], "header");
+        assert_eq!(scheme["name"], USER_ID_HEADER);
+        assert!(doc["components"]["schemas"][PROBLEM_SCHEMA].is_object());
     }
 
     #[test]
