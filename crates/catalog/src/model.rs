@@ -46,16 +46,15 @@ pub struct NewProduct {
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Page size, 1 to 100 (default 20).
-    #[param(minimum = 1, maximum = 100, default = 20, nullable = false)]
+    #[param(minimum = 1, maximum = 100, default = 20)]
     pub limit: Option<i64>,
     /// Items to skip, 0 to 1000000 (default 0).
-    #[param(minimum = 0, maximum = 1_000_000, default = 0, nullable = false)]
+    #[param(minimum = 0, maximum = 1_000_000, default = 0)]
     pub offset: Option<i64>,
     /// Text searched in name, description and sku (case-insensitive), at most 200 bytes.
-    #[param(max_length = 200, nullable = false)]
+    #[param(max_length = 200)]
     pub q: Option<String>,
     /// Exact category.
-    #[param(nullable = false)]
     pub category: Option<String>,
 }
 

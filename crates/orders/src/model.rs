@@ -144,10 +144,10 @@ pub struct OrderPage {
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Page size, 1 to 100 (default 20).
-    #[param(minimum = 1, maximum = 100, default = 20, nullable = false)]
+    #[param(minimum = 1, maximum = 100, default = 20)]
     pub limit: Option<i64>,
     /// Orders to skip (default 0).
-    #[param(minimum = 0, default = 0, nullable = false)]
+    #[param(minimum = 0, default = 0)]
     pub offset: Option<i64>,
 }
 

@@ -126,15 +126,7 @@ async fn get_payment_method(
                                        parameters(("id" = "$response.body#/id")))),
                      ("refundPayment" = (operation_id = "refund_payment",
                                          parameters(("id" = "$response.body#/id")))))),
-              (status = 200, body = Payment, description = "Idempotent repeat: the original payment",
-               links(("getPayment" = (operation_id = "get_payment",
-                                      parameters(("id" = "$response.body#/id")))),
-                     ("capturePayment" = (operation_id = "capture_payment",
-                                          parameters(("id" = "$response.body#/id")))),
-                     ("voidPayment" = (operation_id = "void_payment",
-                                       parameters(("id" = "$response.body#/id")))),
-                     ("refundPayment" = (operation_id = "refund_payment",
-                                         parameters(("id" = "$response.body#/id")))))),
+              (status = 200, body = Payment, description = "Idempotent repeat: the original payment"),
               (status = 409, description = "A concurrent request with the same key won, and its \
                                             payment cannot be read"),
               (status = 422, description = "Invalid payment or `Idempotency-Key`")))]

@@ -186,7 +186,7 @@ pub struct RefundRequest {
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only the payments of this order (at most 200 bytes once trimmed).
-    #[param(max_length = 200, nullable = false)]
+    #[param(max_length = 200)]
     pub order_id: Option<String>,
 }
 

@@ -117,20 +117,20 @@ pub struct PromotionSeed {
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Promotions of this product (at most 64 bytes). With `category`, promotions of either.
-    #[param(max_length = 64, nullable = false)]
+    #[param(max_length = 64)]
     pub product_id: Option<String>,
     /// Promotions of this category (at most 100 bytes). With `product_id`, promotions of
     /// either.
-    #[param(max_length = 100, nullable = false)]
+    #[param(max_length = 100)]
     pub category: Option<String>,
     /// `true` (default): only promotions running now; `false`: all of them.
-    #[param(default = true, nullable = false)]
+    #[param(default = true)]
     pub active: Option<bool>,
     /// Page size, 1 to 100 (default 20).
-    #[param(minimum = 1, maximum = 100, default = 20, nullable = false)]
+    #[param(minimum = 1, maximum = 100, default = 20)]
     pub limit: Option<i64>,
     /// Items to skip, 0 to 1000000 (default 0).
-    #[param(minimum = 0, maximum = 1_000_000, default = 0, nullable = false)]
+    #[param(minimum = 0, maximum = 1_000_000, default = 0)]
     pub offset: Option<i64>,
 }
 

@@ -160,7 +160,7 @@ pub struct AdminUpdate {
 #[into_params(parameter_in = Query)]
 pub struct AdminListQuery {
     /// Text searched in email and name (case-insensitive), at most 200 bytes.
-    #[param(max_length = 200, nullable = false)]
+    #[param(max_length = 200)]
     pub q: Option<String>,
     /// `customer` or `admin`.
     #[param(schema_with = role_schema)]
@@ -169,10 +169,10 @@ pub struct AdminListQuery {
     #[param(schema_with = status_schema)]
     pub status: Option<String>,
     /// Page size, 1 to 100 (default 20).
-    #[param(minimum = 1, maximum = 100, default = 20, nullable = false)]
+    #[param(minimum = 1, maximum = 100, default = 20)]
     pub limit: Option<i64>,
     /// Items to skip, 0 to 1000000 (default 0).
-    #[param(minimum = 0, maximum = 1_000_000, default = 0, nullable = false)]
+    #[param(minimum = 0, maximum = 1_000_000, default = 0)]
     pub offset: Option<i64>,
 }
 
