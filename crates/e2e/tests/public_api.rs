@@ -136,7 +136,7 @@ async fn the_generated_client_places_an_order() {
         .await
         .expect("order accepted");
     assert_eq!(placed.status().as_u16(), 202);
-    let id = placed.into_inner().id;
+    let id: types::GetOrderId = placed.into_inner().id.parse().expect("an order id");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let o = signed_in

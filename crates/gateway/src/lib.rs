@@ -26,6 +26,7 @@ pub mod config;
 pub mod jwt;
 mod observe;
 pub mod openapi;
+mod pipeline;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

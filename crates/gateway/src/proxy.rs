@@ -2,34 +2,26 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
-use http_body::Body as _;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use shopmesh_platform::TRUSTED_HEADER_PREFIX;
 use shopmesh_platform::problem::Problem;
 use tower::Service;
 use tracing::Instrument;
 
-use crate::aggregate::{CallerView, Incoming};
-use crate::config::{ConfigError, GatewayConfig, HashOn, RateLimitKey};
-use crate::jwt::AuthError;
-use crate::ratelimit::Decision;
-use crate::runtime::{Runtime, Target};
-use crate::server::ConnInfo;
-use crate::traffic::cookie;
-use hyper_util::rt::TokioIo;
+use crate::config::{ConfigError, GatewayConfig};
+use crate::runtime::Runtime;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type on both sides of the gateway.
@@ -279,29 +271,6 @@ fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
     )
 }
 
-/// What one request did, for metrics and the access log.
-struct Outcome {
-    route: Arc<str>,
-    cluster: Option<Arc<str>>,
-    variant: Option<Arc<str>>,
-    endpoint: Option<Arc<str>>,
-    caller: Option<String>,
-    attempts: u32,
-}
-
-impl Outcome {
-    fn new(route: Arc<str>) -> Self {
-        Self {
-            route,
-            cluster: None,
-            variant: None,
-            endpoint: None,
-            caller: None,
-            attempts: 0,
-        }
-    }
-}
-
 async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
     // What survives the hop-by-hop cleaning: a WebSocket upgrade (HTTP/1.1 `GET` asking
@@ -369,9 +338,9 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     let client = req
         .extensions()
         .get::<ClientAddr>()
-        .map(|a| Sender::of(&rt, a.0.ip(), req.headers()));
+        .map(|a| crate::pipeline::Sender::of(&rt, a.0.ip(), req.headers()));
     let client_ip = client.map(|c| c.ip);
-    let (outcome, mut res) = route_and_forward(&rt, req, client, websocket)
+    let (outcome, mut res) = crate::pipeline::run(&rt, req, client, websocket)
         .instrument(span.clone())
         .await;
     res.headers_mut()
@@ -382,85 +351,20 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
-    let elapsed = start.elapsed();
-    rt.request_metrics.record(
-        &crate::observe::Labels {
-            route: &outcome.route,
-            variant: outcome.variant.as_ref(),
-            cluster: outcome.cluster.as_ref(),
-            endpoint: outcome.endpoint.as_ref(),
+    crate::pipeline::log::run(
+        &rt,
+        &outcome,
+        &crate::pipeline::log::Request {
+            client_ip,
+            method: &method,
+            path: uri.path(),
             status,
+            elapsed: start.elapsed(),
+            request_id: &rid,
+            trace_id: &trace_id,
         },
-        elapsed.as_secs_f64(),
     );
-    if rt.config.access_log {
-        tracing::info!(
-            target: "shopmesh::access",
-            client = %client_ip.map(|i| i.to_string()).unwrap_or_default(),
-            method = %method,
-            path = %uri.path(),
-            status,
-            route = &*outcome.route,
-            variant = outcome.variant.as_deref().unwrap_or(""),
-            cluster = outcome.cluster.as_deref().unwrap_or(""),
-            endpoint = outcome.endpoint.as_deref().unwrap_or(""),
-            attempts = outcome.attempts,
-            caller = outcome.caller.as_deref().unwrap_or(""),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            request_id = rid.to_str().unwrap_or(""),
-            trace_id = %trace_id,
-        );
-    }
     res
-}
-
-/// Who sent a request: the connection's peer, whether it is a trusted proxy, and the
-/// client's address (worked out once per request).
-#[derive(Clone, Copy)]
-struct Sender {
-    peer: IpAddr,
-    trusted: bool,
-    ip: IpAddr,
-}
-
-impl Sender {
-    fn of(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> Self {
-        let trusted = rt.is_trusted(peer);
-        let ip = if trusted {
-            client_ip(rt, peer, headers)
-        } else {
-            peer
-        };
-        Sender { peer, trusted, ip }
-    }
-}
-
-/// Behind a trusted proxy, the first address from the right of `X-Forwarded-For` that is not
-/// a trusted proxy.
-fn client_ip(rt: &Runtime, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    let mut ip = peer;
-    let hops: Vec<&str> = headers
-        .get_all(&names::X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .collect();
-    for hop in hops.iter().rev() {
-        let hop = hop.trim();
-        let parsed = hop
-            .parse::<IpAddr>()
-            .or_else(|_| hop.parse::<SocketAddr>().map(|a| a.ip()));
-        match parsed {
-            Ok(addr) => {
-                ip = addr;
-                if !rt.is_trusted(addr) {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    ip
 }
 
 pub(crate) fn problem(p: Problem) -> Response<Body> {
@@ -512,7 +416,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names instead of nine removals.
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
@@ -533,88 +437,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn auth_problem(e: &AuthError) -> Problem {
-    match e {
-        AuthError::KeysUnavailable(_) => {
-            Problem::unavailable("the identity provider's keys cannot be fetched; retry shortly")
-        }
-        AuthError::Expired => Problem::unauthorized("the access token has expired"),
-        AuthError::Revoked => Problem::unauthorized("the access token was revoked; sign in again"),
-        _ => Problem::unauthorized("the access token is not valid"),
-    }
-}
-
-/// The caller a request was authenticated as.
-struct Caller {
-    id: String,
-    roles: Vec<String>,
-    scopes: Vec<String>,
-    api_key: Option<String>,
-    /// The token's claims (none for an API key).
-    claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
-}
-
-/// Verifies whatever credentials came with the request. `Ok(None)`: anonymous.
-async fn authenticate(rt: &Runtime, req: &mut Request<Body>) -> Result<Option<Caller>, Problem> {
-    // The key never goes upstream, whichever credential is used.
-    let presented_key = rt
-        .api_keys
-        .as_ref()
-        .and_then(|k| req.headers_mut().remove(&k.header));
-    let bearer = match req.headers().get(header::AUTHORIZATION) {
-        None => None,
-        Some(v) => match v.to_str().ok().and_then(|s| {
-            let (scheme, token) = s.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        }) {
-            Some(t) if !t.is_empty() => Some(t.to_owned()),
-            _ => {
-                return Err(Problem::unauthorized(
-                    "expected `Authorization: Bearer <token>`",
-                ));
-            }
-        },
-    };
-    if let Some(token) = bearer {
-        let Some(jwt) = &rt.jwt else {
-            return Err(Problem::unauthorized("bearer tokens are not accepted here"));
-        };
-        return match jwt.verify(&token).await {
-            Ok(id) => Ok(Some(Caller {
-                id: id.subject,
-                roles: id.roles,
-                scopes: id.scopes,
-                api_key: None,
-                claims: Some(id.claims),
-            })),
-            Err(e) => {
-                tracing::debug!(error = %e, "token refused");
-                Err(auth_problem(&e))
-            }
-        };
-    }
-    if let Some(keys) = &rt.api_keys
-        && let Some(presented) = presented_key
-    {
-        return match keys.find(presented.as_bytes()) {
-            Some(k) => Ok(Some(Caller {
-                id: format!("apikey:{}", k.name),
-                roles: k.roles.clone(),
-                scopes: Vec::new(),
-                api_key: Some(k.name.clone()),
-                claims: None,
-            })),
-            None => Err(Problem::unauthorized("the API key is not valid")),
-        };
-    }
-    Ok(None)
-}
-
 /// The path and query sent upstream: `path` (normalised, maybe rewritten) and the client's
 /// query. When `path` is what the client sent (the usual case) the client's own target is
 /// reused, shared; but only when its text starts with that path: an absolute-form
 /// `http://host?q` has the path `/` and the text `?q`, which an HTTP/2 upstream refuses.
-fn upstream_target(uri: &Uri, path: String) -> Option<http::uri::PathAndQuery> {
+pub(crate) fn upstream_target(uri: &Uri, path: String) -> Option<http::uri::PathAndQuery> {
     if path == uri.path()
         && let Some(pq) = uri
             .path_and_query()
@@ -630,7 +457,7 @@ fn upstream_target(uri: &Uri, path: String) -> Option<http::uri::PathAndQuery> {
 }
 
 /// Methods a retry cannot turn into a second effect (RFC 9110 §9.2.2).
-fn idempotent(m: &http::Method) -> bool {
+pub(crate) fn idempotent(m: &http::Method) -> bool {
     matches!(
         *m,
         http::Method::GET
@@ -642,558 +469,7 @@ fn idempotent(m: &http::Method) -> bool {
     )
 }
 
-fn rate_limit_headers(res: &mut Response<Body>, d: &Decision) {
-    let h = res.headers_mut();
-    h.insert("ratelimit-limit", HeaderValue::from(d.limit));
-    h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
-    h.insert(
-        "ratelimit-reset",
-        HeaderValue::from(d.reset.as_secs_f64().ceil() as u64),
-    );
-}
-
-async fn route_and_forward(
-    rt: &Runtime,
-    mut req: Request<Body>,
-    client: Option<Sender>,
-    websocket: bool,
-) -> (Outcome, Response<Body>) {
-    let client_ip = client.map(|c| c.ip);
-    // 1. Nobody but the gateway speaks for the caller's identity.
-    let spoofed: Vec<HeaderName> = req
-        .headers()
-        .keys()
-        .filter(|k| k.as_str().starts_with(TRUSTED_HEADER_PREFIX))
-        .cloned()
-        .collect();
-    for k in spoofed {
-        req.headers_mut().remove(k);
-    }
-
-    // 2. Normalise the path: what is matched is what is forwarded.
-    let path = match crate::router::normalize(req.uri().path()) {
-        Ok(p) => p,
-        Err(e) => {
-            return (
-                Outcome::new(rt.unmatched.clone()),
-                problem(Problem::bad_request(e.to_string())),
-            );
-        }
-    };
-
-    // 3. Route.
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    let matched = crate::router::match_path(&path);
-    let Some((route, params)) = rt.routes.iter().find_map(|r| {
-        r.matcher
-            .matches(req.method(), host, &matched, req.headers())
-            .map(|params| (r, params))
-    }) else {
-        return (
-            Outcome::new(rt.unmatched.clone()),
-            problem(Problem::not_found("no route matches this request")),
-        );
-    };
-    let mut outcome = Outcome::new(route.name.clone());
-    if let Target::Cluster(c) = &route.target {
-        outcome.cluster = Some(c.name.clone());
-    }
-    let tls = req.extensions().get::<ConnInfo>().is_some_and(|c| c.tls);
-
-    // 4. Authenticate and authorise.
-    let caller = match authenticate(rt, &mut req).await {
-        Ok(c) => c,
-        Err(p) => {
-            metrics::counter!("gateway_auth_failures_total", "route" => route.name.clone())
-                .increment(1);
-            return (outcome, problem(p));
-        }
-    };
-    match &caller {
-        None if route.needs_identity() => {
-            return (
-                outcome,
-                problem(Problem::unauthorized("credentials are required")),
-            );
-        }
-        Some(c) => {
-            if !route.auth.roles.is_empty() && !c.roles.iter().any(|r| route.auth.roles.contains(r))
-            {
-                outcome.caller = Some(c.id.clone());
-                return (
-                    outcome,
-                    problem(Problem::forbidden(
-                        "the caller lacks a role this route requires",
-                    )),
-                );
-            }
-            if !route.auth.scopes.iter().all(|s| c.scopes.contains(s)) {
-                outcome.caller = Some(c.id.clone());
-                return (
-                    outcome,
-                    problem(Problem::forbidden(
-                        "the token lacks a scope this route requires",
-                    )),
-                );
-            }
-            let h = req.headers_mut();
-            match HeaderValue::from_str(&c.id) {
-                Ok(v) => h.insert(names::USER_ID.clone(), v),
-                Err(_) => {
-                    return (
-                        outcome,
-                        problem(Problem::unauthorized("the credentials are not valid")),
-                    );
-                }
-            };
-            if let Ok(v) = HeaderValue::from_str(&c.roles.join(",")) {
-                h.insert(names::USER_ROLES.clone(), v);
-            }
-            outcome.caller = Some(c.id.clone());
-        }
-        None => {}
-    }
-    // The client's address as a header value, made once (it is also the peer's, and so the
-    // whole `X-Forwarded-For`, whenever the peer is not a trusted proxy).
-    let client_ip_value = client_ip.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok());
-    if let Some(v) = &client_ip_value {
-        req.headers_mut()
-            .insert(names::CLIENT_IP.clone(), v.clone());
-    }
-
-    // 5. Rate limit.
-    let mut limit_decision = None;
-    if let Some(limiter) = &route.limiter {
-        let ip = || client_ip.map(|i| i.to_string()).unwrap_or_default();
-        let key = match route.limit_key {
-            RateLimitKey::Ip => ip(),
-            RateLimitKey::Route => String::new(),
-            RateLimitKey::User => caller.as_ref().map(|c| c.id.clone()).unwrap_or_else(ip),
-            RateLimitKey::ApiKey => caller
-                .as_ref()
-                .and_then(|c| c.api_key.clone())
-                .unwrap_or_else(ip),
-        };
-        let d = limiter.check(&route.name, &key).await;
-        if !d.allowed {
-            metrics::counter!("gateway_ratelimit_rejections_total", "route" => route.name.clone())
-                .increment(1);
-            let secs = d.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            let mut res = problem(Problem::too_many_requests(secs));
-            rate_limit_headers(&mut res, &d);
-            return (outcome, res);
-        }
-        limit_decision = Some(d);
-    }
-
-    // 6. Bound the body: refuse at once when the declared length is too big; a streamed
-    // body that grows past the limit is cut.
-    let max = route.max_body;
-    let content_length = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if content_length.is_some_and(|len| len > max) {
-        return (outcome, problem(Problem::payload_too_large(max as usize)));
-    }
-
-    // 7. A composite fans out and merges; anything else is forwarded (to the variant the
-    // split assigns), idempotent body-less requests retried within the cluster's budget.
-    let mut set_cookie = None;
-    let cluster = match &route.target {
-        Target::Cluster(c) => c,
-        Target::Split(split) => {
-            let a = split.assign(
-                req.headers(),
-                req.uri().query(),
-                caller.as_ref().map(|c| c.id.as_str()),
-                tls,
-            );
-            outcome.variant = Some(a.variant.name.clone());
-            outcome.cluster = Some(a.variant.cluster.name.clone());
-            set_cookie = a.set_cookie;
-            if let Ok(v) = HeaderValue::from_str(&a.variant.name) {
-                req.headers_mut().insert(crate::traffic::VARIANT_HEADER, v);
-            }
-            &a.variant.cluster
-        }
-        Target::Aggregate(composite) => {
-            let mut res = composite
-                .serve(Incoming {
-                    params,
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                    caller: caller.as_ref().map(|c| CallerView {
-                        id: &c.id,
-                        roles: &c.roles,
-                        claims: c.claims.as_deref(),
-                    }),
-                    deadline: route.deadline(),
-                })
-                .await;
-            if let Some(d) = &limit_decision {
-                rate_limit_headers(&mut res, d);
-            }
-            // HEAD: hyper sends the headers (the length included) and drops the body.
-            return (outcome, res);
-        }
-        Target::Document(doc) => return (outcome, doc.serve().await),
-    };
-    let forwarded_path = if route.strip_prefix.is_some() || route.add_prefix.is_some() {
-        crate::router::rewrite(
-            &path,
-            route.strip_prefix.as_deref(),
-            route.add_prefix.as_deref(),
-        )
-    } else {
-        path
-    };
-    let Some(path_and_query) = upstream_target(req.uri(), forwarded_path) else {
-        return (
-            outcome,
-            problem(Problem::bad_request("the request target is not valid")),
-        );
-    };
-    // A WebSocket: the client's side of the tunnel, once the upstream agrees. Only where
-    // the route allows it, and not to HTTP/2 upstreams.
-    let client_upgrade =
-        (websocket && route.websocket && cluster.version() == http::Version::HTTP_11)
-            .then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let original_host = parts.headers.remove(header::HOST);
-    // Forwarding headers: believed (and extended) only from trusted proxies; from anyone
-    // else they are replaced, so an upstream reading any of them sees the truth.
-    let peer = client.map(|c| c.peer);
-    let trusted = client.is_some_and(|c| c.trusted);
-    let prior_xff = trusted
-        .then(|| {
-            parts
-                .headers
-                .get_all(&names::X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .filter(|x| !x.is_empty());
-    if !trusted {
-        for h in [
-            "forwarded",
-            "x-real-ip",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-        ] {
-            parts.headers.remove(h);
-        }
-    }
-    parts.headers.remove(&names::X_FORWARDED_FOR);
-    if let Some(ip) = peer {
-        let xff = match (prior_xff, &client_ip_value) {
-            (None, Some(v)) if client_ip == Some(ip) => Some(v.clone()),
-            (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
-            (None, _) => HeaderValue::from_str(&ip.to_string()).ok(),
-        };
-        if let Some(v) = xff {
-            parts.headers.insert(names::X_FORWARDED_FOR.clone(), v);
-        }
-    }
-    if !parts.headers.contains_key(&names::X_FORWARDED_HOST)
-        && let Some(host) = original_host.or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        })
-    {
-        parts.headers.insert(names::X_FORWARDED_HOST.clone(), host);
-    }
-    if !parts.headers.contains_key(&names::X_FORWARDED_PROTO) {
-        let proto = if tls { "https" } else { "http" };
-        parts.headers.insert(
-            names::X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(proto),
-        );
-    }
-    if client_upgrade.is_some() {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts
-            .headers
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    } else if cluster.version() == http::Version::HTTP_11 && parts.headers.contains_key(header::TE)
-    {
-        // `te: trailers` is hop-by-hop in HTTP/1.1: named in `Connection`.
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("te"));
-    }
-    parts.version = cluster.version();
-
-    let hash_key: Option<Vec<u8>> = match &cluster.hash_on {
-        Some(HashOn::Header(h)) => parts.headers.get(h).map(|v| v.as_bytes().to_vec()),
-        Some(HashOn::Cookie(name)) => cookie(&parts.headers, name).map(|c| c.into_bytes()),
-        None => None,
-    };
-    let bodiless = body.is_end_stream();
-    let retryable = idempotent(&parts.method) && bodiless;
-    let timeout = route.timeout.unwrap_or(cluster.request_timeout);
-    // Shadow traffic: the copy leaves before the request, on its own task. A copied body
-    // is read first (it is small, and must arrive within the route's timeout).
-    let mirror = route
-        .mirror
-        .as_ref()
-        .filter(|m| client_upgrade.is_none() && m.sample(content_length, bodiless));
-    let body = match mirror {
-        None => body,
-        Some(m) => {
-            let buffered = if bodiless {
-                None
-            } else {
-                match tokio::time::timeout(timeout, crate::traffic::buffer(body, m.max_body)).await
-                {
-                    Ok(Some(b)) => Some(b),
-                    Ok(None) => {
-                        return (
-                            outcome,
-                            problem(Problem::bad_request("the request body could not be read")),
-                        );
-                    }
-                    Err(_) => {
-                        return (
-                            outcome,
-                            problem(
-                                Problem::typed(
-                                    http::StatusCode::REQUEST_TIMEOUT,
-                                    "request-timeout",
-                                    "Request Timeout",
-                                )
-                                .detail("the request body did not arrive in time"),
-                            ),
-                        );
-                    }
-                }
-            };
-            if let Some(shadow) = m.slot() {
-                shadow.send(
-                    parts.method.clone(),
-                    path_and_query.clone(),
-                    parts.headers.clone(),
-                    buffered.clone(),
-                    m.cluster.request_timeout,
-                );
-            }
-            match buffered {
-                Some(b) => Full::new(b).map_err(|never| match never {}).boxed(),
-                None => empty(),
-            }
-        }
-    };
-    let mut body = Some(Limited::new(body, max as usize).boxed());
-    cluster.deposit();
-    let mut last_endpoint: Option<Arc<crate::cluster::Endpoint>> = None;
-    loop {
-        outcome.attempts += 1;
-        let Some(lease) = cluster.pick(hash_key.as_deref(), last_endpoint.as_deref()) else {
-            metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "no_endpoint").increment(1);
-            return (
-                outcome,
-                problem(Problem::unavailable(
-                    "no healthy upstream endpoint; retry shortly",
-                )),
-            );
-        };
-        outcome.endpoint = Some(lease.endpoint.url.clone());
-        let uri = match Uri::builder()
-            .scheme(lease.endpoint.scheme.clone())
-            .authority(lease.endpoint.authority.clone())
-            .path_and_query(path_and_query.clone())
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => {
-                return (
-                    outcome,
-                    problem(Problem::bad_request("the request target is not valid")),
-                );
-            }
-        };
-        let mut upstream_req = Request::new(body.take().unwrap_or_else(empty));
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.headers_mut() = if retryable {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
-        *upstream_req.version_mut() = parts.version;
-
-        let sent = tokio::time::timeout(timeout, cluster.client().request(upstream_req)).await;
-        let can_retry = retryable && outcome.attempts <= cluster.retry_attempts;
-        match sent {
-            Err(_) => {
-                // With a body, a slow client may be the cause: no verdict on the endpoint.
-                if bodiless {
-                    lease.finish(false);
-                }
-                metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "timeout").increment(1);
-                return (
-                    outcome,
-                    problem(Problem::gateway_timeout(
-                        "the upstream service did not answer in time",
-                    )),
-                );
-            }
-            Ok(Err(e)) => {
-                if is_length_limit(&e) {
-                    // The client's fault: the lease goes back without a verdict.
-                    return (outcome, problem(Problem::payload_too_large(max as usize)));
-                }
-                let ep = lease.endpoint.clone();
-                // A broken request body is the client's doing, not the endpoint's.
-                if bodiless || e.is_connect() {
-                    lease.finish(false);
-                }
-                tracing::warn!(error = %e, route = &*route.name, endpoint = %outcome.endpoint.as_deref().unwrap_or(""), "upstream request failed");
-                metrics::counter!("gateway_upstream_errors_total", "route" => route.name.clone(), "kind" => "connect").increment(1);
-                if can_retry && cluster.withdraw() {
-                    metrics::counter!("gateway_retries_total", "cluster" => cluster.name.clone())
-                        .increment(1);
-                    last_endpoint = Some(ep);
-                    continue;
-                }
-                return (
-                    outcome,
-                    problem(Problem::bad_gateway("the upstream service is unreachable")),
-                );
-            }
-            Ok(Ok(res)) => {
-                let failed = res.status().is_server_error();
-                let ep = lease.endpoint.clone();
-                lease.finish(!failed);
-                if failed
-                    && can_retry
-                    && matches!(res.status().as_u16(), 502..=504)
-                    && cluster.withdraw()
-                {
-                    metrics::counter!("gateway_retries_total", "cluster" => cluster.name.clone())
-                        .increment(1);
-                    last_endpoint = Some(ep);
-                    continue;
-                }
-                let mut res = res;
-                let tunnel = if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    let agreed = res
-                        .headers()
-                        .get(header::UPGRADE)
-                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-                    let Some(client_side) = client_upgrade.filter(|_| agreed) else {
-                        tracing::warn!(route = &*route.name, "upstream switched protocols unasked");
-                        return (
-                            outcome,
-                            problem(Problem::bad_gateway("the upstream answered unexpectedly")),
-                        );
-                    };
-                    let upstream_side = hyper::upgrade::on(&mut res);
-                    tunnel(
-                        client_side,
-                        upstream_side,
-                        route.name.clone(),
-                        parts.extensions.get::<ConnInfo>().cloned(),
-                        Duration::from_millis(rt.config.limits.websocket_idle_timeout_ms),
-                    );
-                    Some(HeaderValue::from_static("websocket"))
-                } else {
-                    None
-                };
-                let (mut rparts, rbody) = res.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
-                if let Some(proto) = tunnel {
-                    rparts
-                        .headers
-                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    rparts.headers.insert(header::UPGRADE, proto);
-                }
-                let mut res = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
-                if let Some(d) = &limit_decision {
-                    rate_limit_headers(&mut res, d);
-                }
-                if let Some(c) = set_cookie {
-                    res.headers_mut().append(header::SET_COOKIE, c);
-                }
-                return (outcome, res);
-            }
-        }
-    }
-}
-
-/// Joins the two sides of a WebSocket once both are handed over, and copies bytes both
-/// ways until both have closed, or nothing has moved for `idle`. The client connection's
-/// slot is held meanwhile.
-fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    route: Arc<str>,
-    conn: Option<ConnInfo>,
-    idle: Duration,
-) {
-    tokio::spawn(async move {
-        let _slot = conn;
-        match tokio::try_join!(client, upstream) {
-            Ok((c, u)) => {
-                let gauge = metrics::gauge!("gateway_websockets_open", "route" => route);
-                gauge.increment(1.0);
-                if let Err(e) = pump(TokioIo::new(c), TokioIo::new(u), idle).await {
-                    tracing::debug!(error = %e, "WebSocket ended with an error");
-                }
-                gauge.decrement(1.0);
-            }
-            Err(e) => tracing::debug!(error = %e, "upgrade not completed"),
-        }
-    });
-}
-
-/// Copies both ways, passing on half-closes, until both sides are done or `idle` passes
-/// with no byte either way.
-async fn pump<A, B>(mut a: A, mut b: B, idle: Duration) -> std::io::Result<()>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut buf_a, mut buf_b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
-    let (mut a_open, mut b_open) = (true, true);
-    while a_open || b_open {
-        tokio::select! {
-            r = a.read(&mut buf_a), if a_open => match r? {
-                0 => {
-                    a_open = false;
-                    b.shutdown().await?;
-                }
-                n => b.write_all(&buf_a[..n]).await?,
-            },
-            r = b.read(&mut buf_b), if b_open => match r? {
-                0 => {
-                    b_open = false;
-                    a.shutdown().await?;
-                }
-                n => a.write_all(&buf_b[..n]).await?,
-            },
-            _ = tokio::time::sleep(idle) => {
-                tracing::debug!("WebSocket idle; closed");
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
-}
-
-fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if err.is::<LengthLimitError>() {

@@ -1,0 +1,321 @@
+//! Phase `forward`: the request goes upstream, and the upstream's answer comes back.
+//!
+//! Reads everything earlier phases decided (the route, the chosen cluster, the normalised
+//! path, the rate-limit decision). Applies the route's rewrite, sets the forwarding headers
+//! (`X-Forwarded-*`, believed and extended only from trusted proxies), copies a sample to
+//! the route's shadow cluster (`mirror`), picks an endpoint (balancer, health, breakers),
+//! sends with the route's timeout and retries idempotent body-less requests within the
+//! cluster's budget, joins a WebSocket's two sides into a tunnel, and strips hop-by-hop
+//! headers from the answer. Ends every request: with the upstream's answer, or 502 (the
+//! upstream failed or answered unexpectedly), 503 (no endpoint available), 504 (no answer
+//! in time), 413 (a streamed body past the limit), 400/408 (a body the mirror could not
+//! read).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full, Limited};
+use shopmesh_platform::problem::Problem;
+
+use super::variant::Chosen;
+use super::{Ctx, limit, tunnel};
+use crate::config::HashOn;
+use crate::proxy::{
+    Body, empty, idempotent, is_length_limit, names, problem, strip_hop_by_hop, upstream_target,
+};
+use crate::ratelimit::Decision;
+use crate::runtime::Route;
+use crate::server::ConnInfo;
+use crate::traffic::cookie;
+
+/// What the earlier phases hand to `forward`.
+pub(super) struct Forward<'rt> {
+    pub route: &'rt Route,
+    pub chosen: Chosen<'rt>,
+    /// The normalised path.
+    pub path: String,
+    /// The declared body length.
+    pub content_length: Option<u64>,
+    pub limit: Option<Decision>,
+}
+
+pub(super) async fn run(
+    ctx: &mut Ctx<'_>,
+    f: Forward<'_>,
+    mut req: Request<Body>,
+) -> Response<Body> {
+    let cluster = f.chosen.cluster;
+    let client = ctx.client;
+    let client_ip = client.map(|c| c.ip);
+    let client_ip_value = ctx.client_ip_value.clone();
+    let tls = ctx.tls;
+    let forwarded_path = if f.route.strip_prefix.is_some() || f.route.add_prefix.is_some() {
+        crate::router::rewrite(
+            &f.path,
+            f.route.strip_prefix.as_deref(),
+            f.route.add_prefix.as_deref(),
+        )
+    } else {
+        f.path
+    };
+    let Some(path_and_query) = upstream_target(req.uri(), forwarded_path) else {
+        return problem(Problem::bad_request("the request target is not valid"));
+    };
+    // A WebSocket: the client's side of the tunnel, once the upstream agrees. Only where
+    // the route allows it, and not to HTTP/2 upstreams.
+    let client_upgrade =
+        (ctx.websocket && f.route.websocket && cluster.version() == http::Version::HTTP_11)
+            .then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let original_host = parts.headers.remove(header::HOST);
+    // Forwarding headers: believed (and extended) only from trusted proxies; from anyone
+    // else they are replaced, so an upstream reading any of them sees the truth.
+    let peer = client.map(|c| c.peer);
+    let trusted = client.is_some_and(|c| c.trusted);
+    let prior_xff = trusted
+        .then(|| {
+            parts
+                .headers
+                .get_all(&names::X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|x| !x.is_empty());
+    if !trusted {
+        for h in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ] {
+            parts.headers.remove(h);
+        }
+    }
+    parts.headers.remove(&names::X_FORWARDED_FOR);
+    if let Some(ip) = peer {
+        let xff = match (prior_xff, &client_ip_value) {
+            (None, Some(v)) if client_ip == Some(ip) => Some(v.clone()),
+            (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
+            (None, _) => HeaderValue::from_str(&ip.to_string()).ok(),
+        };
+        if let Some(v) = xff {
+            parts.headers.insert(names::X_FORWARDED_FOR.clone(), v);
+        }
+    }
+    if !parts.headers.contains_key(&names::X_FORWARDED_HOST)
+        && let Some(host) = original_host.or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+    {
+        parts.headers.insert(names::X_FORWARDED_HOST.clone(), host);
+    }
+    if !parts.headers.contains_key(&names::X_FORWARDED_PROTO) {
+        let proto = if tls { "https" } else { "http" };
+        parts.headers.insert(
+            names::X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(proto),
+        );
+    }
+    if client_upgrade.is_some() {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    } else if cluster.version() == http::Version::HTTP_11 && parts.headers.contains_key(header::TE)
+    {
+        // `te: trailers` is hop-by-hop in HTTP/1.1: named in `Connection`.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("te"));
+    }
+    parts.version = cluster.version();
+
+    let hash_key: Option<Vec<u8>> = match &cluster.hash_on {
+        Some(HashOn::Header(h)) => parts.headers.get(h).map(|v| v.as_bytes().to_vec()),
+        Some(HashOn::Cookie(name)) => cookie(&parts.headers, name).map(|c| c.into_bytes()),
+        None => None,
+    };
+    let bodiless = body.is_end_stream();
+    let retryable = idempotent(&parts.method) && bodiless;
+    let timeout = f.route.timeout.unwrap_or(cluster.request_timeout);
+    // Shadow traffic: the copy leaves before the request, on its own task. A copied body
+    // is read first (it is small, and must arrive within the route's timeout).
+    let mirror = f
+        .route
+        .mirror
+        .as_ref()
+        .filter(|m| client_upgrade.is_none() && m.sample(f.content_length, bodiless));
+    let body = match mirror {
+        None => body,
+        Some(m) => {
+            let buffered = if bodiless {
+                None
+            } else {
+                match tokio::time::timeout(timeout, crate::traffic::buffer(body, m.max_body)).await
+                {
+                    Ok(Some(b)) => Some(b),
+                    Ok(None) => {
+                        return problem(Problem::bad_request("the request body could not be read"));
+                    }
+                    Err(_) => {
+                        return problem(
+                            Problem::typed(
+                                http::StatusCode::REQUEST_TIMEOUT,
+                                "request-timeout",
+                                "Request Timeout",
+                            )
+                            .detail("the request body did not arrive in time"),
+                        );
+                    }
+                }
+            };
+            if let Some(shadow) = m.slot() {
+                shadow.send(
+                    parts.method.clone(),
+                    path_and_query.clone(),
+                    parts.headers.clone(),
+                    buffered.clone(),
+                    m.cluster.request_timeout,
+                );
+            }
+            match buffered {
+                Some(b) => Full::new(b).map_err(|never| match never {}).boxed(),
+                None => empty(),
+            }
+        }
+    };
+    let mut body = Some(Limited::new(body, f.route.max_body as usize).boxed());
+    cluster.deposit();
+    let mut last_endpoint: Option<Arc<crate::cluster::Endpoint>> = None;
+    loop {
+        ctx.outcome.attempts += 1;
+        let Some(lease) = cluster.pick(hash_key.as_deref(), last_endpoint.as_deref()) else {
+            metrics::counter!("gateway_upstream_errors_total", "route" => f.route.name.clone(), "kind" => "no_endpoint").increment(1);
+            return problem(Problem::unavailable(
+                "no healthy upstream endpoint; retry shortly",
+            ));
+        };
+        ctx.outcome.endpoint = Some(lease.endpoint.url.clone());
+        let uri = match Uri::builder()
+            .scheme(lease.endpoint.scheme.clone())
+            .authority(lease.endpoint.authority.clone())
+            .path_and_query(path_and_query.clone())
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => {
+                return problem(Problem::bad_request("the request target is not valid"));
+            }
+        };
+        let mut upstream_req = Request::new(body.take().unwrap_or_else(empty));
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.headers_mut() = if retryable {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        *upstream_req.version_mut() = parts.version;
+
+        let sent = tokio::time::timeout(timeout, cluster.client().request(upstream_req)).await;
+        let can_retry = retryable && ctx.outcome.attempts <= cluster.retry_attempts;
+        match sent {
+            Err(_) => {
+                // With a body, a slow client may be the cause: no verdict on the endpoint.
+                if bodiless {
+                    lease.finish(false);
+                }
+                metrics::counter!("gateway_upstream_errors_total", "route" => f.route.name.clone(), "kind" => "timeout").increment(1);
+                return problem(Problem::gateway_timeout(
+                    "the upstream service did not answer in time",
+                ));
+            }
+            Ok(Err(e)) => {
+                if is_length_limit(&e) {
+                    // The client's fault: the lease goes back without a verdict.
+                    return problem(Problem::payload_too_large(f.route.max_body as usize));
+                }
+                let ep = lease.endpoint.clone();
+                // A broken request body is the client's doing, not the endpoint's.
+                if bodiless || e.is_connect() {
+                    lease.finish(false);
+                }
+                tracing::warn!(error = %e, route = &*f.route.name, endpoint = %ctx.outcome.endpoint.as_deref().unwrap_or(""), "upstream request failed");
+                metrics::counter!("gateway_upstream_errors_total", "route" => f.route.name.clone(), "kind" => "connect").increment(1);
+                if can_retry && cluster.withdraw() {
+                    metrics::counter!("gateway_retries_total", "cluster" => cluster.name.clone())
+                        .increment(1);
+                    last_endpoint = Some(ep);
+                    continue;
+                }
+                return problem(Problem::bad_gateway("the upstream service is unreachable"));
+            }
+            Ok(Ok(res)) => {
+                let failed = res.status().is_server_error();
+                let ep = lease.endpoint.clone();
+                lease.finish(!failed);
+                if failed
+                    && can_retry
+                    && matches!(res.status().as_u16(), 502..=504)
+                    && cluster.withdraw()
+                {
+                    metrics::counter!("gateway_retries_total", "cluster" => cluster.name.clone())
+                        .increment(1);
+                    last_endpoint = Some(ep);
+                    continue;
+                }
+                let mut res = res;
+                let tunnel = if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    let agreed = res
+                        .headers()
+                        .get(header::UPGRADE)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+                    let Some(client_side) = client_upgrade.filter(|_| agreed) else {
+                        tracing::warn!(
+                            route = &*f.route.name,
+                            "upstream switched protocols unasked"
+                        );
+                        return problem(Problem::bad_gateway("the upstream answered unexpectedly"));
+                    };
+                    let upstream_side = hyper::upgrade::on(&mut res);
+                    tunnel::open(
+                        client_side,
+                        upstream_side,
+                        f.route.name.clone(),
+                        parts.extensions.get::<ConnInfo>().cloned(),
+                        Duration::from_millis(ctx.rt.config.limits.websocket_idle_timeout_ms),
+                    );
+                    Some(HeaderValue::from_static("websocket"))
+                } else {
+                    None
+                };
+                let (mut rparts, rbody) = res.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                if let Some(proto) = tunnel {
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    rparts.headers.insert(header::UPGRADE, proto);
+                }
+                let mut res = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
+                if let Some(d) = &f.limit {
+                    limit::headers(&mut res, d);
+                }
+                if let Some(c) = f.chosen.set_cookie {
+                    res.headers_mut().append(header::SET_COOKIE, c);
+                }
+                return res;
+            }
+        }
+    }
+}
