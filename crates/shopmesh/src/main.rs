@@ -107,6 +107,15 @@ struct GatewayArgs {
     /// stopping accepting and draining, so that balancers stop sending first.
     #[arg(long, env = "SHOPMESH_PRESTOP_DELAY_MS", default_value_t = 0)]
     prestop_delay_ms: u64,
+    /// Replaces the configuration's `admin.listen`: several instances on one host share
+    /// the proxy's address (SO_REUSEPORT) but each needs its own admin port.
+    #[arg(long, env = "SHOPMESH_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Write this process's id here once it serves (rewritten by the new process of an
+    /// upgrade: SIGUSR2 starts the binary now at this one's path with the listening
+    /// sockets handed over, and this one drains once the new one serves).
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -505,9 +514,19 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
         };
     }
     let _ = telemetry::prometheus();
-    let gw = shopmesh_gateway::server::Standalone::start(
+    // The path this process was started from, read now: once an upgrade has replaced the
+    // file, /proc/self/exe names the deleted one.
+    let exe = std::env::current_exe();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut signals = GatewaySignals::new()?;
+    let gw = shopmesh_gateway::server::Standalone::start_with(
         path.clone(),
-        Duration::from_millis(a.reload_poll_ms.max(50)),
+        shopmesh_gateway::server::StartOptions {
+            poll: Duration::from_millis(a.reload_poll_ms.max(50)),
+            admin_listen: a.admin_listen,
+            inherited: shopmesh_gateway::server::handover::Inherited::from_env(),
+            ..Default::default()
+        },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -515,11 +534,87 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     if let Some(admin) = gw.admin {
         println!("  admin    http://{admin}/clusters");
     }
-    shutdown_signal().await;
-    health::prestop(&gw.readiness, Duration::from_millis(a.prestop_delay_ms)).await;
+    if let Some(p) = &a.pid_file {
+        write_pid_file(p)?;
+    }
+    gw.announce_ready();
+    let upgraded = loop {
+        match signals.next().await {
+            GatewaySignal::Stop => break false,
+            GatewaySignal::Upgrade => {
+                let exe = match &exe {
+                    Ok(exe) => exe,
+                    Err(e) => {
+                        tracing::error!(error = %e, "upgrade impossible: this binary's path is unknown");
+                        continue;
+                    }
+                };
+                match gw.upgrade(exe, &args, Duration::from_secs(60)).await {
+                    Ok(pid) => {
+                        tracing::info!(pid, "upgraded: the new process serves; draining");
+                        break true;
+                    }
+                    Err(e) => tracing::error!(error = %e, "upgrade failed; serving on"),
+                }
+            }
+        }
+    };
+    if upgraded {
+        // No pre-stop delay: the listening sockets are the new process's too, nothing
+        // has to stop sending here.
+        gw.readiness.drain();
+    } else {
+        health::prestop(&gw.readiness, Duration::from_millis(a.prestop_delay_ms)).await;
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     gw.shutdown().await;
+    if !upgraded && let Some(p) = &a.pid_file {
+        // Only this process's own id: after an upgrade the file is the new one's.
+        if std::fs::read_to_string(p).is_ok_and(|s| s.trim() == std::process::id().to_string()) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
     Ok(())
+}
+
+/// Writes this process's id to `path`, replacing it at once (no reader sees half a file).
+fn write_pid_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write the pid file {}", path.display()))
+}
+
+enum GatewaySignal {
+    /// SIGTERM or Ctrl-C: drain and exit.
+    Stop,
+    /// SIGUSR2: upgrade to the binary at this one's path.
+    Upgrade,
+}
+
+/// The gateway's signal streams, installed once: a signal that arrives between two waits
+/// is not lost.
+struct GatewaySignals {
+    term: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl GatewaySignals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("SIGTERM")?,
+            usr2: signal(SignalKind::user_defined2()).context("SIGUSR2")?,
+        })
+    }
+
+    async fn next(&mut self) -> GatewaySignal {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => GatewaySignal::Stop,
+            _ = self.term.recv() => GatewaySignal::Stop,
+            _ = self.usr2.recv() => GatewaySignal::Upgrade,
+        }
+    }
 }
 
 async fn dlq(a: DlqArgs) -> anyhow::Result<()> {
