@@ -17,7 +17,7 @@ use crate::breaker::{Breaker, Permit, State};
 use crate::config::{
     BreakerConfig, ClusterConfig, HashOn, HealthCheckConfig, LoadBalancer, UpstreamProtocol,
 };
-use crate::proxy::{HttpClient, empty};
+use crate::wire::{HttpClient, empty};
 
 /// One upstream endpoint. Survives reloads that keep it (same cluster, URL and breaker
 /// settings), so its health and breaker state are not forgotten.

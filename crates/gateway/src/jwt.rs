@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::JwtConfig;
-use crate::proxy::{Body, HttpClient, empty};
+use crate::wire::{Body, HttpClient, empty};
 
 /// The identity a verified token carries.
 #[derive(Debug, Clone)]

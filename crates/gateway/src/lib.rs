@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod aggregate;
 pub mod breaker;
+mod check;
 pub mod cluster;
 pub mod config;
 pub mod jwt;
@@ -35,6 +36,7 @@ pub mod runtime;
 pub mod server;
 pub mod tls;
 pub mod traffic;
+mod wire;
 
 pub use config::GatewayConfig;
 pub use proxy::Gateway;

@@ -30,8 +30,8 @@ use serde_json::{Map, Value, json};
 use shopmesh_platform::problem::Problem;
 
 use crate::config::{GatewayConfig, OpenApiConfig, PartConfig, RouteConfig};
-use crate::proxy::{Body, HttpClient, full, problem};
 use crate::router::{Matcher, Template, normalize};
+use crate::wire::{Body, HttpClient, full, problem};
 
 /// Largest upstream document accepted.
 const MAX_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
@@ -161,7 +161,7 @@ pub async fn fetch_documents(
 async fn get_json(client: &HttpClient, url: &str) -> Result<Value, String> {
     let req = http::Request::get(url)
         .header(header::ACCEPT, "application/json")
-        .body::<Body>(crate::proxy::empty())
+        .body::<Body>(crate::wire::empty())
         .map_err(|e| e.to_string())?;
     let fetch = async {
         let res = client.request(req).await.map_err(|e| e.to_string())?;

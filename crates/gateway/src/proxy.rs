@@ -10,33 +10,17 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full, LengthLimitError};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use shopmesh_platform::problem::Problem;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response};
+use http_body_util::BodyExt;
 use tower::Service;
 use tracing::Instrument;
 
 use crate::config::{ConfigError, GatewayConfig};
 use crate::runtime::Runtime;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Body type on both sides of the gateway.
-pub type Body = BoxBody<Bytes, BoxError>;
-pub type HttpClient = Client<HttpConnector, Body>;
-
-pub fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
-}
-
-pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
-}
+pub use crate::wire::{Body, BoxError, HttpClient, empty};
+use crate::wire::{connection_has, names, strip_hop_by_hop};
 
 /// The peer address of the connection a request came on (set by the server loop).
 #[derive(Debug, Clone, Copy)]
@@ -367,119 +351,6 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     res
 }
 
-pub(crate) fn problem(p: Problem) -> Response<Body> {
-    let mut res = Response::new(full(p.to_body()));
-    *res.status_mut() = p.status;
-    for (name, value) in p.headers() {
-        res.headers_mut().insert(name, value);
-    }
-    res
-}
-
-/// Header names the proxy and the composites set on every request, parsed once (a `&str`
-/// name is parsed and validated on every map operation).
-pub(crate) mod names {
-    use http::HeaderName;
-    pub static REQUEST_ID: HeaderName =
-        HeaderName::from_static(shopmesh_platform::REQUEST_ID_HEADER);
-    pub static USER_ID: HeaderName = HeaderName::from_static(shopmesh_platform::USER_ID_HEADER);
-    pub static USER_ROLES: HeaderName =
-        HeaderName::from_static(shopmesh_platform::USER_ROLES_HEADER);
-    pub static CLIENT_IP: HeaderName = HeaderName::from_static(shopmesh_platform::CLIENT_IP_HEADER);
-    pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-    pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-    pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-    pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-}
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-/// (`Trailer` is end-to-end: HTTP/1.1 senders name the trailer fields in it.)
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("http2-settings"),
-];
-
-/// Whether the `Connection` header lists `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names instead of nine removals.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
-    }
-}
-
-/// The path and query sent upstream: `path` (normalised, maybe rewritten) and the client's
-/// query. When `path` is what the client sent (the usual case) the client's own target is
-/// reused, shared; but only when its text starts with that path: an absolute-form
-/// `http://host?q` has the path `/` and the text `?q`, which an HTTP/2 upstream refuses.
-pub(crate) fn upstream_target(uri: &Uri, path: String) -> Option<http::uri::PathAndQuery> {
-    if path == uri.path()
-        && let Some(pq) = uri
-            .path_and_query()
-            .filter(|pq| pq.as_str().starts_with('/'))
-    {
-        return Some(pq.clone());
-    }
-    let target = match uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    http::uri::PathAndQuery::try_from(target).ok()
-}
-
-/// Methods a retry cannot turn into a second effect (RFC 9110 §9.2.2).
-pub(crate) fn idempotent(m: &http::Method) -> bool {
-    matches!(
-        *m,
-        http::Method::GET
-            | http::Method::HEAD
-            | http::Method::OPTIONS
-            | http::Method::TRACE
-            | http::Method::PUT
-            | http::Method::DELETE
-    )
-}
-
-pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<LengthLimitError>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,40 +395,5 @@ mod tests {
             assert_eq!(v.len(), 55);
             assert!(v.to_str().unwrap().ends_with("-01"), "{bad}");
         }
-    }
-
-    #[test]
-    fn upstream_target_reuses_the_clients_only_when_it_is_the_same() {
-        let t = |uri: &str, path: &str| {
-            upstream_target(&uri.parse().unwrap(), path.to_owned())
-                .unwrap()
-                .as_str()
-                .to_owned()
-        };
-        assert_eq!(t("/a/b?x=1", "/a/b"), "/a/b?x=1");
-        assert_eq!(t("/a/b?", "/a/b"), "/a/b?");
-        assert_eq!(t("/a/%7Eb?x=1", "/a/~b"), "/a/~b?x=1");
-        assert_eq!(t("/api/x?y", "/x"), "/x?y");
-        // Absolute form with a query and no path: the path is `/`, never the bare `?x=1`
-        // (which is what the parsed target's own text is).
-        let bare: Uri = "http://gw.example?x=1".parse().unwrap();
-        assert_eq!(
-            (bare.path(), bare.path_and_query().unwrap().as_str()),
-            ("/", "?x=1")
-        );
-        assert_eq!(t("http://gw.example?x=1", "/"), "/?x=1");
-        assert_eq!(t("http://gw.example", "/"), "/");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_go() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("close, x-secret"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("1"));
-        h.insert("accept", HeaderValue::from_static("*/*"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("accept"));
     }
 }

@@ -18,10 +18,10 @@ use crate::cluster::Cluster;
 use crate::config::{AuthConfig, ConfigError, GatewayConfig, RateLimitKey};
 use crate::jwt::JwtVerifier;
 use crate::openapi::PublicDocument;
-use crate::proxy::HttpClient;
 use crate::ratelimit::{Limiter, LocalLimiter, SharedStore};
 use crate::router::Matcher;
 use crate::traffic::{Mirror, Split};
+use crate::wire::HttpClient;
 
 /// Where a route's requests go.
 pub enum Target {

@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 use crate::cluster::Cluster;
 use crate::config::{MirrorConfig, SplitConfig, Stickiness, VariantRules};
-use crate::proxy::Body;
+use crate::wire::Body;
 
 /// The request header that tells an upstream which variant it serves.
 pub const VARIANT_HEADER: &str = "x-shopmesh-variant";
@@ -308,7 +308,7 @@ impl Shadow {
                     Some(b) => http_body_util::Full::new(b)
                         .map_err(|never| match never {})
                         .boxed(),
-                    None => crate::proxy::empty(),
+                    None => crate::wire::empty(),
                 };
                 let mut req = Request::new(body);
                 *req.method_mut() = method;

@@ -28,7 +28,7 @@ use shopmesh_platform::Problem;
 
 use crate::cluster::Cluster;
 use crate::config::{AggregateConfig, PartConfig};
-use crate::proxy::{Body, empty, names};
+use crate::wire::{Body, empty, names};
 use cache::{PartCache, Via};
 use template::{Context, Encoding, Template, Unresolved};
 
@@ -909,7 +909,7 @@ impl Composite {
                 self.parts_section(reports.iter().map(Option::as_ref)),
             );
         }
-        crate::proxy::problem(p)
+        crate::wire::problem(p)
     }
 
     /// Merges the parts into one document.

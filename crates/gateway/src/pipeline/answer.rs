@@ -14,10 +14,10 @@ use http::Request;
 use super::{Caller, Flow, limit};
 use crate::aggregate::{CallerView, Incoming};
 use crate::cluster::Cluster;
-use crate::proxy::Body;
 use crate::ratelimit::Decision;
 use crate::runtime::{Route, Target};
 use crate::traffic::Split;
+use crate::wire::Body;
 
 /// Where a request the gateway does not answer itself goes.
 pub(super) enum Upstream<'rt> {

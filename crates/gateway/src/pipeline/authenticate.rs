@@ -14,8 +14,8 @@ use shopmesh_platform::problem::Problem;
 
 use super::{Ctx, Flow};
 use crate::jwt::AuthError;
-use crate::proxy::{Body, problem};
 use crate::runtime::{Route, Runtime};
+use crate::wire::{Body, problem};
 
 /// The caller a request was authenticated as.
 pub(crate) struct Caller {

@@ -10,8 +10,8 @@ use http::header::HeaderValue;
 use shopmesh_platform::problem::Problem;
 
 use super::{Caller, Ctx, Flow};
-use crate::proxy::{Body, names, problem};
 use crate::runtime::Route;
+use crate::wire::{Body, names, problem};
 
 pub(super) fn run(
     ctx: &mut Ctx<'_>,

@@ -9,8 +9,8 @@ use http::header;
 use shopmesh_platform::problem::Problem;
 
 use super::Flow;
-use crate::proxy::{Body, problem};
 use crate::runtime::Route;
+use crate::wire::{Body, problem};
 
 pub(super) fn run(route: &Route, req: &Request<Body>) -> Flow<Option<u64>> {
     let content_length = req

@@ -23,13 +23,11 @@ use shopmesh_platform::problem::Problem;
 use super::variant::Chosen;
 use super::{Ctx, limit, tunnel};
 use crate::config::HashOn;
-use crate::proxy::{
-    Body, empty, idempotent, is_length_limit, names, problem, strip_hop_by_hop, upstream_target,
-};
 use crate::ratelimit::Decision;
 use crate::runtime::Route;
 use crate::server::ConnInfo;
 use crate::traffic::cookie;
+use crate::wire::{Body, empty, is_length_limit, names, problem, strip_hop_by_hop};
 
 /// What the earlier phases hand to `forward`.
 pub(super) struct Forward<'rt> {
@@ -317,5 +315,67 @@ pub(super) async fn run(
                 return res;
             }
         }
+    }
+}
+
+/// The path and query sent upstream: `path` (normalised, maybe rewritten) and the client's
+/// query. When `path` is what the client sent (the usual case) the client's own target is
+/// reused, shared; but only when its text starts with that path: an absolute-form
+/// `http://host?q` has the path `/` and the text `?q`, which an HTTP/2 upstream refuses.
+fn upstream_target(uri: &Uri, path: String) -> Option<http::uri::PathAndQuery> {
+    if path == uri.path()
+        && let Some(pq) = uri
+            .path_and_query()
+            .filter(|pq| pq.as_str().starts_with('/'))
+    {
+        return Some(pq.clone());
+    }
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    http::uri::PathAndQuery::try_from(target).ok()
+}
+
+/// Methods a retry cannot turn into a second effect (RFC 9110 §9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Uri;
+
+    use super::*;
+
+    #[test]
+    fn upstream_target_reuses_the_clients_only_when_it_is_the_same() {
+        let t = |uri: &str, path: &str| {
+            upstream_target(&uri.parse().unwrap(), path.to_owned())
+                .unwrap()
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(t("/a/b?x=1", "/a/b"), "/a/b?x=1");
+        assert_eq!(t("/a/b?", "/a/b"), "/a/b?");
+        assert_eq!(t("/a/%7Eb?x=1", "/a/~b"), "/a/~b?x=1");
+        assert_eq!(t("/api/x?y", "/x"), "/x?y");
+        // Absolute form with a query and no path: the path is `/`, never the bare `?x=1`
+        // (which is what the parsed target's own text is).
+        let bare: Uri = "http://gw.example?x=1".parse().unwrap();
+        assert_eq!(
+            (bare.path(), bare.path_and_query().unwrap().as_str()),
+            ("/", "?x=1")
+        );
+        assert_eq!(t("http://gw.example?x=1", "/"), "/?x=1");
+        assert_eq!(t("http://gw.example", "/"), "/");
     }
 }

@@ -8,7 +8,7 @@ use http::Request;
 use http::header::HeaderName;
 use shopmesh_platform::TRUSTED_HEADER_PREFIX;
 
-use crate::proxy::Body;
+use crate::wire::Body;
 
 pub(super) fn run(req: &mut Request<Body>) {
     let spoofed: Vec<HeaderName> = req

@@ -10,9 +10,9 @@ use shopmesh_platform::problem::Problem;
 
 use super::{Caller, Ctx, Flow};
 use crate::config::RateLimitKey;
-use crate::proxy::{Body, problem};
 use crate::ratelimit::Decision;
 use crate::runtime::Route;
+use crate::wire::{Body, problem};
 
 pub(super) async fn run(
     ctx: &Ctx<'_>,

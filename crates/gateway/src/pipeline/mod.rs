@@ -32,8 +32,8 @@ use std::sync::Arc;
 use http::header::{HeaderMap, HeaderValue};
 use http::{Request, Response};
 
-use crate::proxy::{Body, names};
 use crate::runtime::Runtime;
+use crate::wire::{Body, names};
 
 pub(crate) use authenticate::Caller;
 

@@ -8,7 +8,7 @@ use http::Request;
 use shopmesh_platform::problem::Problem;
 
 use super::Flow;
-use crate::proxy::{Body, problem};
+use crate::wire::{Body, problem};
 
 pub(super) fn run(req: &Request<Body>) -> Flow<String> {
     crate::router::normalize(req.uri().path())

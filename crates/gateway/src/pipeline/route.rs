@@ -11,8 +11,8 @@ use http::header;
 use shopmesh_platform::problem::Problem;
 
 use super::{Ctx, Flow, Outcome};
-use crate::proxy::{Body, problem};
 use crate::runtime::{Route, Target};
+use crate::wire::{Body, problem};
 
 pub(super) fn run<'rt>(
     ctx: &mut Ctx<'rt>,

@@ -14,7 +14,7 @@ use http::header::HeaderValue;
 use super::answer::Upstream;
 use super::{Caller, Ctx};
 use crate::cluster::Cluster;
-use crate::proxy::Body;
+use crate::wire::Body;
 
 /// The cluster chosen, and the variant cookie a first-time caller gets.
 pub(super) struct Chosen<'rt> {

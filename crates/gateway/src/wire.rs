@@ -1,0 +1,127 @@
+//! The wire primitives every part of the gateway shares: the body and client types,
+//! problem answers, the header names the gateway sets, hop-by-hop headers. A leaf: it imports
+//! nothing else of the gateway.
+
+use bytes::Bytes;
+use http::Response;
+use http::header::{self, HeaderMap, HeaderName};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, LengthLimitError};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use shopmesh_platform::problem::Problem;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body type on both sides of the gateway.
+pub type Body = BoxBody<Bytes, BoxError>;
+pub type HttpClient = Client<HttpConnector, Body>;
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub(crate) fn problem(p: Problem) -> Response<Body> {
+    let mut res = Response::new(full(p.to_body()));
+    *res.status_mut() = p.status;
+    for (name, value) in p.headers() {
+        res.headers_mut().insert(name, value);
+    }
+    res
+}
+
+/// Header names the proxy and the composites set on every request, parsed once (a `&str`
+/// name is parsed and validated on every map operation).
+pub(crate) mod names {
+    use http::HeaderName;
+    pub static REQUEST_ID: HeaderName =
+        HeaderName::from_static(shopmesh_platform::REQUEST_ID_HEADER);
+    pub static USER_ID: HeaderName = HeaderName::from_static(shopmesh_platform::USER_ID_HEADER);
+    pub static USER_ROLES: HeaderName =
+        HeaderName::from_static(shopmesh_platform::USER_ROLES_HEADER);
+    pub static CLIENT_IP: HeaderName = HeaderName::from_static(shopmesh_platform::CLIENT_IP_HEADER);
+    pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+/// (`Trailer` is end-to-end: HTTP/1.1 senders name the trailer fields in it.)
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Whether the `Connection` header lists `token`.
+pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of nine removals.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use http::header::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+}
