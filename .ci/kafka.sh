@@ -46,6 +46,10 @@ install_durable() {
 }
 
 storage() {
+  # A restart keeps the storage the server was started with.
+  if [ -z "${KAFKA_STORAGE:-}" ] && [ "${RESTARTING:-}" = 1 ] && [ -f "$KAFKA_DIR/storage" ]; then
+    cat "$KAFKA_DIR/storage"; return
+  fi
   case "${KAFKA_STORAGE:-}" in
     memory) echo memory ;;
     durable) echo durable ;;
@@ -56,8 +60,10 @@ storage() {
 
 start() {
   if up; then echo "Kafka (Tansu) already answers on 127.0.0.1:$PORT"; return; fi
-  local bin engine
-  if [ "$(storage)" = durable ]; then
+  local bin engine kind
+  kind=$(storage)
+  echo "$kind" >"$KAFKA_DIR/storage"
+  if [ "$kind" = durable ]; then
     install_durable
     bin=$TANSU_ROOT/bin/tansu
     engine="sqlite://$KAFKA_DIR/tansu.db"
@@ -87,7 +93,7 @@ stop() {
 case "${1:-start}" in
   start) start ;;
   stop) stop ;;
-  restart) stop; start ;;
+  restart) stop; RESTARTING=1 start ;;
   status) up ;;
   install-durable) install_durable ;;
   *) echo "usage: $0 [start|stop|restart|status|install-durable]" >&2; exit 2 ;;

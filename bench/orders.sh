@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # End-to-end order saga throughput and latency on `shopmesh up`: embedded broker with the
-# services on SQLite and on PostgreSQL, then PostgreSQL with RabbitMQ and with NATS JetStream;
+# services on SQLite and on PostgreSQL, then PostgreSQL with RabbitMQ, with NATS JetStream and
+# with Kafka (Tansu: .ci/kafka.sh);
 # pgbench -N on the same machine as the database's ceiling, and each broker adapter's raw
 # publish→consume rate (`shopmesh bench broker`) so the bottleneck is visible. Orders are driven through the gateway with hey; saga latency is measured per
 # order from its own timestamps (placed → CONFIRMED/CANCELLED).
 #
 # Needs: hey, sqlite3, psql, pgbench (Debian: hey sqlite3 postgresql-client postgresql-contrib).
 # Usage: bench/orders.sh [seconds-of-load (default 10)]
-#   SQLITE_ONLY=1 runs SQLite only; PG_ONLY=1 skips SQLite; NO_BROKERS=1 skips RabbitMQ and NATS;
-#   BROKERS_ONLY=1 runs only the PostgreSQL + RabbitMQ/NATS configurations.
-#   AMQP_URL / NATS_URL (default amqp://guest:guest@127.0.0.1:5672, nats://127.0.0.1:4222).
+#   SQLITE_ONLY=1 runs SQLite only; PG_ONLY=1 skips SQLite; NO_BROKERS=1 skips RabbitMQ, NATS
+#   and Kafka; BROKERS_ONLY=1 runs only the PostgreSQL + RabbitMQ/NATS/Kafka configurations;
+#   NO_RABBITMQ=1, NO_NATS=1, NO_KAFKA=1 skip one of them.
+#   AMQP_URL / NATS_URL / KAFKA_URL (default amqp://guest:guest@127.0.0.1:5672,
+#   nats://127.0.0.1:4222, kafka://127.0.0.1:9092).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
@@ -18,6 +21,7 @@ PG_ADMIN="postgres://postgres@127.0.0.1:5432/test"
 PG_DB=shopmesh_bench
 AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+KAFKA_URL=${KAFKA_URL:-kafka://127.0.0.1:9092}
 ADMIN=http://127.0.0.1:19901
 for tool in hey sqlite3 psql pgbench curl; do command -v $tool >/dev/null || { echo "missing: $tool"; exit 1; }; done
 
@@ -110,7 +114,9 @@ drive() { # config, [per-worker rate]
 bench_config() { # config, extra flags...
   local cfg=$1; shift
   BROKER_KIND=embedded
-  case "$*" in *amqp://*) BROKER_KIND=rabbitmq ;; *nats://*) BROKER_KIND=nats ;; esac
+  case "$*" in
+    *amqp://*) BROKER_KIND=rabbitmq ;; *nats://*) BROKER_KIND=nats ;; *kafka://*) BROKER_KIND=kafka ;;
+  esac
   rm -rf "$WORK/data"
   start --seed-products 1000 "$@"; stop
   # Plenty of stock so every order can be confirmed.
@@ -138,23 +144,30 @@ L1="orders: sqlite skipped (PG_ONLY set)"
 [ -n "${PG_ONLY:-}${BROKERS_ONLY:-}" ] || L1=$(bench_config sqlite)
 L2="orders: postgres skipped (SQLITE_ONLY or BROKERS_ONLY set)"
 [ -n "${SQLITE_ONLY:-}${BROKERS_ONLY:-}" ] || L2=$(bench_config postgres --database "postgres://postgres@127.0.0.1:5432/$PG_DB")
-L3="orders: pg+rabbitmq skipped"; L4="orders: pg+nats skipped"; R1=; R2=
+L3="orders: pg+rabbitmq skipped"; L4="orders: pg+nats skipped"; L5="orders: pg+kafka skipped"
+R1=; R2=; R3=
 if [ -z "${SQLITE_ONLY:-}${NO_BROKERS:-}" ]; then
+  L3="orders: pg+rabbitmq skipped (NO_RABBITMQ set)"
   L4="orders: pg+nats skipped (NO_NATS set)"
+  L5="orders: pg+kafka skipped (NO_KAFKA set)"
   # A fresh namespace per run; its queues and consumers expire an hour after the run.
   NS="bench$(date +%s)"
   q() { case "$1" in *\?*) echo '&' ;; *) echo '?' ;; esac; }
   reset_pg() {
     psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" -c "CREATE DATABASE $PG_DB"
   }
-  reset_pg
-  L3=$(bench_config pg+rabbitmq --database "postgres://postgres@127.0.0.1:5432/$PG_DB" \
+  [ -n "${NO_RABBITMQ:-}" ] || reset_pg
+  [ -n "${NO_RABBITMQ:-}" ] || L3=$(bench_config pg+rabbitmq --database "postgres://postgres@127.0.0.1:5432/$PG_DB" \
     --broker "$AMQP_URL$(q "$AMQP_URL")namespace=${NS}r&expires=3600")
   [ -n "${NO_NATS:-}" ] || reset_pg
   [ -n "${NO_NATS:-}" ] || L4=$(bench_config pg+nats --database "postgres://postgres@127.0.0.1:5432/$PG_DB" \
     --broker "$NATS_URL$(q "$NATS_URL")namespace=${NS}n&expires=3600")
-  R1=$("$BIN" bench broker --broker "$AMQP_URL" --messages 20000)
-  R2=$("$BIN" bench broker --broker "$NATS_URL" --messages 20000)
+  [ -n "${NO_KAFKA:-}" ] || reset_pg
+  [ -n "${NO_KAFKA:-}" ] || L5=$(bench_config pg+kafka --database "postgres://postgres@127.0.0.1:5432/$PG_DB" \
+    --broker "$KAFKA_URL$(q "$KAFKA_URL")namespace=${NS}k")
+  [ -n "${NO_RABBITMQ:-}" ] || R1=$("$BIN" bench broker --broker "$AMQP_URL" --messages 20000)
+  [ -n "${NO_NATS:-}" ] || R2=$("$BIN" bench broker --broker "$NATS_URL" --messages 20000)
+  [ -n "${NO_KAFKA:-}" ] || R3=$("$BIN" bench broker --broker "$KAFKA_URL" --messages 20000)
   # Leave a local RabbitMQ as found: the queues of these runs (the saga's, `bench broker`'s)
   # go now rather than when they expire, since many idle quorum queues slow RabbitMQ down.
   if command -v rabbitmqctl >/dev/null; then
@@ -168,5 +181,7 @@ echo "$L1"
 echo "$L2"
 echo "$L3"
 echo "$L4"
+echo "$L5"
 [ -z "$R1" ] || echo "$R1"
 [ -z "$R2" ] || echo "$R2"
+[ -z "$R3" ] || echo "$R3"

@@ -77,6 +77,8 @@ use crate::{Envelope, partition};
 
 /// How often settled offsets are committed.
 pub const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// How often partitions are paused or resumed for backpressure.
+const FLOW_EVERY: Duration = Duration::from_millis(10);
 /// How long an instance giving partitions up waits for the consumer to settle what it has.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(20);
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -685,16 +687,16 @@ impl Holding {
         Some((h, next))
     }
 
-    /// Offsets to commit that changed since the last commit; with `only`, for those
-    /// partitions alone.
-    fn commits(&mut self, only: Option<&HashSet<Tp>>) -> TopicPartitionList {
+    /// Offsets to commit that changed since the last commit (all of them with `all`: an
+    /// asynchronous commit may have failed unseen); with `only`, for those partitions alone.
+    fn commits(&mut self, only: Option<&HashSet<Tp>>, all: bool) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for (tp, part) in &mut self.parts {
             if only.is_some_and(|o| !o.contains(tp)) {
                 continue;
             }
             let Some(pos) = part.position() else { continue };
-            if part.committed == Some(pos) {
+            if part.committed == Some(pos) && !all {
                 continue;
             }
             if tpl
@@ -707,11 +709,15 @@ impl Holding {
         tpl
     }
 
-    /// How far each partition was fetched, for the `_fetched` group, where it changed.
-    fn fetched(&mut self, only: Option<&HashSet<Tp>>) -> TopicPartitionList {
+    /// How far each partition was fetched, for the `_fetched` group, where it changed (or
+    /// wherever known, with `all`).
+    fn fetched(&mut self, only: Option<&HashSet<Tp>>, all: bool) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for (tp, part) in &mut self.parts {
-            if only.is_some_and(|o| !o.contains(tp)) || part.seen <= part.recorded {
+            if only.is_some_and(|o| !o.contains(tp))
+                || part.seen < 0
+                || (part.seen <= part.recorded && !all)
+            {
                 continue;
             }
             if tpl
@@ -813,8 +819,8 @@ impl ConsumerContext for SubCtx {
                 }
             }
         }
-        let commits = held.commits(Some(&revoked));
-        let fetched = held.fetched(Some(&revoked));
+        let commits = held.commits(Some(&revoked), true);
+        let fetched = held.fetched(Some(&revoked), true);
         // Whatever is still taken (the wait ran out) stays uncommitted: it comes again.
         let left: Vec<i64> = held
             .held
@@ -880,6 +886,9 @@ impl ConsumerContext for SubCtx {
                     }
                     Err(e) => tracing::debug!(error = %e, "Kafka fetched offsets unavailable"),
                 }
+                drop(held);
+                // Assigned afresh: not paused, whatever an earlier assignment left.
+                let _ = consumer.resume(tpl);
                 tracing::debug!(partitions = tpl.count(), "Kafka partitions assigned");
             }
             Rebalance::Revoke(_) => {}
@@ -916,6 +925,7 @@ fn poll_loop(p: Poller) {
         stop,
     } = p;
     let mut last_commit = Instant::now();
+    let mut last_flow = Instant::now();
     let mut topic_names: HashMap<String, Arc<str>> = HashMap::new();
     while !stop.is_cancelled() {
         match consumer.poll(Duration::from_millis(20)) {
@@ -949,9 +959,11 @@ fn poll_loop(p: Poller) {
             }
             None => {}
         }
-        if last_commit.elapsed() >= COMMIT_EVERY {
-            last_commit = Instant::now();
-            let (commits, fetched, pause, resume) = {
+        // Backpressure: a partition holding `prefetch` unsettled messages is paused (librdkafka
+        // drops what it prefetched of it and fetches again from the position on resumption).
+        if last_flow.elapsed() >= FLOW_EVERY {
+            last_flow = Instant::now();
+            let (pause, resume) = {
                 let mut held = sub.lock();
                 let mut pause = TopicPartitionList::new();
                 let mut resume = TopicPartitionList::new();
@@ -965,7 +977,20 @@ fn poll_loop(p: Poller) {
                         part.paused = false;
                     }
                 }
-                (held.commits(None), held.fetched(None), pause, resume)
+                (pause, resume)
+            };
+            if pause.count() > 0 {
+                let _ = consumer.pause(&pause);
+            }
+            if resume.count() > 0 {
+                let _ = consumer.resume(&resume);
+            }
+        }
+        if last_commit.elapsed() >= COMMIT_EVERY {
+            last_commit = Instant::now();
+            let (commits, fetched) = {
+                let mut held = sub.lock();
+                (held.commits(None, false), held.fetched(None, false))
             };
             if fetched.count() > 0 && tracker.commit(&fetched, CommitMode::Async).is_err() {
                 let mut held = sub.lock();
@@ -986,12 +1011,6 @@ fn poll_loop(p: Poller) {
                     }
                 }
             }
-            if pause.count() > 0 {
-                let _ = consumer.pause(&pause);
-            }
-            if resume.count() > 0 {
-                let _ = consumer.resume(&resume);
-            }
         }
     }
     // Closing: what was settled is committed (with how far this instance fetched, so the
@@ -1000,7 +1019,7 @@ fn poll_loop(p: Poller) {
     sub.stopping.store(true, Ordering::SeqCst);
     let (commits, fetched) = {
         let mut held = sub.lock();
-        (held.commits(None), held.fetched(None))
+        (held.commits(None, true), held.fetched(None, true))
     };
     if fetched.count() > 0 {
         let _ = tracker.commit(&fetched, CommitMode::Sync);
@@ -1058,7 +1077,9 @@ fn admit(
         // Not (or no longer) assigned here.
         return;
     };
-    if part.outstanding.contains(&offset) {
+    // Already fetched in this assignment (a fetch again after a pause starts at the
+    // position, but a message handed out twice could break its key's order).
+    if part.next.is_some_and(|n| offset < n) {
         return;
     }
     part.next = Some(offset + 1);
@@ -1187,6 +1208,66 @@ impl Subscription for KafkaSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn held(tp: &Tp, offset: i64, key: &str, tag: i64) -> Held {
+        Held {
+            tp: tp.clone(),
+            offset,
+            key: key.into(),
+            state: State::Waiting,
+            delivery: Delivery {
+                tag,
+                topic: "t".into(),
+                payload: String::new(),
+                attempt: 1,
+            },
+        }
+    }
+
+    /// The committed offset is the oldest unsettled message's, whatever order they settle in;
+    /// a key's next message is offered when the one before it settles.
+    #[test]
+    fn commits_stop_at_the_oldest_unsettled_message() {
+        let tp: Tp = (Arc::from("ns.t"), 0);
+        let mut h = Holding::default();
+        let part = h.parts.entry(tp.clone()).or_default();
+        part.outstanding.extend([5, 6, 7]);
+        part.next = Some(8);
+        part.seen = 7;
+        let mut a = held(&tp, 5, "a", 1);
+        a.state = State::Taken;
+        let mut b = held(&tp, 6, "b", 2);
+        b.state = State::Taken;
+        h.held.insert(1, a);
+        h.held.insert(2, b);
+        h.held.insert(3, held(&tp, 7, "a", 3));
+        h.busy.extend(["a".to_owned(), "b".to_owned()]);
+        h.waiting.entry("a".into()).or_default().push_back(3);
+        let offset = |tpl: &TopicPartitionList| tpl.elements()[0].offset();
+        assert_eq!(offset(&h.commits(None, false)), Offset::Offset(5));
+        assert_eq!(
+            h.commits(None, false).count(),
+            0,
+            "unchanged: nothing to commit"
+        );
+        // b (6) settles first: still 5.
+        assert!(h.remove(2).unwrap().1.is_none());
+        assert_eq!(h.commits(None, false).count(), 0);
+        // a (5) settles: 7, a's next message, is offered.
+        let next = h.remove(1).unwrap().1.unwrap();
+        assert_eq!(next.tag, 3);
+        assert_eq!(h.held[&3].state, State::Ready);
+        assert_eq!(offset(&h.commits(None, false)), Offset::Offset(7));
+        h.remove(3);
+        assert_eq!(offset(&h.commits(None, false)), Offset::Offset(8));
+        assert!(h.busy.is_empty() && h.waiting.is_empty());
+        assert_eq!(
+            h.fetched(None, false).elements()[0].offset(),
+            Offset::Offset(8)
+        );
+        assert_eq!(h.fetched(None, false).count(), 0);
+        assert_eq!(h.fetched(None, true).count(), 1, "all, on revocation");
+    }
 
     #[test]
     fn urls() {
