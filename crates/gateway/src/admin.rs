@@ -2,7 +2,10 @@
 //! required when one is configured, and the config refuses a non-loopback address without
 //! one): `GET /routes`, `GET /clusters` (endpoints, health, breaker states), `GET /config`
 //! (version, last reload error, the configuration with secrets masked), `POST /reload`,
-//! `GET /metrics`, `GET /healthz`.
+//! `GET /metrics`, `GET /healthz`, and the operations console (`/console`, see
+//! [`shopmesh_console`]). Writes from another origin's page are refused
+//! ([`shopmesh_console::guard_writes`]); a browser may present the token as the password of
+//! Basic credentials, which it asks its user for on a console path.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,13 +39,11 @@ async fn require_token(State(s): State<AdminState>, req: Request, next: Next) ->
     }
     let rt = s.gateway.runtime();
     if let Some(token) = rt.config.admin.token.as_deref().filter(|t| !t.is_empty()) {
-        let presented = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let presented = shopmesh_console::presented_token(req.headers()).unwrap_or_default();
         if !same(presented.as_bytes(), token.as_bytes()) {
+            if req.uri().path().starts_with("/console") {
+                return shopmesh_console::challenge();
+            }
             return Problem::unauthorized("the admin API needs its bearer token").into_response();
         }
     }
@@ -84,20 +85,7 @@ async fn clusters(State(s): State<AdminState>) -> Json<Value> {
 }
 
 async fn config(State(s): State<AdminState>) -> Json<Value> {
-    let rt = s.gateway.runtime();
-    let mut cfg = serde_json::to_value(&rt.config).unwrap_or(Value::Null);
-    if let Some(t) = cfg.pointer_mut("/admin/token")
-        && !t.is_null()
-    {
-        *t = json!("********");
-    }
-    if let Some(u) = cfg.pointer_mut("/redis/url")
-        && let Some(s) = u.as_str()
-        && let Some((scheme, rest)) = s.split_once("://")
-        && let Some((_, host)) = rest.rsplit_once('@')
-    {
-        *u = json!(format!("{scheme}://********@{host}"));
-    }
+    let cfg = crate::console::masked(&s.gateway.runtime().config);
     Json(json!({
         "status": s.gateway.status(),
         "source": s.config_path.as_ref().map(|p| p.display().to_string()),
@@ -143,15 +131,34 @@ pub fn api_routes(gateway: Gateway, config_path: Option<PathBuf>) -> Router {
         .with_state(state)
 }
 
-/// The standalone admin API: the routes above, `/metrics`, `/healthz`, and the token check.
+/// The standalone admin API: the routes above, `/metrics`, `/healthz`, the console, and the
+/// token check.
 pub fn router(gateway: Gateway, config_path: Option<PathBuf>) -> Router {
     let state = AdminState {
         gateway: gateway.clone(),
         config_path: None,
     };
+    let console = shopmesh_console::Console::new(crate::console::GatewaySource {
+        gateway: gateway.clone(),
+        path: config_path.clone(),
+    });
+    let g = gateway.clone();
+    let options = shopmesh_console::Options {
+        token_configured: Arc::new(move || {
+            g.runtime()
+                .config
+                .admin
+                .token
+                .as_deref()
+                .is_some_and(|t| !t.is_empty())
+        }),
+    };
     shopmesh_platform::serve::stack(
         "gateway-admin",
-        shopmesh_platform::telemetry::admin_router().merge(api_routes(gateway, config_path)),
+        shopmesh_platform::telemetry::admin_router()
+            .merge(api_routes(gateway, config_path))
+            .merge(shopmesh_console::router(console, options))
+            .layer(axum::middleware::from_fn(shopmesh_console::guard_writes)),
         shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
     )
     .layer(axum::middleware::from_fn_with_state(state, require_token))

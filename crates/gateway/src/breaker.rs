@@ -50,6 +50,19 @@ struct Inner {
     /// Which half-open round the probes belong to: a late answer from an earlier round
     /// counts for nothing in this one.
     round: u64,
+    /// When the state last changed (recorded on transitions only).
+    changed_at: Instant,
+    /// How many times it opened.
+    trips: u64,
+}
+
+/// What the operations console shows of a breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub state: State,
+    /// How long it has been in that state.
+    pub for_: Duration,
+    pub trips: u64,
 }
 
 #[derive(Debug)]
@@ -83,6 +96,8 @@ impl Breaker {
                 probes_in_flight: 0,
                 probes_ok: 0,
                 round: 0,
+                changed_at: now,
+                trips: 0,
             }),
         }
     }
@@ -104,6 +119,23 @@ impl Breaker {
         }
     }
 
+    /// The state as [`Self::state`] reads it, how long it has held and the trips so far.
+    pub fn snapshot(&self) -> Snapshot {
+        let g = self.lock();
+        let (state, since) = match g.state {
+            // Expired: half-open since the moment it expired.
+            State::Open if g.opened_at.elapsed() >= self.open_for() => {
+                (State::HalfOpen, g.opened_at + self.open_for())
+            }
+            s => (s, g.changed_at),
+        };
+        Snapshot {
+            state,
+            for_: since.elapsed(),
+            trips: g.trips,
+        }
+    }
+
     /// Whether a request may go to this endpoint now, without taking a probe slot.
     pub fn is_available(&self) -> bool {
         let g = self.lock();
@@ -122,6 +154,7 @@ impl Breaker {
                 return None;
             }
             g.state = State::HalfOpen;
+            g.changed_at = g.opened_at + self.open_for();
             g.probes_in_flight = 0;
             g.probes_ok = 0;
             g.round += 1;
@@ -194,6 +227,12 @@ impl Breaker {
             // A late answer from before the state changed: it says nothing about now.
             _ => {}
         }
+        if g.state != before {
+            g.changed_at = Instant::now();
+            if g.state == State::Open {
+                g.trips += 1;
+            }
+        }
         (g.state != before).then_some(g.state)
     }
 }
@@ -248,6 +287,9 @@ mod tests {
         assert_eq!(b.record(p1, true), None);
         assert_eq!(b.record(p2, true), Some(State::Closed));
         assert_eq!(b.try_acquire(), Some(Permit::Normal));
+        let s = b.snapshot();
+        assert_eq!((s.state, s.trips), (State::Closed, 1));
+        assert!(s.for_ < Duration::from_millis(50));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -32,6 +32,8 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     probe_ok: AtomicU32,
     probe_fail: AtomicU32,
+    /// Unix milliseconds of the last active health check's answer (0: none yet).
+    last_check: AtomicU64,
 }
 
 impl Endpoint {
@@ -47,6 +49,7 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             probe_ok: AtomicU32::new(0),
             probe_fail: AtomicU32::new(0),
+            last_check: AtomicU64::new(0),
         })
     }
 
@@ -57,6 +60,11 @@ impl Endpoint {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// When the last active health check answered, in Unix milliseconds.
+    pub fn last_check(&self) -> Option<u64> {
+        Some(self.last_check.load(Ordering::Relaxed)).filter(|t| *t > 0)
     }
 
     fn usable(&self) -> bool {
@@ -302,6 +310,10 @@ async fn probe(client: &HttpClient, e: &Endpoint, hc: &HealthCheckConfig) -> boo
 }
 
 fn update_health(cluster: &str, e: &Endpoint, hc: &HealthCheckConfig, ok: bool) {
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    e.last_check.store(at, Ordering::Relaxed);
     let (ok_n, fail_n) = if ok {
         e.probe_fail.store(0, Ordering::Relaxed);
         (e.probe_ok.fetch_add(1, Ordering::Relaxed) + 1, 0)

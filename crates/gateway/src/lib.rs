@@ -24,6 +24,7 @@ pub mod breaker;
 mod check;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod jwt;
 mod observe;
 pub mod openapi;

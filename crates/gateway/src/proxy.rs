@@ -43,6 +43,25 @@ struct ReloadState {
     next_version: u64,
     last_error: Option<String>,
     last_attempt: Option<SystemTime>,
+    /// The latest attempts, for the operations console.
+    history: std::collections::VecDeque<crate::console::ReloadRecord>,
+}
+
+impl ReloadState {
+    fn record(&mut self, ok: bool, version: u64, error: Option<String>, changes: Vec<String>) {
+        let seq = self.history.back().map_or(1, |r| r.seq + 1);
+        self.history.push_back(crate::console::ReloadRecord {
+            seq,
+            at: SystemTime::now(),
+            ok,
+            version,
+            error,
+            changes,
+        });
+        while self.history.len() > crate::console::RELOADS_KEPT {
+            self.history.pop_front();
+        }
+    }
 }
 
 /// What the admin API reports about configuration.
@@ -62,9 +81,13 @@ impl Gateway {
         Ok(Self {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(rt),
-                reload: std::sync::Mutex::new(ReloadState {
-                    next_version: 2,
-                    ..Default::default()
+                reload: std::sync::Mutex::new({
+                    let mut st = ReloadState {
+                        next_version: 2,
+                        ..Default::default()
+                    };
+                    st.record(true, 1, None, vec!["initial configuration".into()]);
+                    st
                 }),
             }),
         })
@@ -112,6 +135,7 @@ impl Gateway {
                 "limits on connections and request heads change only on restart; body limits and the rest are applied"
             );
         }
+        let changes = crate::console::changes(&old.config, &cfg);
         let built = if cfg.tls.is_some() != old.config.tls.is_some() {
             // Clients of a TLS port would be served in the clear, or the other way round.
             Err(ConfigError::Invalid(
@@ -125,6 +149,7 @@ impl Gateway {
                 let version = rt.version;
                 st.next_version += 1;
                 st.last_error = None;
+                st.record(true, version, None, changes);
                 // The old generation's health checks stop first (the endpoints they probe
                 // may be kept); its requests still finish.
                 old.stop.cancel();
@@ -137,11 +162,18 @@ impl Gateway {
             }
             Err(e) => {
                 st.last_error = Some(e.to_string());
+                st.record(false, old.version, Some(e.to_string()), changes);
                 metrics::counter!("gateway_config_reloads_total", "result" => "error").increment(1);
                 tracing::error!(error = %e, "configuration refused; the previous one keeps serving");
                 Err(e)
             }
         }
+    }
+
+    /// The latest configuration attempts (start-up, reloads), oldest first.
+    pub fn reloads(&self) -> Vec<crate::console::ReloadRecord> {
+        let st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
+        st.history.iter().cloned().collect()
     }
 
     /// Reads, validates and applies a configuration file.
@@ -152,6 +184,8 @@ impl Gateway {
                 let mut st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
                 st.last_attempt = Some(SystemTime::now());
                 st.last_error = Some(e.to_string());
+                let serving = self.shared.current.load().version;
+                st.record(false, serving, Some(e.to_string()), Vec::new());
                 metrics::counter!("gateway_config_reloads_total", "result" => "error").increment(1);
                 tracing::error!(error = %e, "configuration refused; the previous one keeps serving");
                 Err(e)
