@@ -73,65 +73,20 @@ async fn services_conform_to_their_documents() {
     let workdir = tempfile::tempdir().expect("a working directory for schemathesis");
     let (mut failed, mut total) = (Vec::new(), 0);
     for name in ServiceName::ALL {
-        let schema = shop.service_url(name, "/openapi.json");
-        let args = [
-            "run",
-            &schema,
-            "--checks",
-            CHECKS,
-            "--max-examples",
-            MAX_EXAMPLES,
-            "--seed",
-            SEED,
-            "--generation-database",
-            "none",
-            // One worker: schemathesis's workers are threads, and CPython before 3.13 can
-            // fail compiling in several threads at once ("AST constructor recursion depth
-            // mismatch", python/cpython#106905), which hypothesis does to describe lambdas.
-            "--workers",
-            "1",
-            "--request-timeout",
-            "20",
-            "--no-color",
-            "--header",
-            &format!("{}: {admin_id}", shopmesh_platform::USER_ID_HEADER),
-            "--header",
-            &format!("{}: admin,customer", shopmesh_platform::USER_ROLES_HEADER),
-        ];
-        let started = Instant::now();
-        let (st, dir) = (st.clone(), workdir.path().to_owned());
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(st).args(args).current_dir(dir).output()
-        })
-        .await
-        .expect("the schemathesis task")
-        .expect("schemathesis runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The summary's line after `Test cases:`, e.g. "1032 generated, 1032 passed".
-        let cases = text
-            .lines()
-            .skip_while(|l| l.trim() != "Test cases:")
-            .nth(1)
-            .unwrap_or("no summary")
-            .trim()
-            .to_owned();
-        total += cases
-            .split(' ')
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        eprintln!(
-            "{name}: {} in {:.0?}; test cases: {cases}",
-            out.status,
-            started.elapsed()
-        );
-        if !out.status.success() {
-            eprintln!("---- schemathesis on {name} ----\n{text}");
+        let run = conform(
+            &st,
+            &shop.service_url(name, "/openapi.json"),
+            &[
+                format!("{}: {admin_id}", shopmesh_platform::USER_ID_HEADER),
+                format!("{}: admin,customer", shopmesh_platform::USER_ROLES_HEADER),
+            ],
+            workdir.path(),
+        )
+        .await;
+        total += run.cases;
+        eprintln!("{name}: {}", run.summary);
+        if !run.passed {
+            eprintln!("---- schemathesis on {name} ----\n{}", run.output);
             failed.push(name);
         }
     }
@@ -141,5 +96,117 @@ async fn services_conform_to_their_documents() {
         failed.is_empty(),
         "these services do not conform to their documents: {failed:?} (schemathesis's output \
          is above)"
+    );
+}
+
+/// One schemathesis run's outcome.
+struct Conformance {
+    passed: bool,
+    /// Test cases generated.
+    cases: u64,
+    /// Exit status, time and the summary's count line.
+    summary: String,
+    /// Everything schemathesis printed.
+    output: String,
+}
+
+/// Runs schemathesis against the document at `schema`, sending `headers` with every request.
+async fn conform(
+    st: &str,
+    schema: &str,
+    headers: &[String],
+    workdir: &std::path::Path,
+) -> Conformance {
+    let mut args: Vec<String> = [
+        "run",
+        schema,
+        "--checks",
+        CHECKS,
+        "--max-examples",
+        MAX_EXAMPLES,
+        "--seed",
+        SEED,
+        "--generation-database",
+        "none",
+        // One worker: schemathesis's workers are threads, and CPython before 3.13 can
+        // fail compiling in several threads at once ("AST constructor recursion depth
+        // mismatch", python/cpython#106905), which hypothesis does to describe lambdas.
+        "--workers",
+        "1",
+        "--request-timeout",
+        "20",
+        "--no-color",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    for h in headers {
+        args.push("--header".into());
+        args.push(h.clone());
+    }
+    let started = Instant::now();
+    let (st, dir) = (st.to_owned(), workdir.to_owned());
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(st).args(args).current_dir(dir).output())
+            .await
+            .expect("the schemathesis task")
+            .expect("schemathesis runs");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The summary's line after `Test cases:`, e.g. "1032 generated, 1032 passed".
+    let cases_line = output
+        .lines()
+        .skip_while(|l| l.trim() != "Test cases:")
+        .nth(1)
+        .unwrap_or("no summary")
+        .trim()
+        .to_owned();
+    Conformance {
+        passed: out.status.success(),
+        cases: cases_line
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0),
+        summary: format!(
+            "{} in {:.0?}; test cases: {cases_line}",
+            out.status,
+            started.elapsed()
+        ),
+        output,
+    }
+}
+
+/// The public document, as a client of the gateway reads it: every operation through the
+/// gateway (composites included), with a signed-in customer's bearer token, sequences
+/// following the documents' links.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs schemathesis: SHOPMESH_TEST_SCHEMATHESIS=1 cargo test -p shopmesh-e2e --test openapi -- --ignored"]
+async fn the_public_document_conforms_through_the_gateway() {
+    let st = schemathesis();
+    let shop = TestShop::start().await;
+    let (_, token) = shop.user().await;
+    let workdir = tempfile::tempdir().expect("a working directory for schemathesis");
+    let run = conform(
+        &st,
+        &shop.url("/openapi.json"),
+        &[format!("authorization: Bearer {token}")],
+        workdir.path(),
+    )
+    .await;
+    eprintln!("gateway: {}", run.summary);
+    shop.shutdown().await;
+    assert!(
+        run.passed,
+        "the gateway does not answer as its public document says:\n{}",
+        run.output
+    );
+    assert!(
+        run.cases > 0,
+        "schemathesis generated nothing:\n{}",
+        run.output
     );
 }

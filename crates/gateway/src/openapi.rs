@@ -496,6 +496,25 @@ impl Ctx<'_> {
                 self.imported.rewrite(cluster, &mut op);
                 declare_path_parameters(&public, &mut op);
                 parameters_not_null(&mut op);
+                if public.contains('{')
+                    && let Some(r) = op.get_mut("responses").and_then(Value::as_object_mut)
+                {
+                    // A parameter the gateway's normalisation removes (`..`, `.`, a segment
+                    // of `;` parameters) leaves the path of another resource, or of none.
+                    for (status, description) in [
+                        (
+                            "404",
+                            "The path, once normalised (dot segments, `;` parameters), names no resource.",
+                        ),
+                        (
+                            "405",
+                            "The path, once normalised (dot segments, `;` parameters), names a resource that does not take this method.",
+                        ),
+                    ] {
+                        r.entry(status)
+                            .or_insert_with(|| json!({ "description": description }));
+                    }
+                }
                 // The gateway removes every `x-shopmesh-*` header a client sends.
                 if let Some(Value::Array(params)) = op.get_mut("parameters") {
                     params.retain(|p| {
@@ -1449,6 +1468,11 @@ routes:
             assert!(item["delete"]["responses"][s].is_object(), "{s}");
         }
         assert!(item["delete"]["responses"]["403"].is_null());
+        // A path parameter normalisation removes leaves another resource's path.
+        assert!(
+            item["delete"]["responses"]["405"]["content"]["application/problem+json"].is_object()
+        );
+        assert!(doc["paths"]["/shop/products"]["post"]["responses"]["405"].is_null());
         assert!(doc["paths"]["/shop/products"]["post"]["responses"]["413"].is_object());
         // A link to an operation another route took is dropped; the other stays.
         let links = &doc["paths"]["/shop/products"]["post"]["responses"]["201"]["links"];
