@@ -1570,6 +1570,27 @@ routes:
         assert_eq!(schema["required"], json!(["offer", "product"]));
     }
 
+    #[tokio::test]
+    async fn a_reload_rebuilds_the_document() {
+        let cfg = |route: &str| {
+            GatewayConfig::from_yaml(&format!(
+                "openapi: {{}}\nclusters: [{{ name: c, endpoints: [\"http://127.0.0.1:1\"] }}]\n\
+                 routes: [{{ name: {route}, match: {{ prefix: /{route} }}, cluster: c }}]\n"
+            ))
+            .unwrap()
+        };
+        let gateway = crate::Gateway::new(cfg("first")).unwrap();
+        let served = |g: &crate::Gateway| {
+            let doc = g.runtime().document.clone().unwrap();
+            async move { serde_json::from_slice::<Value>(&doc.bytes().await.unwrap()).unwrap() }
+        };
+        let before = served(&gateway).await;
+        assert_eq!(before["x-shopmesh-undocumented-routes"], json!(["first"]));
+        gateway.apply(cfg("second")).unwrap();
+        let after = served(&gateway).await;
+        assert_eq!(after["x-shopmesh-undocumented-routes"], json!(["second"]));
+    }
+
     #[test]
     fn openapi_30_form() {
         let mut doc = json!({"openapi": "3.1.0", "components": {"schemas": {"A": {
