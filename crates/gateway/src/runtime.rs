@@ -106,6 +106,8 @@ pub struct Runtime {
     pub(crate) request_metrics: crate::observe::RequestMetrics,
     /// The public API document, when the configuration asks for one.
     pub document: Option<Arc<PublicDocument>>,
+    /// The routes' path patterns as a tree: the candidates for a path in declaration order.
+    pub route_index: crate::router::RouteIndex,
 }
 
 impl Drop for Runtime {
@@ -309,6 +311,7 @@ impl Runtime {
             .iter()
             .filter_map(|p| crate::config::parse_cidr(p))
             .collect();
+        let route_index = crate::router::RouteIndex::new(routes.iter().map(|r| &r.matcher));
         Ok(Self {
             version,
             loaded_at: SystemTime::now(),
@@ -323,6 +326,7 @@ impl Runtime {
             unmatched: "unmatched".into(),
             request_metrics: Default::default(),
             document: document.map(|(_, d)| d),
+            route_index,
             config: cfg,
         })
     }
