@@ -99,6 +99,12 @@ pub fn prometheus() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .expect("static buckets are valid")
+                // Istio's `istio_request_duration_milliseconds` (the mesh's sidecars).
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_milliseconds".into()),
+                    &LATENCY_BUCKETS.iter().map(|s| s * 1000.0).collect::<Vec<_>>(),
+                )
+                .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
