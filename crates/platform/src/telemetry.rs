@@ -102,7 +102,10 @@ pub fn prometheus() -> PrometheusHandle {
                 // Istio's `istio_request_duration_milliseconds` (the mesh's sidecars).
                 .set_buckets_for_metric(
                     Matcher::Suffix("_milliseconds".into()),
-                    &LATENCY_BUCKETS.iter().map(|s| s * 1000.0).collect::<Vec<_>>(),
+                    &LATENCY_BUCKETS
+                        .iter()
+                        .map(|s| s * 1000.0)
+                        .collect::<Vec<_>>(),
                 )
                 .expect("static buckets are valid")
                 .build_recorder();
