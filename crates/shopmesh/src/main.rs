@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod bench;
+mod mesh;
 
 /// mimalloc: the proxy's per-request allocations (headers, bodies, log lines) cost about a
 /// sixth of its CPU under glibc's allocator; mimalloc's per-thread heaps halve that.
@@ -76,6 +77,10 @@ enum Command {
     GatewayConfig(GatewayConfigArgs),
     /// Helpers for the benchmarks under `bench/`.
     Bench(bench::BenchArgs),
+    /// The service mesh's identities: `mesh ca init`, `mesh cert issue`.
+    Mesh(mesh::MeshArgs),
+    /// Run a service mesh sidecar beside one service instance (mutual TLS, policy).
+    Sidecar(mesh::SidecarArgs),
 }
 
 #[derive(Args)]
@@ -358,6 +363,8 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Gateway(a) => gateway(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Mesh(a) => mesh::run(a),
+            Command::Sidecar(a) => mesh::sidecar(a).await,
         }
     })
 }
