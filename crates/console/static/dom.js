@@ -87,7 +87,7 @@ export function spark(cls) {
  * Draws `values` (numbers or null, one a second at the times `times`) over the last
  * `span` seconds; a gap in time or a null breaks the line.
  */
-export function drawSpark(svgEl, times, values, span = 900) {
+export function drawSpark(svgEl, times, values, most = 900) {
   const line = svgEl.lastChild;
   const area = svgEl.firstChild;
   if (!times || times.length === 0) {
@@ -96,6 +96,8 @@ export function drawSpark(svgEl, times, values, span = 900) {
     return;
   }
   const end = times[times.length - 1];
+  // The history there is, up to 15 minutes, at least a minute wide.
+  const span = Math.min(most, Math.max(60, end - times[0]));
   const start = end - span;
   let max = 0;
   for (let i = 0; i < values.length; i++) if (times[i] > start && values[i] > max) max = values[i];

@@ -307,17 +307,21 @@ async fn reload(State(a): State<Actions>) -> Result<Json<Value>, Problem> {
     }
 }
 
-/// Checks a candidate configuration (YAML) as a reload would, without applying it.
-async fn validate(State(a): State<Actions>, body: String) -> Result<Json<Value>, Problem> {
-    let refused = |e: &dyn std::fmt::Display| Problem::unprocessable(format!("invalid: {e}"));
-    let cfg = GatewayConfig::from_yaml(&body).map_err(|e| refused(&e))?;
+/// Checks a candidate configuration (YAML) as a reload would, without applying it: the
+/// verdict is the answer (`valid`, and the error when it is not).
+async fn validate(State(a): State<Actions>, body: String) -> Json<Value> {
+    let refused = |e: &dyn std::fmt::Display| json!({ "valid": false, "error": e.to_string() });
+    let cfg = match GatewayConfig::from_yaml(&body) {
+        Ok(cfg) => cfg,
+        Err(e) => return Json(refused(&e)),
+    };
     let current = a.gateway.runtime();
     let (routes, clusters) = (cfg.routes.len(), cfg.clusters.len());
     // Built (never started) beside the serving generation: what a reload would check.
-    crate::runtime::Runtime::build(cfg, 0, Some(&current)).map_err(|e| refused(&e))?;
-    Ok(Json(
-        json!({ "valid": true, "routes": routes, "clusters": clusters }),
-    ))
+    match crate::runtime::Runtime::build(cfg, 0, Some(&current)) {
+        Ok(_) => Json(json!({ "valid": true, "routes": routes, "clusters": clusters })),
+        Err(e) => Json(refused(&e)),
+    }
 }
 
 /// The console's gateway actions: `POST /config/reload` (from the file, when there is one)

@@ -62,8 +62,13 @@ async fn purge(
         .map_err(problem)
 }
 
-/// `/metrics`, `/healthz`, the gateway's `/routes`, `/clusters`, `/config`, and `GET /dlq`, `GET|DELETE /dlq/{id}`, `POST /dlq/{id}/replay`.
-pub fn router(dead_letters: DeadLetters, gateway: shopmesh_gateway::Gateway) -> Router {
+/// `/metrics`, `/healthz`, the gateway's `/routes`, `/clusters`, `/config`, and `GET /dlq`, `GET|DELETE /dlq/{id}`, `POST /dlq/{id}/replay`,
+/// and the operations console (`/console`). Writes from another origin's page are refused.
+pub fn router(
+    dead_letters: DeadLetters,
+    gateway: shopmesh_gateway::Gateway,
+    console: shopmesh_console::Console,
+) -> Router {
     let dlq = Router::new()
         .route("/dlq", get(list))
         .route("/dlq/{id}", get(show).delete(purge))
@@ -73,7 +78,12 @@ pub fn router(dead_letters: DeadLetters, gateway: shopmesh_gateway::Gateway) -> 
         "admin",
         shopmesh_platform::telemetry::admin_router()
             .merge(dlq)
-            .merge(shopmesh_gateway::admin::api_routes(gateway, None)),
+            .merge(shopmesh_gateway::admin::api_routes(gateway, None))
+            .merge(shopmesh_console::router(
+                console,
+                shopmesh_console::Options::default(),
+            ))
+            .layer(axum::middleware::from_fn(shopmesh_console::guard_writes)),
         shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
     )
 }

@@ -5,6 +5,7 @@
 //! [`services::build`] is what `shopmesh service NAME` runs for one service alone.
 
 pub mod admin;
+pub mod console;
 pub mod dlq;
 pub mod seed;
 pub mod services;
@@ -326,6 +327,8 @@ impl System {
                 async move { db.ping().await.map_err(|e| e.to_string()) }
             });
         }
+        let all_dbs: Vec<(ServiceName, shopmesh_platform::db::Db)> =
+            built.iter().map(|b| (b.name, b.db.clone())).collect();
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for (mut b, (_, listener)) in built.into_iter().zip(listeners) {
@@ -358,7 +361,18 @@ impl System {
         let admin = Server {
             name: "admin",
             listener: admin_listener,
-            router: admin::router(dead_letters, gateway.clone()).merge(readiness.router()),
+            router: admin::router(
+                dead_letters.clone(),
+                gateway.clone(),
+                shopmesh_console::Console::new(console::ShopSource::new(
+                    gateway.clone(),
+                    dead_letters,
+                    readiness.clone(),
+                    all_dbs,
+                    cfg.broker.kind().to_owned(),
+                )),
+            )
+            .merge(readiness.router()),
         };
         let admin_addr = admin.local_addr();
         let (token, drain) = (shutdown.clone(), Duration::from_secs(1));

@@ -31,8 +31,8 @@ async function validate() {
   setText(el.validateOut, 'checking…');
   try {
     const r = await api('/console/api/config/validate', { method: 'POST', body: el.candidate.value });
-    setData(el.validateOut, 'outcome', 'ok');
-    setText(el.validateOut, `valid: ${r.routes} routes, ${r.clusters} clusters`);
+    setData(el.validateOut, 'outcome', r.valid ? 'ok' : 'error');
+    setText(el.validateOut, r.valid ? `valid: ${r.routes} routes, ${r.clusters} clusters` : `invalid: ${r.error}`);
   } catch (e) {
     setData(el.validateOut, 'outcome', 'error');
     setText(el.validateOut, e.message);
