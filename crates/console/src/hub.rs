@@ -274,8 +274,9 @@ impl Console {
             }
             let tick = st.readings.back().map(|(at, prev)| {
                 let secs = now.duration_since(*at).as_secs_f64();
-                let window = &st.readings.front().expect("not empty").1;
-                let mut tick = metrics::tick(t, &totals, prev, window, secs);
+                let (since, window) = st.readings.front().expect("not empty");
+                let window_secs = now.duration_since(*since).as_secs_f64();
+                let mut tick = metrics::tick(t, &totals, prev, (window, window_secs), secs);
                 let clusters: HashMap<&str, &str> = obs
                     .gateway
                     .iter()

@@ -331,6 +331,8 @@ pub struct Point {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RouteTick {
     pub rps: f64,
+    /// Requests per second over the last ten seconds.
+    pub rps_10s: f64,
     pub err: f64,
     /// Latency percentiles in milliseconds over the last ten seconds.
     pub p50: Option<f64>,
@@ -351,6 +353,7 @@ pub struct RouteTick {
 pub struct PartTick {
     pub route: String,
     pub part: String,
+    /// Calls, fallbacks and failures per second over the last ten seconds.
     pub calls: f64,
     pub p50: Option<f64>,
     pub p99: Option<f64>,
@@ -378,9 +381,15 @@ fn per_sec(now: f64, before: f64, secs: f64) -> f64 {
     ((now - before) / secs).max(0.0)
 }
 
-/// The figures between `prev` (one second ago) and `now`, with `window` (about ten
-/// seconds ago) for the percentiles and shares.
-pub fn tick(t: i64, now: &Totals, prev: &Totals, window: &Totals, secs: f64) -> Tick {
+/// The figures between `prev` (`secs` ago) and `now`, with `window` (`window_secs` ago,
+/// about ten) for the percentiles, shares and averages.
+pub fn tick(
+    t: i64,
+    now: &Totals,
+    prev: &Totals,
+    (window, window_secs): (&Totals, f64),
+    secs: f64,
+) -> Tick {
     let secs = secs.max(0.001);
     let mut out = Tick {
         t,
@@ -406,6 +415,7 @@ pub fn tick(t: i64, now: &Totals, prev: &Totals, window: &Totals, secs: f64) -> 
             name.clone(),
             RouteTick {
                 rps: d_req / secs,
+                rps_10s: w_req / window_secs.max(secs),
                 err: if d_req > 0.0 { d_err / d_req } else { 0.0 },
                 p50: ten.quantile_ms(0.5),
                 p95: ten.quantile_ms(0.95),
@@ -451,8 +461,8 @@ pub fn tick(t: i64, now: &Totals, prev: &Totals, window: &Totals, secs: f64) -> 
     let empty_part = PartTotals::default();
     for ((route, part), x) in &now.parts {
         let key = (route.clone(), part.clone());
-        let p = prev.parts.get(&key).unwrap_or(&empty_part);
         let w = window.parts.get(&key).unwrap_or(&empty_part);
+        let wsecs = window_secs.max(secs);
         let ten = x.buckets.since(&w.buckets);
         let lookups = (x.hit + x.shared + x.miss) - (w.hit + w.shared + w.miss);
         let calls = |t: &PartTotals| t.ok + t.fallback + t.failed;
@@ -461,11 +471,11 @@ pub fn tick(t: i64, now: &Totals, prev: &Totals, window: &Totals, secs: f64) -> 
             PartTick {
                 route: route.clone(),
                 part: part.clone(),
-                calls: per_sec(calls(x), calls(p), secs),
+                calls: per_sec(calls(x), calls(w), wsecs),
                 p50: ten.quantile_ms(0.5),
                 p99: ten.quantile_ms(0.99),
-                fallbacks: per_sec(x.fallback, p.fallback, secs),
-                failures: per_sec(x.failed, p.failed, secs),
+                fallbacks: per_sec(x.fallback, w.fallback, wsecs),
+                failures: per_sec(x.failed, w.failed, wsecs),
                 cache_hit: (lookups > 0.0)
                     .then(|| ((x.hit + x.shared) - (w.hit + w.shared)).max(0.0) / lookups),
                 total_fallbacks: x.fallback,
@@ -552,7 +562,7 @@ http_server_requests_total{service="x"} 5
     #[test]
     fn rates_and_percentiles_are_differences() {
         let now = read(TEXT);
-        let tick = tick(0, &now, &Totals::default(), &Totals::default(), 2.0);
+        let tick = tick(0, &now, &Totals::default(), (&Totals::default(), 2.0), 2.0);
         let r = &tick.routes["orders"];
         assert_eq!(r.rps, 50.0);
         assert!((r.err - 0.1).abs() < 1e-9);
@@ -563,7 +573,7 @@ http_server_requests_total{service="x"} 5
         assert_eq!(tick.overview.backlog, 7.0);
         assert_eq!(tick.consumers["inventory"].applied, 20.0);
         // Nothing new: no rate, no percentile.
-        let still = super::tick(0, &now, &now, &now, 1.0);
+        let still = super::tick(0, &now, &now, (&now, 1.0), 1.0);
         assert_eq!(still.routes["orders"].rps, 0.0);
         assert_eq!(still.routes["orders"].p50, None);
     }

@@ -904,12 +904,36 @@ async fn a_dead_letter_is_replayed_from_the_console_and_user_data_stays_text() {
     )
     .await;
     b.shot("feed").await;
+    // Traffic on the composites, the lists and a missing page while the views are shot.
+    let traffic = {
+        let (http, base) = (shop.http.clone(), shop.base.clone());
+        let ids: Vec<String> = (1..=7).map(|n| shop.product(n)).collect();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let id = &ids[n % ids.len()];
+                let _ = http.get(format!("{base}/api/products/{id}")).send().await;
+                let _ = http
+                    .get(format!("{base}/api/products?limit=5"))
+                    .send()
+                    .await;
+                if n % 10 == 0 {
+                    let _ = http
+                        .get(format!("{base}/api/products/missing"))
+                        .send()
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     // Every view, each with a screenshot; nothing ran, nothing failed.
     for v in VIEWS {
         b.view(v).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         b.shot(v).await;
     }
+    traffic.abort();
     assert_eq!(
         b.js("return document.querySelectorAll('img').length;")
             .await,

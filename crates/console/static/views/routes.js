@@ -106,7 +106,7 @@ function update() {
     const c = group._cells;
     const t = ticks[r.name] || {};
     setText(c.target, targetText(r));
-    setText(c.rps, num(t.rps));
+    setText(c.rps, num(t.rps_10s));
     setText(c.p50, ms(t.p50));
     setText(c.p95, ms(t.p95));
     setText(c.p99, ms(t.p99));
@@ -143,7 +143,7 @@ export default {
     const table = h('table', { class: 'grid routes', id: 'routes-table' },
       h('thead', {}, h('tr', {}, ['route', 'target', 'req/s', 'p50', 'p95', 'p99', 'errors', 'limited/s', 'retries/s', 'breakers', 'last 15 min'].map((t) => h('th', {}, t)))));
     body = table;
-    root.append(h('h2', {}, 'Routes'), h('p', { class: 'muted' }, 'Latency percentiles over the last 10 seconds. Open a route to see its endpoints.'),
+    root.append(h('h2', {}, 'Routes'), h('p', { class: 'muted' }, 'Requests/s, errors and latency percentiles over the last 10 seconds. Open a route to see its endpoints.'),
       h('div', { class: 'scroll' }, table));
   },
   update(ctx) {
