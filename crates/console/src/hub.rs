@@ -50,7 +50,7 @@ pub struct Frame {
 pub struct FeedEvent {
     pub id: u64,
     pub t: i64,
-    /// `breaker`, `health`, `reload` or `dead_letter`.
+    /// `breaker`, `health`, `reload`, `dead_letter` or `key`.
     pub kind: &'static str,
     /// `info`, `warn` or `error`.
     pub level: &'static str,
@@ -183,6 +183,12 @@ impl Console {
     /// Observations made so far (for tests: none while nobody watches).
     pub fn observations(&self) -> u64 {
         self.inner.observations.load(Ordering::Relaxed)
+    }
+
+    /// The event feed as it stands (oldest first).
+    #[cfg(test)]
+    pub(crate) fn inner_feed(&self) -> Vec<FeedEvent> {
+        self.lock().feed.iter().cloned().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -453,6 +459,39 @@ impl Console {
                         None,
                     );
                 }
+            }
+        }
+        if let (Some(g), Some(p)) = (&obs.gateway, previous.and_then(|p| p.gateway.as_ref())) {
+            for k in g
+                .signing_keys
+                .iter()
+                .filter(|k| !p.signing_keys.contains(k))
+            {
+                // The first fetch is no rotation.
+                if !p.signing_keys.is_empty() {
+                    event(
+                        "key",
+                        "info",
+                        format!("signing key {k} published"),
+                        Some("a key rotation: tokens it signs are accepted from now on".into()),
+                        Some(k.clone()),
+                        None,
+                    );
+                }
+            }
+            for k in p
+                .signing_keys
+                .iter()
+                .filter(|k| !g.signing_keys.contains(k))
+            {
+                event(
+                    "key",
+                    "info",
+                    format!("signing key {k} retired"),
+                    None,
+                    Some(k.clone()),
+                    None,
+                );
             }
         }
         if let Some(g) = &obs.gateway {

@@ -55,6 +55,8 @@ pub struct GatewayView {
     pub reloads: Vec<ReloadView>,
     pub routes: Vec<RouteView>,
     pub clusters: Vec<ClusterView>,
+    /// The key ids of the JWKS the gateway verifies tokens with (a new one: a rotation).
+    pub signing_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -251,3 +251,48 @@ async fn a_viewer_that_falls_behind_is_dropped() {
         Err(tokio::sync::broadcast::error::RecvError::Lagged(_))
     ));
 }
+
+struct Rotating(AtomicU64);
+
+impl Source for Rotating {
+    fn features(&self) -> Features {
+        Features::default()
+    }
+    fn observe(&self) -> futures::future::BoxFuture<'_, Observation> {
+        let n = self.0.fetch_add(1, Ordering::SeqCst);
+        let keys: &[&str] = match n {
+            0 => &[],
+            1 => &["k1"],
+            2 => &["k1", "k2"],
+            _ => &["k2"],
+        };
+        Box::pin(async move {
+            Observation {
+                gateway: Some(GatewayView {
+                    signing_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+    }
+    fn api(&self) -> Router {
+        Router::new()
+    }
+}
+
+#[tokio::test]
+async fn key_rotations_reach_the_feed() {
+    let console = Console::with_metrics(Rotating(AtomicU64::new(0)), String::new);
+    for _ in 0..4 {
+        console.sample().await;
+    }
+    let feed: Vec<String> = console
+        .inner_feed()
+        .into_iter()
+        .filter(|e| e.kind == "key")
+        .map(|e| e.title)
+        .collect();
+    // The first keys fetched are no rotation; a new one is, and so is a retired one.
+    assert_eq!(feed, ["signing key k2 published", "signing key k1 retired"]);
+}

@@ -121,7 +121,7 @@ function connect() {
   };
   source.addEventListener('snapshot', (e) => { onSnapshot(JSON.parse(e.data)); setConn('live'); });
   source.addEventListener('tick', guard(onTick));
-  for (const kind of ['breaker', 'health', 'reload', 'dead_letter', 'saga']) {
+  for (const kind of ['breaker', 'health', 'reload', 'dead_letter', 'key', 'saga']) {
     source.addEventListener(kind, guard((d) => onEvent(kind, d)));
   }
 }

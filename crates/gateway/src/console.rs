@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::routing::post;
 use serde_json::{Value, json};
 use shopmesh_console::{
-    ClusterView, EndpointView, Features, GatewayView, MirrorView, Observation, PartView,
+    ClusterView, EndpointView, Features, GatewayView, Health, MirrorView, Observation, PartView,
     ReloadView, RouteView, Source, VariantView,
 };
 use shopmesh_platform::Problem;
@@ -283,7 +283,23 @@ pub fn view(gateway: &Gateway, source: Option<&std::path::Path>) -> GatewayView 
             .collect(),
         routes,
         clusters,
+        signing_keys: rt.jwt.as_ref().map(|j| j.key_ids()).unwrap_or_default(),
     }
+}
+
+/// The gateway's own dependencies for the health strip: Redis, when limits are shared.
+pub async fn health(gateway: &Gateway) -> Vec<Health> {
+    let rt = gateway.runtime();
+    let mut out = Vec::new();
+    if let Some(redis) = &rt.redis {
+        let r = redis.ping().await;
+        out.push(Health {
+            name: "redis".into(),
+            status: if r.is_ok() { "ok" } else { "down" },
+            detail: r.err(),
+        });
+    }
+    out
 }
 
 #[derive(Clone)]
@@ -355,6 +371,7 @@ impl Source for GatewaySource {
         Box::pin(async move {
             Observation {
                 gateway: Some(view(&self.gateway, self.path.as_deref())),
+                health: health(&self.gateway).await,
                 ..Default::default()
             }
         })

@@ -105,6 +105,19 @@ const CACHE_ENTRIES: usize = 10_000;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl JwtVerifier {
+    /// The key ids of the JWKS as last fetched (sorted).
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn config(&self) -> &JwtConfig {
         &self.cfg
     }

@@ -151,6 +151,18 @@ impl SharedStore {
         })
     }
 
+    /// Whether Redis answers a `PING` within the configured timeout.
+    pub async fn ping(&self) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(self.timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
     pub async fn check(&self, route: &str, cfg: &RateLimitConfig, key: &str) -> Decision {
         let interval_us = (1_000_000.0 / cfg.per_second).max(1.0).round() as u64;
         let mut conn = self.conn.clone();

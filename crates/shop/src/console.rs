@@ -357,8 +357,14 @@ impl Source for ShopSource {
     fn observe(&self) -> futures::future::BoxFuture<'_, Observation> {
         Box::pin(async move {
             let i = &self.inner;
-            let (health, dead_letters, outboxes, sagas) =
-                tokio::join!(i.health(), i.dead_letters(), i.outboxes(), i.sagas());
+            let (mut health, dead_letters, outboxes, sagas, gateway_health) = tokio::join!(
+                i.health(),
+                i.dead_letters(),
+                i.outboxes(),
+                i.sagas(),
+                shopmesh_gateway::console::health(&i.gateway)
+            );
+            health.extend(gateway_health);
             Observation {
                 gateway: Some(shopmesh_gateway::console::view(&i.gateway, None)),
                 health,

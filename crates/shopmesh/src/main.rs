@@ -390,6 +390,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     );
     println!("  gateway    http://{}", system.gateway);
     println!("  admin      http://{}/metrics", system.admin);
+    println!("  console    http://{}/console", system.admin);
     for (name, addr) in &system.services {
         println!("  {:<11}http://{addr}", name.as_str());
     }
@@ -540,6 +541,7 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     println!("shopmesh gateway listening on http://{}", gw.addr);
     if let Some(admin) = gw.admin {
         println!("  admin    http://{admin}/clusters");
+        println!("  console  http://{admin}/console");
     }
     if let Some(p) = &a.pid_file {
         write_pid_file(p)?;

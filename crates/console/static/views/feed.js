@@ -1,4 +1,5 @@
-// The event feed: breaker changes, health, reloads and dead-letter arrivals, newest first.
+// The event feed: breaker changes, health, reloads, dead-letter arrivals and key rotations,
+// newest first.
 import { h, keyed, setText, setData, clock } from '../dom.js';
 
 let el = {};
@@ -20,7 +21,7 @@ export default {
   mount(root, ctx) {
     el = {};
     el.list = h('ol', { class: 'feed', id: 'feed', reversed: true });
-    const filters = h('div', { class: 'row toolbar' }, ...['breaker', 'health', 'reload', 'dead_letter'].map((k) => {
+    const filters = h('div', { class: 'row toolbar' }, ...['breaker', 'health', 'reload', 'dead_letter', 'key'].map((k) => {
       const cb = h('input', { type: 'checkbox', checked: true, name: k });
       cb.addEventListener('change', () => { if (cb.checked) hidden.delete(k); else hidden.add(k); ctx.refresh(); });
       return h('label', {}, cb, ` ${k.replace('_', ' ')}`);

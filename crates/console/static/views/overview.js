@@ -13,7 +13,13 @@ function card(id, title) {
 
 /** One health item per service/broker/database, plus each cluster from its endpoints. */
 function healthItems(store) {
-  const items = [...(store.state.health || [])];
+  let items = [...(store.state.health || [])];
+  // A broker that reports its connection (RabbitMQ, NATS, Kafka) says whether it is up.
+  const brokers = Object.entries((store.tick && store.tick.brokers) || {});
+  if (brokers.length) {
+    items = items.filter((i) => !i.name.startsWith('broker'));
+    for (const [name, up] of brokers) items.push({ name: `broker ${name}`, status: up ? 'ok' : 'down', detail: up ? 'connected' : 'disconnected' });
+  }
   const g = store.state.gateway;
   if (g) {
     for (const c of g.clusters) {
