@@ -30,7 +30,11 @@ async fn backend(instance: &'static str) -> SocketAddr {
                 .map(|v| v.to_str().unwrap_or("?").to_owned())
                 .unwrap_or_default();
             let n = headers.get_all("x-shopmesh-peer-service").iter().count();
-            format!("{instance} {peer} {n} {}", uri.path())
+            let trace = headers
+                .get("traceparent")
+                .map(|v| v.to_str().unwrap_or("?").to_owned())
+                .unwrap_or_default();
+            format!("{instance} {peer} {n} {} {trace}", uri.path())
         },
     ));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -332,8 +336,9 @@ async fn the_policy_allows_orders_and_denies_catalog() {
     .unwrap();
     assert_eq!(ok.0, 200, "{}", ok.1);
     assert_eq!(
-        ok.1, "p1 orders 1 /api/payment-methods",
-        "the verified caller, once: the forged copy is gone"
+        ok.1,
+        "p1 orders 1 /api/payment-methods 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "the verified caller, once (the forged copy is gone); the trace context carried across"
     );
     // A dot segment does not get around the policy.
     let sneaky = call(
