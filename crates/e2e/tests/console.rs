@@ -182,7 +182,25 @@ struct Browser {
 }
 
 impl Drop for Browser {
+    /// Ends the session first (chromedriver then quits its browser; killing the driver
+    /// alone would leave the browser running), even when the test panicked.
     fn drop(&mut self) {
+        use std::io::{Read, Write};
+        let (addr, path) = self
+            .client
+            .base
+            .strip_prefix("http://")
+            .and_then(|r| r.split_once('/'))
+            .map(|(a, p)| (a.to_owned(), format!("/{p}")))
+            .unwrap_or_default();
+        if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                c,
+                "DELETE {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = c.read_to_end(&mut Vec::new());
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
