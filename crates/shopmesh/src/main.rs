@@ -430,12 +430,17 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         &messaging,
     )
     .await?;
-    let server = Server::bind(
-        a.name.as_str(),
-        SocketAddr::new(a.host, a.port),
-        built.router,
-    )
-    .await?;
+    // SO_REUSEPORT, as the gateway's listeners: a replacement can start on the same port
+    // beside this process before it stops (a rolling restart on one host).
+    let addr = SocketAddr::new(a.host, a.port);
+    let listener = shopmesh_gateway::server::reuseport_listeners(addr, 1)
+        .and_then(|mut l| tokio::net::TcpListener::from_std(l.remove(0)))
+        .with_context(|| format!("{}: cannot listen on {addr}", a.name))?;
+    let server = Server {
+        name: a.name.as_str(),
+        listener,
+        router: built.router,
+    };
     println!("{} listening on http://{}", a.name, server.local_addr());
     let token = CancellationToken::new();
     let drain = Duration::from_secs(10);

@@ -22,6 +22,13 @@
 //! rolling restart of `SO_REUSEPORT` instances needs (1) and the upgrade does not (it runs
 //! with 0 to show it). They fail, never skip, where that is impossible. Each prints lines
 //! `ha: scenario=… ` that `bench/ha.sh` collects.
+//!
+//! `a_restart_of_each_service_under_order_load_fails_no_order` restarts every service
+//! process of the shop run as separate processes (as `processes.rs` does: PostgreSQL and a
+//! real broker, SHOPMESH_TEST_DATABASE and SHOPMESH_TEST_BROKER, failing without them) under
+//! order load, each replacement started beside the old process on its port (services listen
+//! with SO_REUSEPORT too). It needs the host's loopback, so it sets tcp_migrate_req=1 there
+//! while it runs (as root) and puts the old value back.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -814,4 +821,564 @@ fn kill_9_of_one_of_two_instances_fails_only_requests_in_flight_on_it() {
         );
         b.stop(&s).await;
     });
+}
+
+/// The shop as separate processes (as in `processes.rs`: PostgreSQL and a real broker,
+/// named by SHOPMESH_TEST_DATABASE and SHOPMESH_TEST_BROKER), each service with an admin
+/// port (`/readyz`) and a pre-stop delay, so that one can be restarted beside itself.
+mod services {
+    use std::collections::HashMap;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    pub const SERVICES: [&str; 7] = [
+        "catalog",
+        "inventory",
+        "pricing",
+        "promotions",
+        "users",
+        "orders",
+        "payments",
+    ];
+    pub const PRESTOP_MS: u64 = 200;
+
+    fn required(var: &str) -> String {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty() && v != "embedded")
+            .unwrap_or_else(|| panic!("{var} must name the server this test runs on"))
+    }
+
+    /// `net.ipv4.tcp_migrate_req=1` in this (the host's) namespace while the test runs:
+    /// the services reach PostgreSQL and the broker on its loopback. The old value comes
+    /// back on drop.
+    pub struct MigrateReq(String);
+
+    const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+    impl MigrateReq {
+        pub fn on() -> MigrateReq {
+            let old = std::fs::read_to_string(MIGRATE_REQ)
+                .expect("net.ipv4.tcp_migrate_req (Linux 5.14 or later)");
+            std::fs::write(MIGRATE_REQ, "1").expect("root, to set net.ipv4.tcp_migrate_req");
+            MigrateReq(old.trim().to_owned())
+        }
+    }
+
+    impl Drop for MigrateReq {
+        fn drop(&mut self) {
+            let _ = std::fs::write(MIGRATE_REQ, &self.0);
+        }
+    }
+
+    pub struct Process {
+        pub child: Child,
+        pub admin: u16,
+        pub name: String,
+    }
+
+    pub struct Shop {
+        pub dir: tempfile::TempDir,
+        database: String,
+        prefix: String,
+        broker: String,
+        ports: HashMap<&'static str, u16>,
+        gateway_port: u16,
+        pub procs: Mutex<HashMap<&'static str, Process>>,
+        pub http: reqwest::Client,
+        generation: AtomicU64,
+    }
+
+    impl Shop {
+        fn command(&self, log: &str) -> Command {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(format!("{log}.log")))
+                .unwrap();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_shopmesh"));
+            cmd.env("RUST_LOG", "warn")
+                .env_remove("SHOPMESH_FAILPOINTS")
+                .env_remove("SHOPMESH_PRESTOP_DELAY_MS")
+                .stdout(Stdio::null())
+                .stderr(log);
+            cmd
+        }
+
+        fn storage_args(&self) -> Vec<String> {
+            vec![
+                "--database".into(),
+                self.database.clone(),
+                "--schema-prefix".into(),
+                self.prefix.clone(),
+                "--broker".into(),
+                self.broker.clone(),
+            ]
+        }
+
+        fn url(&self, name: &str) -> String {
+            format!("http://127.0.0.1:{}", self.ports[name])
+        }
+
+        pub fn base(&self) -> String {
+            format!("http://127.0.0.1:{}", self.gateway_port)
+        }
+
+        /// Starts an instance of `name` on its port (beside any other: SO_REUSEPORT), with
+        /// an admin port of its own.
+        pub fn spawn_service(&self, name: &'static str) -> Process {
+            let admin = free_port();
+            let n = self.generation.fetch_add(1, Ordering::Relaxed);
+            let mut cmd = self.command(&format!("{name}-{n}"));
+            cmd.args(["service", name, "--port", &self.ports[name].to_string()])
+                .args(["--admin-port", &admin.to_string()])
+                .args(["--prestop-delay-ms", &PRESTOP_MS.to_string()])
+                .args(["--pricing-url", &self.url("pricing")])
+                .args(["--payments-url", &self.url("payments")])
+                .args(["--users-url", &self.url("users")])
+                .args(self.storage_args());
+            Process {
+                child: cmd.spawn().unwrap(),
+                admin,
+                name: format!("{name}-{n}"),
+            }
+        }
+
+        pub async fn ready(&self, p: &mut Process) -> Duration {
+            let t = Instant::now();
+            loop {
+                if let Ok(r) = self
+                    .http
+                    .get(format!("http://127.0.0.1:{}/readyz", p.admin))
+                    .send()
+                    .await
+                    && r.status() == 200
+                {
+                    return t.elapsed();
+                }
+                if let Some(st) = p.child.try_wait().unwrap() {
+                    panic!("{} exited ({st}){}", p.name, self.logs());
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "{} never became ready{}",
+                    p.name,
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        pub fn logs(&self) -> String {
+            let mut out = String::new();
+            for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                    out.push_str(&format!("\n--- {}\n", e.path().display()));
+                    out.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                }
+            }
+            out
+        }
+
+        pub async fn start() -> Shop {
+            let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+            let broker = required("SHOPMESH_TEST_BROKER");
+            let sep = if broker.contains('?') { '&' } else { '?' };
+            let shop = Shop {
+                dir: tempfile::tempdir().unwrap(),
+                database: required("SHOPMESH_TEST_DATABASE"),
+                prefix: format!("h{id}_"),
+                // Classic queues on RabbitMQ, as processes.rs (quorum queues for fourteen
+                // processes at once are slow on 2 cores).
+                broker: format!(
+                    "{broker}{sep}namespace=h{id}&partitions=8&expires=120{}",
+                    if broker.starts_with("amqp") {
+                        "&queue_type=classic"
+                    } else {
+                        ""
+                    }
+                ),
+                ports: SERVICES.iter().map(|s| (*s, free_port())).collect(),
+                gateway_port: free_port(),
+                procs: Default::default(),
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap(),
+                generation: AtomicU64::new(0),
+            };
+            let seeded = shop
+                .command("seed")
+                .args(["seed", "40"])
+                .args(shop.storage_args())
+                .status()
+                .unwrap();
+            assert!(seeded.success(), "shopmesh seed failed");
+            for s in SERVICES {
+                let p = shop.spawn_service(s);
+                shop.procs.lock().unwrap().insert(s, p);
+            }
+            for s in SERVICES {
+                let mut p = shop.procs.lock().unwrap().remove(s).unwrap();
+                shop.ready(&mut p).await;
+                shop.procs.lock().unwrap().insert(s, p);
+            }
+            let config = shop.dir.path().join("gateway.yaml");
+            let mut gc = Command::new(env!("CARGO_BIN_EXE_shopmesh"));
+            gc.arg("gateway-config")
+                .args(["--listen", &format!("127.0.0.1:{}", shop.gateway_port)]);
+            for s in SERVICES {
+                gc.args(["--service", &format!("{s}=127.0.0.1:{}", shop.ports[s])]);
+            }
+            let out = gc.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::write(&config, &out.stdout).unwrap();
+            let gw = shop
+                .command("gateway")
+                .arg("gateway")
+                .arg("--config")
+                .arg(&config)
+                .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+                .spawn()
+                .unwrap();
+            shop.procs.lock().unwrap().insert(
+                "gateway",
+                Process {
+                    child: gw,
+                    admin: 0,
+                    name: "gateway".into(),
+                },
+            );
+            let t = Instant::now();
+            loop {
+                if let Ok(r) = shop
+                    .http
+                    .get(format!("{}/api/products?limit=1", shop.base()))
+                    .send()
+                    .await
+                    && r.status() == 200
+                {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "the gateway never served{}",
+                    shop.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            shop
+        }
+
+        pub async fn token(&self, email: &str) -> String {
+            let base = self.base();
+            let res = self
+                .http
+                .post(format!("{base}/api/users"))
+                .json(&json!({"email": email, "password": "restarted services", "name": "R"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+            let tok: Value = self
+                .http
+                .post(format!("{base}/api/auth/token"))
+                .json(&json!({"email": email, "password": "restarted services"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            tok["access_token"].as_str().unwrap().to_owned()
+        }
+
+        /// GETs through the gateway (for the checks after the load, not counted).
+        pub async fn get(&self, path: &str, token: &str) -> Value {
+            let deadline = Instant::now() + Duration::from_secs(45);
+            loop {
+                let r = self
+                    .http
+                    .get(format!("{}{path}", self.base()))
+                    .bearer_auth(token)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => return r.json().await.unwrap(),
+                    Ok(r) if Instant::now() >= deadline => {
+                        panic!("GET {path}: {}", r.status())
+                    }
+                    Err(e) if Instant::now() >= deadline => panic!("GET {path}: {e}"),
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+    }
+
+    impl Drop for Shop {
+        fn drop(&mut self) {
+            let procs = std::mem::take(&mut *self.procs.lock().unwrap_or_else(|p| p.into_inner()));
+            for (_, mut p) in procs {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+    }
+
+    /// The outcome of placing one order: its id, or why not; whether it was sent twice.
+    pub enum Placed {
+        Accepted(String),
+        /// Worth a second try with the same key: the gateway could not reach orders (or
+        /// orders a service it calls), or the connection failed.
+        Unavailable(String),
+        Refused(String),
+    }
+
+    pub async fn place(
+        http: &reqwest::Client,
+        base: &str,
+        token: &str,
+        key: &str,
+        product: &str,
+        card: &str,
+    ) -> Placed {
+        let sent = http
+            .post(format!("{base}/api/orders"))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&json!({"items": [{"product_id": product, "quantity": 1}], "card": card}))
+            .send()
+            .await;
+        let r = match sent {
+            Ok(r) => r,
+            Err(e) => return Placed::Unavailable(format!("{e:?}")),
+        };
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        match status {
+            200 | 202 => {
+                let o: Value = serde_json::from_str(&body).unwrap();
+                Placed::Accepted(o["id"].as_str().unwrap().to_owned())
+            }
+            500 | 502..=504 => Placed::Unavailable(format!("{status}: {body}")),
+            _ => Placed::Refused(format!("{status}: {body}")),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL and RabbitMQ, NATS or Kafka (SHOPMESH_TEST_DATABASE, SHOPMESH_TEST_BROKER) and root (tcp_migrate_req)"]
+async fn a_restart_of_each_service_under_order_load_fails_no_order() {
+    use serde_json::Value;
+    use services::*;
+
+    let _migrate = MigrateReq::on();
+    let shop = Arc::new(Shop::start().await);
+    let token = shop.token("restarts@example.test").await;
+    // Products and their stock (orders beyond it are cancelled out of stock: terminal too).
+    let page = shop.get("/api/products?limit=40", &token).await;
+    let mut products: Vec<(String, i64)> = Vec::new();
+    for p in page["items"].as_array().unwrap() {
+        let id = p["id"].as_str().unwrap().to_owned();
+        let s = shop.get(&format!("/api/inventory/{id}"), &token).await;
+        if s["available"].as_i64().unwrap() >= 10 {
+            products.push((id, s["available"].as_i64().unwrap()));
+        }
+        if products.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(products.len(), 3, "not enough stock seeded");
+
+    // Order load: placers one after another's answer, each order with its own
+    // Idempotency-Key; a request that found a service unavailable is sent once more with
+    // the same key (the shop answers the original order if the first one got through).
+    let stop = CancellationToken::new();
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (retried, failed) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let mut placers = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let (shop, stop, token) = (shop.clone(), stop.clone(), token.clone());
+        let (accepted, retried, failed) = (accepted.clone(), retried.clone(), failed.clone());
+        let products: Vec<String> = products.iter().map(|(p, _)| p.clone()).collect();
+        placers.spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap();
+            let base = shop.base();
+            let mut i = 0usize;
+            while !stop.is_cancelled() {
+                i += 1;
+                let key = format!("w{worker}-{i}");
+                let product = &products[i % products.len()];
+                let card = if i.is_multiple_of(7) {
+                    "4000000000000002"
+                } else {
+                    "4242424242424242"
+                };
+                let mut placed = place(&http, &base, &token, &key, product, card).await;
+                if let Placed::Unavailable(_) = placed {
+                    retried.fetch_add(1, Ordering::Relaxed);
+                    placed = place(&http, &base, &token, &key, product, card).await;
+                }
+                match placed {
+                    Placed::Accepted(id) => accepted.lock().unwrap().push(id),
+                    Placed::Unavailable(e) | Placed::Refused(e) => {
+                        failed.lock().unwrap().push(format!("{key}: {e}"))
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+    let placed = || accepted.lock().unwrap().len();
+    let more = |n: usize| {
+        let from = placed();
+        async move {
+            let t = Instant::now();
+            while placed() < from + n {
+                assert!(t.elapsed() < Duration::from_secs(60), "orders stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    more(20).await;
+    // Each service in turn: its replacement starts beside it on the same port, and once
+    // that is ready the old one gets SIGTERM (not ready, the pre-stop delay, drain, exit).
+    for s in SERVICES {
+        let mut new = shop.spawn_service(s);
+        let ready = shop.ready(&mut new).await;
+        let mut old = shop.procs.lock().unwrap().insert(s, new).unwrap();
+        let t = Instant::now();
+        signal(old.child.id(), libc::SIGTERM);
+        let status = loop {
+            if let Some(st) = old.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{} did not exit",
+                old.name
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert!(
+            status.success(),
+            "{} exited with {status}{}",
+            old.name,
+            shop.logs()
+        );
+        println!(
+            "ha: scenario=service-restart service={s} replacement_ready_ms={} exit_ms={}",
+            ready.as_millis(),
+            t.elapsed().as_millis()
+        );
+        more(10).await;
+    }
+    stop.cancel();
+    while placers.join_next().await.is_some() {}
+    let accepted = std::mem::take(&mut *accepted.lock().unwrap());
+    let failed = std::mem::take(&mut *failed.lock().unwrap());
+    let retried = retried.load(Ordering::Relaxed);
+    println!(
+        "ha: scenario=service-restart client=orders failed={} total={} resent={retried}",
+        failed.len(),
+        accepted.len() + failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "orders failed: {failed:#?}{}",
+        shop.logs()
+    );
+
+    // Every order there is, and only those accepted (a retry never made a second one),
+    // reaches a final state.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let orders = loop {
+        let mut all: Vec<Value> = Vec::new();
+        for offset in (0..).step_by(100) {
+            let page = shop
+                .get(&format!("/api/orders?limit=100&offset={offset}"), &token)
+                .await;
+            let items = page["items"].as_array().unwrap().clone();
+            let n = items.len();
+            all.extend(items);
+            if n < 100 {
+                break;
+            }
+        }
+        if all.iter().all(|o| o["status"] != "PENDING") {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "orders still pending");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut ids: Vec<&str> = orders.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    let mut want: Vec<&str> = accepted.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(
+        ids, want,
+        "the orders there are are those accepted, once each"
+    );
+    let confirmed: Vec<&Value> = orders
+        .iter()
+        .filter(|o| o["status"] == "CONFIRMED")
+        .collect();
+    println!(
+        "ha: scenario=service-restart orders={} confirmed={} cancelled={}",
+        orders.len(),
+        confirmed.len(),
+        orders.len() - confirmed.len()
+    );
+
+    // Exact totals: every confirmed unit left the stock and nothing else did; one payment
+    // per order, captured for the confirmed ones.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut exact = true;
+        for (id, before) in &products {
+            let sold: i64 = confirmed
+                .iter()
+                .flat_map(|o| o["items"].as_array().unwrap().clone())
+                .filter(|l| l["product_id"] == *id)
+                .map(|l| l["quantity"].as_i64().unwrap())
+                .sum();
+            let s = shop.get(&format!("/api/inventory/{id}"), &token).await;
+            if s["available"].as_i64() != Some(before - sold) || s["reserved"].as_i64() != Some(0) {
+                exact = false;
+            }
+        }
+        let mut captured = 0;
+        for o in &orders {
+            let id = o["id"].as_str().unwrap();
+            let pays = shop
+                .get(&format!("/api/payments?order_id={id}"), &token)
+                .await;
+            let pays = pays["items"].as_array().unwrap();
+            assert!(pays.len() <= 1, "order {id} charged {} times", pays.len());
+            captured += pays.iter().filter(|p| p["status"] == "CAPTURED").count();
+        }
+        if exact && captured == confirmed.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "totals do not add up (captured {captured} of {})",
+            confirmed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
