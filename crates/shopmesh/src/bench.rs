@@ -462,6 +462,22 @@ async fn broker(a: BrokerArgs) -> anyhow::Result<()> {
     };
     let b = shopmesh_messaging::connect(&url, &dir.path().join("broker.db")).await?;
     let sub = b.subscribe("bench", &["bench"]).await?;
+    // One message through first, so that the rate is the steady one (a Kafka consumer group
+    // takes seconds to join).
+    b.publish(
+        "bench",
+        &[Envelope::new(
+            "bench",
+            "warm-up",
+            &Ping { sent_us: now_us() },
+        )?],
+    )
+    .await?;
+    let ds = sub.next(1, Duration::from_secs(30)).await?;
+    if ds.is_empty() {
+        anyhow::bail!("the warm-up message did not come within 30 s");
+    }
+    sub.ack(&ds).await?;
     let n = a.messages;
     let consumer = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(n);
