@@ -220,7 +220,13 @@ fn spawn_workers(
     let bound = listeners[0].local_addr()?;
     let mut threads = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
-        let (gateway, phases) = (gateway.clone(), phases.clone());
+        // A child token per worker: its connections wait on it, not on one token that all
+        // threads share.
+        let phases = Phases {
+            closing: phases.closing.clone(),
+            stop: phases.stop.child_token(),
+        };
+        let gateway = gateway.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
