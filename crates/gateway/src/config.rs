@@ -484,6 +484,18 @@ impl RouteConfig {
     }
 }
 
+impl RouteConfig {
+    /// The match as the gateway compiles it: a composite answers reads, `GET` and `HEAD`,
+    /// unless the route names its methods.
+    pub fn effective_match(&self) -> RouteMatch {
+        let mut m = self.matches.clone();
+        if self.aggregate.is_some() && m.methods.is_empty() {
+            m.methods = vec!["GET".into(), "HEAD".into()];
+        }
+        m
+    }
+}
+
 impl GatewayConfig {
     /// A configuration with these clusters and routes and every other setting at its default.
     pub fn new(clusters: Vec<ClusterConfig>, routes: Vec<RouteConfig>) -> Self {

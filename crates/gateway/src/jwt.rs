@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http_body_util::BodyExt;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::JwtConfig;
-use crate::wire::{Body, HttpClient, empty};
+use crate::wire::HttpClient;
 
 /// The identity a verified token carries.
 #[derive(Debug, Clone)]
@@ -302,24 +301,7 @@ impl JwtVerifier {
     /// GETs a JSON document of at most `limit` bytes from the identity provider, body
     /// included within one 5 s deadline.
     async fn get(&self, url: &str, limit: usize) -> Result<bytes::Bytes, String> {
-        let req = http::Request::get(url)
-            .header(http::header::ACCEPT, "application/json")
-            .body::<Body>(empty())
-            .map_err(|e| e.to_string())?;
-        let fetch = async {
-            let res = self.client.request(req).await.map_err(|e| e.to_string())?;
-            if !res.status().is_success() {
-                return Err(format!("status {}", res.status()));
-            }
-            http_body_util::Limited::new(res.into_body(), limit)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())
-                .map(|b| b.to_bytes())
-        };
-        tokio::time::timeout(Duration::from_secs(5), fetch)
-            .await
-            .map_err(|_| "timed out".to_string())?
+        crate::wire::get_bounded(&self.client, url, limit, Duration::from_secs(5)).await
     }
 
     async fn fetch(&self) -> Result<HashMap<String, Key>, String> {

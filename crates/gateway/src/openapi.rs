@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
 use shopmesh_platform::problem::Problem;
 
@@ -159,25 +158,8 @@ pub async fn fetch_documents(
 }
 
 async fn get_json(client: &HttpClient, url: &str) -> Result<Value, String> {
-    let req = http::Request::get(url)
-        .header(header::ACCEPT, "application/json")
-        .body::<Body>(crate::wire::empty())
-        .map_err(|e| e.to_string())?;
-    let fetch = async {
-        let res = client.request(req).await.map_err(|e| e.to_string())?;
-        if !res.status().is_success() {
-            return Err(format!("status {}", res.status()));
-        }
-        let body = http_body_util::Limited::new(res.into_body(), MAX_DOCUMENT_BYTES)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        serde_json::from_slice::<Value>(&body).map_err(|e| format!("not JSON: {e}"))
-    };
-    tokio::time::timeout(FETCH_TIMEOUT, fetch)
-        .await
-        .map_err(|_| "timed out".to_string())?
+    let body = crate::wire::get_bounded(client, url, MAX_DOCUMENT_BYTES, FETCH_TIMEOUT).await?;
+    serde_json::from_slice::<Value>(&body).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// The public document of `cfg`, given the upstream documents by cluster name.
@@ -200,7 +182,7 @@ pub fn build(cfg: &GatewayConfig, docs: &BTreeMap<String, Value>) -> Value {
     let matchers: Vec<Option<Matcher>> = cfg
         .routes
         .iter()
-        .map(|r| Matcher::new(&effective_match(r)).ok())
+        .map(|r| Matcher::new(&r.effective_match()).ok())
         .collect();
     let ctx = Ctx {
         cfg,
@@ -312,16 +294,6 @@ impl Out {
         }
         ops.insert(method.to_owned(), op);
     }
-}
-
-/// A route's match as the gateway compiles it: a composite answers `GET` and `HEAD` unless
-/// it says otherwise.
-fn effective_match(r: &RouteConfig) -> crate::config::RouteMatch {
-    let mut m = r.matches.clone();
-    if r.aggregate.is_some() && m.methods.is_empty() {
-        m.methods = vec!["GET".into(), "HEAD".into()];
-    }
-    m
 }
 
 impl Ctx<'_> {
@@ -551,7 +523,7 @@ impl Ctx<'_> {
         else {
             return;
         };
-        let methods = effective_match(route).methods;
+        let methods = route.effective_match().methods;
         if !methods.iter().any(|m| m.eq_ignore_ascii_case("GET"))
             || self.taken_earlier(index, &Method::GET, &public)
         {

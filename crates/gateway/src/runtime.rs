@@ -243,16 +243,7 @@ impl Runtime {
                     ));
                 }
             };
-            // A composite answers reads: GET and HEAD unless the route says otherwise.
-            let matcher = if matches!(target, Target::Aggregate(_)) && r.matches.methods.is_empty()
-            {
-                let mut m = r.matches.clone();
-                m.methods = vec!["GET".into(), "HEAD".into()];
-                Matcher::new(&m)
-            } else {
-                Matcher::new(&r.matches)
-            }
-            .map_err(err)?;
+            let matcher = Matcher::new(&r.effective_match()).map_err(err)?;
             let limiter = match &r.rate_limit {
                 None => None,
                 Some(rl) if rl.shared => Some(Limiter::Shared {

@@ -107,6 +107,33 @@ pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// GETs a JSON document of at most `limit` bytes, body included within `deadline`.
+pub(crate) async fn get_bounded(
+    client: &HttpClient,
+    url: &str,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<Bytes, String> {
+    let req = http::Request::get(url)
+        .header(header::ACCEPT, "application/json")
+        .body::<Body>(empty())
+        .map_err(|e| e.to_string())?;
+    let fetch = async {
+        let res = client.request(req).await.map_err(|e| e.to_string())?;
+        if !res.status().is_success() {
+            return Err(format!("status {}", res.status()));
+        }
+        http_body_util::Limited::new(res.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())
+            .map(|b| b.to_bytes())
+    };
+    tokio::time::timeout(deadline, fetch)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
 #[cfg(test)]
 mod tests {
     use http::header::HeaderValue;
