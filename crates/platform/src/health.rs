@@ -58,6 +58,14 @@ impl Readiness {
             .push((name.into(), check));
     }
 
+    /// Adds a check that `db` answers (a `SELECT 1`).
+    pub fn add_storage_check(&self, name: impl Into<String>, db: crate::db::Db) {
+        self.add_check(name, move || {
+            let db = db.clone();
+            async move { db.ping().await.map_err(|e| e.to_string()) }
+        });
+    }
+
     /// Turns not-ready for good: the process is going away.
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);

@@ -321,11 +321,7 @@ impl System {
         // Ready while every service's storage answers (and until shutdown begins).
         let readiness = shopmesh_platform::health::Readiness::new();
         for b in &built {
-            let db = b.db.clone();
-            readiness.add_check(format!("{}.storage", b.name.as_str()), move || {
-                let db = db.clone();
-                async move { db.ping().await.map_err(|e| e.to_string()) }
-            });
+            readiness.add_storage_check(format!("{}.storage", b.name.as_str()), b.db.clone());
         }
         let all_dbs: Vec<(ServiceName, shopmesh_platform::db::Db)> =
             built.iter().map(|b| (b.name, b.db.clone())).collect();

@@ -454,11 +454,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         });
     }
     let readiness = health::Readiness::new();
-    let db = built.db.clone();
-    readiness.add_check("storage", move || {
-        let db = db.clone();
-        async move { db.ping().await.map_err(|e| e.to_string()) }
-    });
+    readiness.add_storage_check("storage", built.db.clone());
     if let Some(port) = a.admin_port {
         let admin = Server::bind(
             "admin",
