@@ -21,11 +21,11 @@ impl GatewayConfig {
         }
         if self
             .workers
-            .is_some_and(|w| w == 0 || w > crate::server::MAX_WORKERS)
+            .is_some_and(|w| w == 0 || w > crate::worker::MAX_WORKERS)
         {
             return Err(ConfigError::Invalid(format!(
                 "workers must be within 1–{}",
-                crate::server::MAX_WORKERS
+                crate::worker::MAX_WORKERS
             )));
         }
         for p in &self.trusted_proxies {

@@ -205,7 +205,7 @@ impl Cluster {
 
     /// The connection pool of the calling worker thread.
     pub fn client(&self) -> &HttpClient {
-        &self.clients[crate::server::worker_index().min(self.clients.len() - 1)]
+        &self.clients[crate::worker::worker_index().min(self.clients.len() - 1)]
     }
 
     /// Counts a first attempt toward the retry budget.

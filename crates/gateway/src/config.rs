@@ -967,7 +967,7 @@ impl GatewayConfig {
                     .map(|n| n.get())
                     .unwrap_or(1)
             })
-            .clamp(1, crate::server::MAX_WORKERS)
+            .clamp(1, crate::worker::MAX_WORKERS)
     }
 }
 

@@ -25,6 +25,7 @@ mod check;
 pub mod cluster;
 pub mod config;
 pub mod console;
+pub mod history;
 pub mod jwt;
 mod observe;
 pub mod openapi;
@@ -38,6 +39,7 @@ pub mod server;
 pub mod tls;
 pub mod traffic;
 mod wire;
+pub mod worker;
 
 pub use config::GatewayConfig;
 pub use proxy::Gateway;

@@ -44,13 +44,13 @@ struct ReloadState {
     last_error: Option<String>,
     last_attempt: Option<SystemTime>,
     /// The latest attempts, for the operations console.
-    history: std::collections::VecDeque<crate::console::ReloadRecord>,
+    history: std::collections::VecDeque<crate::history::ReloadRecord>,
 }
 
 impl ReloadState {
     fn record(&mut self, ok: bool, version: u64, error: Option<String>, changes: Vec<String>) {
         let seq = self.history.back().map_or(1, |r| r.seq + 1);
-        self.history.push_back(crate::console::ReloadRecord {
+        self.history.push_back(crate::history::ReloadRecord {
             seq,
             at: SystemTime::now(),
             ok,
@@ -58,7 +58,7 @@ impl ReloadState {
             error,
             changes,
         });
-        while self.history.len() > crate::console::RELOADS_KEPT {
+        while self.history.len() > crate::history::RELOADS_KEPT {
             self.history.pop_front();
         }
     }
@@ -135,7 +135,7 @@ impl Gateway {
                 "limits on connections and request heads change only on restart; body limits and the rest are applied"
             );
         }
-        let changes = crate::console::changes(&old.config, &cfg);
+        let changes = crate::history::changes(&old.config, &cfg);
         let built = if cfg.tls.is_some() != old.config.tls.is_some() {
             // Clients of a TLS port would be served in the clear, or the other way round.
             Err(ConfigError::Invalid(
@@ -171,7 +171,7 @@ impl Gateway {
     }
 
     /// The latest configuration attempts (start-up, reloads), oldest first.
-    pub fn reloads(&self) -> Vec<crate::console::ReloadRecord> {
+    pub fn reloads(&self) -> Vec<crate::history::ReloadRecord> {
         let st = self.shared.reload.lock().unwrap_or_else(|p| p.into_inner());
         st.history.iter().cloned().collect()
     }

@@ -32,21 +32,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use shopmesh_platform::health::Readiness;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use crate::proxy::{Body, ClientAddr, Gateway};
-
-/// What the gateway knows of the connection a request came on (a request extension).
-#[derive(Clone)]
-pub struct ConnInfo {
-    /// The client spoke TLS.
-    pub tls: bool,
-    /// The connection's place under `limits.max_connections`, held as long as any clone
-    /// lives: an upgraded connection (a WebSocket tunnel) keeps it.
-    pub slot: Arc<OwnedSemaphorePermit>,
-}
+pub use crate::worker::{ConnInfo, MAX_WORKERS, worker_index};
 
 /// The gateway as one connection sees it: every request carries the peer and [`ConnInfo`].
 /// Cloned for every request: one `Arc` besides the gateway's.
@@ -113,18 +104,6 @@ impl Service<http::Request<Incoming>> for ConnService {
             Ok(res)
         })
     }
-}
-
-/// Most worker threads [`serve_workers`] starts.
-pub const MAX_WORKERS: usize = 16;
-
-thread_local! {
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// The worker thread the caller runs on (1..=workers), or 0 off the workers.
-pub fn worker_index() -> usize {
-    WORKER.with(|w| w.get())
 }
 
 /// `n` listeners on one address with `SO_REUSEPORT` (the kernel spreads connections among
@@ -234,7 +213,7 @@ fn spawn_workers(
             std::thread::Builder::new()
                 .name(format!("gateway-{}", i + 1))
                 .spawn(move || {
-                    WORKER.with(|w| w.set(i + 1));
+                    crate::worker::enter_worker(i + 1);
                     rt.block_on(async move {
                         match TcpListener::from_std(listener) {
                             Ok(l) => serve_phases(l, gateway, phases, drain).await,
@@ -333,6 +312,9 @@ async fn serve_phases(listener: TcpListener, gateway: Gateway, phases: Phases, d
             _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        // Per worker: how the kernel spreads connections over the SO_REUSEPORT group.
+        metrics::counter!("gateway_connections_total", "worker" => crate::worker::worker_label())
+            .increment(1);
         let tls = gateway.runtime().tls.clone();
         let svc = ConnService {
             gateway: gateway.clone(),

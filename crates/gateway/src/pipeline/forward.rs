@@ -25,7 +25,7 @@ use super::{Ctx, limit, tunnel};
 use crate::config::HashOn;
 use crate::ratelimit::Decision;
 use crate::runtime::Route;
-use crate::server::ConnInfo;
+use crate::worker::ConnInfo;
 use crate::traffic::cookie;
 use crate::wire::{Body, empty, is_length_limit, names, problem, strip_hop_by_hop};
 

@@ -149,7 +149,7 @@ pub(crate) async fn run(
         websocket,
         tls: req
             .extensions()
-            .get::<crate::server::ConnInfo>()
+            .get::<crate::worker::ConnInfo>()
             .is_some_and(|c| c.tls),
         client_ip_value: None,
         outcome: Outcome::new(rt.unmatched.clone()),

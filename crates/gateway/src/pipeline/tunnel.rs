@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 
-use crate::server::ConnInfo;
+use crate::worker::ConnInfo;
 
 /// Joins the two sides of a WebSocket once both are handed over, and copies bytes both
 /// ways until both have closed, or nothing has moved for `idle`. The client connection's
