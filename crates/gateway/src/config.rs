@@ -198,6 +198,12 @@ pub struct JwtConfig {
     /// it (as shopmesh's does on rotation) must wait longer than this before signing with it.
     #[serde(default = "default_jwks_refresh")]
     pub jwks_refresh_ms: u64,
+    /// Remember verified tokens (10,000 of them, each until its `exp` and at most 60 s), so a
+    /// client presenting the same token again skips the signature check; revocations still
+    /// apply to a remembered token. `false`: every request's signature is checked (what
+    /// HAProxy's `jwt_verify` does; `bench/proxy-vs-peers.sh` compares the two that way).
+    #[serde(default = "default_true")]
+    pub cache: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

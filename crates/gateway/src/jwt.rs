@@ -70,8 +70,8 @@ pub struct JwtVerifier {
     cfg: JwtConfig,
     /// Tokens already verified, with when to stop trusting the result (the token's `exp`,
     /// at most [`CACHE_TTL`] away). Bounded; the same token string always carries the same
-    /// claims, so a hit is as good as a verification.
-    verified: quick_cache::sync::Cache<String, (Identity, Instant)>,
+    /// claims, so a hit is as good as a verification. `None` when `cache: false`.
+    verified: Option<quick_cache::sync::Cache<String, (Identity, Instant)>>,
     client: HttpClient,
     keys: RwLock<HashMap<String, Key>>,
     /// When the last fetch was tried, and whether it worked.
@@ -123,8 +123,10 @@ impl JwtVerifier {
 
     pub fn new(cfg: JwtConfig, client: HttpClient) -> Self {
         Self {
+            verified: cfg
+                .cache
+                .then(|| quick_cache::sync::Cache::new(CACHE_ENTRIES)),
             cfg,
-            verified: quick_cache::sync::Cache::new(CACHE_ENTRIES),
             client,
             keys: RwLock::new(HashMap::new()),
             last_fetch: tokio::sync::Mutex::new(None),
@@ -163,8 +165,15 @@ impl JwtVerifier {
         Ok(n)
     }
 
+    /// Verifies a bearer token: from the verified-token cache when it holds the token, by
+    /// its signature and claims otherwise (always, with `cache: false`).
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        if let Some((id, until)) = self.verified.get(token)
+        let Some(verified) = &self.verified else {
+            let (id, _) = self.verify_signature(token).await?;
+            self.check_revoked(&id)?;
+            return Ok(id);
+        };
+        if let Some((id, until)) = verified.get(token)
             && Instant::now() < until
         {
             self.check_revoked(&id)?;
@@ -178,8 +187,7 @@ impl JwtVerifier {
             .unwrap_or(0);
         let ttl = Duration::from_secs(exp.saturating_sub(now_unix)).min(CACHE_TTL);
         if !ttl.is_zero() {
-            self.verified
-                .insert(token.to_owned(), (id.clone(), Instant::now() + ttl));
+            verified.insert(token.to_owned(), (id.clone(), Instant::now() + ttl));
         }
         Ok(id)
     }
@@ -332,5 +340,124 @@ impl JwtVerifier {
             }
         }
         Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::routing::get;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A P-256 key for tests only (PKCS#8 DER, base64), and its public point.
+    const TEST_KEY: &str = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgxqqse0W9m4j8mb4+\
+        Yu01mqTgY4RQXnHNFRogtn0vJqShRANCAARkvKqkjuC/xF8p3TvdLJYHyjnQPrjG\
+        jWeUri2XXRFnA8WXbNR4Vwt4Cy1x35s5oJs4bCUypa/eBRMhjRZ0xpGe";
+    const TEST_X: &str = "ZLyqpI7gv8RfKd073SyWB8o50D64xo1nlK4tl10RZwM";
+    const TEST_Y: &str = "xZds1HhXC3gLLXHfmzmgmzhsJTKlr94FEyGNFnTGkZ4";
+
+    fn es256_jwks() -> serde_json::Value {
+        json!({"keys": [{"kty": "EC", "crv": "P-256", "x": TEST_X, "y": TEST_Y,
+            "kid": "k1", "alg": "ES256", "use": "sig"}]})
+    }
+
+    fn es256_token() -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        let claims = json!({"sub": "ada", "iss": "test", "aud": "test", "iat": now,
+            "exp": now + 3600, "roles": ["customer"]});
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(TEST_KEY)
+            .unwrap();
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&der);
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    /// A JWKS endpoint on a real socket whose document the test can replace.
+    async fn jwks_server(doc: Arc<Mutex<serde_json::Value>>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/jwks",
+            get(move || {
+                let doc = doc.lock().unwrap().clone();
+                async move { axum::Json(doc) }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/jwks")
+    }
+
+    fn verifier(jwks_url: String, cache: bool) -> JwtVerifier {
+        JwtVerifier::new(
+            JwtConfig {
+                jwks_url,
+                issuer: "test".into(),
+                audience: "test".into(),
+                leeway_secs: 0,
+                min_refetch_secs: 3600,
+                revocations_url: None,
+                revocations_poll_ms: 2000,
+                jwks_refresh_ms: 60_000,
+                cache,
+            },
+            crate::runtime::jwks_client(),
+        )
+    }
+
+    /// With `cache: false` every request's signature is checked against the keys of the
+    /// moment: once its key is withdrawn from the JWKS, a token verified a moment ago is
+    /// refused. With the cache on, the same token is still accepted from the cache.
+    #[tokio::test]
+    async fn the_cache_off_checks_every_token_against_the_current_keys() {
+        let token = es256_token();
+        for cache in [true, false] {
+            let doc = Arc::new(Mutex::new(es256_jwks()));
+            let v = verifier(jwks_server(doc.clone()).await, cache);
+            let id = v.verify(&token).await.unwrap();
+            assert_eq!(id.subject, "ada");
+            assert_eq!(id.roles, ["customer"]);
+
+            *doc.lock().unwrap() = json!({"keys": []});
+            v.refresh_scheduled().await.unwrap();
+            assert!(v.key_ids().is_empty());
+
+            let again = v.verify(&token).await;
+            if cache {
+                assert_eq!(again.unwrap().subject, "ada", "the cache answers");
+            } else {
+                assert!(
+                    matches!(again, Err(AuthError::UnknownKey)),
+                    "cache off: the signature is checked again, {again:?}"
+                );
+            }
+        }
+    }
+
+    /// A forged ES256 signature is refused whether the cache is on or off, and a refusal is
+    /// never remembered as a success.
+    #[tokio::test]
+    async fn a_bad_es256_signature_is_refused_with_the_cache_on_or_off() {
+        let token = es256_token();
+        let (rest, sig) = token.rsplit_once('.').unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        raw[10] ^= 1;
+        let forged = format!("{rest}.{}", URL_SAFE_NO_PAD.encode(raw));
+        for cache in [true, false] {
+            let doc = Arc::new(Mutex::new(es256_jwks()));
+            let v = verifier(jwks_server(doc).await, cache);
+            for _ in 0..2 {
+                assert!(v.verify(&forged).await.is_err(), "cache={cache}");
+            }
+            assert!(v.verify(&token).await.is_ok(), "cache={cache}");
+        }
     }
 }

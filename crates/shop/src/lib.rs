@@ -137,8 +137,10 @@ pub struct System {
     pub services: Vec<(ServiceName, SocketAddr)>,
     /// `/readyz` on the admin port: every service's storage answers, and no shutdown began.
     pub readiness: shopmesh_platform::health::Readiness,
-    shutdown: CancellationToken,
-    tasks: JoinSet<()>,
+    /// Stopped in order, each drained before the next stops: the gateway and the admin
+    /// API (the way in), then the services (finishing what the gateway forwarded, calls
+    /// between services included), then relays, consumers and the sweeper.
+    stages: [(CancellationToken, JoinSet<()>); 3],
 }
 
 pub use shopmesh_messaging::BrokerUrl;
@@ -215,6 +217,7 @@ pub fn gateway_config(
         revocations_url: Some(format!("http://{}/internal/revocations", addr(Users))),
         revocations_poll_ms: cfg.revocations_poll_ms,
         jwks_refresh_ms: cfg.jwks_refresh_ms,
+        cache: true,
     });
     g
 }
@@ -325,19 +328,24 @@ impl System {
         }
         let all_dbs: Vec<(ServiceName, shopmesh_platform::db::Db)> =
             built.iter().map(|b| (b.name, b.db.clone())).collect();
-        let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let (front, services, work) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let (mut front_tasks, mut service_tasks, mut work_tasks) =
+            (JoinSet::new(), JoinSet::new(), JoinSet::new());
         for (mut b, (_, listener)) in built.into_iter().zip(listeners) {
             for task in b.tasks.drain(..) {
-                tasks.spawn(task(shutdown.clone()));
+                work_tasks.spawn(task(work.clone()));
             }
             let server = Server {
                 name: b.name.as_str(),
                 listener,
                 router: b.router,
             };
-            let (token, drain) = (shutdown.clone(), cfg.drain);
-            tasks.spawn(async move {
+            let (token, drain) = (services.clone(), cfg.drain);
+            service_tasks.spawn(async move {
                 if let Err(e) = server.run(token, drain).await {
                     tracing::error!(error = %e, "service server failed");
                 }
@@ -346,12 +354,14 @@ impl System {
 
         let gateway = Gateway::new(gateway_config(&cfg, addr_of))?;
         let gateway_addr = gateway_listener.local_addr()?;
-        let (token, drain) = (shutdown.clone(), cfg.drain);
-        tasks.spawn(shopmesh_gateway::server::serve(
+        // From not-ready (SIGTERM, the pre-stop delay) its HTTP/1 answers carry
+        // `Connection: close`, as `shopmesh gateway`'s do.
+        front_tasks.spawn(shopmesh_gateway::server::serve_with_readiness(
             gateway_listener,
             gateway.clone(),
-            token,
-            drain,
+            readiness.clone(),
+            front.clone(),
+            cfg.drain,
         ));
 
         let admin = Server {
@@ -371,8 +381,8 @@ impl System {
             .merge(readiness.router()),
         };
         let admin_addr = admin.local_addr();
-        let (token, drain) = (shutdown.clone(), Duration::from_secs(1));
-        tasks.spawn(async move {
+        let (token, drain) = (front.clone(), Duration::from_secs(1));
+        front_tasks.spawn(async move {
             let _ = admin.run(token, drain).await;
         });
 
@@ -381,8 +391,11 @@ impl System {
             admin: admin_addr,
             services: addrs,
             readiness,
-            shutdown,
-            tasks,
+            stages: [
+                (front, front_tasks),
+                (services, service_tasks),
+                (work, work_tasks),
+            ],
         })
     }
 
@@ -394,9 +407,14 @@ impl System {
             .expect("every service runs")
     }
 
-    /// Stops accepting, lets in-flight requests finish, waits for every server.
-    pub async fn shutdown(mut self) {
-        self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+    /// Stops accepting, lets in-flight requests finish, waits for every server: the
+    /// gateway first, then the services, then the background work (each stage drained
+    /// before the next is told).
+    pub async fn shutdown(self) {
+        self.readiness.drain();
+        for (token, mut tasks) in self.stages {
+            token.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
     }
 }

@@ -268,6 +268,7 @@ async fn identity(a: IdentityArgs) -> anyhow::Result<()> {
             revocations_url: None,
             revocations_poll_ms: 2000,
             jwks_refresh_ms: 60_000,
+            cache: true,
         },
         shopmesh_gateway::runtime::jwks_client(),
     );
