@@ -1,0 +1,356 @@
+//! The shops the experiments run against: `shopmesh up`'s system ([`shopmesh_shop::System`])
+//! on ephemeral loopback ports, over SQLite in a temporary directory or a fresh set of
+//! PostgreSQL schemas, on the embedded broker or a real one under a namespace of its own;
+//! plus extra gateways built from the shop's own gateway configuration with some upstreams
+//! replaced (a delaying relay in front of one service, an extra route).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shopmesh_gateway::{Gateway, GatewayConfig};
+use shopmesh_platform::db::{Db, Storage};
+use shopmesh_shop::{ServiceName, System, SystemConfig, UsersVia};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::LabError;
+
+/// What kind of shop an experiment needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShopSpec {
+    /// How the orders service reads accounts (the shared data pattern's two ways).
+    pub users_via: UsersVia,
+    /// Every message delivered twice.
+    pub duplicate_deliveries: bool,
+}
+
+impl ShopSpec {
+    /// The shop as `shopmesh up` runs it.
+    pub const MAIN: ShopSpec = ShopSpec {
+        users_via: UsersVia::Interface,
+        duplicate_deliveries: false,
+    };
+    /// Orders read accounts from the user center's published view.
+    pub const SHARED_VIEW: ShopSpec = ShopSpec {
+        users_via: UsersVia::Database,
+        duplicate_deliveries: false,
+    };
+    /// The broker delivers every message twice.
+    pub const DUPLICATES: ShopSpec = ShopSpec {
+        users_via: UsersVia::Interface,
+        duplicate_deliveries: true,
+    };
+}
+
+/// Where the shops keep their data.
+#[derive(Debug, Clone, Default)]
+pub struct Backend {
+    /// A `postgres://` URL; SQLite in a temporary directory when absent.
+    pub database: Option<String>,
+    /// A broker URL (`amqp://`, `nats://`, `kafka://`); the embedded broker when absent.
+    pub broker: Option<String>,
+}
+
+impl Backend {
+    pub fn storage_name(&self) -> &'static str {
+        if self.database.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    }
+
+    pub fn broker_name(&self) -> String {
+        match &self.broker {
+            None => "embedded".into(),
+            Some(url) => url.split("://").next().unwrap_or("broker").to_owned(),
+        }
+    }
+
+    /// The broker under a fresh namespace (its queues expire once unused).
+    fn broker_url(&self, ns: &str) -> Result<shopmesh_messaging::BrokerUrl, LabError> {
+        match &self.broker {
+            None => Ok(shopmesh_messaging::BrokerUrl::Embedded),
+            Some(url) if url == "embedded" => Ok(shopmesh_messaging::BrokerUrl::Embedded),
+            Some(url) => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                // Kafka: a short session lets a fresh shop's consumer groups form quickly.
+                let extra = if url.starts_with("kafka") {
+                    "&session.timeout.ms=2000&heartbeat.interval.ms=500"
+                } else {
+                    ""
+                };
+                format!("{url}{sep}namespace={ns}&expires=120{extra}")
+                    .parse()
+                    .map_err(|e| LabError::Usage(format!("--broker: {e}")))
+            }
+        }
+    }
+}
+
+/// A seeded product, as the lab knows it from the deterministic catalog.
+#[derive(Debug, Clone)]
+pub struct Product {
+    pub id: String,
+    pub category: String,
+    pub on_hand: i64,
+}
+
+/// A running shop.
+pub struct LabShop {
+    pub system: System,
+    pub cfg: SystemConfig,
+    /// The gateway's base URL.
+    pub base: String,
+    pub http: reqwest::Client,
+    pub products: Vec<Product>,
+    storage: Storage,
+    _dir: TempDir,
+}
+
+/// Sign-in attempts the lab's shops allow per minute: the lab is many callers on one address.
+const LAB_LOGIN_LIMITS: (u32, u32) = (1_000, 100_000);
+
+/// The password of every account the lab registers.
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A reqwest client for loopback measurements: no proxy from the environment, bounded time.
+pub fn client() -> Result<reqwest::Client, LabError> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+impl LabShop {
+    pub async fn start(
+        spec: ShopSpec,
+        backend: &Backend,
+        products: usize,
+    ) -> Result<LabShop, LabError> {
+        let dir = tempfile::tempdir()?;
+        let ns = format!("lab{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let storage = match &backend.database {
+            Some(url) => Storage::Postgres {
+                url: url.clone(),
+                schema_prefix: format!("{ns}_"),
+            },
+            None => Storage::Sqlite {
+                data_dir: dir.path().to_owned(),
+            },
+        };
+        let mut cfg = SystemConfig::new(storage.clone(), dir.path());
+        cfg.port = 0;
+        cfg.admin_port = 0;
+        cfg.seed_products = products;
+        cfg.drain = Duration::from_secs(2);
+        cfg.broker = backend.broker_url(&ns)?;
+        cfg.users_via = spec.users_via;
+        cfg.duplicate_deliveries = spec.duplicate_deliveries;
+        cfg.login_limits = LAB_LOGIN_LIMITS;
+        let system = System::start(cfg.clone()).await?;
+        let base = format!("http://{}", system.gateway);
+        let products = shopmesh_shop::seed::products(products)
+            .into_iter()
+            .map(|p| Product {
+                id: p.product.id,
+                category: p.product.category,
+                on_hand: p.on_hand,
+            })
+            .collect();
+        Ok(LabShop {
+            system,
+            cfg,
+            base,
+            http: client()?,
+            products,
+            storage,
+            _dir: dir,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn service(&self, name: ServiceName) -> SocketAddr {
+        self.system.service_addr(name)
+    }
+
+    /// Registers an account and signs in: (user id, access token).
+    pub async fn user(&self) -> Result<(String, String), LabError> {
+        let email = format!("{}@lab.example", uuid::Uuid::new_v4().simple());
+        let res = self
+            .http
+            .post(self.url("/api/users"))
+            .json(&json!({"email": email, "password": PASSWORD, "name": "Lab"}))
+            .send()
+            .await?;
+        if res.status() != 201 {
+            return Err(LabError::Shop(format!(
+                "registration answered {}",
+                res.status()
+            )));
+        }
+        let user: Value = res.json().await?;
+        let res = self
+            .http
+            .post(self.url("/api/auth/token"))
+            .json(&json!({"email": email, "password": PASSWORD}))
+            .send()
+            .await?;
+        if res.status() != 200 {
+            return Err(LabError::Shop(format!("sign-in answered {}", res.status())));
+        }
+        let token: Value = res.json().await?;
+        match (user["id"].as_str(), token["access_token"].as_str()) {
+            (Some(id), Some(t)) => Ok((id.to_owned(), t.to_owned())),
+            _ => Err(LabError::Shop(
+                "registration or sign-in without an id or token".into(),
+            )),
+        }
+    }
+
+    /// A connection pool of its own to a service's database (for audits: totals, states).
+    pub async fn db(&self, name: ServiceName) -> Result<Db, LabError> {
+        Ok(Db::open(&self.storage.for_service(name.as_str()), 2).await?)
+    }
+
+    /// Another gateway in front of this shop's services, from the shop's own gateway
+    /// configuration with `adjust` applied (upstreams replaced, routes added).
+    pub async fn gateway_with(
+        &self,
+        adjust: impl FnOnce(&mut GatewayConfig),
+    ) -> Result<ExtraGateway, LabError> {
+        let mut g = shopmesh_shop::gateway_config(&self.cfg, |n| self.service(n));
+        adjust(&mut g);
+        ExtraGateway::start(g).await
+    }
+
+    /// Stops the shop; its PostgreSQL schemas are dropped, its temporary directory removed.
+    pub async fn stop(self) {
+        self.system.shutdown().await;
+        if let Storage::Postgres { schema_prefix, .. } = &self.storage
+            && let Ok(db) = Db::open(&self.storage.for_service("users"), 1).await
+        {
+            for name in ServiceName::ALL {
+                let drop = format!("DROP SCHEMA IF EXISTS \"{schema_prefix}{name}\" CASCADE");
+                let _ = sqlx::query(&drop).execute(&db.pool).await;
+            }
+        }
+    }
+}
+
+/// Points a cluster of `g` at `to` instead (e.g. a relay).
+pub fn redirect(g: &mut GatewayConfig, cluster: &str, to: SocketAddr) {
+    for c in g.clusters.iter_mut().filter(|c| c.name == cluster) {
+        c.endpoints = vec![format!("http://{to}")];
+    }
+}
+
+/// A gateway the lab started; stops when [`ExtraGateway::stop`] is called or it is dropped.
+pub struct ExtraGateway {
+    pub addr: SocketAddr,
+    pub gateway: Gateway,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ExtraGateway {
+    pub async fn start(mut cfg: GatewayConfig) -> Result<ExtraGateway, LabError> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        cfg.listen = addr;
+        cfg.admin.listen = None;
+        let gateway = Gateway::new(cfg)?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(shopmesh_gateway::server::serve(
+            listener,
+            gateway.clone(),
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
+        Ok(ExtraGateway {
+            addr,
+            gateway,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ExtraGateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The shops of a run, started when first needed and stopped after the last experiment that
+/// needs them.
+pub struct Shops {
+    backend: Backend,
+    products: usize,
+    running: Vec<(ShopSpec, LabShop)>,
+}
+
+impl Shops {
+    pub fn new(backend: Backend, products: usize) -> Self {
+        Self {
+            backend,
+            products,
+            running: Vec::new(),
+        }
+    }
+
+    pub async fn get(&mut self, spec: ShopSpec) -> Result<&LabShop, LabError> {
+        if !self.running.iter().any(|(s, _)| *s == spec) {
+            let shop = LabShop::start(spec, &self.backend, self.products).await?;
+            self.running.push((spec, shop));
+        }
+        self.running(spec)
+    }
+
+    /// Starts every shop of `specs` (so that an experiment can hold several at once).
+    pub async fn start_all(&mut self, specs: &[ShopSpec]) -> Result<(), LabError> {
+        for s in specs {
+            self.get(*s).await?;
+        }
+        Ok(())
+    }
+
+    /// A running shop (after [`Shops::start_all`]).
+    pub fn running(&self, spec: ShopSpec) -> Result<&LabShop, LabError> {
+        self.running
+            .iter()
+            .find(|(s, _)| *s == spec)
+            .map(|(_, shop)| shop)
+            .ok_or_else(|| LabError::Shop("the experiment's shop is not running".into()))
+    }
+
+    pub async fn stop(&mut self, spec: ShopSpec) {
+        if let Some(i) = self.running.iter().position(|(s, _)| *s == spec) {
+            self.running.remove(i).1.stop().await;
+        }
+    }
+
+    pub async fn stop_all(&mut self) {
+        for (_, shop) in self.running.drain(..) {
+            shop.stop().await;
+        }
+    }
+}
