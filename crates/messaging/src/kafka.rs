@@ -79,6 +79,9 @@ use crate::{Envelope, partition};
 pub const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// How often partitions are paused or resumed for backpressure.
 const FLOW_EVERY: Duration = Duration::from_millis(10);
+/// How long a subscription dropped before its group gave it partitions waits for them, so
+/// that it leaves the group as a member rather than in the middle of joining.
+const JOIN_WAIT: Duration = Duration::from_secs(15);
 /// How long an instance giving partitions up waits for the consumer to settle what it has.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(20);
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -513,6 +516,7 @@ impl Broker for KafkaBroker {
                 held: Mutex::new(Holding::default()),
                 settled: Condvar::new(),
                 stopping: AtomicBool::new(false),
+                joined: AtomicBool::new(false),
                 last_published: AtomicI64::new(0),
                 prefetch: usize::from(self.shared.options.prefetch),
             });
@@ -743,6 +747,8 @@ struct SubState {
     /// Signalled whenever a message is settled or put back (a rebalance waits on it).
     settled: Condvar,
     stopping: AtomicBool,
+    /// The group gave this instance its partitions at least once.
+    joined: AtomicBool,
     last_published: AtomicI64,
     prefetch: usize,
 }
@@ -893,6 +899,7 @@ impl ConsumerContext for SubCtx {
                 drop(held);
                 // Assigned afresh: not paused, whatever an earlier assignment left.
                 let _ = consumer.resume(tpl);
+                self.sub.joined.store(true, Ordering::SeqCst);
                 tracing::debug!(partitions = tpl.count(), "Kafka partitions assigned");
             }
             Rebalance::Revoke(_) => {}
@@ -1016,6 +1023,13 @@ fn poll_loop(p: Poller) {
                 }
             }
         }
+    }
+    // An instance that leaves in the middle of its first join stalls the group on Tansu
+    // (its next members wait for it for good), so the join completes first; what comes
+    // meanwhile is not taken (the next owner fetches it from the committed offset).
+    let deadline = Instant::now() + JOIN_WAIT;
+    while !sub.joined.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let _ = consumer.poll(Duration::from_millis(50));
     }
     // Closing: what was settled is committed (with how far this instance fetched, so the
     // next owner counts redeliveries), then the group is left (the revocation runs without
