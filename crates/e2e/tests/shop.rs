@@ -629,3 +629,97 @@ async fn a_restart_reuses_the_data() {
     assert_eq!(page["total"], TEST_PRODUCTS);
     shop.shutdown().await;
 }
+
+/// `shopmesh up --mesh`: orders reaches pricing, payments and users only through the
+/// sidecars (its clients address them by name, `http://pricing`, which nothing but its
+/// outbound sidecar resolves), over mutual TLS; the inbound sidecars refuse plain HTTP.
+#[tokio::test]
+async fn orders_call_pricing_payments_and_users_through_the_mesh() {
+    let shop = TestShop::start_with(|c| {
+        c.mesh = c.broker_path.parent().map(|d| d.join("mesh"));
+    })
+    .await;
+    let mesh = shop.system().mesh.as_ref().expect("the mesh runs");
+    assert_eq!(mesh.inbound.len(), 3);
+    let metrics_before = shop
+        .http
+        .get(format!("{}/metrics", shop.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    let (_, token) = shop.user().await;
+    let p1 = shop.product(5);
+    let res = shop
+        .http
+        .post(shop.url("/api/orders"))
+        .bearer_auth(&token)
+        .json(&json!({"items": [{"product_id": p1, "quantity": 2}], "card": "4242424242424242"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+    let placed: Value = res.json().await.unwrap();
+    let prices: Value = shop.get_json(&format!("/api/prices?ids={p1}"), None).await;
+    assert_eq!(
+        placed["total_minor"],
+        prices["items"][0]["amount_minor"].as_i64().unwrap() * 2,
+        "priced by pricing, through the mesh"
+    );
+    assert_eq!(
+        placed["card_last4"], "4242",
+        "the card went to payments' vault"
+    );
+
+    // Each hop was reported by both sidecars, with Istio's labels.
+    let metrics = shop
+        .http
+        .get(format!("{}/metrics", shop.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |text: &str, reporter: &str, to: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("reporter=\"{reporter}\""))
+                    && l.contains("source_workload=\"orders\"")
+                    && l.contains(&format!("destination_workload=\"{to}\""))
+                    && (l.contains("response_code=\"200\"") || l.contains("response_code=\"201\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    for to in ["pricing", "payments", "users"] {
+        for reporter in ["source", "destination"] {
+            assert!(
+                count(&metrics, reporter, to) > count(&metrics_before, reporter, to),
+                "no {reporter}-reported orders → {to} request"
+            );
+        }
+    }
+
+    // The inbound side speaks only mutual TLS.
+    for (service, at) in &mesh.inbound {
+        let plain = shop
+            .http
+            .get(format!("http://{at}/api/prices?ids={p1}"))
+            .send()
+            .await;
+        match plain {
+            Err(_) => {}
+            Ok(r) => assert!(
+                !r.status().is_success(),
+                "{service}'s sidecar answered plain HTTP with {}",
+                r.status()
+            ),
+        }
+    }
+    shop.shutdown().await;
+}

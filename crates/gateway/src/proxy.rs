@@ -34,6 +34,9 @@ pub struct Gateway {
 
 struct Shared {
     current: ArcSwap<Runtime>,
+    /// Given to every configuration applied, so that a reload neither undoes nor warns of
+    /// what the command line set.
+    overrides: Overrides,
     /// Serialises reloads.
     reload: std::sync::Mutex<ReloadState>,
 }
@@ -64,6 +67,24 @@ impl ReloadState {
     }
 }
 
+/// What the command line sets over the configuration file (`shopmesh gateway
+/// --admin-listen`): instances sharing one file on one host each need their own admin
+/// port. Applied to the first configuration and to every reloaded one, so the file's
+/// value is never compared with the running one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    /// Replaces `admin.listen`.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Overrides {
+    pub fn apply_to(&self, cfg: &mut GatewayConfig) {
+        if let Some(a) = self.admin_listen {
+            cfg.admin.listen = Some(a);
+        }
+    }
+}
+
 /// What the admin API reports about configuration.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConfigStatus {
@@ -76,11 +97,21 @@ pub struct ConfigStatus {
 impl Gateway {
     /// Builds the first generation and starts its health checks. Needs a tokio runtime.
     pub fn new(cfg: GatewayConfig) -> Result<Self, ConfigError> {
+        Self::with_overrides(cfg, Overrides::default())
+    }
+
+    /// [`Gateway::new`] with the command line's `overrides`, kept for every reload.
+    pub fn with_overrides(
+        mut cfg: GatewayConfig,
+        overrides: Overrides,
+    ) -> Result<Self, ConfigError> {
+        overrides.apply_to(&mut cfg);
         let rt = Runtime::build(cfg, 1, None)?;
         rt.start();
         Ok(Self {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(rt),
+                overrides,
                 reload: std::sync::Mutex::new({
                     let mut st = ReloadState {
                         next_version: 2,
@@ -105,6 +136,7 @@ impl Gateway {
         st.last_attempt = Some(SystemTime::now());
         let old = self.shared.current.load_full();
         let mut cfg = cfg;
+        self.shared.overrides.apply_to(&mut cfg);
         if cfg.listen != old.config.listen
             || cfg.admin.listen != old.config.admin.listen
             || cfg.workers != old.config.workers

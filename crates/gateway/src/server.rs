@@ -493,9 +493,10 @@ impl Standalone {
         // The metrics recorder first, so that nothing recorded at start-up is lost.
         let _ = shopmesh_platform::telemetry::prometheus();
         let mut cfg = crate::GatewayConfig::from_file(&path)?;
-        if let Some(a) = opts.admin_listen {
-            cfg.admin.listen = Some(a);
-        }
+        let overrides = crate::proxy::Overrides {
+            admin_listen: opts.admin_listen,
+        };
+        overrides.apply_to(&mut cfg);
         let mut predecessor = opts.inherited;
         let (inherited, inherited_admin) = predecessor
             .as_mut()
@@ -515,7 +516,7 @@ impl Standalone {
             ),
             None => None,
         };
-        let gateway = Gateway::new(cfg)?;
+        let gateway = Gateway::with_overrides(cfg, overrides)?;
         // Ready once the listeners are bound and the configuration is loaded (both done
         // when `start` returns), until shutdown begins.
         let readiness = Readiness::new();

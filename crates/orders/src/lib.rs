@@ -24,6 +24,9 @@ pub struct Deps {
     pub payments_url: String,
     /// The user center's interface: who may order, and where to ship.
     pub directory: std::sync::Arc<shopmesh_users_client::Directory>,
+    /// The mesh sidecar's outbound address: pricing and payments are called through it
+    /// (mutual TLS, the mesh's policy), by name. `None`: straight to the URLs above.
+    pub sidecar: Option<String>,
 }
 
 #[derive(Clone)]
@@ -36,17 +39,23 @@ pub struct State {
     pub relay: Relay,
 }
 
-pub fn app(db: Db, deps: Deps, relay: Relay) -> axum::Router {
+/// The orders service's router. Fails only on a sidecar address that is not a URL.
+pub fn app(
+    db: Db,
+    deps: Deps,
+    relay: Relay,
+) -> Result<axum::Router, shopmesh_platform::client::InvalidSidecar> {
+    let sidecar = deps.sidecar.as_deref();
     let state = State {
         db,
-        pricing: ServiceClient::new("pricing", deps.pricing_url),
-        payments: ServiceClient::new("payments", deps.payments_url),
+        pricing: ServiceClient::through("pricing", deps.pricing_url, sidecar)?,
+        payments: ServiceClient::through("payments", deps.payments_url, sidecar)?,
         directory: deps.directory,
         relay,
     };
-    shopmesh_platform::serve::stack(
+    Ok(shopmesh_platform::serve::stack(
         NAME,
         api::routes(state),
         shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
-    )
+    ))
 }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod console;
 pub mod dlq;
+pub mod mesh;
 pub mod seed;
 pub mod services;
 
@@ -98,6 +99,9 @@ pub struct SystemConfig {
     pub saga_deadline: Duration,
     /// Services whose consumer does not run (fault injection: a silent participant).
     pub silent: Vec<ServiceName>,
+    /// Calls between services through mesh sidecars over mutual TLS ([`mesh`]), the mesh
+    /// CA and certificates in this directory. `None`: services call each other directly.
+    pub mesh: Option<PathBuf>,
 }
 
 impl SystemConfig {
@@ -108,6 +112,7 @@ impl SystemConfig {
             duplicate_deliveries: false,
             saga_deadline: DEFAULT_SAGA_DEADLINE,
             silent: Vec::new(),
+            mesh: None,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 8080,
             admin_port: 9901,
@@ -141,6 +146,8 @@ pub struct System {
     /// API (the way in), then the services (finishing what the gateway forwarded, calls
     /// between services included), then relays, consumers and the sweeper.
     stages: [(CancellationToken, JoinSet<()>); 3],
+    /// The sidecars, when calls between services go through the mesh.
+    pub mesh: Option<mesh::Mesh>,
 }
 
 pub use shopmesh_messaging::BrokerUrl;
@@ -256,11 +263,16 @@ impl System {
                 .map(|(_, a)| *a)
                 .expect("every service has an address")
         };
+        let mesh = match &cfg.mesh {
+            Some(dir) => Some(mesh::Mesh::start(dir.clone(), cfg.host, addr_of).await?),
+            None => None,
+        };
         let deps = services::Deps {
             pricing_url: format!("http://{}", addr_of(ServiceName::Pricing)),
             payments_url: format!("http://{}", addr_of(ServiceName::Payments)),
             users_url: format!("http://{}", addr_of(ServiceName::Users)),
             users_via: cfg.users_via,
+            sidecar: mesh.as_ref().map(|m| m.outbound.clone()),
         };
 
         let broker_error = |e: shopmesh_messaging::BrokerError| Error::Service {
@@ -396,6 +408,7 @@ impl System {
                 (services, service_tasks),
                 (work, work_tasks),
             ],
+            mesh,
         })
     }
 
@@ -415,6 +428,9 @@ impl System {
         for (token, mut tasks) in self.stages {
             token.cancel();
             while tasks.join_next().await.is_some() {}
+        }
+        if let Some(mesh) = self.mesh {
+            mesh.shutdown().await;
         }
     }
 }

@@ -11,6 +11,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use shopmesh_messaging::outbox::{self, Relay};
 use shopmesh_messaging::{Broker, Consumer, ConsumerConfig, Handler};
+use shopmesh_platform::client::ServiceClient;
 use shopmesh_platform::db::{Db, Storage};
 use tokio_util::sync::CancellationToken;
 
@@ -98,6 +99,10 @@ pub struct Deps {
     pub users_url: String,
     /// How orders read accounts.
     pub users_via: UsersVia,
+    /// The mesh sidecar's outbound address (`http://127.0.0.1:PORT`): orders calls pricing,
+    /// payments and users through it, by name, over mutual TLS. `None`: straight to the
+    /// URLs above.
+    pub sidecar: Option<String>,
 }
 
 /// The two ways of sharing the user center's data (the shared data pattern).
@@ -255,8 +260,12 @@ pub async fn open(
             let topics = [ev::TOPIC_INVENTORY, ev::TOPIC_PAYMENTS];
             tasks = saga_tasks(name, ev::CONSUMER_ORDERS, &topics, &db, m, &relay, h).await?;
             let directory = Arc::new(match deps.users_via {
-                UsersVia::Interface => shopmesh_users_client::Directory::new(
-                    deps.users_url.clone(),
+                UsersVia::Interface => shopmesh_users_client::Directory::with_client(
+                    ServiceClient::through("users", deps.users_url.clone(), deps.sidecar.as_deref())
+                        .map_err(|e| Error::Service {
+                            service: name.as_str(),
+                            reason: e.to_string(),
+                        })?,
                     DIRECTORY_TTL,
                     100_000,
                 ),
@@ -334,9 +343,14 @@ pub async fn open(
                 pricing_url: deps.pricing_url.clone(),
                 payments_url: deps.payments_url.clone(),
                 directory: orders_directory.expect("opened with the orders consumers above"),
+                sidecar: deps.sidecar.clone(),
             },
             relay,
-        ),
+        )
+        .map_err(|e| Error::Service {
+            service: shopmesh_orders::NAME,
+            reason: e.to_string(),
+        })?,
         ServiceName::Payments => shopmesh_payments::app(db.clone()),
     };
     Ok(Built {

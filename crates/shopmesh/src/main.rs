@@ -259,6 +259,10 @@ struct UpArgs {
     /// stopping accepting and draining, so that balancers stop sending first.
     #[arg(long, env = "SHOPMESH_PRESTOP_DELAY_MS", default_value_t = 0)]
     prestop_delay_ms: u64,
+    /// Calls between services go through mesh sidecars over mutual TLS (a CA and
+    /// certificates are made under the data directory's `mesh/`).
+    #[arg(long, env = "SHOPMESH_MESH")]
+    mesh: bool,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -310,6 +314,11 @@ struct ServiceArgs {
     /// events) or its published view in its database (read-only).
     #[arg(long, env = "SHOPMESH_USERS_VIA", value_enum, default_value_t = Via::Interface)]
     users_via: Via,
+    /// orders only: its mesh sidecar's outbound address (`http://127.0.0.1:15001`); pricing,
+    /// payments and users are then called through it by name, and the URLs above are
+    /// unused (`shopmesh sidecar` with the targets' inbound sidecars).
+    #[arg(long, env = "SHOPMESH_SIDECAR")]
+    sidecar: Option<String>,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -382,6 +391,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     cfg.users_via = a.users_via.into();
     cfg.login_limits = (a.login_per_account, a.login_per_ip);
     cfg.broker = a.storage.broker.clone();
+    cfg.mesh = a.mesh.then(|| a.storage.data_dir.join("mesh"));
     let system = System::start(cfg).await?;
     println!(
         "shopmesh is up ({}, {} broker)",
@@ -422,6 +432,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
             payments_url: a.payments_url.clone(),
             users_url: a.users_url.clone(),
             users_via: a.users_via.into(),
+            sidecar: a.sidecar.clone(),
         },
         &shopmesh_shop::UserSettings {
             admins: a.admin_emails.clone(),

@@ -10,6 +10,9 @@
 //! the test's own (its queues and consumers expire once unused; Kafka topics stay until the
 //! broker is reset), so tests never see each other's messages. An unreachable broker fails
 //! the test.
+//!
+//! `SHOPMESH_TEST_MESH=1`: every call between services goes through mesh sidecars over
+//! mutual TLS (`shopmesh up --mesh`), the CA and certificates in the test's directory.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +35,14 @@ pub struct TestStorage {
     pub dir: TempDir,
     /// The broker, with the test's namespace: the same across restarts.
     pub broker: shopmesh_shop::BrokerUrl,
+}
+
+/// Whether `SHOPMESH_TEST_MESH` asks for the mesh (`1` or `true`).
+pub fn test_mesh() -> bool {
+    matches!(
+        std::env::var("SHOPMESH_TEST_MESH").as_deref(),
+        Ok("1") | Ok("true")
+    )
 }
 
 /// The broker `SHOPMESH_TEST_BROKER` names, under a fresh namespace.
@@ -127,6 +138,9 @@ impl TestShop {
         cfg.seed_products = TEST_PRODUCTS;
         cfg.drain = Duration::from_secs(5);
         cfg.broker = storage.broker.clone();
+        if test_mesh() {
+            cfg.mesh = Some(storage.dir.path().join("mesh"));
+        }
         adjust(&mut cfg);
         let system = System::start(cfg)
             .await

@@ -96,8 +96,14 @@ impl Directory {
     /// `users_url`: the users service's base URL. `ttl`: the longest a cached account is
     /// used without its event (events normally invalidate it first).
     pub fn new(users_url: impl Into<String>, ttl: Duration, capacity: usize) -> Self {
+        Self::with_client(ServiceClient::new("users", users_url), ttl, capacity)
+    }
+
+    /// Like [`Directory::new`], through `client` (the users service directly, or through
+    /// the mesh sidecar: [`ServiceClient::through`]).
+    pub fn with_client(client: ServiceClient, ttl: Duration, capacity: usize) -> Self {
         Self {
-            source: Source::Interface(ServiceClient::new("users", users_url)),
+            source: Source::Interface(client),
             cache: quick_cache::sync::Cache::new(capacity.max(16)),
             ttl,
         }
