@@ -9,7 +9,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::StatusCode;
 use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::Problem;
 
@@ -35,7 +35,8 @@ pub struct Readiness {
 
 #[derive(Default)]
 struct Inner {
-    draining: AtomicBool,
+    /// Cancelled when draining begins: servers wait on it to tell their clients.
+    draining: CancellationToken,
     checks: Mutex<Vec<(String, Check)>>,
 }
 
@@ -68,11 +69,16 @@ impl Readiness {
 
     /// Turns not-ready for good: the process is going away.
     pub fn drain(&self) {
-        self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.draining.cancel();
     }
 
     pub fn is_draining(&self) -> bool {
-        self.inner.draining.load(Ordering::SeqCst)
+        self.inner.draining.is_cancelled()
+    }
+
+    /// Completes once draining has begun (at once if it has).
+    pub async fn draining(&self) {
+        self.inner.draining.cancelled().await
     }
 
     /// Runs the checks: whether the process is ready, and each check's outcome.
@@ -154,6 +160,8 @@ pub async fn prestop(readiness: &Readiness, delay: Duration) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
 
     #[tokio::test]
@@ -178,8 +186,18 @@ mod tests {
         assert_eq!(checks["storage"], "failing");
         failing.store(false, Ordering::SeqCst);
         assert!(r.check().await.0);
+        let waiting = tokio::spawn({
+            let r = r.clone();
+            async move { r.draining().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "draining() waits for drain()");
         r.clone().drain();
         assert!(!r.check().await.0, "a clone drains the same state");
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("draining() completes on drain()")
+            .unwrap();
         let res = r.answer().await;
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     }

@@ -1,22 +1,43 @@
-//! The HTTP stack every service runs behind, and graceful serving.
+//! The HTTP stack every service runs behind, and serving it with a drain that loses no
+//! request (the gateway's, `shopmesh_gateway::server`, in the same phases).
+//!
+//! Stopping, as [`Server::run_with_readiness`] does it:
+//! 1. from not-ready (SIGTERM, through the pre-stop delay) the server still accepts and
+//!    serves, but every HTTP/1 answer carries `Connection: close`, so a keep-alive client
+//!    reconnects (to the replacement, or wherever its balancer sends it) after an answer,
+//!    never in the middle of a request; an HTTP/2 connection gets GOAWAY (h2's two-step
+//!    one: streams the client sent before it learns of it are still served);
+//! 2. at the stop the listener closes (its queued connections move to another listener of
+//!    the `SO_REUSEPORT` group where `net.ipv4.tcp_migrate_req=1`);
+//! 3. an HTTP/1 connection still open may bring one more request for [`LINGER`] (answered
+//!    with `Connection: close`), so a connection accepted but not yet read is served, not
+//!    reset; then idle ones are closed and busy ones finish;
+//! 4. the server waits for every connection for at most the drain timeout.
 
-use std::future::IntoFuture;
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderName, StatusCode};
-use tokio::net::TcpListener;
+use http::{HeaderName, HeaderValue, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::REQUEST_ID_HEADER;
+use crate::health::Readiness;
 use crate::problem::Problem;
 
 /// Default cap on request bodies (services take small JSON documents).
@@ -102,6 +123,17 @@ async fn record_metrics(service: &'static str, req: Request, next: Next) -> Resp
     res
 }
 
+/// Most connections one server holds at once; a connection keeps its slot until it ends.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// How long a client may take to send a request's head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Once accepting has stopped, how long an HTTP/1 connection may still bring a request
+/// (answered with `Connection: close`) before it is closed if idle: a connection the kernel
+/// handed over just before the stop gets its answer instead of a reset.
+pub const LINGER: Duration = Duration::from_secs(1);
+
 /// A bound listener plus the router it will serve.
 pub struct Server {
     pub name: &'static str,
@@ -132,24 +164,193 @@ impl Server {
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting and lets in-flight requests
-    /// finish (bounded by `drain`).
+    /// finish (bounded by `drain`). As [`Server::run_with_readiness`] with a readiness that
+    /// never drains before `shutdown`.
     pub async fn run(self, shutdown: CancellationToken, drain: Duration) -> std::io::Result<()> {
-        let name = self.name;
-        let signal = shutdown.clone();
-        let serve = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { signal.cancelled().await })
-        .into_future();
-        tokio::pin!(serve);
+        self.run_with_readiness(Readiness::new(), shutdown, drain)
+            .await
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains for at most `drain` (the module's
+    /// phases). From the moment `readiness` drains (SIGTERM, before the pre-stop delay
+    /// ends) HTTP/1 answers carry `Connection: close` and HTTP/2 connections get GOAWAY.
+    pub async fn run_with_readiness(
+        self,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) -> std::io::Result<()> {
+        let Server {
+            name,
+            listener,
+            router,
+        } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        builder.http2().timer(TokioTimer::new());
+        let phases = Phases {
+            closing: readiness,
+            stop: shutdown,
+        };
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let linger = CancellationToken::new();
+        loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = phases.stop.cancelled() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(service = name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = phases.stop.cancelled() => break,
+            };
+            let conn = Connection {
+                router: router.clone(),
+                peer,
+                phases: phases.clone(),
+                h2: Arc::new(H2Seen::default()),
+            };
+            let (builder, linger) = (builder.clone(), linger.clone());
+            tokio::spawn(async move {
+                conn.serve(&builder, stream, linger).await;
+                drop(permit);
+            });
+        }
+        // Stop accepting: queued connections move to another listener of the group where
+        // the kernel migrates them (`tcp_migrate_req`).
+        drop(listener);
+        // All slots back means all connections done.
+        let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+        let done = slots.acquire_many(all);
+        tokio::pin!(done);
+        let linger_for = LINGER.min(drain);
         tokio::select! {
-            r = &mut serve => r,
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+            _ = &mut done => return Ok(()),
+            _ = tokio::time::sleep(linger_for) => {}
+        }
+        linger.cancel();
+        tokio::select! {
+            _ = &mut done => {}
+            _ = tokio::time::sleep(drain.saturating_sub(linger_for)) => {
                 tracing::warn!(service = name, "drain timeout: closing remaining connections");
-                Ok(())
             }
+        }
+        Ok(())
+    }
+}
+
+/// Where a server is in its life, as its connections see it.
+#[derive(Clone)]
+struct Phases {
+    /// Draining (not ready): HTTP/1 answers carry `Connection: close`, HTTP/2 gets GOAWAY.
+    closing: Readiness,
+    /// Cancelled when the server stops accepting.
+    stop: CancellationToken,
+}
+
+impl Phases {
+    fn closing(&self) -> bool {
+        self.closing.is_draining() || self.stop.is_cancelled()
+    }
+}
+
+/// Whether a connection speaks HTTP/2, as its first request shows.
+#[derive(Default)]
+struct H2Seen {
+    yes: AtomicBool,
+    told: Notify,
+}
+
+/// One accepted connection and what its requests share.
+struct Connection {
+    router: Router,
+    peer: SocketAddr,
+    phases: Phases,
+    h2: Arc<H2Seen>,
+}
+
+impl Connection {
+    /// Serves the connection through the phases: as usual until not-ready; then an HTTP/2
+    /// connection gets GOAWAY (its streams finish) and an HTTP/1 one learns from its next
+    /// answer; at the stop an HTTP/1 connection (or one that said nothing yet) may bring
+    /// requests until `linger`, then it is closed once idle.
+    async fn serve(
+        self,
+        builder: &auto::Builder<TokioExecutor>,
+        stream: TcpStream,
+        linger: CancellationToken,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let Connection {
+            router,
+            peer,
+            phases,
+            h2,
+        } = self;
+        let svc = {
+            let (phases, h2) = (phases.clone(), h2.clone());
+            hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                let http1 = req.version() < http::Version::HTTP_2;
+                if !http1 && !h2.yes.swap(true, Ordering::Relaxed) {
+                    h2.told.notify_one();
+                }
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let answer = router.clone().oneshot(req);
+                let phases = phases.clone();
+                async move {
+                    let mut res = match answer.await {
+                        Ok(res) => res,
+                        Err(never) => match never {},
+                    };
+                    // Decided when the answer leaves: a request that began before SIGTERM
+                    // and ends after it closes its connection too (a WebSocket's 101
+                    // keeps its connection).
+                    if http1 && phases.closing() && res.status() != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        res.headers_mut()
+                            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(res)
+                }
+            })
+        };
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let result = 'served: {
+            tokio::select! {
+                r = conn.as_mut() => break 'served r,
+                _ = phases.closing.draining() => {}
+                _ = phases.stop.cancelled() => {}
+            }
+            if !h2.yes.load(Ordering::Relaxed) {
+                tokio::select! {
+                    r = conn.as_mut() => break 'served r,
+                    _ = h2.told.notified() => {}
+                    _ = phases.stop.cancelled() => tokio::select! {
+                        r = conn.as_mut() => break 'served r,
+                        _ = h2.told.notified() => {}
+                        _ = linger.cancelled() => {}
+                    },
+                }
+            }
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with error");
         }
     }
 }

@@ -28,7 +28,16 @@
 //! real broker, SHOPMESH_TEST_DATABASE and SHOPMESH_TEST_BROKER, failing without them) under
 //! order load, each replacement started beside the old process on its port (services listen
 //! with SO_REUSEPORT too). It needs the host's loopback, so it sets tcp_migrate_req=1 there
-//! while it runs (as root) and puts the old value back.
+//! while it runs (as root) and puts the old value back. Who retries what there: this test,
+//! the client in front of the gateway (never restarted), sends an order again once only
+//! when its connection was refused (same Idempotency-Key), and counts it (`resent=`);
+//! anything else is a failed order. The gateway, the client of the restarted services,
+//! retries no `POST` (only idempotent body-less requests, within its retry budget); its
+//! pooled client, as orders' own (reqwest) towards pricing, payments and users, resends a
+//! request only when the pooled connection it picked had closed before any of the
+//! request was written. The services' drain (`shopmesh_platform::serve`) is what makes
+//! that enough: `Connection: close` on every answer from SIGTERM, a linger after the
+//! stop, in-flight requests finished.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -615,6 +624,105 @@ fn two_instances_share_one_address_and_both_serve() {
     });
 }
 
+/// `--admin-listen` is the command line's, not the file's: a reload of the unchanged file
+/// warns of nothing and keeps the admin address; a changed `listen` still warns (it changes
+/// only on restart) and is not applied.
+#[test]
+fn a_reload_under_admin_listen_warns_only_of_what_changed() {
+    runtime().block_on(async {
+        let s = Setup::new(0).await;
+        let bin = Path::new(env!("CARGO_BIN_EXE_shopmesh"));
+        // As `Setup::gateway`, with the log (stdout) kept.
+        let log = s.dir.path().join("reload.log");
+        let admin_port = free_port();
+        let child = Command::new(bin)
+            .arg("gateway")
+            .arg("--config")
+            .arg(&s.config)
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut g = Gw {
+            name: "reload".into(),
+            child: Some(child),
+            pid: 0,
+            admin: admin_port,
+        }
+        .with_pid();
+        g.wait_ready(&s).await;
+        let admin = format!("http://127.0.0.1:{}", g.admin);
+        // The log is written off the request path: waits for the line of the reload that
+        // made `version`.
+        let applied = |version: usize| {
+            let log = log.clone();
+            async move {
+                let t = Instant::now();
+                loop {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    if text.matches("configuration applied").count() >= version - 1 {
+                        return text;
+                    }
+                    assert!(
+                        t.elapsed() < Duration::from_secs(10),
+                        "no reload logged:\n{text}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let serving = |admin: String, http: reqwest::Client| async move {
+            let v: serde_json::Value = http
+                .get(format!("{admin}/config"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["config"].clone()
+        };
+        let warned = |text: &str| text.matches("change only on restart").count();
+        // The unchanged file, reloaded on request (the file watcher sees no change).
+        let r = s.http.post(format!("{admin}/reload")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["version"], 2);
+        let text = applied(2).await;
+        assert_eq!(
+            warned(&text),
+            0,
+            "a reload of the unchanged file warned:\n{text}"
+        );
+        let cfg = serving(admin.clone(), s.http.clone()).await;
+        assert_eq!(cfg["admin"]["listen"], format!("127.0.0.1:{}", g.admin));
+        // A listen address the running instance cannot take: warned, not applied.
+        let file = std::fs::read_to_string(&s.config).unwrap();
+        let moved = file.replace(
+            &format!("listen: 127.0.0.1:{}", s.port),
+            &format!("listen: 127.0.0.1:{}", free_port()),
+        );
+        assert_ne!(moved, file);
+        // Replaced whole (as editors and ConfigMap swaps do); the file watcher reloads it.
+        let tmp = s.dir.path().join("gateway.yaml.new");
+        std::fs::write(&tmp, moved).unwrap();
+        std::fs::rename(&tmp, &s.config).unwrap();
+        let text = applied(3).await;
+        assert_eq!(
+            warned(&text),
+            1,
+            "the changed listen address is warned of:\n{text}"
+        );
+        let cfg = serving(admin.clone(), s.http.clone()).await;
+        assert_eq!(cfg["listen"], format!("127.0.0.1:{}", s.port));
+        assert_eq!(cfg["admin"]["listen"], format!("127.0.0.1:{}", g.admin));
+        assert_eq!(s.fresh_connections(5).await, 5);
+        g.stop(&s).await;
+    });
+}
+
 #[test]
 #[ignore = "slow; runs in its own network namespace (root): cargo test -p shopmesh --test ha -- --ignored --test-threads=1"]
 fn a_rolling_restart_of_two_instances_under_load_fails_no_request() {
@@ -1133,13 +1241,29 @@ mod services {
         }
     }
 
-    /// The outcome of placing one order: its id, or why not; whether it was sent twice.
+    /// The outcome of placing one order: its id, or why not.
     pub enum Placed {
         Accepted(String),
-        /// Worth a second try with the same key: the gateway could not reach orders (or
-        /// orders a service it calls), or the connection failed.
-        Unavailable(String),
-        Refused(String),
+        /// The connection was refused: nothing reached the shop, the one case the client
+        /// sends again (with the same key).
+        ConnectionRefused(String),
+        /// Anything else: a transport error after connecting, a time-out, any status but
+        /// 200/202.
+        Failed(String),
+    }
+
+    /// Whether `e` is a refused connection (ECONNREFUSED somewhere in its causes).
+    fn connection_refused(e: &reqwest::Error) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            if c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            {
+                return true;
+            }
+            cause = c.source();
+        }
+        false
     }
 
     pub async fn place(
@@ -1159,17 +1283,22 @@ mod services {
             .await;
         let r = match sent {
             Ok(r) => r,
-            Err(e) => return Placed::Unavailable(format!("{e:?}")),
+            Err(e) if connection_refused(&e) => {
+                return Placed::ConnectionRefused(format!("{e:?}"));
+            }
+            Err(e) => return Placed::Failed(format!("{e:?}")),
         };
         let status = r.status().as_u16();
-        let body = r.text().await.unwrap_or_default();
+        let body = match r.text().await {
+            Ok(b) => b,
+            Err(e) => return Placed::Failed(format!("{status}, body lost: {e:?}")),
+        };
         match status {
             200 | 202 => {
                 let o: Value = serde_json::from_str(&body).unwrap();
                 Placed::Accepted(o["id"].as_str().unwrap().to_owned())
             }
-            500 | 502..=504 => Placed::Unavailable(format!("{status}: {body}")),
-            _ => Placed::Refused(format!("{status}: {body}")),
+            _ => Placed::Failed(format!("{status}: {body}")),
         }
     }
 }
@@ -1199,8 +1328,8 @@ async fn a_restart_of_each_service_under_order_load_fails_no_order() {
     assert_eq!(products.len(), 3, "not enough stock seeded");
 
     // Order load: placers one after another's answer, each order with its own
-    // Idempotency-Key; a request that found a service unavailable is sent once more with
-    // the same key (the shop answers the original order if the first one got through).
+    // Idempotency-Key. The only request sent again (once, same key) is one whose connection
+    // was refused; any other error or status but 200/202 fails the order.
     let stop = CancellationToken::new();
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
     let (retried, failed) = (
@@ -1229,13 +1358,13 @@ async fn a_restart_of_each_service_under_order_load_fails_no_order() {
                     "4242424242424242"
                 };
                 let mut placed = place(&http, &base, &token, &key, product, card).await;
-                if let Placed::Unavailable(_) = placed {
+                if let Placed::ConnectionRefused(_) = placed {
                     retried.fetch_add(1, Ordering::Relaxed);
                     placed = place(&http, &base, &token, &key, product, card).await;
                 }
                 match placed {
                     Placed::Accepted(id) => accepted.lock().unwrap().push(id),
-                    Placed::Unavailable(e) | Placed::Refused(e) => {
+                    Placed::ConnectionRefused(e) | Placed::Failed(e) => {
                         failed.lock().unwrap().push(format!("{key}: {e}"))
                     }
                 }
