@@ -261,11 +261,15 @@ pub async fn open(
             tasks = saga_tasks(name, ev::CONSUMER_ORDERS, &topics, &db, m, &relay, h).await?;
             let directory = Arc::new(match deps.users_via {
                 UsersVia::Interface => shopmesh_users_client::Directory::with_client(
-                    ServiceClient::through("users", deps.users_url.clone(), deps.sidecar.as_deref())
-                        .map_err(|e| Error::Service {
-                            service: name.as_str(),
-                            reason: e.to_string(),
-                        })?,
+                    ServiceClient::through(
+                        "users",
+                        deps.users_url.clone(),
+                        deps.sidecar.as_deref(),
+                    )
+                    .map_err(|e| Error::Service {
+                        service: name.as_str(),
+                        reason: e.to_string(),
+                    })?,
                     DIRECTORY_TTL,
                     100_000,
                 ),
