@@ -453,19 +453,25 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         router: built.router,
     };
     println!("{} listening on http://{}", a.name, server.local_addr());
-    let token = CancellationToken::new();
-    let drain = Duration::from_secs(10);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(server.run(token.clone(), drain));
-    for task in built.tasks.drain(..) {
-        let t = task(token.clone());
-        tasks.spawn(async move {
-            t.await;
-            Ok(())
-        });
-    }
+    // Ready while its storage answers, until SIGTERM.
     let readiness = health::Readiness::new();
     readiness.add_storage_check("storage", built.db.clone());
+    // Stopped in order: the service's server (drained: not-ready, the pre-stop delay with
+    // `Connection: close` on answers, in-flight requests finished), then the relays,
+    // consumers and sweeper (the relay publishes what the last requests staged), then the
+    // admin port (`/readyz` says 503 until the end).
+    let (serving, working, admin_token) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let drain = Duration::from_secs(10);
+    let served = tokio::spawn(server.run_with_readiness(readiness.clone(), serving.clone(), drain));
+    let mut work = tokio::task::JoinSet::new();
+    for task in built.tasks.drain(..) {
+        work.spawn(task(working.clone()));
+    }
+    let mut admin_served = None;
     if let Some(port) = a.admin_port {
         let admin = Server::bind(
             "admin",
@@ -474,14 +480,22 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         )
         .await?;
         println!("admin listening on http://{}/metrics", admin.local_addr());
-        tasks.spawn(admin.run(token.clone(), Duration::from_secs(1)));
+        admin_served = Some(tokio::spawn(
+            admin.run(admin_token.clone(), Duration::from_secs(1)),
+        ));
     }
     shutdown_signal().await;
     health::prestop(&readiness, Duration::from_millis(a.prestop_delay_ms)).await;
     tracing::info!("shutting down: finishing in-flight requests");
-    token.cancel();
-    while let Some(r) = tasks.join_next().await {
-        r??;
+    serving.cancel();
+    served.await??;
+    working.cancel();
+    while let Some(r) = work.join_next().await {
+        r?;
+    }
+    admin_token.cancel();
+    if let Some(admin) = admin_served {
+        admin.await??;
     }
     Ok(())
 }
