@@ -364,10 +364,18 @@ impl Console {
                     data: json!(s).to_string(),
                 });
             }
+            if !obs.messages.is_empty() {
+                frames.push(Frame {
+                    id: self.next_id(),
+                    event: "messages",
+                    data: json!({ "subjects": obs.messages }).to_string(),
+                });
+            }
             st.last = Some((
                 now,
                 Observation {
                     sagas: Vec::new(),
+                    messages: Vec::new(),
                     ..obs
                 },
             ));

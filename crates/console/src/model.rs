@@ -31,6 +31,10 @@ pub struct Observation {
     /// Sagas that moved since the previous observation (not kept: sent as events).
     #[serde(skip)]
     pub sagas: Vec<SagaChange>,
+    /// Subjects (orders) whose messages moved since the previous observation: delivered,
+    /// retried, dead-lettered, replayed (not kept: sent as one `messages` event).
+    #[serde(skip)]
+    pub messages: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

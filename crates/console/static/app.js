@@ -89,7 +89,7 @@ function onTick(data) {
 }
 
 function onEvent(kind, data) {
-  if (kind !== 'saga') {
+  if (kind !== 'saga' && kind !== 'messages') {
     store.feed.push(data);
     if (store.feed.length > 200) store.feed.shift();
   }
@@ -121,7 +121,7 @@ function connect() {
   };
   source.addEventListener('snapshot', (e) => { onSnapshot(JSON.parse(e.data)); setConn('live'); });
   source.addEventListener('tick', guard(onTick));
-  for (const kind of ['breaker', 'health', 'reload', 'dead_letter', 'key', 'saga']) {
+  for (const kind of ['breaker', 'health', 'reload', 'dead_letter', 'key', 'saga', 'messages']) {
     source.addEventListener(kind, guard((d) => onEvent(kind, d)));
   }
 }

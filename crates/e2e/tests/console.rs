@@ -860,25 +860,8 @@ async fn a_dead_letter_is_replayed_from_the_console_and_user_data_stays_text() {
     )
     .await;
     b.shot("messaging").await;
-    // Inventory can work again; replay from the console.
-    sqlx::query("ALTER TABLE reservations_parked RENAME TO reservations")
-        .execute(&inventory.pool)
-        .await
-        .unwrap();
-    b.client.click("#dead-letters button.replay").await;
-    b.until(
-        "replayed",
-        Duration::from_secs(5),
-        "return !!document.querySelector('#replay-outcomes li[data-outcome=\"ok\"]');",
-    )
-    .await;
-    b.until(
-        "the group gone",
-        Duration::from_secs(5),
-        "return !document.querySelector('#dead-letters tr.letter');",
-    )
-    .await;
-    // The order's timeline shows it completed.
+    // The order's timeline: OrderPlaced published, each failed delivery to inventory, the
+    // dead letter.
     b.view("orders").await;
     b.until(
         "the order listed",
@@ -894,12 +877,91 @@ async fn a_dead_letter_is_replayed_from_the_console_and_user_data_stays_text() {
         json!(order)
     ))
     .await;
+    // Each timeline entry as `kind:step-or-event:consumer`, in the order shown.
+    const ENTRIES: &str = "return [...document.querySelectorAll('#order-timeline li')]
+        .map(li => `${li.dataset.kind}:${li.dataset.step || li.dataset.event}:${li.dataset.consumer || ''}`);";
+    b.until(
+        "the dead letter in the timeline",
+        Duration::from_secs(5),
+        "return !!document.querySelector('#order-timeline li[data-event=\"dead_lettered\"][data-consumer=\"inventory\"]')
+            && !!document.querySelector('#order-timeline li[data-event=\"dead_letter\"]');",
+    )
+    .await;
+    let before: Vec<String> = serde_json::from_value(b.js(ENTRIES).await).unwrap();
+    let at = |entries: &[String], what: &str| {
+        entries
+            .iter()
+            .position(|e| e == what)
+            .unwrap_or_else(|| panic!("no `{what}` in the timeline: {entries:#?}"))
+    };
+    let retries = before
+        .iter()
+        .filter(|e| *e == "message:retry:inventory")
+        .count();
+    // Five deliveries: four retries, then the dead letter.
+    assert_eq!(retries, 4, "each failed delivery is shown: {before:#?}");
+    assert!(at(&before, "step:placed:") < at(&before, "message:published:"));
+    assert!(at(&before, "message:published:") < at(&before, "message:retry:inventory"));
+    assert!(
+        before
+            .iter()
+            .rposition(|e| e == "message:retry:inventory")
+            .unwrap()
+            < at(&before, "message:dead_lettered:inventory")
+    );
+    assert!(
+        !before.iter().any(|e| e == "step:confirmed:"),
+        "not confirmed yet: {before:#?}"
+    );
+    b.shot("order-timeline-dead-lettered").await;
+    // Inventory can work again; replay from the console's messaging view (its button,
+    // clicked while the order's timeline stays on screen: the timeline appends live).
+    sqlx::query("ALTER TABLE reservations_parked RENAME TO reservations")
+        .execute(&inventory.pool)
+        .await
+        .unwrap();
+    b.js("document.querySelector('#dead-letters button.replay').click(); return true;")
+        .await;
+    b.until(
+        "replayed",
+        Duration::from_secs(5),
+        "return !!document.querySelector('#replay-outcomes li[data-outcome=\"ok\"]');",
+    )
+    .await;
+    // The order's timeline shows it completed, without another click.
     b.until(
         "confirmed in the timeline",
         Duration::from_secs(15),
         "return [...document.querySelectorAll('#order-timeline li')].some(li => li.dataset.step === 'confirmed');",
     )
     .await;
+    b.until(
+        "the stock committed",
+        Duration::from_secs(10),
+        "return [...document.querySelectorAll('#order-timeline li')].filter(li =>
+            li.dataset.event === 'applied' && li.dataset.consumer === 'inventory').length >= 2;",
+    )
+    .await;
+    let after: Vec<String> = serde_json::from_value(b.js(ENTRIES).await).unwrap();
+    assert!(
+        at(&after, "message:dead_lettered:inventory") < at(&after, "message:replayed:inventory")
+    );
+    assert!(at(&after, "message:replayed:inventory") < at(&after, "message:applied:inventory"));
+    assert!(at(&after, "message:applied:inventory") < at(&after, "step:stock_reserved:"));
+    assert!(at(&after, "message:applied:payments") < at(&after, "step:confirmed:"));
+    assert!(
+        !after.iter().any(|e| e == "message:dead_letter:"),
+        "the replayed dead letter is no longer kept: {after:#?}"
+    );
+    b.shot("order-timeline").await;
+    b.view("messaging").await;
+    b.until(
+        "the group gone",
+        Duration::from_secs(5),
+        "return !document.querySelector('#dead-letters tr.letter');",
+    )
+    .await;
+    b.view("orders").await;
     assert!(
         b.js(&format!(
             "return [...document.querySelectorAll('#orders-rows td')].some(td => td.textContent === {});",

@@ -98,8 +98,32 @@ pub struct Consumer {
     sub: Box<dyn Subscription>,
     handler: Arc<dyn Handler>,
     after_commit: Option<Arc<dyn Fn() + Send + Sync>>,
+    observer: Option<Observer>,
+    /// Deliveries taken from the subscription and not yet acked or handed back.
+    in_flight: metrics::Gauge,
     last_backlog: std::sync::Mutex<Option<Instant>>,
 }
+
+/// What a consumer did with one delivery, told to its [`Observer`] after the batch's commit
+/// (the operations console keeps a journal of them per subject).
+#[derive(Debug)]
+pub struct Handled<'a> {
+    pub consumer: &'a str,
+    pub topic: &'a str,
+    /// The envelope's id, type and subject (`None`: the payload was not a readable message).
+    pub message_id: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    /// Which delivery this was, from 1.
+    pub attempt: u32,
+    pub outcome: Outcome,
+    /// Why it was not applied (a retry, a dead letter).
+    pub reason: Option<&'a str>,
+}
+
+/// Told of every delivery a consumer handled. Called on the consumer's task: it must be
+/// quick and must not block.
+pub type Observer = Arc<dyn Fn(&Handled<'_>) + Send + Sync>;
 
 /// What happened to one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +135,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Outcome::Applied => "applied",
             Outcome::Duplicate => "duplicate",
@@ -140,12 +164,15 @@ impl Consumer {
         crate::outbox::install(&db).await?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
         let sub = broker.subscribe(&cfg.name, &topics).await?;
+        let in_flight = metrics::gauge!("messaging_in_flight", "consumer" => cfg.name.clone());
         Ok(Self {
             cfg,
             db,
             sub,
             handler,
             after_commit: None,
+            observer: None,
+            in_flight,
             last_backlog: std::sync::Mutex::new(None),
         })
     }
@@ -153,6 +180,12 @@ impl Consumer {
     /// Called after each batch that applied something (e.g. to wake the outbox relay).
     pub fn after_commit(mut self, f: Arc<dyn Fn() + Send + Sync>) -> Self {
         self.after_commit = Some(f);
+        self
+    }
+
+    /// Tells `observer` what became of each delivery (after the batch's commit).
+    pub fn observe(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -174,16 +207,29 @@ impl Consumer {
         if batch.is_empty() {
             return Ok(0);
         }
+        self.in_flight.set(batch.len() as f64);
+        let handled = self.handle_batch(&batch).await;
+        self.in_flight.set(0.0);
+        Ok(handled)
+    }
+
+    /// Applies, acks and hands back one batch; returns how many deliveries it saw.
+    async fn handle_batch(&self, batch: &[Delivery]) -> usize {
         let redelivered = batch.iter().filter(|d| d.attempt > 1).count();
         if redelivered > 0 {
             metrics::counter!("messaging_redeliveries_total", "consumer" => self.cfg.name.clone())
                 .increment(redelivered as u64);
         }
         let started = Instant::now();
+        // Each payload is decoded once, here.
+        let parsed: Vec<Result<Envelope, String>> = batch
+            .iter()
+            .map(|d| Envelope::from_json(&d.payload).map_err(|e| e.to_string()))
+            .collect();
         // Optimistically without savepoints (two statements fewer per message); if a message
         // fails, the batch is rolled back and run again with a savepoint per message.
-        let attempt = match self.apply_batch(&batch, false).await {
-            Ok(None) => self.apply_batch(&batch, true).await,
+        let attempt = match self.apply_batch(batch, &parsed, false).await {
+            Ok(None) => self.apply_batch(batch, &parsed, true).await,
             other => other,
         };
         let outcomes = match attempt {
@@ -194,16 +240,29 @@ impl Consumer {
                 // completes, so `Ok(None)` cannot come here; it is handled the same anyway.)
                 let error = failed.err().map(|e| e.to_string()).unwrap_or_default();
                 tracing::warn!(consumer = %self.cfg.name, error, "batch failed; will retry");
-                for d in &batch {
+                for d in batch {
                     let _ = self.sub.nack(d, self.cfg.backoff(d.attempt)).await;
                 }
-                return Ok(batch.len());
+                return batch.len();
             }
         };
         crate::failpoint::hit("consumer.after_commit");
         let mut done = Vec::with_capacity(batch.len());
         let mut applied = false;
-        for (d, outcome) in batch.iter().zip(&outcomes) {
+        for ((d, (outcome, reason)), env) in batch.iter().zip(&outcomes).zip(&parsed) {
+            if let Some(observe) = &self.observer {
+                let env = env.as_ref().ok();
+                observe(&Handled {
+                    consumer: &self.cfg.name,
+                    topic: &d.topic,
+                    message_id: env.map(|e| e.id.as_str()),
+                    kind: env.map(|e| e.kind.as_str()),
+                    subject: env.map(|e| e.subject.as_str()),
+                    attempt: d.attempt,
+                    outcome: *outcome,
+                    reason: reason.as_deref(),
+                });
+            }
             metrics::counter!(
                 "messaging_consumed_total",
                 "consumer" => self.cfg.name.clone(),
@@ -231,7 +290,7 @@ impl Consumer {
         }
         metrics::histogram!("messaging_batch_duration_seconds", "consumer" => self.cfg.name.clone())
             .record(started.elapsed().as_secs_f64());
-        Ok(batch.len())
+        batch.len()
     }
 
     /// Publishes the subscription's backlog as a gauge, at most once a second.
@@ -296,20 +355,16 @@ impl Consumer {
     async fn apply_batch(
         &self,
         batch: &[Delivery],
+        parsed: &[Result<Envelope, String>],
         savepoints: bool,
-    ) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
-        // Each payload is decoded once, here.
-        let parsed: Vec<Result<Envelope, String>> = batch
-            .iter()
-            .map(|d| Envelope::from_json(&d.payload).map_err(|e| e.to_string()))
-            .collect();
+    ) -> Result<Option<Vec<(Outcome, Option<String>)>>, sqlx::Error> {
         let mut tx = self.db.pool.begin().await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         // Optimistically, the whole batch's inbox records go in one statement.
         let mut fresh = if savepoints {
             None
         } else {
-            match self.record_batch(&mut tx, &parsed).await? {
+            match self.record_batch(&mut tx, parsed).await? {
                 Some(fresh) => Some(fresh),
                 None => {
                     tx.rollback().await?;
@@ -317,13 +372,13 @@ impl Consumer {
                 }
             }
         };
-        for (d, env) in batch.iter().zip(&parsed) {
+        for (d, env) in batch.iter().zip(parsed) {
             if savepoints {
                 sqlx::query("SAVEPOINT msg").execute(&mut *tx).await?;
             }
             let result = self.apply_one(&mut tx, d, env, fresh.as_mut()).await;
             let outcome = match result {
-                Ok(o) => o,
+                Ok(o) => (o, None),
                 Err(_) if !savepoints => {
                     tx.rollback().await?;
                     return Ok(None);
@@ -336,7 +391,7 @@ impl Consumer {
                         Failure::Retry(reason) => {
                             tracing::warn!(consumer = %self.cfg.name, topic = %d.topic,
                                 attempt = d.attempt, reason, "handler failed; will retry");
-                            Outcome::Retry
+                            (Outcome::Retry, Some(reason))
                         }
                         Failure::Dead { message_id, reason } => {
                             tracing::error!(consumer = %self.cfg.name, topic = %d.topic,
@@ -369,7 +424,7 @@ impl Consumer {
                             .await?;
                             metrics::counter!("messaging_dead_lettered_total", "consumer" => self.cfg.name.clone())
                                 .increment(1);
-                            Outcome::DeadLettered
+                            (Outcome::DeadLettered, Some(reason))
                         }
                     }
                 }

@@ -20,6 +20,9 @@ pub struct DeadLetter {
     pub reason: String,
     pub attempts: i64,
     pub failed_at: String,
+    /// `failed_at` in Unix milliseconds.
+    #[serde(skip)]
+    pub failed_at_ms: i64,
 }
 
 pub struct NewDeadLetter<'a> {
@@ -46,6 +49,7 @@ pub enum DlqError {
 const COLUMNS: &str = "id, consumer, topic, message_id, payload, reason, attempts, failed_at";
 
 fn from_row(r: &AnyRow) -> Result<DeadLetter, sqlx::Error> {
+    let failed_at: i64 = r.try_get("failed_at")?;
     Ok(DeadLetter {
         id: r.try_get("id")?,
         consumer: r.try_get("consumer")?,
@@ -54,7 +58,8 @@ fn from_row(r: &AnyRow) -> Result<DeadLetter, sqlx::Error> {
         payload: r.try_get("payload")?,
         reason: r.try_get("reason")?,
         attempts: r.try_get("attempts")?,
-        failed_at: shopmesh_platform::millis_to_rfc3339(r.try_get("failed_at")?),
+        failed_at: shopmesh_platform::millis_to_rfc3339(failed_at),
+        failed_at_ms: failed_at,
     })
 }
 
@@ -86,6 +91,32 @@ pub async fn list(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
     .fetch_all(&db.pool)
     .await?;
     rows.iter().map(from_row).collect()
+}
+
+/// The dead letters of messages whose subject is `subject` (an order), oldest first, at
+/// most `limit`. Reads the payloads (a scan of the table, which is short when all is well):
+/// for an operator's look at one subject, not for a hot path.
+pub async fn for_subject(
+    db: &Db,
+    subject: &str,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let literal = serde_json::to_string(subject).unwrap_or_default();
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE payload LIKE $1 ORDER BY failed_at, id LIMIT $2"
+    ))
+    .bind(format!("%\"subject\":{literal}%"))
+    .bind(limit)
+    .fetch_all(&db.pool)
+    .await?;
+    // LIKE narrows; the payload's own subject decides (`_` and `%` in it match more).
+    Ok(rows
+        .iter()
+        .map(from_row)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|d| Envelope::from_json(&d.payload).is_ok_and(|e| e.subject == subject))
+        .collect())
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<Option<DeadLetter>, sqlx::Error> {

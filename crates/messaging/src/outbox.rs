@@ -75,7 +75,22 @@ pub struct Relay {
     broker: Arc<dyn Broker>,
     wake: Arc<Notify>,
     batch: usize,
+    observer: Option<Observer>,
 }
+
+/// An event the relay handed to the broker, told to its [`Observer`] (the operations
+/// console keeps a journal of them per subject).
+#[derive(Debug)]
+pub struct Published<'a> {
+    pub topic: &'a str,
+    pub envelope: &'a Envelope,
+    /// When it was staged (Unix milliseconds).
+    pub staged_at: i64,
+}
+
+/// Told of every event the relay published, after the broker has it. Called on the relay's
+/// task: it must be quick and must not block.
+pub type Observer = Arc<dyn Fn(&Published<'_>) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -92,7 +107,14 @@ impl Relay {
             broker,
             wake: Arc::new(Notify::new()),
             batch: 256,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of each event published from now on.
+    pub fn observe(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Call after committing a transaction that staged events, to publish them at once
@@ -107,21 +129,23 @@ impl Relay {
 
     /// Publishes one batch of staged events; returns how many went out.
     pub async fn relay_once(&self) -> Result<usize, RelayError> {
-        let rows = sqlx::query("SELECT id, topic, envelope FROM outbox ORDER BY id LIMIT $1")
-            .bind(self.batch as i64)
-            .fetch_all(&self.db.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, topic, envelope, created_at FROM outbox ORDER BY id LIMIT $1")
+                .bind(self.batch as i64)
+                .fetch_all(&self.db.pool)
+                .await?;
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut staged: Vec<(String, String, Envelope)> = Vec::with_capacity(rows.len());
+        let mut staged: Vec<(String, String, Envelope, i64)> = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
         for r in &rows {
             let id: String = r.try_get(0)?;
             let topic: String = r.try_get(1)?;
             let raw: String = r.try_get(2)?;
+            let created_at: i64 = r.try_get(3)?;
             match Envelope::from_json(&raw) {
-                Ok(env) => staged.push((id, topic, env)),
+                Ok(env) => staged.push((id, topic, env, created_at)),
                 Err(e) => {
                     // Only this process writes the outbox, so this cannot happen short of
                     // manual edits; drop it loudly rather than wedge the relay.
@@ -137,19 +161,28 @@ impl Relay {
             let topic = &staged[start].1;
             let end = staged[start..]
                 .iter()
-                .position(|(_, t, _)| t != topic)
+                .position(|(_, t, _, _)| t != topic)
                 .map_or(staged.len(), |n| start + n);
             let batch: Vec<Envelope> = staged[start..end]
                 .iter()
-                .map(|(_, _, e)| e.clone())
+                .map(|(_, _, e, _)| e.clone())
                 .collect();
             self.broker.publish(topic, &batch).await?;
             start = end;
         }
         crate::failpoint::hit("relay.after_publish");
+        if let Some(observe) = &self.observer {
+            for (_, topic, envelope, staged_at) in &staged {
+                observe(&Published {
+                    topic,
+                    envelope,
+                    staged_at: *staged_at,
+                });
+            }
+        }
         let ids: Vec<String> = staged
             .into_iter()
-            .map(|(id, _, _)| id)
+            .map(|(id, _, _, _)| id)
             .chain(malformed)
             .collect();
         let placeholders = shopmesh_platform::db::placeholders(1, ids.len());

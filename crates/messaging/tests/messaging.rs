@@ -362,3 +362,141 @@ async fn the_outbox_publishes_what_committed_and_nothing_else() {
     drain(&consumer, &e.broker).await;
     assert_eq!(total(&e.db).await, 3);
 }
+
+/// Applies credits, each after a permit from `gate` (so a test can look at the consumer in
+/// the middle of a batch); fails while `failing` is set.
+struct Gated {
+    entered: tokio::sync::Notify,
+    gate: tokio::sync::Semaphore,
+    failing: AtomicBool,
+}
+
+impl Handler for Gated {
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a mut Transaction<'static, Any>,
+        _env: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            self.entered.notify_one();
+            self.gate
+                .acquire()
+                .await
+                .map_err(|e| HandlerError::Retryable(e.to_string()))?
+                .forget();
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(HandlerError::Retryable("the gate is failing".into()));
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+fn in_flight(text: &str, consumer: &str) -> Option<f64> {
+    let prefix = format!("messaging_in_flight{{consumer=\"{consumer}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn consumers_and_relays_tell_what_they_hold_and_what_became_of_each_message() {
+    let metrics = shopmesh_platform::telemetry::prometheus();
+    let e = env().await;
+    let gated = Arc::new(Gated {
+        entered: tokio::sync::Notify::new(),
+        gate: tokio::sync::Semaphore::new(0),
+        failing: AtomicBool::new(false),
+    });
+    type Seen = (String, &'static str, u32, Option<String>);
+    let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
+    let observer = {
+        let seen = seen.clone();
+        Arc::new(move |h: &shopmesh_messaging::consumer::Handled<'_>| {
+            assert_eq!(h.consumer, "held");
+            seen.lock().unwrap().push((
+                h.subject.unwrap_or_default().to_owned(),
+                h.outcome.label(),
+                h.attempt,
+                h.reason.map(str::to_owned),
+            ));
+        })
+    };
+    let mut cfg = ConsumerConfig::new("held", &["t"]);
+    cfg.base_backoff = Duration::from_millis(5);
+    cfg.max_backoff = Duration::from_millis(10);
+    let consumer = Arc::new(
+        Consumer::new(cfg, e.db.clone(), &e.broker, gated.clone())
+            .await
+            .unwrap()
+            .observe(observer),
+    );
+
+    // Staged in a transaction, published by the relay: its observer hears of each event.
+    let published: Arc<std::sync::Mutex<Vec<(String, String, i64)>>> = Arc::default();
+    let relay = Relay::new(e.db.clone(), Arc::new(e.broker.clone())).observe({
+        let published = published.clone();
+        Arc::new(move |p: &outbox::Published<'_>| {
+            published.lock().unwrap().push((
+                p.topic.to_owned(),
+                p.envelope.subject.clone(),
+                p.staged_at,
+            ));
+        })
+    });
+    let before = shopmesh_platform::now_millis();
+    let mut tx = e.db.pool.begin().await.unwrap();
+    for (account, amount) in [("a", 1), ("b", 2), ("c", 3)] {
+        outbox::stage(&mut tx, "t", &credit(account, amount))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(relay.relay_once().await.unwrap(), 3);
+    {
+        let published = published.lock().unwrap();
+        let subjects: Vec<&str> = published.iter().map(|(_, s, _)| s.as_str()).collect();
+        assert_eq!(subjects, ["a", "b", "c"]);
+        assert!(published.iter().all(|(t, _, at)| t == "t" && *at >= before));
+    }
+
+    // In the middle of a batch, the consumer holds it all; after, nothing.
+    let polling = {
+        let c = consumer.clone();
+        tokio::spawn(async move { c.poll_once(Duration::from_secs(5)).await.unwrap() })
+    };
+    gated.entered.notified().await;
+    let held = in_flight(&metrics.render(), "held").expect("the gauge is published");
+    assert!(held >= 1.0, "held {held}");
+    gated.gate.add_permits(100);
+    let taken = polling.await.unwrap();
+    assert_eq!(held, taken as f64, "the gauge counted the batch");
+    assert_eq!(in_flight(&metrics.render(), "held"), Some(0.0));
+    drain(&consumer, &e.broker).await;
+    {
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        let expected: Vec<Seen> = ["a", "b", "c"]
+            .iter()
+            .map(|s| ((*s).to_owned(), "applied", 1, None))
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
+    // A failing delivery is told as a retry, with its reason and its attempt.
+    seen.lock().unwrap().clear();
+    gated.failing.store(true, Ordering::SeqCst);
+    e.broker.publish("t", &[credit("d", 4)]).await.unwrap();
+    consumer.poll_once(Duration::from_secs(5)).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (subject, outcome, attempt, reason) = &seen[0];
+    assert_eq!((subject.as_str(), *outcome, *attempt), ("d", "retry", 1));
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("the gate is failing")),
+        "{reason:?}"
+    );
+}

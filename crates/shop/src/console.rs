@@ -1,7 +1,10 @@
 //! What the operations console shows of the whole shop (`shopmesh up`): the gateway's view,
 //! the services' health, outboxes, dead letters (with the order and customer they concern)
-//! and the sagas of the orders; and its actions: replay a dead letter, validate a gateway
-//! configuration. Read only while somebody watches (see [`shopmesh_console`]).
+//! and the sagas of the orders, each order with its timeline: the saga's steps merged with
+//! what became of each of its messages (published, delivered, retried, dead-lettered,
+//! replayed: the [`Journal`]), its dead letters and its events still staged; and its
+//! actions: replay a dead letter, validate a gateway configuration. Read only while somebody
+//! watches (see [`shopmesh_console`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,7 @@ use shopmesh_platform::health::Readiness;
 use sqlx::Row;
 
 use crate::dlq::DeadLetters;
+use crate::journal::Journal;
 use crate::services::ServiceName;
 
 /// Everything the shop's console reads.
@@ -47,6 +51,10 @@ struct Inner {
     /// Customers' names by order (an order's customer never changes; names may, and are
     /// read again when the process restarts).
     names: Mutex<HashMap<String, Option<String>>>,
+    /// What became of each order's messages in this process.
+    journal: Journal,
+    /// The journal's sequence at the previous observation.
+    journal_seen: Mutex<u64>,
 }
 
 impl ShopSource {
@@ -56,6 +64,7 @@ impl ShopSource {
         readiness: Readiness,
         dbs: Vec<(ServiceName, Db)>,
         broker: String,
+        journal: Journal,
     ) -> Self {
         let db = |n: ServiceName| {
             dbs.iter()
@@ -75,6 +84,8 @@ impl ShopSource {
                 broker,
                 pending: Mutex::default(),
                 names: Mutex::default(),
+                journal_seen: Mutex::new(journal.seq()),
+                journal,
             }),
         }
     }
@@ -365,12 +376,19 @@ impl Source for ShopSource {
                 shopmesh_gateway::console::health(&i.gateway)
             );
             health.extend(gateway_health);
+            let messages = {
+                let mut seen = i.journal_seen.lock().unwrap_or_else(|p| p.into_inner());
+                let (moved, now) = i.journal.touched_since(*seen);
+                *seen = now;
+                moved
+            };
             Observation {
                 gateway: Some(shopmesh_gateway::console::view(&i.gateway, None)),
                 health,
                 dead_letters,
                 outboxes,
                 sagas,
+                messages,
             }
         })
     }
@@ -379,6 +397,7 @@ impl Source for ShopSource {
         Router::new()
             .route("/orders", get(orders))
             .route("/orders/{id}", get(order))
+            .route("/orders/{id}/messages", get(order_messages))
             .route("/dead-letters/{id}", get(dead_letter))
             .route("/dead-letters/{id}/replay", post(replay))
             .with_state(self.clone())
@@ -512,7 +531,93 @@ async fn order(
         "trace_id": row.try_get::<Option<String>, _>("traceparent").ok().flatten()
             .and_then(|t| t.split('-').nth(1).map(str::to_owned)),
         "steps": steps(&get("timeline")),
+        "messages": messages_of(&s, &id).await?,
     })))
+}
+
+/// Events of `subject` still staged in each service's outbox (not yet published).
+async fn staged(dbs: &[(ServiceName, Db)], subject: &str) -> Vec<Value> {
+    let literal = serde_json::to_string(subject).unwrap_or_default();
+    let mut out = Vec::new();
+    for (name, db) in dbs {
+        // Services that publish nothing have no outbox. LIKE narrows, the envelope decides.
+        let Ok(rows) = sqlx::query(
+            "SELECT topic, envelope, created_at FROM outbox WHERE envelope LIKE $1 \
+             ORDER BY id LIMIT 100",
+        )
+        .bind(format!("%\"subject\":{literal}%"))
+        .fetch_all(&db.pool)
+        .await
+        else {
+            continue;
+        };
+        for r in &rows {
+            let (Ok(topic), Ok(raw), Ok(at)) = (
+                r.try_get::<String, _>("topic"),
+                r.try_get::<String, _>("envelope"),
+                r.try_get::<i64, _>("created_at"),
+            ) else {
+                continue;
+            };
+            let Ok(env) = shopmesh_messaging::Envelope::from_json(&raw) else {
+                continue;
+            };
+            if env.subject == subject {
+                out.push(json!({
+                    "at": at,
+                    "event": "staged",
+                    "service": name.as_str(),
+                    "topic": topic,
+                    "kind": env.kind,
+                    "message_id": env.id,
+                }));
+            }
+        }
+    }
+    out
+}
+
+/// What became of one order's messages: the journal's entries (this process, since it
+/// started: published, applied, duplicate, retry, dead_lettered, replayed), the events still
+/// staged in an outbox, and the dead letters kept for it (which outlive a restart), each with
+/// the time it happened, oldest first.
+async fn messages_of(s: &ShopSource, id: &str) -> Result<Vec<Value>, Problem> {
+    let mut out: Vec<Value> = s
+        .inner
+        .journal
+        .entries(id)
+        .into_iter()
+        .map(|e| json!(e))
+        .collect();
+    out.extend(staged(&s.inner.dbs, id).await);
+    let letters = s
+        .inner
+        .dead_letters
+        .for_subject(id)
+        .await
+        .map_err(|e| internal(&e))?;
+    for e in letters {
+        out.push(json!({
+            "at": e.letter.failed_at_ms,
+            "event": "dead_letter",
+            "service": e.service,
+            "topic": e.letter.topic,
+            "consumer": e.letter.consumer,
+            "message_id": e.letter.message_id,
+            "attempt": e.letter.attempts,
+            "detail": e.letter.reason,
+            "dead_letter": e.letter.id,
+        }));
+    }
+    out.sort_by_key(|v| v["at"].as_i64().unwrap_or(0));
+    Ok(out)
+}
+
+async fn order_messages(
+    State(s): State<ShopSource>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    Ok(Json(json!({ "items": messages_of(&s, &id).await? })))
 }
 
 fn dlq_problem(e: DlqError) -> Problem {

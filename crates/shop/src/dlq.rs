@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use shopmesh_messaging::dlq::{self, DeadLetter, DlqError};
-use shopmesh_messaging::{Broker, outbox};
+use shopmesh_messaging::{Broker, Envelope, outbox};
 use shopmesh_platform::db::{Db, Storage};
 
+use crate::journal::{self, Journal};
 use crate::services::ServiceName;
 
 /// The services whose consumers keep dead letters.
@@ -28,11 +29,37 @@ pub struct Entry {
 pub struct DeadLetters {
     dbs: Vec<(ServiceName, Db)>,
     broker: Arc<dyn Broker>,
+    journal: Option<Journal>,
 }
 
 impl DeadLetters {
     pub fn new(dbs: Vec<(ServiceName, Db)>, broker: Arc<dyn Broker>) -> Self {
-        Self { dbs, broker }
+        Self {
+            dbs,
+            broker,
+            journal: None,
+        }
+    }
+
+    /// Replays are written in `journal` (the console's order timeline).
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// The dead letters kept for messages of `subject` (an order), oldest first.
+    pub async fn for_subject(&self, subject: &str) -> Result<Vec<Entry>, DlqError> {
+        let mut out = Vec::new();
+        for (name, db) in &self.dbs {
+            for letter in dlq::for_subject(db, subject, 100).await? {
+                out.push(Entry {
+                    service: name.as_str(),
+                    letter,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.letter.failed_at.cmp(&b.letter.failed_at));
+        Ok(out)
     }
 
     /// Opens the consuming services' databases directly (for the CLI).
@@ -48,7 +75,7 @@ impl DeadLetters {
                 })?;
             dbs.push((name, db));
         }
-        Ok(Self { dbs, broker })
+        Ok(Self::new(dbs, broker))
     }
 
     pub async fn list(&self, limit: i64) -> Result<Vec<Entry>, DlqError> {
@@ -88,6 +115,24 @@ impl DeadLetters {
     pub async fn replay(&self, id: &str) -> Result<Entry, DlqError> {
         let (db, entry) = self.find(id).await?;
         dlq::replay(db, self.broker.as_ref(), id).await?;
+        if let Some(journal) = &self.journal
+            && let Ok(env) = Envelope::from_json(&entry.letter.payload)
+        {
+            journal.record(
+                &env.subject,
+                journal::Entry {
+                    at: shopmesh_platform::now_millis(),
+                    event: "replayed",
+                    service: entry.service,
+                    topic: entry.letter.topic.clone(),
+                    kind: Some(env.kind.clone()),
+                    message_id: Some(env.id.clone()),
+                    consumer: Some(entry.letter.consumer.clone()),
+                    attempt: None,
+                    detail: Some(format!("dead letter {}", entry.letter.id)),
+                },
+            );
+        }
         Ok(entry)
     }
 

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod console;
 pub mod dlq;
+pub mod journal;
 pub mod mesh;
 pub mod seed;
 pub mod services;
@@ -286,10 +287,12 @@ impl System {
             broker = Arc::new(shopmesh_messaging::broker::Duplicating(broker));
         }
         services::declare(broker.as_ref()).await?;
+        let journal = journal::Journal::new();
         let messaging = services::Messaging {
             broker: broker.clone(),
             saga_deadline: cfg.saga_deadline,
             silent: cfg.silent.clone(),
+            journal: Some(journal.clone()),
         };
         let users = shopmesh_users::Settings {
             access_ttl: cfg.token_ttl,
@@ -332,7 +335,8 @@ impl System {
                 .map(|b| (b.name, b.db.clone()))
                 .collect(),
             broker,
-        );
+        )
+        .with_journal(journal.clone());
         // Ready while every service's storage answers (and until shutdown begins).
         let readiness = shopmesh_platform::health::Readiness::new();
         for b in &built {
@@ -388,6 +392,7 @@ impl System {
                     readiness.clone(),
                     all_dbs,
                     cfg.broker.kind().to_owned(),
+                    journal,
                 )),
             )
             .merge(readiness.router()),

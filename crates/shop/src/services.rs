@@ -126,6 +126,8 @@ pub struct Messaging {
     pub saga_deadline: Duration,
     /// Services whose consumer is not started (fault injection: a silent participant).
     pub silent: Vec<ServiceName>,
+    /// Told what becomes of each message (the console's order timeline), when kept.
+    pub journal: Option<crate::journal::Journal>,
 }
 
 /// A background task of a service (outbox relay, consumer, sweeper).
@@ -179,7 +181,10 @@ async fn saga_tasks(
         .await
         .map_err(|e| err(&e))?;
         let waker = relay.waker();
-        let c = c.after_commit(Arc::new(move || waker.notify_one()));
+        let mut c = c.after_commit(Arc::new(move || waker.notify_one()));
+        if let Some(j) = &m.journal {
+            c = c.observe(j.consumer_observer(name.as_str()));
+        }
         tasks.push(Box::new(move |t| c.run(t).boxed()));
     }
     Ok(tasks)
@@ -215,7 +220,10 @@ pub async fn open(
     let cfg = storage.for_service(name.as_str());
     let db = Db::connect(&cfg, pool_size(name, storage), name.migrator()).await?;
     let mut tasks = Vec::new();
-    let relay = Relay::new(db.clone(), m.broker.clone());
+    let mut relay = Relay::new(db.clone(), m.broker.clone());
+    if let Some(j) = &m.journal {
+        relay = relay.observe(j.relay_observer(name.as_str()));
+    }
     // The user center's interface (or view), opened for the orders service only.
     let mut orders_directory = None;
     if matches!(
@@ -296,6 +304,10 @@ pub async fn open(
                 service: name.as_str(),
                 reason: e.to_string(),
             })?;
+            let c = match &m.journal {
+                Some(j) => c.observe(j.consumer_observer(name.as_str())),
+                None => c,
+            };
             tasks.push(Box::new(move |t| c.run(t).boxed()));
             let sweeper = shopmesh_orders::saga::TimeoutSweeper {
                 db: db.clone(),

@@ -423,6 +423,7 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         broker,
         saga_deadline: shopmesh_shop::DEFAULT_SAGA_DEADLINE,
         silent: Vec::new(),
+        journal: None,
     };
     let mut built = services::open(
         a.name,

@@ -61,18 +61,70 @@ async function loadOrder() {
     setText(el.meta, `${o.user_name ?? o.user_id} · ${(o.total_minor / 100).toFixed(2)} ${o.currency}${o.reason ? ` · ${o.reason}` : ''}${o.trace_id ? ` · trace ${o.trace_id}` : ''}`);
     if (o.ship_to !== undefined && o.ship_to !== null) setText(el.ship, `ships to ${typeof o.ship_to === 'string' ? o.ship_to : JSON.stringify(o.ship_to)}`);
     else setText(el.ship, '');
-    keyed(el.steps, o.steps.map((st, i) => ({ ...st, i })), (st) => st.i,
+    keyed(el.steps, timeline(o), (x) => x.key,
       () => h('li', {}, h('time'), h('span', { class: 'step' }), h('span', { class: 'detail' })),
-      (li, st) => {
-        setText(li.children[0], clock(st.at));
-        setText(li.children[1], st.step);
-        setText(li.children[2], st.detail || '');
-        setData(li, 'step', st.step);
+      (li, x) => {
+        setText(li.children[0], stamp(x.at));
+        setText(li.children[1], x.label);
+        setText(li.children[2], x.detail || '');
+        setData(li, 'kind', x.kind);
+        setData(li, 'step', x.step);
+        setData(li, 'event', x.event);
+        setData(li, 'consumer', x.consumer);
+        setData(li, 'level', x.level);
       });
     el.detail.hidden = false;
   } catch (e) {
     setText(el.meta, `could not load the order: ${e.message}`);
   }
+}
+
+/** Time of day with milliseconds: a saga's steps are often within one second. */
+function stamp(t) {
+  if (!t) return '–';
+  const d = new Date(t);
+  return `${clock(t)}.${String(d.getMilliseconds()).padStart(3, '0')}`;
+}
+
+function short(kind) {
+  return (kind || 'message').replace(/^shop\./, '');
+}
+
+/** One message event in words: what happened, to which message, where. */
+function describe(m) {
+  const what = short(m.kind);
+  const by = m.consumer || m.service;
+  const nth = m.attempt > 1 ? ` (delivery ${m.attempt})` : '';
+  const compensation = /order\.cancelled$/.test(m.kind || '') && m.event === 'applied' && m.service !== 'orders';
+  switch (m.event) {
+    case 'staged': return [`${m.service} staged ${what}, not yet published`, 'warn'];
+    case 'published': return [`${m.service} published ${what} → ${m.topic}`, 'info'];
+    case 'applied': return compensation ? [`${by} compensated: ${what}${nth}`, 'warn'] : [`${by} applied ${what}${nth}`, 'ok'];
+    case 'duplicate': return [`${by} skipped a duplicate of ${what}`, 'info'];
+    case 'retry': return [`${by} failed ${what}, delivery ${m.attempt}: will retry`, 'warn'];
+    case 'dead_lettered': return [`${by} gave up on ${what} after ${m.attempt} deliveries: dead-lettered`, 'error'];
+    case 'dead_letter': return [`dead letter of ${what} kept for ${by} (${m.attempt} deliveries)`, 'error'];
+    case 'replayed': return [`${what} replayed to ${by}`, 'info'];
+    default: return [`${by} ${m.event} ${what}`, 'info'];
+  }
+}
+
+/** The saga's steps and its messages' events, in the order they happened. */
+function timeline(o) {
+  const out = o.steps.map((st, i) => ({
+    key: `s${i}`, at: st.at, kind: 'step', step: st.step, label: st.step, detail: st.detail,
+    level: st.step === 'cancelled' ? 'error' : st.step === 'confirmed' ? 'ok' : 'info',
+  }));
+  (o.messages || []).forEach((m, i) => {
+    const [label, level] = describe(m);
+    out.push({
+      key: `${m.event}:${m.message_id || i}:${m.consumer || m.service}:${m.attempt || 0}:${m.dead_letter || ''}`,
+      at: m.at, kind: 'message', event: m.event, consumer: m.consumer, label, level,
+      detail: m.detail,
+    });
+  });
+  // Stable: equal times keep the saga's step before the message it caused.
+  return out.map((x, i) => ({ x, i })).sort((a, b) => (a.x.at - b.x.at) || (a.i - b.i)).map((y) => y.x);
 }
 
 function select(id) {
@@ -122,6 +174,10 @@ export default {
       later(loadList, 'list');
     });
     ctx.on('dead_letter', () => later(loadList, 'list'));
+    // Its messages move (delivered, retried, dead-lettered, replayed): the timeline follows.
+    ctx.on('messages', (m) => {
+      if (selected && m.subjects.includes(selected)) later(loadOrder, 'order');
+    });
   },
   update(ctx, changed) {
     ctxRef = ctx;
