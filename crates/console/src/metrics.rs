@@ -46,6 +46,8 @@ pub struct PartTotals {
 pub struct ConsumerTotals {
     pub backlog: f64,
     pub lag: f64,
+    /// Deliveries the consumer holds now (taken, not yet acked or handed back).
+    pub in_flight: f64,
     pub applied: f64,
     pub retried: f64,
     pub dead: f64,
@@ -264,15 +266,15 @@ pub fn read(text: &str) -> Totals {
                     .buckets
                     .add(le(&s), s.value);
             }
-            "messaging_backlog" | "messaging_lag_seconds" => {
+            "messaging_backlog" | "messaging_lag_seconds" | "messaging_in_flight" => {
                 let c = t
                     .consumers
                     .entry(s.label("consumer").to_owned())
                     .or_default();
-                if s.name == "messaging_backlog" {
-                    c.backlog = s.value;
-                } else {
-                    c.lag = s.value;
+                match s.name {
+                    "messaging_backlog" => c.backlog = s.value,
+                    "messaging_in_flight" => c.in_flight = s.value,
+                    _ => c.lag = s.value,
                 }
             }
             "messaging_consumed_total" => {
@@ -370,6 +372,8 @@ pub struct PartTick {
 pub struct ConsumerTick {
     pub backlog: f64,
     pub lag_s: f64,
+    /// Deliveries the consumer holds at this instant.
+    pub in_flight: f64,
     pub applied: f64,
     pub retried: f64,
     pub dead: f64,
@@ -495,6 +499,7 @@ pub fn tick(
             ConsumerTick {
                 backlog: c.backlog,
                 lag_s: c.lag,
+                in_flight: c.in_flight,
                 applied,
                 retried: per_sec(c.retried, p.retried, secs),
                 dead: per_sec(c.dead, p.dead, secs),
@@ -543,6 +548,7 @@ gateway_request_duration_seconds_bucket{route="orders",variant="",le="0.01"} 99
 gateway_request_duration_seconds_bucket{route="orders",variant="",le="+Inf"} 100
 gateway_request_duration_seconds_sum{route="orders",variant=""} 0.5
 messaging_backlog{consumer="inventory"} 7
+messaging_in_flight{consumer="inventory"} 3
 messaging_consumed_total{consumer="inventory",outcome="applied"} 40
 http_server_requests_total{service="x"} 5
 "#;
@@ -556,6 +562,7 @@ http_server_requests_total{service="x"} 5
         assert_eq!(r.buckets.0.len(), 3);
         assert!(t.routes.contains_key("we\"ird\\"), "escapes are read");
         assert_eq!(t.consumers["inventory"].backlog, 7.0);
+        assert_eq!(t.consumers["inventory"].in_flight, 3.0);
         assert_eq!(t.consumers["inventory"].applied, 40.0);
     }
 

@@ -859,6 +859,17 @@ async fn a_dead_letter_is_replayed_from_the_console_and_user_data_stays_text() {
         ),
     )
     .await;
+    // Each subscription's figures, what it holds now among them.
+    b.until(
+        "the consumers' in-flight",
+        Duration::from_secs(5),
+        "const head = [...document.querySelectorAll('#view-messaging thead')[0].querySelectorAll('th')]
+            .map(th => th.textContent);
+         const col = head.indexOf('in flight');
+         const row = document.querySelector('#consumers tr[data-key=\"inventory\"]');
+         return col > 0 && !!row && /^[0-9]+$/.test(row.children[col].textContent);",
+    )
+    .await;
     b.shot("messaging").await;
     // The order's timeline: OrderPlaced published, each failed delivery to inventory, the
     // dead letter.

@@ -136,7 +136,7 @@ export default {
     root.append(
       h('h2', {}, 'Consumers'),
       h('div', { class: 'scroll' }, h('table', { class: 'grid' },
-        h('thead', {}, h('tr', {}, ['consumer', 'backlog', 'oldest', 'applied/s', 'retries/s', 'redelivered/s', 'dead-lettered'].map((t) => h('th', {}, t)))), el.consumers)),
+        h('thead', {}, h('tr', {}, ['consumer', 'backlog', 'in flight', 'oldest', 'applied/s', 'retries/s', 'redelivered/s', 'dead-lettered'].map((t) => h('th', {}, t)))), el.consumers)),
       h('h2', {}, 'Outboxes'),
       h('div', { class: 'scroll' }, h('table', { class: 'grid' },
         h('thead', {}, h('tr', {}, ['service', 'staged', 'oldest'].map((t) => h('th', {}, t)))), el.outboxes)),
@@ -147,10 +147,11 @@ export default {
   update(ctx) {
     const { store } = ctx;
     const consumers = Object.entries((store.tick && store.tick.consumers) || {}).map(([name, c]) => ({ name, ...c }));
-    keyed(el.consumers, consumers, (c) => c.name, createRow(['name', 'backlog', 'lag', 'applied', 'retried', 'redelivered', 'dead']), (tr, c) => {
+    keyed(el.consumers, consumers, (c) => c.name, createRow(['name', 'backlog', 'inFlight', 'lag', 'applied', 'retried', 'redelivered', 'dead']), (tr, c) => {
       const x = tr._cells;
       setText(x.name, c.name);
       setText(x.backlog, num(c.backlog, 0));
+      setText(x.inFlight, num(c.in_flight, 0));
       setText(x.lag, c.backlog ? age(c.lag_s * 1000) : '–');
       setText(x.applied, num(c.applied));
       setText(x.retried, num(c.retried));
