@@ -28,6 +28,11 @@ pub struct RouteTotals {
     pub buckets: Buckets,
     pub limited: f64,
     pub upstream_errors: f64,
+    /// Copies sent to the route's shadow, by result (`ok`, `error_status`, `failed`,
+    /// `timeout`), counted when the copy is done.
+    pub mirrored: HashMap<String, f64>,
+    /// Requests drawn for a copy that was not sent (too large a body, no free slot).
+    pub mirror_skipped: f64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -36,6 +41,8 @@ pub struct PartTotals {
     pub fallback: f64,
     pub failed: f64,
     pub skipped: f64,
+    /// Calls that did not answer in time (served a fallback or failed the request).
+    pub timeouts: f64,
     pub hit: f64,
     pub miss: f64,
     pub shared: f64,
@@ -229,6 +236,17 @@ pub fn read(text: &str) -> Totals {
             "gateway_ratelimit_rejections_total" => {
                 t.routes.entry(route()).or_default().limited += s.value;
             }
+            "gateway_mirror_requests_total" => {
+                *t.routes
+                    .entry(route())
+                    .or_default()
+                    .mirrored
+                    .entry(s.label("result").to_owned())
+                    .or_default() += s.value;
+            }
+            "gateway_mirror_skipped_total" => {
+                t.routes.entry(route()).or_default().mirror_skipped += s.value;
+            }
             "gateway_upstream_errors_total" => {
                 t.routes.entry(route()).or_default().upstream_errors += s.value;
             }
@@ -247,6 +265,12 @@ pub fn read(text: &str) -> Totals {
                     "failed" => p.failed += s.value,
                     _ => p.skipped += s.value,
                 }
+            }
+            "gateway_aggregate_part_timeouts_total" => {
+                t.parts
+                    .entry((route(), s.label("part").to_owned()))
+                    .or_default()
+                    .timeouts += s.value;
             }
             "gateway_aggregate_cache_total" => {
                 let p = t
@@ -349,6 +373,49 @@ pub struct RouteTick {
     pub variants: BTreeMap<String, f64>,
     /// Requests per second per endpoint.
     pub endpoints: BTreeMap<String, f64>,
+    /// The share of the last ten seconds' requests copied to the shadow (drawn: sent or
+    /// skipped), against the configured percent; `None` without requests or a mirror.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorTick>,
+}
+
+/// A mirror's observed rate over ten seconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MirrorTick {
+    /// Requests drawn for a copy (sent or skipped) per request, 0 to 1.
+    pub drawn: f64,
+    /// Copies sent per request.
+    pub sent: f64,
+    /// Copies sent per second.
+    pub rps: f64,
+    /// Of the copies sent, the share the shadow answered without a 5xx in time.
+    pub ok: Option<f64>,
+    /// Drawn but not sent per second (body too large, every slot busy).
+    pub skipped: f64,
+}
+
+fn mirror_tick(now: &RouteTotals, w: &RouteTotals, requests: f64, secs: f64) -> Option<MirrorTick> {
+    if now.mirrored.is_empty() && now.mirror_skipped == 0.0 {
+        return None;
+    }
+    let sum = |r: &RouteTotals| r.mirrored.values().sum::<f64>();
+    let ok = |r: &RouteTotals| r.mirrored.get("ok").copied().unwrap_or(0.0);
+    let sent = (sum(now) - sum(w)).max(0.0);
+    let skipped = (now.mirror_skipped - w.mirror_skipped).max(0.0);
+    let share = |n: f64| {
+        if requests > 0.0 {
+            (n / requests).min(1.0)
+        } else {
+            0.0
+        }
+    };
+    Some(MirrorTick {
+        drawn: share(sent + skipped),
+        sent: share(sent),
+        rps: sent / secs,
+        ok: (sent > 0.0).then(|| ((ok(now) - ok(w)).max(0.0) / sent).min(1.0)),
+        skipped: skipped / secs,
+    })
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -361,10 +428,15 @@ pub struct PartTick {
     pub p99: Option<f64>,
     pub fallbacks: f64,
     pub failures: f64,
+    /// Calls per second that did not answer in time (a part's timeout or the composite's
+    /// deadline), counted apart from fallbacks: a timeout is served a fallback (optional
+    /// parts) or fails the request (required ones), and a fallback has other causes too.
+    pub timeouts: f64,
     /// Share of calls answered from the cache or a shared call, over ten seconds.
     pub cache_hit: Option<f64>,
     /// Cumulative counts since the process started.
     pub total_fallbacks: f64,
+    pub total_timeouts: f64,
     pub total_calls: f64,
 }
 
@@ -450,6 +522,7 @@ pub fn tick(
                         (e.clone(), per_sec(*n, before, secs))
                     })
                     .collect(),
+                mirror: mirror_tick(r, w, w_req, window_secs.max(secs)),
             },
         );
     }
@@ -480,9 +553,11 @@ pub fn tick(
                 p99: ten.quantile_ms(0.99),
                 fallbacks: per_sec(x.fallback, w.fallback, wsecs),
                 failures: per_sec(x.failed, w.failed, wsecs),
+                timeouts: per_sec(x.timeouts, w.timeouts, wsecs),
                 cache_hit: (lookups > 0.0)
                     .then(|| ((x.hit + x.shared) - (w.hit + w.shared)).max(0.0) / lookups),
                 total_fallbacks: x.fallback,
+                total_timeouts: x.timeouts,
                 total_calls: calls(x),
             },
         );
@@ -547,6 +622,13 @@ gateway_request_duration_seconds_bucket{route="orders",variant="",le="0.001"} 50
 gateway_request_duration_seconds_bucket{route="orders",variant="",le="0.01"} 99
 gateway_request_duration_seconds_bucket{route="orders",variant="",le="+Inf"} 100
 gateway_request_duration_seconds_sum{route="orders",variant=""} 0.5
+gateway_aggregate_parts_total{route="page",part="stock",outcome="fallback"} 6
+gateway_aggregate_parts_total{route="page",part="stock",outcome="ok"} 14
+gateway_aggregate_part_timeouts_total{route="page",part="stock"} 4
+gateway_aggregate_parts_total{route="page",part="price",outcome="fallback"} 2
+gateway_mirror_requests_total{route="orders",result="ok"} 8
+gateway_mirror_requests_total{route="orders",result="timeout"} 2
+gateway_mirror_skipped_total{route="orders",reason="busy"} 5
 messaging_backlog{consumer="inventory"} 7
 messaging_in_flight{consumer="inventory"} 3
 messaging_consumed_total{consumer="inventory",outcome="applied"} 40
@@ -579,6 +661,30 @@ http_server_requests_total{service="x"} 5
         assert!(p99 > 1.0 && p99 <= 10.0 + 1e-9, "{p99}");
         assert_eq!(tick.overview.backlog, 7.0);
         assert_eq!(tick.consumers["inventory"].applied, 20.0);
+        // The mirror: 15 of 100 requests drawn, 10 sent, 8 of them answered well.
+        assert_eq!(
+            r.mirror,
+            Some(MirrorTick {
+                drawn: 0.15,
+                sent: 0.1,
+                rps: 5.0,
+                ok: Some(0.8),
+                skipped: 2.5,
+            })
+        );
+        assert_eq!(
+            tick.routes["we\"ird\\"].mirror, None,
+            "no mirror, no figures"
+        );
+        // Timeouts apart from fallbacks, per part.
+        let stock = &tick.parts["page/stock"];
+        assert_eq!(
+            (stock.fallbacks, stock.timeouts, stock.calls),
+            (3.0, 2.0, 10.0)
+        );
+        assert_eq!((stock.total_fallbacks, stock.total_timeouts), (6.0, 4.0));
+        let price = &tick.parts["page/price"];
+        assert_eq!((price.fallbacks, price.timeouts), (1.0, 0.0));
         // Nothing new: no rate, no percentile.
         let still = super::tick(0, &now, &now, (&now, 1.0), 1.0);
         assert_eq!(still.routes["orders"].rps, 0.0);

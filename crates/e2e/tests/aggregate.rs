@@ -300,11 +300,39 @@ async fn optional_parts_that_fail_give_their_fallback_and_flag_the_answer() {
     );
     b.on("/price/p1", Reply::json(json!({"error": "x"})).status(500));
     b.on("/promos", Reply::json(json!({"items": []})));
+    // (The recorder first: the composite registers its counters when it is built.)
+    let metrics = shopmesh_platform::telemetry::prometheus();
     let gw = Gw::start(&product_page(&b, "")).await;
+
+    // Timeouts are counted apart from fallbacks (the console shows both): the slow part's
+    // fallback is a timeout, the failing part's is not.
+    let count = |name: &str, part: &str, outcome: Option<&str>| {
+        let text = metrics.render();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter(|l| l.contains("route=\"page\"") && l.contains(&format!("part=\"{part}\"")))
+            .filter(|l| outcome.is_none_or(|o| l.contains(&format!("outcome=\"{o}\""))))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let timeouts = "gateway_aggregate_part_timeouts_total";
+    let parts = "gateway_aggregate_parts_total";
+    let before = [
+        count(timeouts, "inventory", None),
+        count(timeouts, "price", None),
+        count(parts, "price", Some("fallback")),
+    ];
 
     let t = Instant::now();
     let res = gw.get_parts("/products/p1").await;
     let took = t.elapsed();
+    assert!(count(timeouts, "inventory", None) >= before[0] + 1.0);
+    assert_eq!(
+        count(timeouts, "price", None),
+        before[1],
+        "a 500 is no timeout"
+    );
+    assert!(count(parts, "price", Some("fallback")) >= before[2] + 1.0);
     assert_eq!(res.status(), 200);
     assert_eq!(complete(&res), "false");
     assert_eq!(

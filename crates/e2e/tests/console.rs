@@ -502,6 +502,128 @@ async fn a_breaker_chip_shows_open_within_two_seconds_then_closes() {
 
 #[tokio::test]
 #[ignore = "needs chromium and chromedriver: .ci/browser.sh"]
+async fn a_mirror_shows_its_observed_rate_and_a_composite_its_timeouts_apart_from_fallbacks() {
+    let up = Upstream::start("up").await;
+    let shadow = Upstream::start("shadow").await;
+    let bad = Upstream::start("bad").await;
+    bad.status.store(500, Ordering::SeqCst);
+    // `slow` waits 300 ms: past its part's 100 ms timeout. `broken` answers 500 at once.
+    let yaml = format!(
+        r#"
+clusters:
+  - {{ name: up, endpoints: ["{up}"] }}
+  - {{ name: shadow, endpoints: ["{shadow}"] }}
+  - {{ name: bad, endpoints: ["{bad}"] }}
+routes:
+  - name: page
+    match: {{ template: "/page/{{id}}" }}
+    aggregate:
+      parts:
+        - {{ name: main, cluster: up, path: "/main/{{path.id}}", timeout_ms: 2000 }}
+        - {{ name: slow, cluster: up, path: /slow, required: false, timeout_ms: 100 }}
+        - {{ name: broken, cluster: bad, path: /broken, required: false, timeout_ms: 2000 }}
+  - name: mirrored
+    match: {{ prefix: / }}
+    cluster: up
+    mirror: {{ cluster: shadow, percent: 50 }}
+"#,
+        up = up.url(),
+        shadow = shadow.url(),
+        bad = bad.url()
+    );
+    let gw = Gateway::start(&yaml, "admin: { listen: 127.0.0.1:0 }").await;
+    let b = Browser::start("mirror").await;
+    b.goto(&format!("{}/console#routes", gw.admin)).await;
+    wait_snapshots(&b, 1).await;
+    // A reading before the traffic, so that the window holds all of it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let http = reqwest::Client::new();
+    const N: usize = 400;
+    for n in 0..N {
+        let res = http.get(format!("{}/m/{n}", gw.base)).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    for n in 0..10 {
+        let res = http
+            .get(format!("{}/page/{n}", gw.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-aggregate-failed"], "slow,broken");
+    }
+    // The shadow got about half of the requests; the console shows the share it observed.
+    let copies = shadow
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.shadow)
+        .count();
+    b.view("routes").await;
+    b.js("document.querySelector('#routes-table tbody[data-key=\"mirrored\"] button.link').click(); return true;")
+        .await;
+    b.until(
+        "the mirror's observed rate",
+        Duration::from_secs(5),
+        "const row = document.querySelector('#mirror-mirrored tbody tr');
+         return !!row && row.dataset.drawn !== '' && Number(row.dataset.drawn) > 0;",
+    )
+    .await;
+    // Copies finish after their requests: wait until the console has counted them all.
+    let expected = copies as f64 / N as f64;
+    b.until(
+        "every copy counted",
+        Duration::from_secs(5),
+        &format!(
+            "const row = document.querySelector('#mirror-mirrored tbody tr');
+             return Math.abs(Number(row.dataset.drawn) - {expected}) < 0.02;"
+        ),
+    )
+    .await;
+    assert!(
+        (0.35..=0.65).contains(&expected),
+        "a 50 % mirror copied {copies} of {N}"
+    );
+    assert_eq!(
+        b.js("return document.querySelector('#mirror-mirrored tbody tr').dataset.configured;")
+            .await,
+        json!("0.5")
+    );
+    b.shot("routes-mirror").await;
+    // Composites: the slow part's fallbacks are timeouts, the broken part's are not.
+    b.view("composites").await;
+    let cell = |part: &str, column: &str| {
+        format!(
+            "(() => {{
+               const table = [...document.querySelectorAll('#composites .composite')]
+                 .find(c => c.querySelector('h3').textContent === 'page').querySelector('table');
+               const col = [...table.querySelectorAll('th')].map(th => th.textContent).indexOf('{column}');
+               const row = table.querySelector('tbody tr[data-key=\"{part}\"]');
+               return Number(row.children[col].textContent);
+             }})()"
+        )
+    };
+    b.until(
+        "timeouts and fallbacks",
+        Duration::from_secs(5),
+        &format!(
+            "return {} === 10 && {} === 10 && {} === 0 && {} === 10 && {} === 0;",
+            cell("slow", "timeouts"),
+            cell("slow", "fallbacks"),
+            cell("broken", "timeouts"),
+            cell("broken", "fallbacks"),
+            cell("main", "timeouts"),
+        ),
+    )
+    .await;
+    b.shot("composites-timeouts").await;
+    b.assert_clean(&[]).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs chromium and chromedriver: .ci/browser.sh"]
 async fn reloads_are_listed_and_a_refused_one_is_shown_while_the_old_version_serves() {
     let up = Upstream::start("up").await;
     let admin = "admin: { listen: 127.0.0.1:0 }";

@@ -9,7 +9,7 @@ function createComposite(r) {
     h('h3', {}, r.name),
     h('p', { class: 'muted' }, `matches ${r.matches}`),
     h('div', { class: 'scroll' }, h('table', { class: 'grid' },
-      h('thead', {}, h('tr', {}, ['part', 'cluster', 'after', 'required', 'timeout', 'calls/s', 'p50', 'p99', 'fallbacks/s', 'fallbacks', 'failures/s', 'cache hits'].map((t) => h('th', {}, t)))),
+      h('thead', {}, h('tr', {}, ['part', 'cluster', 'after', 'required', 'timeout', 'calls/s', 'p50', 'p99', 'timeouts/s', 'timeouts', 'fallbacks/s', 'fallbacks', 'failures/s', 'cache hits'].map((t) => h('th', {}, t)))),
       tbody)));
   el._body = tbody;
   return el;
@@ -17,7 +17,7 @@ function createComposite(r) {
 
 function createPart() {
   const cells = {};
-  const tr = h('tr', {}, ...['part', 'cluster', 'after', 'required', 'timeout', 'calls', 'p50', 'p99', 'fbs', 'fb', 'fail', 'cache']
+  const tr = h('tr', {}, ...['part', 'cluster', 'after', 'required', 'timeout', 'calls', 'p50', 'p99', 'tos', 'to', 'fbs', 'fb', 'fail', 'cache']
     .map((k) => (cells[k] = h('td', { class: ['part', 'cluster', 'after'].includes(k) ? '' : 'n' }))));
   tr._cells = cells;
   return tr;
@@ -29,7 +29,7 @@ export default {
   requires: ['gateway'],
   mount(root) {
     holder = h('div', { id: 'composites' });
-    root.append(h('h2', {}, 'Composites'), h('p', { class: 'muted' }, 'Per part, over the last 10 seconds; a fallback is served for an optional part that failed or timed out.'), holder);
+    root.append(h('h2', {}, 'Composites'), h('p', { class: 'muted' }, 'Per part, over the last 10 seconds (totals since start). A timeout is a call that did not answer within its part\'s timeout or the request\'s deadline: an optional part then serves its fallback, a required one fails the request. Fallbacks count every failed optional call, timed out or not.'), holder);
   },
   update(ctx) {
     const g = ctx.store.state.gateway;
@@ -53,6 +53,9 @@ export default {
         setText(c.calls, num(t.calls));
         setText(c.p50, ms(t.p50));
         setText(c.p99, ms(t.p99));
+        setText(c.tos, num(t.timeouts));
+        setText(c.to, num(t.total_timeouts, 0));
+        setData(c.tos, 'level', t.timeouts > 0 ? 'warn' : 'ok');
         setText(c.fbs, num(t.fallbacks));
         setText(c.fb, num(t.total_fallbacks, 0));
         setData(c.fbs, 'level', t.fallbacks > 0 ? 'warn' : 'ok');

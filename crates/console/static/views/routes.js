@@ -88,7 +88,19 @@ function detailOf(ctx, r, t) {
           h('td', {}, v.name), h('td', {}, v.cluster), h('td', { class: 'n' }, pct(v.weight / total)),
           h('td', { class: 'n' }, pct(t && t.variants ? t.variants[v.name] ?? 0 : null)))))));
   }
-  if (r.mirror) parts.push(h('p', {}, `mirrors ${r.mirror.percent} % to ${r.mirror.cluster}`));
+  if (r.mirror) {
+    const m = t && t.mirror;
+    parts.push(h('h4', {}, `Mirror to ${r.mirror.cluster}: observed rate (10 s) against the configured share`),
+      h('table', { class: 'grid', id: `mirror-${r.name}` },
+        h('thead', {}, h('tr', {}, ['configured', 'drawn', 'sent', 'copies/s', 'answered well', 'skipped/s'].map((x) => h('th', {}, x)))),
+        h('tbody', {}, h('tr', { dataset: { configured: r.mirror.percent / 100, drawn: m ? m.drawn : '' } },
+          h('td', { class: 'n' }, pct(r.mirror.percent / 100)),
+          h('td', { class: 'n' }, pct(m ? m.drawn : null)),
+          h('td', { class: 'n' }, pct(m ? m.sent : null)),
+          h('td', { class: 'n' }, num(m ? m.rps : null)),
+          h('td', { class: 'n' }, pct(m ? m.ok : null)),
+          h('td', { class: 'n' }, num(m ? m.skipped : null))))));
+  }
   const names = clustersOf(r);
   const clusters = (g ? g.clusters : []).filter((c) => names.includes(c.name));
   parts.push(endpointTable(ctx, clusters, ctx.store.tick));

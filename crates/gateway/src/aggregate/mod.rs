@@ -343,6 +343,11 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
+    /// The part did not answer in time.
+    fn is_timeout(&self) -> bool {
+        matches!(self, Failure::Timeout | Failure::Deadline)
+    }
+
     fn describe(&self) -> String {
         match self {
             Failure::Timeout => "timed out".into(),
@@ -374,6 +379,9 @@ struct PartMetrics {
     fallback: metrics::Counter,
     skipped: metrics::Counter,
     failed: metrics::Counter,
+    /// Calls that did not answer in time (the part's timeout or the composite's deadline),
+    /// whether a fallback was served or the request failed.
+    timeouts: metrics::Counter,
 }
 
 impl PartMetrics {
@@ -387,6 +395,7 @@ impl PartMetrics {
             fallback: outcome("fallback"),
             skipped: outcome("skipped"),
             failed: outcome("failed"),
+            timeouts: metrics::counter!("gateway_aggregate_part_timeouts_total", "route" => route.clone(), "part" => part.clone()),
         }
     }
 }
@@ -873,6 +882,9 @@ impl Composite {
             .and_then(|r| r.failure.clone())
             .unwrap_or(Failure::Unreachable);
         self.metrics[i].failed.increment(1);
+        if failure.is_timeout() {
+            self.metrics[i].timeouts.increment(1);
+        }
         let name = &part.cfg.name;
         let mut p = match &failure {
             Failure::Timeout => Problem::gateway_timeout(format!(
@@ -919,9 +931,12 @@ impl Composite {
         for ((part, r), m) in self.plan.parts.iter().zip(reports).zip(&self.metrics) {
             if r.skipped {
                 m.skipped.increment(1);
-            } else if r.failure.is_some() {
+            } else if let Some(f) = &r.failure {
                 failed.push(&part.cfg.name);
                 m.fallback.increment(1);
+                if f.is_timeout() {
+                    m.timeouts.increment(1);
+                }
             } else {
                 m.ok.increment(1);
             }
