@@ -716,7 +716,6 @@ async fn with_an_admin_token_every_console_path_needs_it() {
         &format!("admin: {{ listen: 127.0.0.1:0, token: {token} }}"),
     )
     .await;
-    let http = reqwest::Client::new();
     let paths = [
         ("GET", "/console"),
         ("GET", "/console/"),
@@ -727,10 +726,60 @@ async fn with_an_admin_token_every_console_path_needs_it() {
         ("POST", "/console/api/config/reload"),
         ("POST", "/console/api/config/validate"),
     ];
+    token_needed(&gw.admin, token, &paths, &["/healthz"]).await;
+    let b = Browser::start("token").await;
+    browser_needs_token(&b, &gw.admin, token).await;
+    b.shot("overview-with-token").await;
+    gw.stop().await;
+
+    // The same for the whole shop's admin port (`shopmesh up --admin-token`): the console
+    // with the shop's own views and actions, the dead letters, the gateway's routes, metrics.
+    let token = "t0ken-for-the-shop";
+    let shop = TestShop::start_with(|c| c.admin_token = Some(token.into())).await;
+    let paths = [
+        ("GET", "/console"),
+        ("GET", "/console/"),
+        ("GET", "/console/assets/app.js"),
+        ("GET", "/console/assets/dom.js"),
+        ("GET", "/console/assets/views/orders.js"),
+        ("GET", "/console/events"),
+        ("GET", "/console/api/orders"),
+        (
+            "GET",
+            "/console/api/orders/00000000-0000-0000-0000-000000000000",
+        ),
+        (
+            "GET",
+            "/console/api/orders/00000000-0000-0000-0000-000000000000/messages",
+        ),
+        ("GET", "/console/api/dead-letters/x"),
+        ("POST", "/console/api/dead-letters/x/replay"),
+        ("POST", "/console/api/config/validate"),
+        ("GET", "/dlq"),
+        ("GET", "/dlq/x"),
+        ("DELETE", "/dlq/x"),
+        ("POST", "/dlq/x/replay"),
+        ("GET", "/routes"),
+        ("GET", "/clusters"),
+        ("GET", "/config"),
+        ("GET", "/metrics"),
+    ];
+    token_needed(&shop.admin, token, &paths, &["/healthz", "/readyz"]).await;
+    browser_needs_token(&b, &shop.admin, token).await;
+    // The shop's views are there once in.
+    b.view("orders").await;
+    b.shot("shop-with-token").await;
+    shop.shutdown().await;
+}
+
+/// Every one of `paths` on `admin` is 401 without `token` (asking a browser for it on the
+/// console) and with a wrong one, and is served with it; the `open` probes need none.
+async fn token_needed(admin: &str, token: &str, paths: &[(&str, &str)], open: &[&str]) {
+    let http = reqwest::Client::new();
     for (method, path) in paths {
         let req = |auth: Option<&str>| {
             let mut r = http
-                .request(method.parse().unwrap(), format!("{}{path}", gw.admin))
+                .request(method.parse().unwrap(), format!("{admin}{path}"))
                 .header("x-shopmesh-console", "1");
             if let Some(a) = auth {
                 r = r.header("authorization", a);
@@ -739,22 +788,33 @@ async fn with_an_admin_token_every_console_path_needs_it() {
         };
         let res = req(None).await.unwrap();
         assert_eq!(res.status(), 401, "{method} {path} without the token");
-        assert!(
-            res.headers()["www-authenticate"]
-                .to_str()
-                .unwrap()
-                .starts_with("Basic"),
-            "the browser asks for it"
-        );
+        if path.starts_with("/console") {
+            assert!(
+                res.headers()["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("Basic"),
+                "the browser asks for it"
+            );
+        }
         let res = req(Some("Bearer wrong")).await.unwrap();
         assert_eq!(res.status(), 401, "{method} {path} with a wrong token");
         let res = req(Some(&format!("Bearer {token}"))).await.unwrap();
         assert_ne!(res.status(), 401, "{method} {path} with the token");
+        if *path == "/console/events" {
+            assert_eq!(res.status(), 200);
+        }
     }
-    // In a browser: refused without credentials, served with them (the token as the
-    // password of Basic credentials, as a browser's prompt would send it).
-    let b = Browser::start("token").await;
-    let admin = gw.admin.trim_start_matches("http://");
+    for path in open {
+        let res = http.get(format!("{admin}{path}")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path} is a probe: no token");
+    }
+}
+
+/// In a browser: refused without credentials, served with them (the token as the password
+/// of Basic credentials, as a browser's prompt would send it).
+async fn browser_needs_token(b: &Browser, admin: &str, token: &str) {
+    let admin = admin.trim_start_matches("http://");
     b.goto(&format!("http://{admin}/console")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -765,15 +825,13 @@ async fn with_an_admin_token_every_console_path_needs_it() {
     );
     b.goto(&format!("http://console:{token}@{admin}/console"))
         .await;
-    wait_snapshots(&b, 1).await;
+    wait_snapshots(b, 1).await;
     b.until(
         "live",
         Duration::from_secs(5),
         "return document.getElementById('conn').dataset.state === 'live';",
     )
     .await;
-    b.shot("overview-with-token").await;
-    gw.stop().await;
 }
 
 #[tokio::test]

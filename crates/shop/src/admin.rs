@@ -1,8 +1,14 @@
 //! The admin API (loopback by default): Prometheus metrics, health, and the dead letters.
+//! With a token configured, every path but the probes (`/healthz`; `/readyz` is merged
+//! beside it) asks for it, the console's included.
+
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use shopmesh_messaging::dlq::DlqError;
@@ -62,28 +68,61 @@ async fn purge(
         .map_err(problem)
 }
 
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(token: Arc<str>, req: Request, next: Next) -> Response {
+    // Probes carry no credentials, and liveness tells nothing an attacker could use.
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let presented = shopmesh_console::presented_token(req.headers()).unwrap_or_default();
+    if same(presented.as_bytes(), token.as_bytes()) {
+        return next.run(req).await;
+    }
+    if req.uri().path().starts_with("/console") {
+        // A browser asks its user for it.
+        return shopmesh_console::challenge();
+    }
+    Problem::unauthorized("the admin API needs its bearer token").into_response()
+}
+
 /// `/metrics`, `/healthz`, the gateway's `/routes`, `/clusters`, `/config`, and `GET /dlq`, `GET|DELETE /dlq/{id}`, `POST /dlq/{id}/replay`,
 /// and the operations console (`/console`). Writes from another origin's page are refused.
+/// With `token`, every path but `/healthz` needs it.
 pub fn router(
     dead_letters: DeadLetters,
     gateway: shopmesh_gateway::Gateway,
+    token: Option<String>,
     console: shopmesh_console::Console,
 ) -> Router {
+    let token: Option<Arc<str>> = token.filter(|t| !t.is_empty()).map(Into::into);
+    let configured = token.is_some();
     let dlq = Router::new()
         .route("/dlq", get(list))
         .route("/dlq/{id}", get(show).delete(purge))
         .route("/dlq/{id}/replay", post(replay))
         .with_state(dead_letters);
-    shopmesh_platform::serve::stack(
+    let admin = shopmesh_platform::serve::stack(
         "admin",
         shopmesh_platform::telemetry::admin_router()
             .merge(dlq)
             .merge(shopmesh_gateway::admin::api_routes(gateway, None))
             .merge(shopmesh_console::router(
                 console,
-                shopmesh_console::Options::default(),
+                shopmesh_console::Options {
+                    token_configured: Arc::new(move || configured),
+                },
             ))
             .layer(axum::middleware::from_fn(shopmesh_console::guard_writes)),
         shopmesh_platform::serve::DEFAULT_BODY_LIMIT,
-    )
+    );
+    match token {
+        Some(token) => admin.layer(axum::middleware::from_fn(move |req, next| {
+            require_token(token.clone(), req, next)
+        })),
+        None => admin,
+    }
 }

@@ -64,6 +64,9 @@ pub struct SystemConfig {
     pub port: u16,
     /// Admin/metrics port (0 = any free port).
     pub admin_port: u16,
+    /// The token every admin path but `/healthz` and `/readyz` asks for (the console's
+    /// included). `None`: the admin port is open to whoever reaches it.
+    pub admin_token: Option<String>,
     pub storage: Storage,
     /// Products to seed on first start (0 = none).
     pub seed_products: usize,
@@ -117,6 +120,7 @@ impl SystemConfig {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 8080,
             admin_port: 9901,
+            admin_token: None,
             storage,
             seed_products: seed::DEFAULT_PRODUCTS,
             drain: Duration::from_secs(10),
@@ -386,6 +390,7 @@ impl System {
             router: admin::router(
                 dead_letters.clone(),
                 gateway.clone(),
+                cfg.admin_token.clone(),
                 shopmesh_console::Console::new(console::ShopSource::new(
                     gateway.clone(),
                     dead_letters,

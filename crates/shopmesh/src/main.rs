@@ -234,6 +234,11 @@ struct UpArgs {
     /// Admin and metrics port.
     #[arg(long, env = "SHOPMESH_ADMIN_PORT", default_value_t = 9901)]
     admin_port: u16,
+    /// A token the admin port asks for (`Authorization: Bearer TOKEN`, or as the password of
+    /// Basic credentials, which a browser asks for on the console): every path but
+    /// `/healthz` and `/readyz`. Without one the admin port is open to whoever reaches it.
+    #[arg(long, env = "SHOPMESH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Products to seed on first start (0: none).
     #[arg(long, env = "SHOPMESH_SEED_PRODUCTS", default_value_t = shopmesh_shop::seed::DEFAULT_PRODUCTS)]
     seed_products: usize,
@@ -386,6 +391,7 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
     cfg.host = a.host;
     cfg.port = a.port;
     cfg.admin_port = a.admin_port;
+    cfg.admin_token = a.admin_token.filter(|t| !t.is_empty());
     cfg.seed_products = a.seed_products;
     cfg.admin_emails = a.admin_emails;
     cfg.users_via = a.users_via.into();
