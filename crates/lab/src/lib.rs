@@ -67,6 +67,10 @@ pub struct Scale {
     pub slow_steps_ms: Vec<u64>,
     /// Pages per step.
     pub slow_pages: usize,
+    /// Offered loads (requests per second) of the composite-against-plain comparison, and
+    /// seconds per rate and route.
+    pub load_rates: Vec<f64>,
+    pub load_secs: f64,
     /// Requests per second, and seconds, per side of the proxy comparison.
     pub proxy_rate: f64,
     pub proxy_secs: f64,
@@ -92,6 +96,8 @@ impl Scale {
             pages: 60,
             slow_steps_ms: vec![0, 100, 250, 500, 750, 900, 1100, 1500, 2000],
             slow_pages: 24,
+            load_rates: vec![100.0, 200.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0],
+            load_secs: 5.0,
             proxy_rate: 400.0,
             proxy_secs: 20.0,
             gray_callers: 4000,
@@ -111,6 +117,8 @@ impl Scale {
             pages: 15,
             slow_steps_ms: vec![0, 250, 500, 750, 1500, 2000],
             slow_pages: 8,
+            load_rates: vec![100.0, 200.0, 400.0, 800.0, 1600.0],
+            load_secs: 2.0,
             proxy_rate: 200.0,
             proxy_secs: 6.0,
             gray_callers: 1000,
@@ -130,6 +138,8 @@ impl Scale {
             pages: 6,
             slow_steps_ms: vec![0, 500, 2000],
             slow_pages: 4,
+            load_rates: vec![50.0, 200.0, 800.0],
+            load_secs: 1.0,
             proxy_rate: 100.0,
             proxy_secs: 2.0,
             gray_callers: 600,
@@ -153,16 +163,21 @@ pub struct Options {
     pub progress: bool,
 }
 
+/// The experiments of the patterns in `only` (all when empty), in their running order.
+pub fn chosen(only: &[Group]) -> Vec<experiments::Kind> {
+    experiments::Kind::ALL
+        .into_iter()
+        .filter(|k| only.is_empty() || only.contains(&k.meta().group))
+        .collect()
+}
+
 /// Runs the experiments one after the other (they share two cores; running them at once
 /// would measure each other) and returns the report. An experiment that fails is reported
 /// as failed with its error; the others still run.
 pub async fn run(opts: &Options) -> Result<Report, LabError> {
     let started = Instant::now();
     let started_at = shopmesh_platform::millis_to_rfc3339(shopmesh_platform::now_millis());
-    let chosen: Vec<experiments::Kind> = experiments::Kind::ALL
-        .into_iter()
-        .filter(|k| opts.only.is_empty() || opts.only.contains(&k.meta().group))
-        .collect();
+    let chosen = chosen(&opts.only);
     let bars = MultiProgress::with_draw_target(if opts.progress {
         ProgressDrawTarget::stderr()
     } else {
@@ -234,4 +249,38 @@ pub async fn run(opts: &Options) -> Result<Report, LabError> {
             .filter(|n| opts.only.is_empty() || opts.only.contains(&n.group))
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_chosen_patterns_run_and_every_pattern_has_an_experiment() {
+        assert_eq!(chosen(&[]).len(), experiments::Kind::ALL.len());
+        for g in Group::ALL {
+            let of = chosen(&[g]);
+            assert!(!of.is_empty(), "{g}");
+            assert!(of.iter().all(|k| k.meta().group == g));
+        }
+        let two = chosen(&[Group::Proxy, Group::SharedData]);
+        assert_eq!(
+            two.len(),
+            chosen(&[Group::Proxy]).len() + chosen(&[Group::SharedData]).len()
+        );
+    }
+
+    #[test]
+    fn experiments_have_distinct_ids_and_written_rules() {
+        let mut ids: Vec<&str> = experiments::Kind::ALL.iter().map(|k| k.meta().id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), experiments::Kind::ALL.len());
+        for k in experiments::Kind::ALL {
+            let m = k.meta();
+            assert!(m.id.starts_with(m.group.as_str()), "{}", m.id);
+            assert!(!m.method.is_empty() && !m.rule.is_empty() && !m.claim.is_empty());
+            assert!(k.steps(&Scale::quick()) > 0);
+        }
+    }
 }

@@ -332,6 +332,17 @@ pub fn num(v: f64) -> String {
     }
 }
 
+/// [`num`] with its sign: `+1.25`, `−3.40`.
+pub fn signed(v: f64) -> String {
+    if v.is_finite() && v < 0.0 {
+        format!("−{}", num(-v))
+    } else if v.is_finite() {
+        format!("+{}", num(v))
+    } else {
+        num(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +365,7 @@ mod tests {
         assert_eq!(num(12.34), "12.3");
         assert_eq!(num(0.1234), "0.12");
         assert_eq!(num(f64::NAN), "n/a");
+        assert_eq!(signed(-25.5), "−25.5");
+        assert_eq!(signed(0.5), "+0.50");
     }
 }

@@ -7,7 +7,7 @@ use shopmesh_shop::ServiceName;
 
 use super::{Ctx, Measured, Meta};
 use crate::load::{Phase, Run, Summary, open_loop, percentile};
-use crate::report::{Chart, Figures, Group, Outcome, Series, Verdict, num};
+use crate::report::{Chart, Figures, Group, Outcome, Series, Verdict, num, signed};
 use crate::shop::{ShopSpec, client};
 use crate::{LabError, Scale};
 
@@ -25,6 +25,8 @@ pub const META: Meta = Meta {
 const SLICES: usize = 3;
 /// Requests in flight at most, per side.
 const MAX_IN_FLIGHT: usize = 64;
+/// Unrecorded lookups on each side first.
+const WARM_UP: Duration = Duration::from_millis(500);
 const PERCENTILES: [f64; 6] = [50.0, 75.0, 90.0, 95.0, 99.0, 99.9];
 
 pub fn steps(_: &Scale) -> u64 {
@@ -59,6 +61,25 @@ impl Side {
     }
 }
 
+/// Stock lookups at `base` on the schedule of `phases`.
+async fn lookups(http: &reqwest::Client, base: &str, ids: &[String], phases: &[Phase]) -> Run<()> {
+    open_loop(phases, MAX_IN_FLIGHT, |i| {
+        let http = http.clone();
+        let url = format!(
+            "{base}/api/inventory/{}",
+            ids[i as usize % ids.len().max(1)]
+        );
+        async move {
+            let res = http.get(url).send().await.ok()?;
+            if !res.status().is_success() {
+                return None;
+            }
+            res.bytes().await.ok().map(|_| ())
+        }
+    })
+    .await
+}
+
 pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
     let shop = ctx.shop(ShopSpec::MAIN)?;
     let direct = format!("http://{}", shop.service(ServiceName::Inventory));
@@ -69,25 +90,20 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
         duration: Duration::from_secs_f64(ctx.scale.proxy_secs / SLICES as f64),
     }];
     let ids: Vec<String> = shop.products.iter().map(|p| p.id.clone()).collect();
+    // Connections opened and pools filled on both sides before anything counts.
+    let warm_up = [Phase {
+        rate: ctx.scale.proxy_rate,
+        duration: WARM_UP,
+    }];
+    for base in [&direct, &gateway] {
+        ctx.say("warming up");
+        lookups(&http, base, &ids, &warm_up).await;
+    }
     let (mut d_runs, mut g_runs) = (Vec::new(), Vec::new());
     for slice in 0..SLICES {
         for (side, base) in [("direct", &direct), ("gateway", &gateway)] {
             ctx.say(format!("{side}, slice {}", slice + 1));
-            let run = open_loop(&phase, MAX_IN_FLIGHT, |i| {
-                let http = http.clone();
-                let url = format!(
-                    "{base}/api/inventory/{}",
-                    ids[i as usize % ids.len().max(1)]
-                );
-                async move {
-                    let res = http.get(url).send().await.ok()?;
-                    if !res.status().is_success() {
-                        return None;
-                    }
-                    res.bytes().await.ok().map(|_| ())
-                }
-            })
-            .await;
+            let run = lookups(&http, base, &ids, &phase).await;
             if side == "direct" {
                 d_runs.push(run);
             } else {
@@ -119,11 +135,11 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
     );
     Ok(Measured {
         headline: format!(
-            "+{} µs p50 ({} → {} ms), +{} µs p99 at {} req/s",
-            num((g.summary.p50_ms - d.summary.p50_ms) * 1e3),
+            "{} µs p50 ({} → {} ms), {} µs p99 at {} req/s",
+            signed((g.summary.p50_ms - d.summary.p50_ms) * 1e3),
             num(d.summary.p50_ms),
             num(g.summary.p50_ms),
-            num((g.summary.p99_ms - d.summary.p99_ms) * 1e3),
+            signed((g.summary.p99_ms - d.summary.p99_ms) * 1e3),
             num(ctx.scale.proxy_rate)
         ),
         verdict: verdict(&d, &g),
@@ -159,11 +175,11 @@ pub fn verdict(direct: &Side, gateway: &Side) -> Verdict {
     let added = gateway.summary.p50_ms - direct.summary.p50_ms;
     let because = format!(
         "the gateway added {} µs to the median ({} → {} ms, {}%) and {} µs to the p99",
-        num(added * 1e3),
+        signed(added * 1e3),
         num(direct.summary.p50_ms),
         num(gateway.summary.p50_ms),
-        num(added / direct.summary.p50_ms.max(f64::EPSILON) * 100.0),
-        num((gateway.summary.p99_ms - direct.summary.p99_ms) * 1e3),
+        signed(added / direct.summary.p50_ms.max(f64::EPSILON) * 100.0),
+        signed((gateway.summary.p99_ms - direct.summary.p99_ms) * 1e3),
     );
     if added >= 0.020 && added >= 0.05 * direct.summary.p50_ms {
         Verdict::new(Outcome::Holds, because)
