@@ -81,6 +81,38 @@ enum Command {
     Mesh(mesh::MeshArgs),
     /// Run a service mesh sidecar beside one service instance (mutual TLS, policy).
     Sidecar(mesh::SidecarArgs),
+    /// The pattern lab: the design document's claims about aggregation, shared data, proxies
+    /// and asynchronous messaging, measured on a shop of its own (ephemeral ports); prints
+    /// claim · experiment · figure · verdict and writes an HTML report and the JSON of every
+    /// figure.
+    Lab(LabArgs),
+}
+
+#[derive(Args)]
+struct LabArgs {
+    /// A short run: under three minutes on two cores.
+    #[arg(long)]
+    quick: bool,
+    /// The smallest run whose figures still decide (the end-to-end test's).
+    #[arg(long, hide = true, conflicts_with = "quick")]
+    smoke: bool,
+    /// Only these patterns: aggregation, shared-data, proxy, messaging (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<shopmesh_lab::Group>,
+    /// PostgreSQL URL: the lab's shops get fresh schemas there, dropped afterwards. SQLite in
+    /// a temporary directory by default.
+    #[arg(long)]
+    database: Option<String>,
+    /// `amqp://…`, `nats://…` or `kafka://…`, under a fresh namespace; the embedded broker by
+    /// default.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The HTML report (self-contained: inline CSS and SVG charts, no script).
+    #[arg(long, default_value = "lab.html")]
+    report: PathBuf,
+    /// The JSON of every figure and verdict.
+    #[arg(long, default_value = "lab.json")]
+    json: PathBuf,
 }
 
 #[derive(Args)]
@@ -334,14 +366,16 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // The lab's output is its table and progress bars: its shops log only when asked to.
+    let quiet = matches!(cli.command, Command::Lab(_)) && std::env::var_os("RUST_LOG").is_none();
     // Inside the runtime: the span exporter (when configured) runs its requests on it.
-    let _log_guard = {
+    let _log_guard = (!quiet).then(|| {
         let _rt = runtime.enter();
         telemetry::init_tracing(match cli.log_format {
             Format::Text => LogFormat::Text,
             Format::Json => LogFormat::Json,
         })
-    };
+    });
     runtime.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
@@ -379,8 +413,47 @@ fn main() -> anyhow::Result<()> {
             Command::Bench(a) => bench::run(a).await,
             Command::Mesh(a) => mesh::run(a),
             Command::Sidecar(a) => mesh::sidecar(a).await,
+            Command::Lab(a) => lab(a).await,
         }
     })
+}
+
+async fn lab(a: LabArgs) -> anyhow::Result<()> {
+    if let Some(db) = &a.database {
+        anyhow::ensure!(
+            db.starts_with("postgres://") || db.starts_with("postgresql://"),
+            "--database must be a postgres:// URL (SQLite is the default)"
+        );
+    }
+    let opts = shopmesh_lab::Options {
+        scale: if a.smoke {
+            shopmesh_lab::Scale::smoke()
+        } else if a.quick {
+            shopmesh_lab::Scale::quick()
+        } else {
+            shopmesh_lab::Scale::full()
+        },
+        only: a.only,
+        backend: shopmesh_lab::Backend {
+            database: a.database,
+            broker: a.broker,
+        },
+        progress: true,
+    };
+    let report = shopmesh_lab::run(&opts).await?;
+    print!("{}", report.table());
+    std::fs::write(&a.json, report.to_json()?)
+        .with_context(|| format!("cannot write {}", a.json.display()))?;
+    std::fs::write(&a.report, shopmesh_lab::html::render(&report)?)
+        .with_context(|| format!("cannot write {}", a.report.display()))?;
+    println!(
+        "\n{} experiments in {:.0} s; report {}, figures {}",
+        report.findings.len(),
+        report.seconds,
+        a.report.display(),
+        a.json.display()
+    );
+    Ok(())
 }
 
 async fn up(a: UpArgs) -> anyhow::Result<()> {
