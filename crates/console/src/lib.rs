@@ -7,8 +7,9 @@
 //!   script or style. Everything that comes from users is put in the page as text.
 //! - **One Server-Sent Events stream** (`/console/events`): a snapshot on connect (and on
 //!   every reconnect), a tick a second with the figures and the sections that changed, and
-//!   events for breakers, health, reloads, sagas and dead letters; keep-alives. A viewer that
-//!   falls behind is dropped (its page reconnects), never waited for.
+//!   events for breakers, health, reloads, sagas, orders' messages and dead letters;
+//!   keep-alives. A viewer that falls behind is dropped (its page reconnects), never waited
+//!   for.
 //! - **Nothing runs while nobody watches**: the sampler starts with the first viewer and
 //!   stops a minute after the last; it reads the Prometheus registry the process keeps anyway
 //!   and state the host keeps anyway ([`Source`]). The history (15 minutes at one-second
