@@ -10,26 +10,43 @@
 # gateway with its chain off (one route, no JWT, no limit, no access log). And nginx with
 # the part of the chain it has (a JSON access log and limit_req; no JWT).
 #
+# The same work (the `same-work:` line): HAProxy with the gateway's chain on ES256 tokens (it
+# has no EdDSA): `jwt_verify` on every request, `alg`, `exp`, `iss`, `aud` and `sub` checked,
+# a per-caller rate limit (a stick table keyed on the token's `sub`, a limit that never
+# triggers), a JSON access log into a ring backed by a memory-mapped file (HAProxy has no
+# buffered file writer; `HAPROXY_LOG=file` logs to stdout redirected to a file instead, one
+# write per line). Beside it the gateway's full chain with the same ES256 token (its JWKS
+# carries the same P-256 key), twice: the verified-token cache off (`jwt.cache: false`, a
+# signature check per request, as HAProxy does) and on (the default). Tokens are signed with
+# openssl (python3 turns its DER ECDSA signature into JWS's r||s). The line reads:
+#   gateway/haproxy rps (cache off) (cache on): the gateway's req/s over HAProxy's, same work;
+#   gateway/nginx rps: the gateway, cache on, over nginx with a JSON log and limit_req;
+#   p99/haproxy: the gateway's p99 with the cache off over HAProxy's.
+#
 # Also: the gateway's RSS while 1,000 clients hold connections open under load, the
 # latency it adds over a direct call at a fixed 1,000 req/s (hey), HTTP/2 over TLS against
 # nginx (h2load, both terminating TLS with the same certificate), and the cost of mirroring
 # 5% of a route's requests to a shadow.
 #
 # Needs: wrk, hey, h2load, nginx, haproxy, openssl, curl (Debian: apt-get install wrk hey
-# nghttp2-client nginx-light haproxy openssl curl). Uses ports 18180-18193.
+# nghttp2-client nginx-light haproxy openssl curl bc; HAProxy >= 2.5 for jwt_verify, Debian
+# 12 has 2.6). Uses ports 18180-18194.
 # Usage: bench/proxy-vs-peers.sh [seconds-per-run (default 10)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 CONNS=64
-for tool in wrk hey h2load nginx haproxy openssl curl basenc; do
+for tool in wrk hey h2load nginx haproxy openssl curl basenc python3 bc xxd; do
   command -v $tool >/dev/null || { echo "missing: $tool (apt-get install wrk hey nghttp2-client nginx-light haproxy openssl curl)"; exit 1; }
 done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release -q
-BIN=$PWD/target/release/shopmesh
+# SHOPMESH_BIN: a release binary already built (the script then builds nothing). The binary
+# is copied first, so a rebuild during the run changes nothing.
+[ -n "${SHOPMESH_BIN:-}" ] || { cargo build --release -q -p shopmesh; SHOPMESH_BIN=$PWD/target/release/shopmesh; }
 WORK=$(mktemp -d)
+cp "$SHOPMESH_BIN" "$WORK/shopmesh"
+BIN=$WORK/shopmesh
 chmod 755 "$WORK"   # nginx workers read the JWKS from here
 PIDS=()
 cleanup() {
@@ -49,18 +66,53 @@ GW_TLS=127.0.0.1:18185
 BARE=127.0.0.1:18187
 GW_MIN=127.0.0.1:18188
 NGX_LOG=127.0.0.1:18192
+HAP_JWT=127.0.0.1:18191
+GW_NC=127.0.0.1:18193
 
-# 1. A signing key, its JWKS, and one token (EdDSA), made with openssl.
+# 1. Two signing keys (Ed25519 and P-256), one JWKS carrying both, and tokens, made with
+# openssl: TOKEN (EdDSA) for the gateway's usual lines, ES_TOKEN (ES256) for the same-work
+# lines, and ES256 tokens that must be refused (expired, another audience, a bad signature).
 b64url() { basenc --base64url -w0 | tr -d '='; }
 openssl genpkey -algorithm ed25519 -out "$WORK/key.pem" 2>/dev/null
 X=$(openssl pkey -in "$WORK/key.pem" -pubout -outform DER | tail -c 32 | b64url)
-printf '{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"bench-1","x":"%s"}]}' "$X" >"$WORK/jwks.json"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/es.pem" 2>/dev/null
+openssl pkey -in "$WORK/es.pem" -pubout -out "$WORK/es-pub.pem"
+# The public key's DER ends with the uncompressed point 04 || X || Y (32 bytes each).
+openssl pkey -in "$WORK/es.pem" -pubout -outform DER | tail -c 64 >"$WORK/es.xy"
+EX=$(head -c 32 "$WORK/es.xy" | b64url)
+EY=$(tail -c 32 "$WORK/es.xy" | b64url)
+printf '{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"bench-1","x":"%s"},{"kty":"EC","crv":"P-256","kid":"bench-es","x":"%s","y":"%s"}]}' \
+  "$X" "$EX" "$EY" >"$WORK/jwks.json"
 NOW=$(date +%s)
+claims() { # exp audience
+  printf '{"sub":"bench-user","iss":"bench","aud":"%s","iat":%d,"exp":%d,"roles":["customer"]}' "$2" "$NOW" "$1"
+}
 HEADER=$(printf '{"alg":"EdDSA","typ":"JWT","kid":"bench-1"}' | b64url)
-PAYLOAD=$(printf '{"sub":"bench-user","iss":"bench","aud":"bench","iat":%d,"exp":%d,"roles":["customer"]}' "$NOW" $((NOW + 3600)) | b64url)
+PAYLOAD=$(claims $((NOW + 3600)) bench | b64url)
 printf '%s.%s' "$HEADER" "$PAYLOAD" >"$WORK/signing-input"
 SIG=$(openssl pkeyutl -sign -inkey "$WORK/key.pem" -rawin -in "$WORK/signing-input" | b64url)
 TOKEN="$HEADER.$PAYLOAD.$SIG"
+es256() { # claims JSON → a token signed with es.pem (JWS wants r||s; openssl gives DER)
+  local h p
+  h=$(printf '{"alg":"ES256","typ":"JWT","kid":"bench-es"}' | b64url)
+  p=$(printf '%s' "$1" | b64url)
+  printf '%s.%s.%s' "$h" "$p" "$(printf '%s.%s' "$h" "$p" | openssl dgst -sha256 -sign "$WORK/es.pem" |
+    python3 -c '
+import sys
+d = sys.stdin.buffer.read()  # SEQUENCE { INTEGER r, INTEGER s }
+i, out = 2, b""
+for _ in range(2):
+    n = d[i + 1]
+    out += d[i + 2:i + 2 + n].lstrip(b"\0").rjust(32, b"\0")
+    i += 2 + n
+sys.stdout.buffer.write(out)' | b64url)"
+}
+ES_TOKEN=$(es256 "$(claims $((NOW + 3600)) bench)")
+ES_EXPIRED=$(es256 "$(claims $((NOW - 120)) bench)")
+ES_OTHER_AUD=$(es256 "$(claims $((NOW + 3600)) elsewhere)")
+# The same token with another valid-looking signature (r and s swapped).
+ES_SIG=$(printf '%s' "${ES_TOKEN##*.}==" | basenc --base64url -d 2>/dev/null | xxd -p -c 64)
+ES_FORGED="${ES_TOKEN%.*}.$(printf '%s%s' "${ES_SIG:64:64}" "${ES_SIG:0:64}" | xxd -r -p | b64url)"
 
 # A certificate both TLS terminators use.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
@@ -131,12 +183,24 @@ http {
 CONF
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 
-# 4. HAProxy.
+# 4. HAProxy: plain (fe), and with the gateway's chain on ES256 tokens (fe_jwt).
+if [ "${HAPROXY_LOG:-ring}" = file ]; then
+  HAP_LOG_TARGET=stdout
+  HAP_LOG_WHERE="stdout, redirected to a file (a write per line)"
+else
+  HAP_LOG_TARGET=ring@access
+  HAP_LOG_WHERE="a ring backed by a memory-mapped file"
+fi
 cat >"$WORK/haproxy.cfg" <<CONF
 global
   nbthread 2
   maxconn 5000
   pidfile $WORK/haproxy.pid
+ring access
+  format raw
+  maxlen 1024
+  size 16777216
+  backing-file $WORK/haproxy-access.ring
 defaults
   mode http
   timeout connect 2s
@@ -146,11 +210,37 @@ defaults
 frontend fe
   bind $HAP
   default_backend be
+frontend fe_jwt
+  bind $HAP_JWT
+  log $HAP_LOG_TARGET format raw local0 info
+  unique-id-format %{+X}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  log-format '{"time":"%tr","client":"%ci","method":"%HM","path":"%[var(txn.path)]","status":%ST,"backend":"%b","endpoint":"%si:%sp","retries":%rc,"caller":"%[var(txn.sub),json(utf8s)]","duration_ms":%Ta,"request_id":"%ID"}'
+  http-request set-var(txn.path) path,json(utf8s)
+  # Authentication: a bearer token, ES256, its signature, then its claims.
+  http-request set-var(txn.bearer) http_auth_bearer
+  http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('\$.alg')
+  http-request deny status 401 unless { var(txn.alg) -m str ES256 }
+  http-request deny status 401 unless { var(txn.bearer),jwt_verify(txn.alg,"$WORK/es-pub.pem") -m int 1 }
+  http-request set-var(txn.iss) var(txn.bearer),jwt_payload_query('\$.iss')
+  http-request set-var(txn.aud) var(txn.bearer),jwt_payload_query('\$.aud')
+  http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('\$.exp','int')
+  http-request set-var(txn.sub) var(txn.bearer),jwt_payload_query('\$.sub')
+  http-request set-var(txn.now) date
+  http-request deny status 401 unless { var(txn.iss) -m str bench } { var(txn.aud) -m str bench } { var(txn.sub) -m len gt 0 }
+  http-request deny status 401 unless { var(txn.exp),sub(txn.now) -m int gt 0 }
+  # A per-caller limit, keyed on the token's subject, high enough never to trigger.
+  http-request track-sc0 var(txn.sub) table callers
+  http-request deny status 429 if { sc_http_req_rate(0) gt 100000000 }
+  default_backend be
+backend callers
+  stick-table type string len 128 size 100k expire 60s store http_req_rate(1s)
 backend be
   http-reuse always
   server up $UP maxconn 1000
 CONF
-haproxy -D -f "$WORK/haproxy.cfg"
+haproxy -c -q -f "$WORK/haproxy.cfg"
+haproxy -f "$WORK/haproxy.cfg" >"$WORK/haproxy-access.log" 2>"$WORK/haproxy-error.log" &
+PIDS+=("$!")
 
 # 4b. The floor of the gateway's own stack: hyper + tokio forwarding and nothing else
 # (`shopmesh bench bare-proxy`), so the cost of the gateway's chain is visible apart from
@@ -203,6 +293,12 @@ PIDS+=("$!")
 # The same gateway behind TLS, for the HTTP/2 comparison (started after the first runs).
 sed -e "s|^listen: .*|listen: $GW_TLS\ntls: { cert_file: $WORK/tls.pem, key_file: $WORK/tls.key }|" \
   -e "s|^admin: .*|admin: { listen: 127.0.0.1:18186 }|" "$WORK/gateway.yaml" >"$WORK/gateway-tls.yaml"
+# 5c. The full chain with the verified-token cache off: a signature check per request.
+sed -e "s|^listen: .*|listen: $GW_NC|" -e "s|^admin: .*|admin: { listen: 127.0.0.1:18194 }|" \
+  -e "s|^jwt: {\(.*\) }$|jwt: {\1, cache: false }|" "$WORK/gateway.yaml" >"$WORK/gateway-nocache.yaml"
+grep -q '^jwt: .*cache: false' "$WORK/gateway-nocache.yaml" || { echo "no cache: false in the config"; exit 1; }
+SHOPMESH_LOG_FORMAT=json "$BIN" gateway --config "$WORK/gateway-nocache.yaml" >"$WORK/gateway-nocache.log" 2>&1 &
+PIDS+=("$!")
 
 wait_up() { for _ in $(seq 1 200); do curl -fs -o /dev/null "$@" && return 0; sleep 0.05; done; echo "not up: $*"; tail -5 "$WORK/gateway.log"; curl -s "$@"; exit 1; }
 wait_up "http://$UP/"
@@ -214,12 +310,23 @@ wait_up "http://$GW_MIN/"
 wait_up -H "Authorization: Bearer $TOKEN" "http://$GW/"
 # The chain is really on: no token → 401.
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$GW/")" = 401 ] || { echo "gateway does not enforce JWT"; exit 1; }
+# The same-work chains are really on: the ES256 token passes, no token, an expired one,
+# one for another audience and one with a bad signature are refused.
+wait_up -H "Authorization: Bearer $ES_TOKEN" "http://$HAP_JWT/"
+wait_up -H "Authorization: Bearer $ES_TOKEN" "http://$GW_NC/"
+wait_up -H "Authorization: Bearer $ES_TOKEN" "http://$GW/"
+for target in "$HAP_JWT" "$GW_NC" "$GW"; do
+  for bad in "" "$ES_EXPIRED" "$ES_OTHER_AUD" "$ES_FORGED"; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' ${bad:+-H "Authorization: Bearer $bad"} "http://$target/")
+    [ "$code" = 401 ] || { echo "$target answered $code to a token it must refuse"; exit 1; }
+  done
+done
 
 to_ms() { # wrk latency value (e.g. 812.00us, 1.23ms, 1.02s) → ms
   awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
 }
-run_wrk() { # name url [noauth] → "rps p50 p99"
-  local name=$1 url=$2 out auth=(-H "Authorization: Bearer $TOKEN")
+run_wrk() { # name url [noauth | token (default $TOKEN)] → "rps p50 p99"
+  local name=$1 url=$2 out auth=(-H "Authorization: Bearer ${3:-$TOKEN}")
   [ "${3:-}" = noauth ] && auth=()
   wrk -t1 -c"$CONNS" -d2s "${auth[@]}" "$url" >/dev/null # warm-up
   out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${auth[@]}" "$url")
@@ -259,6 +366,9 @@ read -r H_RPS H_P50 H_P99 < <(run_wrk haproxy "http://$HAP/")
 read -r G_RPS G_P50 G_P99 < <(run_wrk gateway "http://$GW/")
 read -r B_RPS B_P50 B_P99 < <(run_wrk bare "http://$BARE/")
 read -r M0_RPS M0_P50 M0_P99 < <(run_wrk gateway-min "http://$GW_MIN/" noauth)
+read -r HJ_RPS HJ_P50 HJ_P99 < <(run_wrk haproxy-jwt "http://$HAP_JWT/" "$ES_TOKEN")
+read -r GNC_RPS GNC_P50 GNC_P99 < <(run_wrk gateway-nocache "http://$GW_NC/" "$ES_TOKEN")
+read -r GES_RPS GES_P50 GES_P99 < <(run_wrk gateway-es256 "http://$GW/" "$ES_TOKEN")
 printf 'proxy: %-8s %7d req/s p50=%sms p99=%sms\n' direct "$D_RPS" "$D_P50" "$D_P99" \
   nginx "$N_RPS" "$N_P50" "$N_P99" haproxy "$H_RPS" "$H_P50" "$H_P99" gateway "$G_RPS" "$G_P50" "$G_P99"
 printf 'floor: hyper+tokio forwarding alone (bench bare-proxy) %d req/s p50=%sms p99=%sms; gateway/floor rps=%.2f, floor/nginx rps=%.2f\n' \
@@ -267,6 +377,19 @@ printf 'chain: nginx with a JSON access log and a per-caller limit_req %d req/s 
   "$NL_RPS" "$NL_P50" "$NL_P99" "$(echo "$NL_RPS/$N_RPS" | bc -l)" "$(echo "$G_RPS/$NL_RPS" | bc -l)"
 printf 'chain: gateway with the chain off (routing, metrics) %d req/s p50=%sms p99=%sms; core/floor rps=%.2f, full chain/chain off rps=%.2f\n' \
   "$M0_RPS" "$M0_P50" "$M0_P99" "$(echo "$M0_RPS/$B_RPS" | bc -l)" "$(echo "$G_RPS/$M0_RPS" | bc -l)"
+if [ "${HAPROXY_LOG:-ring}" = file ]; then
+  hap_lines=$(grep -c '"request_id"' "$WORK/haproxy-access.log" || true)
+else
+  hap_lines=$(grep -a -o '"request_id"' "$WORK/haproxy-access.ring" | wc -l)
+fi
+nc_lines=$(grep -c '"shopmesh::access"' "$WORK/gateway-nocache.log" || true)
+printf 'same-work: haproxy (jwt_verify ES256, alg/exp/iss/aud/sub, stick-table limit on sub, JSON log to %s) %d req/s p50=%sms p99=%sms; %d log lines kept\n' \
+  "$HAP_LOG_WHERE" "$HJ_RPS" "$HJ_P50" "$HJ_P99" "$hap_lines"
+printf 'same-work: gateway full chain on ES256, cache off %d req/s p50=%sms p99=%sms (%d log lines); cache on %d req/s p50=%sms p99=%sms\n' \
+  "$GNC_RPS" "$GNC_P50" "$GNC_P99" "$nc_lines" "$GES_RPS" "$GES_P50" "$GES_P99"
+printf 'same-work: gateway/haproxy rps=%.2f (cache off) %.2f (cache on) gateway/nginx rps=%.2f p99/haproxy=%.2f\n' \
+  "$(echo "$GNC_RPS/$HJ_RPS" | bc -l)" "$(echo "$GES_RPS/$HJ_RPS" | bc -l)" \
+  "$(echo "$GES_RPS/$NL_RPS" | bc -l)" "$(echo "$GNC_P99/$HJ_P99" | bc -l)"
 
 # 6b. RSS with 1,000 connections all sending at once (wrk -c1000), after the runs above.
 wrk -t1 -c1000 -d6s -H "Authorization: Bearer $TOKEN" "http://$GW/" >"$WORK/wrk1000.txt" &
