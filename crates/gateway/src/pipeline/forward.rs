@@ -25,9 +25,9 @@ use super::{Ctx, limit, tunnel};
 use crate::config::HashOn;
 use crate::ratelimit::Decision;
 use crate::runtime::Route;
-use crate::worker::ConnInfo;
 use crate::traffic::cookie;
 use crate::wire::{Body, empty, is_length_limit, names, problem, strip_hop_by_hop};
+use crate::worker::ConnInfo;
 
 /// What the earlier phases hand to `forward`.
 pub(super) struct Forward<'rt> {
