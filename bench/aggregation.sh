@@ -14,7 +14,11 @@
 # 1. Latency (curl, one keep-alive connection, sequential): the composite page vs four
 #    sequential calls per page.
 # 2. Throughput (wrk -t1 -c64) of the composite page vs the plain proxied route with
-#    instant backends, and the gateway's CPU time per request (from /proc).
+#    instant backends, and the gateway's CPU time per request (utime + stime of the gateway
+#    process in /proc/<pid>/stat, read before and after each run). The `pages:` line gives
+#    composite pages/s over the pages/s a client making the four plain calls itself would
+#    get (plain req/s / 4), and the gateway's CPU per composite page over its CPU per plain
+#    proxied request.
 #
 # Needs: curl, wrk (Debian: apt-get install wrk curl). Uses ports 18280-18297.
 # Usage: bench/aggregation.sh [pages (default 300)] [wrk seconds (default 10)] [delay ms (default 20)]
@@ -27,9 +31,12 @@ for tool in wrk curl awk; do
   command -v $tool >/dev/null || { echo "missing: $tool (apt-get install wrk curl)"; exit 1; }
 done
 
-cargo build --release -q
-BIN=$PWD/target/release/shopmesh
+# SHOPMESH_BIN: a release binary already built (the script then builds nothing). The binary
+# is copied first, so a rebuild during the run changes nothing.
+[ -n "${SHOPMESH_BIN:-}" ] || { cargo build --release -q -p shopmesh; SHOPMESH_BIN=$PWD/target/release/shopmesh; }
 WORK=$(mktemp -d)
+cp "$SHOPMESH_BIN" "$WORK/shopmesh"
+BIN=$WORK/shopmesh
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -150,7 +157,7 @@ request = function()
   return wrk.format("GET", prefix .. math.random(1, ids))
 end
 EOF
-run_wrk() { # $1: label, $2: path prefix, $3: how many ids (one is appended at random) → prints a line, sets RPS, GW_US, BE_US, WRK_US
+run_wrk() { # $1: label, $2: path prefix, $3: how many ids (one is appended at random) → prints a line, sets RPS, GW_US, GW_CPU_S, REQS, BE_US, WRK_US
   local before after reqs be_before be_after wrk_cpu
   before=$(ticks_of "$GWPID")
   be_before=$(ticks_of "$FASTPID")
@@ -166,6 +173,8 @@ run_wrk() { # $1: label, $2: path prefix, $3: how many ids (one is appended at r
   non2xx=$(awk '/Non-2xx/ {print $4}' "$WORK/wrk.out")
   cpu=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$reqs" 'BEGIN {printf "%.0f", t / hz / n * 1e6}')
   GW_US=$cpu
+  GW_CPU_S=$(awk -v t=$((after - before)) -v hz="$TICK" 'BEGIN {printf "%.2f", t / hz}')
+  REQS=$reqs
   BE_US=$(awk -v t=$((be_after - be_before)) -v hz="$TICK" -v n="$reqs" 'BEGIN {printf "%.0f", t / hz / n * 1e6}')
   WRK_US=$(awk -v t="$wrk_cpu" -v n="$reqs" 'BEGIN {printf "%.0f", t / n * 1e6}')
   printf "  %-40s %8s req/s   p50 %8s   p99 %8s   CPU µs/request: gateway %4s, backends %4s, wrk %3s%s\n" \
@@ -173,9 +182,9 @@ run_wrk() { # $1: label, $2: path prefix, $3: how many ids (one is appended at r
 }
 echo "throughput, instant backends, wrk -t1 -c64 for ${DURATION}s each, a random product id (of 100,000 unless said) per request (same run):"
 run_wrk "plain proxied route (1 backend call)" /fast/api/products/p 100000
-PLAIN=$RPS; P_GW=$GW_US; P_BE=$BE_US; P_WRK=$WRK_US
+PLAIN=$RPS; P_GW=$GW_US; P_BE=$BE_US; P_WRK=$WRK_US; P_CPU=$GW_CPU_S; P_REQS=$REQS
 run_wrk "composite page (4 backend calls)" /fast/page/p 100000
-AGG=$RPS; A_BE=$BE_US; A_WRK=$WRK_US
+AGG=$RPS; A_BE=$BE_US; A_WRK=$WRK_US; A_CPU=$GW_CPU_S; A_REQS=$REQS
 run_wrk "composite, cached parts (1 s), 100k ids" /fast/cached/p 100000
 run_wrk "composite, cached parts (1 s), 1k hot ids" /fast/cached/p 1000
 RATIO=$(awk -v a="$AGG" -v b="$PLAIN" 'BEGIN {printf "%.2f", a/b}')
@@ -186,4 +195,8 @@ echo "  composite/plain throughput ratio ${RATIO}"
 CEIL=$(awk -v g="$P_GW" -v pb="$P_BE" -v pw="$P_WRK" -v ab="$A_BE" -v aw="$A_WRK" \
   'BEGIN {printf "%.2f", (g + pb + pw) / (g + ab + aw)}')
 echo "  ceiling with a free composite (gateway cost of one proxied request, the backends' and wrk's measured cost per page): ratio ${CEIL}"
+PAGES_RATIO=$(awk -v a="$AGG" -v b="$PLAIN" 'BEGIN {printf "%.2f", a / (b / 4)}')
+CPU_RATIO=$(awk -v ac="$A_CPU" -v an="$A_REQS" -v pc="$P_CPU" -v pn="$P_REQS" 'BEGIN {printf "%.2f", (ac / an) / (pc / pn)}')
+echo "  composite: ${AGG} pages/s; four plain calls per page: $((PLAIN / 4)) pages/s; gateway CPU ${A_CPU} s over ${A_REQS} pages, ${P_CPU} s over ${P_REQS} plain requests"
+echo "pages: composite/plain-calls=${PAGES_RATIO} cpu-per-page/plain=${CPU_RATIO}"
 echo "aggregation: p50=${P50}ms sequential_p50=${S50}ms speedup=${SPEEDUP} throughput_ratio=${RATIO}"
