@@ -14,8 +14,9 @@
 #   - kill -9 of one of two instances: requests failed (in flight on it) and new connections
 #     afterwards;
 #   - each of the seven services restarted in turn beside itself (separate processes on
-#     PostgreSQL and RabbitMQ) under order load: orders failed after one resend, the time
-#     until the replacement is ready and until the old process exits (pre-stop 200 ms).
+#     PostgreSQL and RabbitMQ) under order load: orders failed (the client sends an order
+#     again only when its connection was refused, once, counted as `resent`), the time until
+#     the replacement is ready and until the old process exits (pre-stop 200 ms).
 # A failure is any request not answered 200 in full; hyper's client resends only a request
 # not written before its pooled connection closed, the test only one HTTP/2 refused
 # unprocessed (GOAWAY, REFUSED_STREAM), counted as `resent`.

@@ -549,9 +549,13 @@ impl Standalone {
                     .merge(readiness.router()),
             };
             admin = Some(server.local_addr());
-            let token = stop.clone();
+            // Answers from not-ready on close their connection (probes' included), so an
+            // idle keep-alive one does not hold the exit for the linger.
+            let (token, ready) = (stop.clone(), readiness.clone());
             tasks.spawn(async move {
-                let _ = server.run(token, Duration::from_secs(1)).await;
+                let _ = server
+                    .run_with_readiness(ready, token, Duration::from_secs(1))
+                    .await;
             });
         }
         tasks.spawn(crate::reload::watch(

@@ -403,9 +403,9 @@ impl System {
             .merge(readiness.router()),
         };
         let admin_addr = admin.local_addr();
-        let (token, drain) = (front.clone(), Duration::from_secs(1));
+        let (token, drain, ready) = (front.clone(), Duration::from_secs(1), readiness.clone());
         front_tasks.spawn(async move {
-            let _ = admin.run(token, drain).await;
+            let _ = admin.run_with_readiness(ready, token, drain).await;
         });
 
         Ok(System {

@@ -560,9 +560,13 @@ async fn service(a: ServiceArgs) -> anyhow::Result<()> {
         )
         .await?;
         println!("admin listening on http://{}/metrics", admin.local_addr());
-        admin_served = Some(tokio::spawn(
-            admin.run(admin_token.clone(), Duration::from_secs(1)),
-        ));
+        // Its answers close their connections from not-ready on too, so that an idle probe
+        // connection does not hold the exit for the linger.
+        admin_served = Some(tokio::spawn(admin.run_with_readiness(
+            readiness.clone(),
+            admin_token.clone(),
+            Duration::from_secs(1),
+        )));
     }
     shutdown_signal().await;
     health::prestop(&readiness, Duration::from_millis(a.prestop_delay_ms)).await;
