@@ -22,6 +22,9 @@
 //! transaction committed). Messages of a partition settle out of order (different keys), so
 //! the committed offset of a partition is its oldest unsettled message (or the next one to
 //! fetch): a crash or a rebalance means redelivery from there, which the inbox absorbs.
+//! What an instance fetched but had not handed to the consumer when a rebalance takes its
+//! partitions goes back to Kafka: the commit stops at the oldest such message, so the next
+//! owner fetches it (with any later one already settled: at least once).
 //! Commits are asynchronous, batched every [`COMMIT_EVERY`], and synchronous when partitions
 //! are given up. Before giving partitions up in a rebalance, an instance waits (up to
 //! [`DRAIN_WAIT`]) until the consumer has settled what it holds of them, so the next owner
@@ -622,6 +625,9 @@ struct Part {
     committed: Option<i64>,
     /// What was last recorded as fetched.
     recorded: i64,
+    /// The oldest message given back to Kafka unsettled (a revocation): the committed
+    /// offset must not pass it, or nobody would ever handle it.
+    returned: Option<i64>,
     paused: bool,
 }
 
@@ -635,19 +641,21 @@ impl Default for Part {
             seen: -1,
             committed: None,
             recorded: -1,
+            returned: None,
             paused: false,
         }
     }
 }
 
 impl Part {
-    /// The offset to commit: the oldest unsettled message, or the next to fetch.
+    /// The offset to commit: the oldest message unsettled or given back, or the next to
+    /// fetch.
     fn position(&self) -> Option<i64> {
-        self.outstanding
-            .first()
-            .copied()
-            .or(self.next)
-            .or(self.start)
+        let oldest = match (self.outstanding.first().copied(), self.returned) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        oldest.or(self.next).or(self.start)
     }
 }
 
@@ -693,6 +701,17 @@ impl Holding {
             self.busy.remove(&h.key);
         }
         Some((h, next))
+    }
+
+    /// Gives `tag` back to Kafka unsettled (its partition is revoked): the partition's commit
+    /// stops at it. Returns the next message of its key, now offered, if one waits (it may be
+    /// of a partition that stays).
+    fn give_back(&mut self, tag: i64) -> Option<Delivery> {
+        let (h, next) = self.remove(tag)?;
+        if let Some(p) = self.parts.get_mut(&h.tp) {
+            p.returned = Some(p.returned.map_or(h.offset, |r| r.min(h.offset)));
+        }
+        next
     }
 
     /// Offsets to commit that changed since the last commit (all of them with `all`: an
@@ -795,7 +814,7 @@ impl ConsumerContext for SubCtx {
             .map(|(t, _)| *t)
             .collect();
         for t in giving_up {
-            if let Some((_, Some(next))) = held.remove(t) {
+            if let Some(next) = held.give_back(t) {
                 let _ = self.sub.ready.send(next);
             }
         }
@@ -824,13 +843,11 @@ impl ConsumerContext for SubCtx {
                 .map(|(t, _)| *t)
                 .collect();
             for t in back {
-                if let Some((_, Some(next))) = held.remove(t) {
+                if let Some(next) = held.give_back(t) {
                     let _ = self.sub.ready.send(next);
                 }
             }
         }
-        let commits = held.commits(Some(&revoked), true);
-        let fetched = held.fetched(Some(&revoked), true);
         // Whatever is still taken (the wait ran out) stays uncommitted: it comes again.
         let left: Vec<i64> = held
             .held
@@ -839,10 +856,13 @@ impl ConsumerContext for SubCtx {
             .map(|(t, _)| *t)
             .collect();
         for t in left {
-            if let Some((_, Some(next))) = held.remove(t) {
+            if let Some(next) = held.give_back(t) {
                 let _ = self.sub.ready.send(next);
             }
         }
+        // Up to the oldest message given back: what the next owner fetches from.
+        let commits = held.commits(Some(&revoked), true);
+        let fetched = held.fetched(Some(&revoked), true);
         held.parts.retain(|tp, _| !revoked.contains(tp));
         drop(held);
         if commits.count() > 0
@@ -1285,6 +1305,40 @@ mod tests {
         );
         assert_eq!(h.fetched(None, false).count(), 0);
         assert_eq!(h.fetched(None, true).count(), 1, "all, on revocation");
+    }
+
+    /// Messages given back at a revocation (fetched, not taken) hold the commit back even
+    /// once everything taken has settled: committing past them would lose them (issue 19).
+    #[test]
+    fn commits_stop_at_what_was_given_back() {
+        let tp: Tp = (Arc::from("ns.t"), 0);
+        let mut h = Holding::default();
+        let part = h.parts.entry(tp.clone()).or_default();
+        part.outstanding.extend([5, 6, 7, 8]);
+        part.next = Some(9);
+        part.seen = 8;
+        let mut a = held(&tp, 5, "a", 1);
+        a.state = State::Taken;
+        let mut b = held(&tp, 6, "b", 2);
+        b.state = State::Ready;
+        let mut c = held(&tp, 8, "c", 4);
+        c.state = State::Taken;
+        for (tag, m) in [(1, a), (2, b), (3, held(&tp, 7, "a", 3)), (4, c)] {
+            h.held.insert(tag, m);
+        }
+        h.busy
+            .extend(["a".to_owned(), "b".to_owned(), "c".to_owned()]);
+        h.waiting.entry("a".into()).or_default().push_back(3);
+        // Revoked: what is not taken goes back.
+        assert!(h.give_back(2).is_none());
+        assert!(h.give_back(3).is_none());
+        assert!(!h.busy.contains("b") && h.waiting.is_empty());
+        // What was taken settles (8 first, then 5): the commit stops at 6, not 9.
+        assert!(h.remove(4).unwrap().1.is_none());
+        assert!(h.remove(1).unwrap().1.is_none());
+        assert!(h.held.is_empty() && h.busy.is_empty());
+        let tpl = h.commits(None, true);
+        assert_eq!(tpl.elements()[0].offset(), Offset::Offset(6));
     }
 
     #[test]
