@@ -21,10 +21,15 @@ pub struct Phase {
 /// One call of an open-loop run.
 #[derive(Debug, Clone)]
 pub struct Call<T> {
+    /// Its place in the schedule (0, 1, …; skipped calls keep theirs).
+    pub index: u64,
     /// When it was due, from the start of the run.
     pub due: Duration,
     /// From when it was due to its answer.
     pub latency: Duration,
+    /// From when it was sent to its answer (the latency without the driver's own lateness:
+    /// for comparing two targets at a rate the machine keeps easily).
+    pub service: Duration,
     /// What the call returned; `None` for a failure.
     pub outcome: Option<T>,
 }
@@ -77,18 +82,22 @@ where
                     calls.push(c);
                 }
             }
+            let index = i;
+            i += 1;
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 skipped += 1;
                 continue;
             };
-            let fut = call(i);
-            i += 1;
+            let fut = call(index);
             set.spawn(async move {
+                let sent = Instant::now();
                 let outcome = fut.await;
                 drop(slot);
                 Call {
+                    index,
                     due,
                     latency: (started + due).elapsed(),
+                    service: sent.elapsed(),
                     outcome,
                 }
             });
@@ -199,5 +208,10 @@ mod tests {
         .await;
         assert!(run.skipped >= 10, "skipped {}", run.skipped);
         assert_eq!(run.calls.len() + run.skipped, 20);
+        assert!(
+            run.calls
+                .iter()
+                .all(|c| c.service <= c.latency && c.index < 20)
+        );
     }
 }

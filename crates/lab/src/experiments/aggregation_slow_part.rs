@@ -21,7 +21,7 @@ pub const META: Meta = Meta {
     group: Group::Aggregation,
     claim: "Complex aggregation logic may cause slow responses",
     experiment: "the product page's price part slowed step by step (0 → 2 s): page latency and completeness",
-    method: "A delaying relay sits between the lab's gateway and the pricing service (the shop's own composite configuration otherwise); at each step it adds the step's delay to every price call. Pages of distinct products are loaded four at a time; the part's timeout is read from the shop's composite configuration.",
+    method: "A delaying relay sits between the lab's gateway and the pricing service (the shop's own composite configuration otherwise); at each step it adds the step's delay to every price call. Pages of distinct products are loaded four at a time; the part's timeout is read from the shop's composite configuration. Beyond the timeout the pricing cluster's circuit breaker may open, and the page is then answered without the part at once.",
     rule: "Holds when the page's median latency grows with the part's delay below its timeout (by at least 70% of the delay); mitigated when it also stays within the part's timeout (+25% and 100 ms) beyond it, answered without the part (no complete page); refuted when the page does not slow down; inconclusive when no step below the timeout was measured.",
     shops: &[ShopSpec::MAIN],
 };
