@@ -18,6 +18,7 @@
 //! Configuration is YAML ([`config::GatewayConfig`]); [`reload`] re-applies it on file
 //! change and SIGHUP, and [`admin`] serves the admin API.
 
+pub mod access;
 pub mod admin;
 pub mod aggregate;
 pub mod breaker;

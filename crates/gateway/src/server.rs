@@ -628,5 +628,6 @@ impl Standalone {
         self.readiness.drain();
         self.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
+        crate::access::flush_all();
     }
 }

@@ -3,7 +3,8 @@
 //! Reads the outcome the phases filled in (route, variant, cluster, endpoint, attempts,
 //! caller) and the answer's status; records the request metrics (per-route handles cached
 //! by label identity) and, when `access_log` is on, one access log line (target
-//! `shopmesh::access`). Never changes the answer.
+//! `shopmesh::access`, written by [`crate::access`]: a per-thread buffer flushed on size or
+//! time). Never changes the answer.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -38,21 +39,20 @@ pub(crate) fn run(rt: &Runtime, outcome: &Outcome, r: &Request<'_>) {
         r.elapsed.as_secs_f64(),
     );
     if rt.config.access_log {
-        tracing::info!(
-            target: "shopmesh::access",
-            client = %r.client_ip.map(|i| i.to_string()).unwrap_or_default(),
-            method = %r.method,
-            path = %r.path,
-            status = r.status,
-            route = &*outcome.route,
-            variant = outcome.variant.as_deref().unwrap_or(""),
-            cluster = outcome.cluster.as_deref().unwrap_or(""),
-            endpoint = outcome.endpoint.as_deref().unwrap_or(""),
-            attempts = outcome.attempts,
-            caller = outcome.caller.as_deref().unwrap_or(""),
-            duration_ms = r.elapsed.as_secs_f64() * 1e3,
-            request_id = r.request_id.to_str().unwrap_or(""),
-            trace_id = %r.trace_id,
-        );
+        crate::access::log(&crate::access::Line {
+            client: r.client_ip,
+            method: r.method.as_str(),
+            path: r.path,
+            status: r.status,
+            route: &outcome.route,
+            variant: outcome.variant.as_deref().unwrap_or(""),
+            cluster: outcome.cluster.as_deref().unwrap_or(""),
+            endpoint: outcome.endpoint.as_deref().unwrap_or(""),
+            attempts: outcome.attempts,
+            caller: outcome.caller.as_deref().unwrap_or(""),
+            duration_ms: r.elapsed.as_secs_f64() * 1e3,
+            request_id: r.request_id.to_str().unwrap_or(""),
+            trace_id: r.trace_id,
+        });
     }
 }
