@@ -16,7 +16,7 @@
 # linkerd2-proxy) measure a whole application's end-to-end latency with and without the
 # mesh, not one hop, so they are not beside this number.
 #
-# Needs: wrk, curl (Debian: apt-get install wrk curl). Uses ports 18390-18394.
+# Needs: wrk, curl, and for the orders line hey and sqlite3 (Debian: apt-get install wrk curl hey sqlite3). Uses ports 18390-18394.
 # Usage: bench/mesh.sh [seconds per run (default 10)] [connections (default 8)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,3 +101,7 @@ printf 'mesh: added per hop p50=%.3fms p99=%.3fms (targets: ≤ 0.3 / ≤ 1 ms; 
   "$(echo "$M_P50-$D_P50" | bc -l)" "$(echo "$M_P99-$D_P99" | bc -l)"
 ok=$(curl -s "http://$P_ADMIN/metrics" | awk '/^istio_requests_total/ && /source_workload="orders"/ && /response_code="200"/ {n+=$NF} END {printf "%d", n}')
 echo "mesh: payments' sidecar counted $ok requests from orders (istio_requests_total)"
+
+# Orders/s with and without the mesh: the whole shop, `shopmesh up` against `shopmesh up
+# --mesh` (orders' calls to pricing, payments and users through the sidecars).
+MESH_ONLY=1 bench/orders.sh "$DURATION" | grep '^orders:' | sed 's/^orders:/mesh: orders/'

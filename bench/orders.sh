@@ -11,6 +11,9 @@
 #   SQLITE_ONLY=1 runs SQLite only; PG_ONLY=1 skips SQLite; NO_BROKERS=1 skips RabbitMQ, NATS
 #   and Kafka; BROKERS_ONLY=1 runs only the PostgreSQL + RabbitMQ/NATS/Kafka configurations;
 #   NO_RABBITMQ=1, NO_NATS=1, NO_KAFKA=1 skip one of them.
+#   MESH=1 also runs SQLite with every call between services through the mesh's sidecars
+#   (`shopmesh up --mesh`: mutual TLS, policy) and prints orders/s with the mesh over without;
+#   MESH_ONLY=1 runs just those two (bench/mesh.sh uses it).
 #   AMQP_URL / NATS_URL / KAFKA_URL (default amqp://guest:guest@127.0.0.1:5672,
 #   nats://127.0.0.1:4222, kafka://127.0.0.1:9092).
 set -euo pipefail
@@ -25,8 +28,12 @@ KAFKA_URL=${KAFKA_URL:-kafka://127.0.0.1:9092}
 ADMIN=http://127.0.0.1:19901
 for tool in hey sqlite3 psql pgbench curl; do command -v $tool >/dev/null || { echo "missing: $tool"; exit 1; }; done
 
-cargo build --release -q
-BIN=$PWD/target/release/shopmesh
+# SHOPMESH_BIN: a binary already built (default: build the release one).
+BIN=${SHOPMESH_BIN:-}
+if [ -z "$BIN" ]; then
+  cargo build --release -q
+  BIN=$PWD/target/release/shopmesh
+fi
 WORK=$(mktemp -d)
 UP_PID=
 trap '[ -n "$UP_PID" ] && kill $UP_PID 2>/dev/null; rm -rf "$WORK"' EXIT
@@ -40,11 +47,11 @@ start() { # args: extra flags
 stop() { kill -TERM $UP_PID; wait $UP_PID 2>/dev/null || true; UP_PID=; }
 
 sql() { # config, query → rows (| separated)
-  if [ "$1" = sqlite ]; then sqlite3 "$WORK/data/orders.db" "$2"
+  if [ "${1%%+*}" = sqlite ]; then sqlite3 "$WORK/data/orders.db" "$2"
   else psql -qtA -F'|' "postgres://postgres@127.0.0.1:5432/$PG_DB" -c "SET search_path TO orders" -c "$2"; fi
 }
 stock_sql() {
-  if [ "$1" = sqlite ]; then sqlite3 "$WORK/data/inventory.db" "$2"
+  if [ "${1%%+*}" = sqlite ]; then sqlite3 "$WORK/data/inventory.db" "$2"
   else psql -qtA "postgres://postgres@127.0.0.1:5432/$PG_DB" -c "SET search_path TO inventory" -c "$2"; fi
 }
 
@@ -135,6 +142,20 @@ bench_config() { # config, extra flags...
   echo "orders: $cfg $max_rate orders/s p50=${half50}ms p99=${half99}ms"
 }
 
+mesh_ratio() { # with, without → the ratio line
+  awk -v a="$(echo "$1" | awk '{print $3}')" -v b="$(echo "$2" | awk '{print $3}')" \
+    'BEGIN {if (b > 0) printf "orders: mesh/direct=%.2f (orders/s through the sidecars over direct calls, SQLite + embedded broker)\n", a / b}'
+}
+if [ -n "${MESH_ONLY:-}" ]; then
+  echo "shopmesh orders with and without the mesh ($(nproc) cores, $(date -u +%F)); ${SECS}s of load per run, $CONC connections"
+  direct=$(bench_config sqlite)
+  meshed=$(bench_config sqlite+mesh --mesh)
+  echo "$direct"
+  echo "$meshed"
+  mesh_ratio "$meshed" "$direct"
+  exit 0
+fi
+
 psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" -c "CREATE DATABASE $PG_DB"
 pgbench -q -i -s 10 "postgres://postgres@127.0.0.1:5432/$PG_DB" >/dev/null 2>&1
 PGB=$(pgbench -N -c 8 -j 2 -T "$SECS" "postgres://postgres@127.0.0.1:5432/$PG_DB" 2>/dev/null | awk '/^tps/ {printf "%.0f", $3}')
@@ -182,6 +203,11 @@ echo "$L2"
 echo "$L3"
 echo "$L4"
 echo "$L5"
+if [ -n "${MESH:-}" ]; then
+  L6=$(bench_config sqlite+mesh --mesh)
+  echo "$L6"
+  mesh_ratio "$L6" "$L1"
+fi
 [ -z "$R1" ] || echo "$R1"
 [ -z "$R2" ] || echo "$R2"
 [ -z "$R3" ] || echo "$R3"
