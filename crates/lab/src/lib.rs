@@ -123,7 +123,7 @@ impl Scale {
             proxy_secs: 6.0,
             gray_callers: 1000,
             gray_repeats: 3,
-            steady_rate: 10.0,
+            steady_rate: 40.0,
             phase_secs: 4.0,
             saga_orders: 90,
             consistency_rounds: 6,

@@ -113,6 +113,10 @@ struct LabArgs {
     /// The JSON of every figure and verdict.
     #[arg(long, default_value = "lab.json")]
     json: PathBuf,
+    /// Orders per second before and after the burst (the burst is ten times it); by default
+    /// the scale's. A faster machine needs more to show a backlog.
+    #[arg(long)]
+    steady_rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -425,14 +429,22 @@ async fn lab(a: LabArgs) -> anyhow::Result<()> {
             "--database must be a postgres:// URL (SQLite is the default)"
         );
     }
+    let mut scale = if a.smoke {
+        shopmesh_lab::Scale::smoke()
+    } else if a.quick {
+        shopmesh_lab::Scale::quick()
+    } else {
+        shopmesh_lab::Scale::full()
+    };
+    if let Some(rate) = a.steady_rate {
+        anyhow::ensure!(
+            rate > 0.0 && rate <= 1000.0,
+            "--steady-rate: 0 to 1000 orders per second"
+        );
+        scale.steady_rate = rate;
+    }
     let opts = shopmesh_lab::Options {
-        scale: if a.smoke {
-            shopmesh_lab::Scale::smoke()
-        } else if a.quick {
-            shopmesh_lab::Scale::quick()
-        } else {
-            shopmesh_lab::Scale::full()
-        },
+        scale,
         only: a.only,
         backend: shopmesh_lab::Backend {
             database: a.database,
