@@ -43,16 +43,20 @@ impl Point {
     }
 }
 
-/// The highest rate sustained before the first that was not, and that first rate.
+/// The highest rate sustained, and the lowest rate above it that was not (a miss below a
+/// sustained rate is a hiccup of the machine, not the route's limit).
 pub fn knee(points: &[Point]) -> (Option<f64>, Option<f64>) {
-    let mut last_ok = None;
-    for p in points {
-        if !p.sustained() {
-            return (last_ok, Some(p.rate));
-        }
-        last_ok = Some(p.rate);
-    }
-    (last_ok, None)
+    let best = points
+        .iter()
+        .filter(|p| p.sustained())
+        .map(|p| p.rate)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    let miss = points
+        .iter()
+        .filter(|p| !p.sustained() && best.is_none_or(|b| p.rate > b))
+        .map(|p| p.rate)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.min(r))));
+    (best, miss)
 }
 
 pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
@@ -65,6 +69,31 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
     ];
     let (mut composite, mut plain) = (Vec::new(), Vec::new());
     let secs = ctx.scale.load_secs;
+    // Connections opened and caches filled on both routes before anything counts.
+    ctx.say("warming up");
+    for (_, path) in routes {
+        let warm = [Phase {
+            rate: ctx.scale.load_rates.first().copied().unwrap_or(50.0),
+            duration: Duration::from_secs(1),
+        }];
+        open_loop(&warm, MAX_IN_FLIGHT, |i| {
+            let (http, url) = (
+                http.clone(),
+                format!("{}{path}{}", shop.base, ids[i as usize % ids.len().max(1)]),
+            );
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .ok()?
+                    .bytes()
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
     for &rate in &ctx.scale.load_rates {
         for (name, path) in routes {
             ctx.say(format!("{name} at {rate}/s"));
@@ -99,8 +128,9 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
             }
             ctx.step(format!("{name} at {rate}/s done"));
         }
-        // Past the knee on both routes: higher rates only cost time.
-        if knee(&composite).1.is_some() && knee(&plain).1.is_some() {
+        // Both routes missed at this rate: higher rates only cost time.
+        let missed = |v: &[Point]| v.last().is_some_and(|p| !p.sustained());
+        if missed(&composite) && missed(&plain) {
             break;
         }
     }
@@ -208,6 +238,8 @@ mod tests {
         );
         assert_eq!(knee(&pts(&[5.0, 8.0])), (Some(200.0), None));
         assert_eq!(knee(&pts(&[60.0])), (None, Some(100.0)));
+        // A hiccup at a low rate is not the limit.
+        assert_eq!(knee(&pts(&[60.0, 8.0, 70.0])), (Some(200.0), Some(400.0)));
         let mut lost = pts(&[5.0, 8.0]);
         lost[1].lost_share = 0.05;
         assert_eq!(knee(&lost), (Some(100.0), Some(200.0)));
