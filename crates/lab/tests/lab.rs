@@ -1,0 +1,134 @@
+//! The pattern lab end to end: every experiment at the smoke scale against real shops on
+//! ephemeral ports (SQLite, the embedded broker), then the report checked — every claim has
+//! figures and a verdict that is not a failure, the figures move with what was done to the
+//! system (the slowed part, the simulated round trips), and the HTML page carries a chart
+//! for every chart of the JSON and loads nothing from elsewhere.
+
+use serde_json::Value;
+use shopmesh_lab::experiments::Kind;
+use shopmesh_lab::{Backend, Options, Outcome, Scale};
+
+fn figure(finding: &Value, key: &str) -> f64 {
+    finding["figures"]
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["key"] == key))
+        .and_then(|f| f["value"].as_f64())
+        .unwrap_or_else(|| panic!("{}: no figure {key}", finding["id"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_claim_gets_figures_and_a_verdict_computed_from_them() {
+    let scale = Scale::smoke();
+    let opts = Options {
+        scale: scale.clone(),
+        only: Vec::new(),
+        backend: Backend::default(),
+        progress: false,
+    };
+    let report = shopmesh_lab::run(&opts).await.expect("the lab runs");
+    let json: Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+    let findings = json["findings"].as_array().unwrap();
+
+    // Every experiment reported, with figures and a verdict, none failed.
+    assert_eq!(findings.len(), Kind::ALL.len());
+    for (kind, f) in Kind::ALL.iter().zip(findings) {
+        assert_eq!(f["id"], kind.meta().id);
+        assert!(
+            !f["figures"].as_array().unwrap().is_empty(),
+            "{}: no figures",
+            f["id"]
+        );
+        let outcome = f["verdict"]["outcome"].as_str().unwrap();
+        assert_ne!(
+            outcome, "failed",
+            "{}: {}",
+            f["id"], f["verdict"]["because"]
+        );
+        assert!(!f["verdict"]["because"].as_str().unwrap().is_empty());
+        assert!(!f["headline"].as_str().unwrap().is_empty());
+    }
+    for f in &report.findings {
+        assert_ne!(f.verdict.outcome, Outcome::Failed, "{}", f.id);
+    }
+    let by_id = |id: &str| {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .unwrap_or_else(|| panic!("no finding {id}"))
+    };
+
+    // Slowing a part changes the aggregation figures: the page waits for the part below its
+    // timeout, and beyond it is answered at about the timeout without the part.
+    let slow = by_id("aggregation.slow-part");
+    let timeout = figure(slow, "part_timeout_ms");
+    let (base, half, beyond) = (
+        figure(slow, "delay_0ms.p50_ms"),
+        figure(slow, "delay_500ms.p50_ms"),
+        figure(slow, "delay_2000ms.max_ms"),
+    );
+    assert!(
+        half >= base + 400.0,
+        "page {base} ms, with the part +500 ms {half} ms"
+    );
+    assert!(
+        beyond >= timeout * 0.9 && beyond <= timeout * 1.25 + 100.0,
+        "{beyond} ms"
+    );
+    assert_eq!(figure(slow, "delay_0ms.complete_share"), 1.0);
+    assert_eq!(figure(slow, "delay_2000ms.complete_share"), 0.0);
+
+    // The simulated round trips show in every client's page time, the sequential client
+    // paying them four times.
+    let rtt = by_id("aggregation.round-trips");
+    for client in ["composite", "sequential", "parallel"] {
+        let at0 = figure(rtt, &format!("rtt_0ms.{client}.p50_ms"));
+        let at80 = figure(rtt, &format!("rtt_80ms.{client}.p50_ms"));
+        assert!(at80 >= at0 + 75.0, "{client}: {at0} → {at80} ms");
+    }
+    assert!(figure(rtt, "rtt_80ms.sequential.p50_ms") >= 4.0 * 80.0);
+    assert!(
+        figure(rtt, "rtt_80ms.composite.bytes_per_page")
+            < figure(rtt, "rtt_80ms.sequential.bytes_per_page")
+    );
+
+    // The gray release's shares come from the callers counted.
+    let gray = by_id("proxy.gray-release");
+    assert_eq!(figure(gray, "callers"), scale.gray_callers as f64);
+    assert!(
+        (figure(gray, "before.observed_pct") - 10.0).abs() <= figure(gray, "before.tolerance_pp")
+    );
+
+    // The sagas' audits: nothing lost, nothing charged twice, money and stock exact.
+    for id in ["messaging.compensation", "messaging.duplicates"] {
+        let f = by_id(id);
+        for key in [
+            "orders.lost",
+            "orders.pending",
+            "payments.double_charges",
+            "money.difference_minor",
+            "stock.difference",
+        ] {
+            assert_eq!(figure(f, key), 0.0, "{id}: {key}");
+        }
+        assert_eq!(figure(f, "orders.placed"), scale.saga_orders as f64, "{id}");
+    }
+    assert!(figure(by_id("messaging.compensation"), "compensations.released") > 0.0);
+    assert!(figure(by_id("messaging.burst"), "orders.accepted") > 0.0);
+
+    // The page: one SVG per chart, the table, nothing from elsewhere, no script.
+    let page = shopmesh_lab::html::render(&report).unwrap();
+    let charts: usize = report.findings.iter().map(|f| f.charts.len()).sum();
+    assert_eq!(page.matches("<svg").count(), charts);
+    for f in &report.findings {
+        assert!(page.contains(&format!("id=\"{}\"", f.id)), "{}", f.id);
+    }
+    assert!(!page.contains("<script"));
+    for external in ["src=", "<link", "@import", "url("] {
+        assert!(!page.contains(external), "{external}");
+    }
+    // The table names every experiment.
+    let table = report.table();
+    for f in &report.findings {
+        assert!(table.contains(f.id), "{}", f.id);
+    }
+}
