@@ -453,19 +453,19 @@ async fn lab(a: LabArgs) -> anyhow::Result<()> {
         progress: true,
     };
     let report = shopmesh_lab::run(&opts).await?;
-    print!("{}", report.table());
+    // The files first: a reader of the table that stops early (`| head`) loses nothing.
     std::fs::write(&a.json, report.to_json()?)
         .with_context(|| format!("cannot write {}", a.json.display()))?;
     std::fs::write(&a.report, shopmesh_lab::html::render(&report)?)
         .with_context(|| format!("cannot write {}", a.report.display()))?;
-    println!(
-        "\n{} experiments in {:.0} s; report {}, figures {}",
+    print_document(&format!(
+        "{}\n{} experiments in {:.0} s; report {}, figures {}",
+        report.table(),
         report.findings.len(),
         report.seconds,
         a.report.display(),
         a.json.display()
-    );
-    Ok(())
+    ))
 }
 
 async fn up(a: UpArgs) -> anyhow::Result<()> {
