@@ -191,6 +191,14 @@ impl Consumer {
 
     /// Handles one batch; returns how many deliveries it saw.
     pub async fn poll_once(&self, wait: Duration) -> Result<usize, BrokerError> {
+        let batch = self.fetch(wait).await?;
+        Ok(self.settle(&batch).await)
+    }
+
+    /// Takes the next batch (waiting up to `wait`, lingering a moment when it is small).
+    /// Cancel-safe as far as the contract goes: a batch dropped before it is returned is not
+    /// acknowledged, so the broker delivers it again.
+    async fn fetch(&self, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
         let mut batch = self.sub.next(self.cfg.concurrency, wait).await?;
         // A small batch under a steady trickle costs a commit per few messages; waiting a
         // moment gathers more into the same transaction (like Kafka's linger.ms).
@@ -204,13 +212,18 @@ impl Consumer {
             batch.extend(more);
         }
         self.report_backlog().await;
+        Ok(batch)
+    }
+
+    /// Applies, acknowledges or hands back a batch taken: runs to the end once started.
+    async fn settle(&self, batch: &[Delivery]) -> usize {
         if batch.is_empty() {
-            return Ok(0);
+            return 0;
         }
         self.in_flight.set(batch.len() as f64);
-        let handled = self.handle_batch(&batch).await;
+        let handled = self.handle_batch(batch).await;
         self.in_flight.set(0.0);
-        Ok(handled)
+        handled
     }
 
     /// Applies, acks and hands back one batch; returns how many deliveries it saw.
@@ -335,16 +348,25 @@ impl Consumer {
                     }
                 }
             }
-            tokio::select! {
-                r = self.poll_once(Duration::from_secs(1)) => match r {
-                    Ok(_) => backoff = Duration::from_millis(100),
-                    Err(e) => {
-                        tracing::warn!(consumer = %self.cfg.name, error = %e, "broker error; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                },
+            // Only the wait for a batch is cut by shutdown: a batch taken is settled
+            // (applied and acknowledged, or handed back) before the loop looks again.
+            let fetched = tokio::select! {
+                r = self.fetch(Duration::from_secs(1)) => r,
                 _ = shutdown.cancelled() => break,
+            };
+            match fetched {
+                Ok(batch) => {
+                    self.settle(&batch).await;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(consumer = %self.cfg.name, error = %e, "broker error; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }

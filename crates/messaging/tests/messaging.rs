@@ -500,3 +500,82 @@ async fn consumers_and_relays_tell_what_they_hold_and_what_became_of_each_messag
         "{reason:?}"
     );
 }
+
+/// Credits the ledger, each after a permit from `gate`.
+struct GatedLedger {
+    entered: tokio::sync::Notify,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Handler for GatedLedger {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut Transaction<'static, Any>,
+        env: &'a Envelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        async move {
+            self.entered.notify_one();
+            self.gate
+                .acquire()
+                .await
+                .map_err(|e| HandlerError::Retryable(e.to_string()))?
+                .forget();
+            let c: Credit = env
+                .decode()
+                .map_err(|e| HandlerError::Permanent(e.to_string()))?;
+            sqlx::query("INSERT INTO ledger (account, amount) VALUES ($1, $2)")
+                .bind(&c.account)
+                .bind(c.amount)
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// Shutdown cuts the wait for the next batch, never a batch taken: the batch being applied
+/// when shutdown comes is committed and acknowledged before `run` returns (issue 20).
+#[tokio::test]
+async fn shutdown_settles_the_batch_in_hand() {
+    let e = env().await;
+    let handler = Arc::new(GatedLedger {
+        entered: tokio::sync::Notify::new(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let consumer = Consumer::new(
+        ConsumerConfig::new("ledger", &["tests"]),
+        e.db.clone(),
+        &e.broker,
+        handler.clone(),
+    )
+    .await
+    .unwrap();
+    e.broker
+        .publish("tests", &[credit("a", 1), credit("b", 2), credit("c", 4)])
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+    // The batch is in hand, its first message in the handler: stop now, then let it go on.
+    tokio::time::timeout(Duration::from_secs(10), handler.entered.notified())
+        .await
+        .expect("the consumer took the batch");
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    handler.gate.add_permits(100);
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("run returns after settling")
+        .unwrap();
+    assert_eq!(total(&e.db).await, 7, "every credit of the batch applied");
+    let backlog: u64 = e
+        .broker
+        .backlogs()
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(backlog, 0, "and acknowledged");
+}
