@@ -122,6 +122,7 @@ impl JwtVerifier {
     }
 
     pub fn new(cfg: JwtConfig, client: HttpClient) -> Self {
+        crate::jwt_crypto::install();
         Self {
             verified: cfg
                 .cache

@@ -28,6 +28,7 @@ pub mod config;
 pub mod console;
 pub mod history;
 pub mod jwt;
+mod jwt_crypto;
 mod observe;
 pub mod openapi;
 mod pipeline;
