@@ -129,13 +129,23 @@ fn the_access_log_has_a_line_per_request_written_out_at_the_stop() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shopmesh"))
-        .args(["gateway", "--config", config.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    /// Kills the gateway if the test fails before it stops it.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_shopmesh"))
+            .args(["gateway", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
     let addr = first.trim().rsplit("http://").next().unwrap().to_owned();
@@ -152,10 +162,10 @@ fn the_access_log_has_a_line_per_request_written_out_at_the_stop() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
     // Well under a buffer's size, and stopped at once: the stop writes them out.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     let lines: Vec<serde_json::Value> = rest
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
