@@ -374,8 +374,8 @@ struct Gated {
 impl Handler for Gated {
     fn handle<'a>(
         &'a self,
-        _tx: &'a mut Transaction<'static, Any>,
-        _env: &'a Envelope,
+        tx: &'a mut Transaction<'static, Any>,
+        env: &'a Envelope,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         async move {
             self.entered.notify_one();
@@ -387,6 +387,14 @@ impl Handler for Gated {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(HandlerError::Retryable("the gate is failing".into()));
             }
+            let c: Credit = env
+                .decode()
+                .map_err(|e| HandlerError::Permanent(e.to_string()))?;
+            sqlx::query("INSERT INTO ledger (account, amount) VALUES ($1, $2)")
+                .bind(&c.account)
+                .bind(c.amount)
+                .execute(&mut **tx)
+                .await?;
             Ok(())
         }
         .boxed()
@@ -501,47 +509,15 @@ async fn consumers_and_relays_tell_what_they_hold_and_what_became_of_each_messag
     );
 }
 
-/// Credits the ledger, each after a permit from `gate`.
-struct GatedLedger {
-    entered: tokio::sync::Notify,
-    gate: tokio::sync::Semaphore,
-}
-
-impl Handler for GatedLedger {
-    fn handle<'a>(
-        &'a self,
-        tx: &'a mut Transaction<'static, Any>,
-        env: &'a Envelope,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        async move {
-            self.entered.notify_one();
-            self.gate
-                .acquire()
-                .await
-                .map_err(|e| HandlerError::Retryable(e.to_string()))?
-                .forget();
-            let c: Credit = env
-                .decode()
-                .map_err(|e| HandlerError::Permanent(e.to_string()))?;
-            sqlx::query("INSERT INTO ledger (account, amount) VALUES ($1, $2)")
-                .bind(&c.account)
-                .bind(c.amount)
-                .execute(&mut **tx)
-                .await?;
-            Ok(())
-        }
-        .boxed()
-    }
-}
-
 /// Shutdown cuts the wait for the next batch, never a batch taken: the batch being applied
 /// when shutdown comes is committed and acknowledged before `run` returns (issue 20).
 #[tokio::test]
 async fn shutdown_settles_the_batch_in_hand() {
     let e = env().await;
-    let handler = Arc::new(GatedLedger {
+    let handler = Arc::new(Gated {
         entered: tokio::sync::Notify::new(),
         gate: tokio::sync::Semaphore::new(0),
+        failing: AtomicBool::new(false),
     });
     let consumer = Consumer::new(
         ConsumerConfig::new("ledger", &["tests"]),
