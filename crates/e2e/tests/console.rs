@@ -1257,3 +1257,51 @@ async fn the_console_loads_clean_with_nothing_from_another_origin() {
     b.assert_clean(&[]).await;
     shop.shutdown().await;
 }
+
+/// The pattern lab's report renders in a real browser (issue 23): a lab run at the smoke
+/// scale (the proxy experiments), its HTML page opened from its file: no console error,
+/// nothing loaded, no script run, one drawn chart (SVG with content) per chart of the report,
+/// a table row per finding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium and chromedriver: .ci/browser.sh"]
+async fn the_pattern_labs_report_renders_without_errors() {
+    let opts = shopmesh_lab::Options {
+        scale: shopmesh_lab::Scale::smoke(),
+        only: vec![shopmesh_lab::Group::Proxy],
+        backend: shopmesh_lab::Backend::default(),
+        progress: false,
+    };
+    let report = shopmesh_lab::run(&opts).await.expect("the lab runs");
+    let charts: usize = report.findings.iter().map(|f| f.charts.len()).sum();
+    assert!(charts > 0, "the proxy experiments draw charts");
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("lab.html");
+    std::fs::write(&page, shopmesh_lab::html::render(&report).unwrap()).unwrap();
+
+    let b = Browser::start("lab").await;
+    b.goto(&format!("file://{}", page.display())).await;
+    b.until(
+        "the report",
+        Duration::from_secs(10),
+        "return document.readyState === 'complete';",
+    )
+    .await;
+    let drawn = b
+        .js("return [...document.querySelectorAll('svg')]
+               .filter(s => s.getBoundingClientRect().width > 0 && s.querySelectorAll('path, line, polyline, circle, rect').length > 0)
+               .length;")
+        .await;
+    assert_eq!(drawn, json!(charts), "every chart drawn, with content");
+    let scripts = b.js("return document.scripts.length;").await;
+    assert_eq!(scripts, json!(0), "the page carries no script");
+    let text = b.js("return document.body.innerText;").await;
+    for f in &report.findings {
+        assert!(
+            text.as_str().unwrap().contains(f.id),
+            "finding {} is on the page",
+            f.id
+        );
+    }
+    b.shot("lab-report").await;
+    b.assert_clean(&[]).await;
+}
