@@ -104,4 +104,4 @@ echo "mesh: payments' sidecar counted $ok requests from orders (istio_requests_t
 
 # Orders/s with and without the mesh: the whole shop, `shopmesh up` against `shopmesh up
 # --mesh` (orders' calls to pricing, payments and users through the sidecars).
-MESH_ONLY=1 bench/orders.sh "$DURATION" | grep '^orders:' | sed 's/^orders:/mesh: orders/'
+SHOPMESH_BIN="$BIN" MESH_ONLY=1 bench/orders.sh "$DURATION" | grep '^orders:' | sed 's/^orders:/mesh: orders/'
