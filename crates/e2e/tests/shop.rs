@@ -641,15 +641,7 @@ async fn orders_call_pricing_payments_and_users_through_the_mesh() {
     .await;
     let mesh = shop.system().mesh.as_ref().expect("the mesh runs");
     assert_eq!(mesh.inbound.len(), 3);
-    let metrics_before = shop
-        .http
-        .get(format!("{}/metrics", shop.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics_before = shop.metrics().await;
 
     let (_, token) = shop.user().await;
     let p1 = shop.product(5);
@@ -675,15 +667,7 @@ async fn orders_call_pricing_payments_and_users_through_the_mesh() {
     );
 
     // Each hop was reported by both sidecars, with Istio's labels.
-    let metrics = shop
-        .http
-        .get(format!("{}/metrics", shop.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = shop.metrics().await;
     let count = |text: &str, reporter: &str, to: &str| -> f64 {
         text.lines()
             .filter(|l| {

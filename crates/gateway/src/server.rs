@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use shopmesh_platform::health::Readiness;
+use shopmesh_platform::serve::Phases;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -54,21 +55,6 @@ struct ConnState {
     /// The connection speaks HTTP/2 (seen on its requests).
     h2: AtomicBool,
     phases: Phases,
-}
-
-/// Where a server is in its life, as its connections see it.
-#[derive(Clone)]
-struct Phases {
-    /// Draining (not ready): HTTP/1 answers carry `Connection: close`.
-    closing: Readiness,
-    /// Cancelled when the server stops accepting.
-    stop: CancellationToken,
-}
-
-impl Phases {
-    fn closing(&self) -> bool {
-        self.closing.is_draining() || self.stop.is_cancelled()
-    }
 }
 
 impl Service<http::Request<Incoming>> for ConnService {
@@ -234,11 +220,11 @@ fn spawn_workers(
 }
 
 /// Once accepting has stopped, how long an HTTP/1 connection may still bring a request
-/// (answered with `Connection: close`) before it is closed if idle. A client that sends on
-/// a kept-alive connection at the moment the server closes it sees the request fail
-/// (whether it arrived is unknowable); a client busy on the connection gets its answer and
-/// the close together within this time, and only a client idle for longer meets the close.
-pub const LINGER: Duration = Duration::from_secs(1);
+/// (the services' servers share it). A client that sends on a kept-alive connection at the
+/// moment the server closes it sees the request fail (whether it arrived is unknowable); a
+/// client busy on the connection gets its answer and the close together within this time,
+/// and only a client idle for longer meets the close.
+pub use shopmesh_platform::serve::LINGER;
 
 /// Serves `gateway` on `listener` until `shutdown`, then drains for at most `drain`.
 pub async fn serve(

@@ -196,14 +196,14 @@ async fn pipe(
     };
     let reader = async move {
         let mut buf = vec![0u8; CHUNK];
+        let counter = match dir {
+            Direction::Up => &shared.up,
+            Direction::Down => &shared.down,
+        };
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
-            };
-            let counter = match dir {
-                Direction::Up => &shared.up,
-                Direction::Down => &shared.down,
             };
             counter.fetch_add(n as u64, Ordering::Relaxed);
             if tx.send((due(), Some(buf[..n].to_vec()))).await.is_err() {

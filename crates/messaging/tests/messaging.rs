@@ -70,6 +70,22 @@ fn credit(account: &str, amount: i64) -> Envelope {
     .unwrap()
 }
 
+/// A credit from its envelope; one that does not decode is a permanent failure.
+fn decode_credit(env: &Envelope) -> Result<Credit, HandlerError> {
+    env.decode()
+        .map_err(|e| HandlerError::Permanent(e.to_string()))
+}
+
+/// Writes a credit to the ledger, in the consumer's transaction.
+async fn credit_ledger(tx: &mut Transaction<'static, Any>, c: &Credit) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO ledger (account, amount) VALUES ($1, $2)")
+        .bind(&c.account)
+        .bind(c.amount)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Applies credits to the ledger; fails while `failing` is set.
 #[derive(Default)]
 struct Ledger {
@@ -85,18 +101,11 @@ impl Handler for Ledger {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let c: Credit = env
-                .decode()
-                .map_err(|e| HandlerError::Permanent(e.to_string()))?;
+            let c = decode_credit(env)?;
             if self.failing.load(Ordering::SeqCst) {
                 return Err(HandlerError::Retryable("ledger is failing".into()));
             }
-            sqlx::query("INSERT INTO ledger (account, amount) VALUES ($1, $2)")
-                .bind(&c.account)
-                .bind(c.amount)
-                .execute(&mut **tx)
-                .await?;
-            Ok(())
+            credit_ledger(tx, &c).await
         }
         .boxed()
     }
@@ -387,15 +396,8 @@ impl Handler for Gated {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(HandlerError::Retryable("the gate is failing".into()));
             }
-            let c: Credit = env
-                .decode()
-                .map_err(|e| HandlerError::Permanent(e.to_string()))?;
-            sqlx::query("INSERT INTO ledger (account, amount) VALUES ($1, $2)")
-                .bind(&c.account)
-                .bind(c.amount)
-                .execute(&mut **tx)
-                .await?;
-            Ok(())
+            let c = decode_credit(env)?;
+            credit_ledger(tx, &c).await
         }
         .boxed()
     }

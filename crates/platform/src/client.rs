@@ -80,14 +80,17 @@ fn as_caller(
         .header(crate::USER_ROLES_HEADER, caller.roles.join(","))
 }
 
+/// The settings every service-to-service client shares.
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(32)
+}
+
 impl ServiceClient {
     pub fn new(name: &'static str, base: impl Into<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(32)
-            .build()
-            .expect("static client settings are valid");
+        let http = builder().build().expect("static client settings are valid");
         Self {
             name,
             base: base.into().trim_end_matches('/').to_owned(),
@@ -108,10 +111,7 @@ impl ServiceClient {
             return Ok(Self::new(name, base));
         };
         let invalid = |_| InvalidSidecar(sidecar.to_owned());
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(32)
+        let http = builder()
             .proxy(reqwest::Proxy::http(sidecar).map_err(invalid)?)
             .build()
             .map_err(invalid)?;

@@ -252,17 +252,19 @@ impl Server {
     }
 }
 
-/// Where a server is in its life, as its connections see it.
+/// Where a server is in its life, as its connections see it (these servers' and the
+/// gateway's).
 #[derive(Clone)]
-struct Phases {
+pub struct Phases {
     /// Draining (not ready): HTTP/1 answers carry `Connection: close`, HTTP/2 gets GOAWAY.
-    closing: Readiness,
+    pub closing: Readiness,
     /// Cancelled when the server stops accepting.
-    stop: CancellationToken,
+    pub stop: CancellationToken,
 }
 
 impl Phases {
-    fn closing(&self) -> bool {
+    /// Whether a connection should be told to go: draining, or stopped.
+    pub fn closing(&self) -> bool {
         self.closing.is_draining() || self.stop.is_cancelled()
     }
 }

@@ -325,11 +325,9 @@ impl Inner {
         };
         for row in &rows {
             if let Some((c, n)) = change(row) {
+                now_pending.insert(c.order.clone(), n);
                 if before.get(&c.order).is_none_or(|m| *m != n) {
-                    now_pending.insert(c.order.clone(), n);
                     changes.push(c);
-                } else {
-                    now_pending.insert(c.order.clone(), n);
                 }
             }
         }

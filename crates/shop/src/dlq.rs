@@ -58,7 +58,7 @@ impl DeadLetters {
                 });
             }
         }
-        out.sort_by(|a, b| a.letter.failed_at.cmp(&b.letter.failed_at));
+        out.sort_by_key(|e| e.letter.failed_at_ms);
         Ok(out)
     }
 
@@ -88,7 +88,7 @@ impl DeadLetters {
                 });
             }
         }
-        out.sort_by(|a, b| a.letter.failed_at.cmp(&b.letter.failed_at));
+        out.sort_by_key(|e| e.letter.failed_at_ms);
         out.truncate(limit.max(0) as usize);
         Ok(out)
     }

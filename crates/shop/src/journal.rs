@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use shopmesh_messaging::consumer::{self, Handled, Outcome};
+use shopmesh_messaging::consumer::{self, Handled};
 use shopmesh_messaging::outbox::{self, Published};
 
 /// Subjects remembered (the oldest is forgotten first).
@@ -77,7 +77,16 @@ impl Journal {
         st.seq += 1;
         let seq = st.seq;
         let key: Arc<str> = match st.subjects.get_key_value(subject) {
-            Some((k, _)) => k.clone(),
+            Some((k, _)) => {
+                let k = k.clone();
+                if let Some(entries) = st.subjects.get_mut(&k) {
+                    if entries.len() >= PER_SUBJECT {
+                        entries.pop_front();
+                    }
+                    entries.push_back(entry);
+                }
+                k
+            }
             None => {
                 if st.order.len() >= SUBJECTS
                     && let Some(old) = st.order.pop_front()
@@ -86,16 +95,10 @@ impl Journal {
                 }
                 let k: Arc<str> = subject.into();
                 st.order.push_back(k.clone());
-                st.subjects.insert(k.clone(), VecDeque::new());
+                st.subjects.insert(k.clone(), VecDeque::from([entry]));
                 k
             }
         };
-        if let Some(entries) = st.subjects.get_mut(&key) {
-            if entries.len() >= PER_SUBJECT {
-                entries.pop_front();
-            }
-            entries.push_back(entry);
-        }
         if st.touches.len() >= TOUCHES {
             st.touches.pop_front();
         }
@@ -139,12 +142,7 @@ impl Journal {
             let Some(subject) = h.subject.filter(|s| !s.is_empty()) else {
                 return;
             };
-            let event = match h.outcome {
-                Outcome::Applied => "applied",
-                Outcome::Duplicate => "duplicate",
-                Outcome::Retry => "retry",
-                Outcome::DeadLettered => "dead_lettered",
-            };
+            let event = h.outcome.label();
             journal.record(
                 subject,
                 Entry {

@@ -130,6 +130,16 @@ pub struct Messaging {
     pub journal: Option<crate::journal::Journal>,
 }
 
+impl Messaging {
+    /// `c`, telling the journal (when one is kept) what became of each message.
+    fn observed(&self, c: Consumer, service: ServiceName) -> Consumer {
+        match &self.journal {
+            Some(j) => c.observe(j.consumer_observer(service.as_str())),
+            None => c,
+        }
+    }
+}
+
 /// A background task of a service (outbox relay, consumer, sweeper).
 pub type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
 
@@ -181,10 +191,7 @@ async fn saga_tasks(
         .await
         .map_err(|e| err(&e))?;
         let waker = relay.waker();
-        let mut c = c.after_commit(Arc::new(move || waker.notify_one()));
-        if let Some(j) = &m.journal {
-            c = c.observe(j.consumer_observer(name.as_str()));
-        }
+        let c = m.observed(c.after_commit(Arc::new(move || waker.notify_one())), name);
         tasks.push(Box::new(move |t| c.run(t).boxed()));
     }
     Ok(tasks)
@@ -304,10 +311,7 @@ pub async fn open(
                 service: name.as_str(),
                 reason: e.to_string(),
             })?;
-            let c = match &m.journal {
-                Some(j) => c.observe(j.consumer_observer(name.as_str())),
-                None => c,
-            };
+            let c = m.observed(c, name);
             tasks.push(Box::new(move |t| c.run(t).boxed()));
             let sweeper = shopmesh_orders::saga::TimeoutSweeper {
                 db: db.clone(),

@@ -225,6 +225,19 @@ impl TestShop {
             .expect("a JSON body")
     }
 
+    /// The admin port's Prometheus text (every service's metrics and the sidecars').
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("the admin port answers /metrics")
+            .text()
+            .await
+            .expect("a text body")
+    }
+
     /// Base URL of one service, bypassing the gateway.
     pub fn service_url(&self, name: ServiceName, path: &str) -> String {
         format!("http://{}{path}", self.system().service_addr(name))

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{Ctx, Measured, Meta};
 use crate::load::{Phase, Summary, open_loop};
 use crate::report::{Chart, Figures, Group, Outcome, Series, Verdict, num};
-use crate::shop::{ShopSpec, client};
+use crate::shop::ShopSpec;
 use crate::{LabError, Scale};
 
 pub const META: Meta = Meta {
@@ -61,7 +61,7 @@ pub fn knee(points: &[Point]) -> (Option<f64>, Option<f64>) {
 
 pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
     let shop = ctx.shop(ShopSpec::MAIN)?;
-    let http = client()?;
+    let http = shop.http.clone();
     let ids: Vec<String> = shop.products.iter().map(|p| p.id.clone()).collect();
     let routes = [
         ("composite", "/api/products/"),
