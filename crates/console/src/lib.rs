@@ -119,22 +119,23 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The admin token check of an admin port (the gateway's, the shop's): `/healthz` passes
-/// (probes carry no credentials, and liveness tells nothing an attacker could use); anything
-/// else needs `token` (Bearer, or Basic credentials' password), else a 401: on the console's
-/// paths with a challenge, so a browser asks its user for it.
-pub fn admitted(path: &str, headers: &HeaderMap, token: &str) -> Result<(), Response> {
+/// The admin token check of an admin port (the gateway's, the shop's): the answer refusing
+/// the request, or `None` to let it through. `/healthz` passes (probes carry no credentials,
+/// and liveness tells nothing an attacker could use); anything else needs `token` (Bearer,
+/// or Basic credentials' password), else a 401: on the console's paths with a challenge, so
+/// a browser asks its user for it.
+pub fn refused(path: &str, headers: &HeaderMap, token: &str) -> Option<Response> {
     if path == "/healthz" {
-        return Ok(());
+        return None;
     }
     let presented = presented_token(headers).unwrap_or_default();
     if same(presented.as_bytes(), token.as_bytes()) {
-        return Ok(());
+        return None;
     }
     if path.starts_with("/console") {
-        return Err(challenge());
+        return Some(challenge());
     }
-    Err(Problem::unauthorized("the admin API needs its bearer token").into_response())
+    Some(Problem::unauthorized("the admin API needs its bearer token").into_response())
 }
 
 fn forbidden(detail: &str) -> Response {

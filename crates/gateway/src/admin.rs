@@ -30,7 +30,7 @@ struct AdminState {
 async fn require_token(State(s): State<AdminState>, req: Request, next: Next) -> Response {
     let rt = s.gateway.runtime();
     if let Some(token) = rt.config.admin.token.as_deref().filter(|t| !t.is_empty())
-        && let Err(refused) = shopmesh_console::admitted(req.uri().path(), req.headers(), token)
+        && let Some(refused) = shopmesh_console::refused(req.uri().path(), req.headers(), token)
     {
         return refused;
     }

@@ -69,9 +69,9 @@ async fn purge(
 }
 
 async fn require_token(token: Arc<str>, req: Request, next: Next) -> Response {
-    match shopmesh_console::admitted(req.uri().path(), req.headers(), &token) {
-        Ok(()) => next.run(req).await,
-        Err(refused) => refused,
+    match shopmesh_console::refused(req.uri().path(), req.headers(), &token) {
+        Some(refused) => refused,
+        None => next.run(req).await,
     }
 }
 
