@@ -1,9 +1,7 @@
 //! Asynchronous messaging: orders that fail half-way (a declined card, no stock) — do the
 //! compensations run, and does money and stock end exact?
 
-use std::time::Duration;
-
-use super::saga::{Audit, OrderKind, Setup, audit_figures, place_mix, settle};
+use super::saga::{Audit, OrderKind, audit_figures, run_mix};
 use super::{Ctx, Measured, Meta};
 use crate::report::{Chart, Figures, Group, Outcome, Series, Verdict, num};
 use crate::shop::ShopSpec;
@@ -21,7 +19,6 @@ pub const META: Meta = Meta {
 
 /// Well-stocked products left to the burst experiment.
 const SKIP_PRODUCTS: usize = 40;
-const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
 pub fn steps(_: &Scale) -> u64 {
     3
@@ -29,22 +26,7 @@ pub fn steps(_: &Scale) -> u64 {
 
 pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
     let shop = ctx.shop(ShopSpec::MAIN)?;
-    ctx.say("registering customers");
-    let setup = Setup::new(shop, SKIP_PRODUCTS).await?;
-    ctx.step("placing the mix");
-    let n = ctx.scale.saga_orders;
-    let (placed, refused) = place_mix(
-        shop,
-        &setup.customers,
-        &setup.products,
-        &setup.none_left,
-        n,
-        ctx.scale.steady_rate * 3.0,
-    )
-    .await;
-    ctx.step("waiting until settled");
-    let a = settle(&setup.dbs, &placed, &setup.before, SETTLE_LIMIT).await?;
-    ctx.step("done");
+    let (placed, refused, a) = run_mix(ctx, shop, SKIP_PRODUCTS).await?;
     let failing = placed.iter().filter(|p| p.kind != OrderKind::Good).count();
     let mut f = Figures::default();
     f.push("orders.refused", refused as f64, "orders");

@@ -1,9 +1,7 @@
 //! Asynchronous messaging: every message delivered twice — is anything lost, reserved twice
 //! or charged twice?
 
-use std::time::Duration;
-
-use super::saga::{Audit, Setup, audit_figures, place_mix, settle};
+use super::saga::{Audit, audit_figures, run_mix};
 use super::{Ctx, Measured, Meta};
 use crate::report::{Figures, Group, Outcome, Verdict};
 use crate::shop::ShopSpec;
@@ -19,29 +17,13 @@ pub const META: Meta = Meta {
     shops: &[ShopSpec::DUPLICATES],
 };
 
-const SETTLE_LIMIT: Duration = Duration::from_secs(120);
-
 pub fn steps(_: &Scale) -> u64 {
     3
 }
 
 pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
     let shop = ctx.shop(ShopSpec::DUPLICATES)?;
-    ctx.say("registering customers");
-    let setup = Setup::new(shop, 0).await?;
-    ctx.step("placing the mix");
-    let (placed, refused) = place_mix(
-        shop,
-        &setup.customers,
-        &setup.products,
-        &setup.none_left,
-        ctx.scale.saga_orders,
-        ctx.scale.steady_rate * 3.0,
-    )
-    .await;
-    ctx.step("waiting until settled");
-    let a = settle(&setup.dbs, &placed, &setup.before, SETTLE_LIMIT).await?;
-    ctx.step("done");
+    let (_, refused, a) = run_mix(ctx, shop, 0).await?;
     let mut f = Figures::default();
     f.push("orders.refused", refused as f64, "orders");
     audit_figures(&a, &mut f);

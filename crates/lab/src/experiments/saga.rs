@@ -454,6 +454,35 @@ pub async fn place_mix(
 }
 
 /// The audit's figures, under `prefix`.
+/// How long a mix may take to settle before the audit gives up waiting.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// The three steps of a saga experiment on `shop`: customers registered (the first `skip`
+/// well-stocked products left to others), the mix placed through the gateway at three times
+/// the steady rate, every order settled; what was placed, how many were refused, the audit.
+pub async fn run_mix(
+    ctx: &super::Ctx<'_>,
+    shop: &LabShop,
+    skip: usize,
+) -> Result<(Vec<Placed>, usize, Audit), LabError> {
+    ctx.say("registering customers");
+    let setup = Setup::new(shop, skip).await?;
+    ctx.step("placing the mix");
+    let (placed, refused) = place_mix(
+        shop,
+        &setup.customers,
+        &setup.products,
+        &setup.none_left,
+        ctx.scale.saga_orders,
+        ctx.scale.steady_rate * 3.0,
+    )
+    .await;
+    ctx.step("waiting until settled");
+    let audit = settle(&setup.dbs, &placed, &setup.before, SETTLE_LIMIT).await?;
+    ctx.step("done");
+    Ok((placed, refused, audit))
+}
+
 pub fn audit_figures(a: &Audit, f: &mut crate::report::Figures) {
     f.push("orders.placed", a.placed as f64, "orders");
     f.push("orders.confirmed", a.confirmed as f64, "orders");
