@@ -423,12 +423,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn lab(a: LabArgs) -> anyhow::Result<()> {
-    if let Some(db) = &a.database {
-        anyhow::ensure!(
-            db.starts_with("postgres://") || db.starts_with("postgresql://"),
-            "--database must be a postgres:// URL (SQLite is the default)"
-        );
-    }
+    // The URL checked as every command checks it, before the run starts (the lab keeps its
+    // SQLite files in temporary directories of its own).
+    shopmesh_platform::db::Storage::from_args(a.database.as_deref(), PathBuf::new())?;
     let mut scale = if a.smoke {
         shopmesh_lab::Scale::smoke()
     } else if a.quick {
