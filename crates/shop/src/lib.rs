@@ -153,6 +153,89 @@ pub struct System {
     stages: [(CancellationToken, JoinSet<()>); 3],
     /// The sidecars, when calls between services go through the mesh.
     pub mesh: Option<mesh::Mesh>,
+    /// Each service as started, stoppable on its own ([`System::stop_service`]).
+    units: tokio::sync::Mutex<Vec<Unit>>,
+    respawn: Respawn,
+}
+
+/// What opening a service again takes ([`System::restart_service`]).
+struct Respawn {
+    storage: Storage,
+    deps: services::Deps,
+    users: shopmesh_users::Settings,
+    messaging: services::Messaging,
+    drain: Duration,
+    /// The stages' tokens: a restarted service still stops with the system.
+    services: CancellationToken,
+    work: CancellationToken,
+}
+
+/// One service of the system, and its server and background work while they run.
+struct Unit {
+    name: ServiceName,
+    addr: SocketAddr,
+    running: Option<Running>,
+}
+
+/// A running service's tokens (children of the stages') and receivers that close once its
+/// server, and every background task, have ended.
+struct Running {
+    server: CancellationToken,
+    work: CancellationToken,
+    server_done: tokio::sync::mpsc::Receiver<()>,
+    work_done: tokio::sync::mpsc::Receiver<()>,
+}
+
+type Job = futures::future::BoxFuture<'static, ()>;
+
+/// A built service's server and background tasks as futures to spawn, each ending when its
+/// token (a child of `services` or of `work`) is cancelled.
+fn launch(
+    b: services::Built,
+    listener: TcpListener,
+    drain: Duration,
+    services: &CancellationToken,
+    work: &CancellationToken,
+) -> (Running, Job, Vec<Job>) {
+    use futures::FutureExt;
+    let (server, work) = (services.child_token(), work.child_token());
+    let (server_tx, server_done) = tokio::sync::mpsc::channel::<()>(1);
+    let (work_tx, work_done) = tokio::sync::mpsc::channel::<()>(1);
+    let tasks = b
+        .tasks
+        .into_iter()
+        .map(|task| {
+            let (job, tx) = (task(work.clone()), work_tx.clone());
+            async move {
+                job.await;
+                drop(tx);
+            }
+            .boxed()
+        })
+        .collect();
+    let s = Server {
+        name: b.name.as_str(),
+        listener,
+        router: b.router,
+    };
+    let token = server.clone();
+    let serve = async move {
+        if let Err(e) = s.run(token, drain).await {
+            tracing::error!(error = %e, "service server failed");
+        }
+        drop(server_tx);
+    }
+    .boxed();
+    (
+        Running {
+            server,
+            work,
+            server_done,
+            work_done,
+        },
+        serve,
+        tasks,
+    )
 }
 
 pub use shopmesh_messaging::BrokerUrl;
@@ -355,20 +438,18 @@ impl System {
         );
         let (mut front_tasks, mut service_tasks, mut work_tasks) =
             (JoinSet::new(), JoinSet::new(), JoinSet::new());
-        for (mut b, (_, listener)) in built.into_iter().zip(listeners) {
-            for task in b.tasks.drain(..) {
-                work_tasks.spawn(task(work.clone()));
+        let mut units = Vec::new();
+        for (b, (_, listener)) in built.into_iter().zip(listeners) {
+            let (name, addr) = (b.name, listener.local_addr()?);
+            let (running, serve, tasks) = launch(b, listener, cfg.drain, &services, &work);
+            service_tasks.spawn(serve);
+            for task in tasks {
+                work_tasks.spawn(task);
             }
-            let server = Server {
-                name: b.name.as_str(),
-                listener,
-                router: b.router,
-            };
-            let (token, drain) = (services.clone(), cfg.drain);
-            service_tasks.spawn(async move {
-                if let Err(e) = server.run(token, drain).await {
-                    tracing::error!(error = %e, "service server failed");
-                }
+            units.push(Unit {
+                name,
+                addr,
+                running: Some(running),
             });
         }
 
@@ -413,6 +494,16 @@ impl System {
             admin: admin_addr,
             services: addrs,
             readiness,
+            respawn: Respawn {
+                storage: cfg.storage.clone(),
+                deps,
+                users,
+                messaging,
+                drain: cfg.drain,
+                services: services.clone(),
+                work: work.clone(),
+            },
+            units: tokio::sync::Mutex::new(units),
             stages: [
                 (front, front_tasks),
                 (services, service_tasks),
@@ -420,6 +511,54 @@ impl System {
             ],
             mesh,
         })
+    }
+
+    /// Stops one service (fault injection): its server stops accepting and lets in-flight
+    /// requests finish, then its relay and consumers stop; what it would consume waits on
+    /// the broker. Its port is left free for [`System::restart_service`]. False when it was
+    /// not running.
+    pub async fn stop_service(&self, name: ServiceName) -> bool {
+        let mut units = self.units.lock().await;
+        let Some(mut r) = units
+            .iter_mut()
+            .find(|u| u.name == name)
+            .and_then(|u| u.running.take())
+        else {
+            return false;
+        };
+        r.server.cancel();
+        r.server_done.recv().await;
+        r.work.cancel();
+        r.work_done.recv().await;
+        true
+    }
+
+    /// Starts a service stopped by [`System::stop_service`] again, on the same port, with
+    /// the same storage, broker and settings (its storage opened and its app built anew, as
+    /// a restarted process would). Nothing is done when it runs.
+    pub async fn restart_service(&self, name: ServiceName) -> Result<(), Error> {
+        let mut units = self.units.lock().await;
+        let Some(unit) = units.iter_mut().find(|u| u.name == name) else {
+            return Ok(());
+        };
+        let r = &self.respawn;
+        if unit.running.is_some() || r.services.is_cancelled() {
+            return Ok(());
+        }
+        let listener = TcpListener::bind(unit.addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{name}: cannot listen on {} again: {e}", unit.addr),
+            )
+        })?;
+        let b = services::open(name, &r.storage, &r.deps, &r.users, &r.messaging).await?;
+        let (running, serve, tasks) = launch(b, listener, r.drain, &r.services, &r.work);
+        tokio::spawn(serve);
+        for task in tasks {
+            tokio::spawn(task);
+        }
+        unit.running = Some(running);
+        Ok(())
     }
 
     pub fn service_addr(&self, name: ServiceName) -> SocketAddr {
@@ -435,9 +574,18 @@ impl System {
     /// before the next is told).
     pub async fn shutdown(self) {
         self.readiness.drain();
-        for (token, mut tasks) in self.stages {
+        let mut units = self.units.into_inner();
+        for (stage, (token, mut tasks)) in self.stages.into_iter().enumerate() {
             token.cancel();
             while tasks.join_next().await.is_some() {}
+            // A restarted service's server and work run outside the stages' sets.
+            for r in units.iter_mut().filter_map(|u| u.running.as_mut()) {
+                match stage {
+                    1 => r.server_done.recv().await,
+                    2 => r.work_done.recv().await,
+                    _ => None,
+                };
+            }
         }
         if let Some(mesh) = self.mesh {
             mesh.shutdown().await;
