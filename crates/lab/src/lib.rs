@@ -85,6 +85,12 @@ pub struct Scale {
     pub saga_orders: usize,
     /// Profile changes per way of reading the user center.
     pub consistency_rounds: usize,
+    /// Concurrent reader pools of the shared database experiment, and seconds per count
+    /// and way.
+    pub reader_pools: Vec<usize>,
+    pub reader_secs: f64,
+    /// How long inventory stays stopped under orders (the decoupling experiment).
+    pub outage_secs: f64,
 }
 
 impl Scale {
@@ -106,6 +112,9 @@ impl Scale {
             phase_secs: 8.0,
             saga_orders: 400,
             consistency_rounds: 20,
+            reader_pools: vec![1, 2, 4, 8],
+            reader_secs: 4.0,
+            outage_secs: 30.0,
         }
     }
 
@@ -127,6 +136,9 @@ impl Scale {
             phase_secs: 4.0,
             saga_orders: 90,
             consistency_rounds: 6,
+            reader_pools: vec![1, 2, 4, 8],
+            reader_secs: 1.5,
+            outage_secs: 4.0,
         }
     }
 
@@ -148,6 +160,9 @@ impl Scale {
             phase_secs: 2.0,
             saga_orders: 30,
             consistency_rounds: 3,
+            reader_pools: vec![1, 2, 4, 8],
+            reader_secs: 0.75,
+            outage_secs: 2.0,
         }
     }
 }

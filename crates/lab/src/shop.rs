@@ -220,6 +220,17 @@ impl LabShop {
         Ok(Db::open(&self.storage.for_service(name.as_str()), 2).await?)
     }
 
+    /// A read-only pool of `connections` on the user center's published view, as another
+    /// service reading the shared database opens it.
+    pub async fn users_view(&self, connections: u32) -> Result<Db, LabError> {
+        Ok(Db::open_read_only(
+            &self.storage.for_service(ServiceName::Users.as_str()),
+            connections,
+            shopmesh_shop::DIRECTORY_READER,
+        )
+        .await?)
+    }
+
     /// Another gateway in front of this shop's services, from the shop's own gateway
     /// configuration with `adjust` applied (upstreams replaced, routes added).
     pub async fn gateway_with(

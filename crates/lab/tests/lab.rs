@@ -115,6 +115,59 @@ async fn every_claim_gets_figures_and_a_verdict_computed_from_them() {
     assert!(figure(by_id("messaging.compensation"), "compensations.released") > 0.0);
     assert!(figure(by_id("messaging.burst"), "orders.accepted") > 0.0);
 
+    // The shared database: reads counted at every pool count, by each way.
+    let shared = by_id("shared-data.bottleneck");
+    for way in ["interface", "shared_view"] {
+        for pools in &scale.reader_pools {
+            let key = format!("{way}.pools_{pools}.reads_per_s");
+            assert!(figure(shared, &key) > 0.0, "{key}");
+        }
+        assert!(figure(shared, &format!("{way}.scaling")) > 0.0, "{way}");
+    }
+
+    // The users service stopped: it really was (no sign-in), pages without accounts still
+    // worked, orders read from the shared view did not need it, and everything worked
+    // again once it was started again.
+    let coupling = by_id("shared-data.coupling");
+    for way in ["interface", "shared_view"] {
+        assert_eq!(
+            figure(coupling, &format!("{way}.users_stopped.sign_in")),
+            0.0,
+            "{way}"
+        );
+        assert_eq!(
+            figure(coupling, &format!("{way}.users_stopped.product_page")),
+            1.0,
+            "{way}"
+        );
+        for op in shopmesh_lab::experiments::shared_data_coupling::OPERATIONS {
+            assert_eq!(
+                figure(coupling, &format!("{way}.restarted.{op}")),
+                1.0,
+                "{way} {op}"
+            );
+        }
+    }
+    assert_eq!(
+        figure(coupling, "shared_view.users_stopped.order_new_customer"),
+        1.0
+    );
+
+    // Inventory stopped: orders were taken meanwhile, none decided without it, and all
+    // ended exactly once it was back.
+    let outage = by_id("messaging.decoupling");
+    assert!(figure(outage, "orders.accepted_during_outage") > 0.0);
+    assert_eq!(figure(outage, "orders.decided_during_outage"), 0.0);
+    for key in [
+        "orders.lost",
+        "orders.pending",
+        "stock.difference",
+        "money.difference_minor",
+    ] {
+        assert_eq!(figure(outage, key), 0.0, "decoupling: {key}");
+    }
+    assert!(figure(outage, "all_settled_after_return_ms") >= 0.0);
+
     // The page: one SVG per chart, the table, nothing from elsewhere, no script.
     let page = shopmesh_lab::html::render(&report).unwrap();
     let charts: usize = report.findings.iter().map(|f| f.charts.len()).sum();
