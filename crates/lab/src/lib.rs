@@ -91,6 +91,8 @@ pub struct Scale {
     pub reader_secs: f64,
     /// How long inventory stays stopped under orders (the decoupling experiment).
     pub outage_secs: f64,
+    /// Seconds of requests of the gateway-loss experiment (an instance is lost halfway).
+    pub loss_secs: f64,
 }
 
 impl Scale {
@@ -115,6 +117,7 @@ impl Scale {
             reader_pools: vec![1, 2, 4, 8],
             reader_secs: 4.0,
             outage_secs: 30.0,
+            loss_secs: 10.0,
         }
     }
 
@@ -139,6 +142,7 @@ impl Scale {
             reader_pools: vec![1, 2, 4, 8],
             reader_secs: 1.5,
             outage_secs: 4.0,
+            loss_secs: 4.0,
         }
     }
 
@@ -163,6 +167,7 @@ impl Scale {
             reader_pools: vec![1, 2, 4, 8],
             reader_secs: 0.75,
             outage_secs: 2.0,
+            loss_secs: 2.0,
         }
     }
 }

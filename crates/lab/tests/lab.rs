@@ -115,6 +115,15 @@ async fn every_claim_gets_figures_and_a_verdict_computed_from_them() {
     assert!(figure(by_id("messaging.compensation"), "compensations.released") > 0.0);
     assert!(figure(by_id("messaging.burst"), "orders.accepted") > 0.0);
 
+    // A gateway instance lost: alone, what came after failed; one of two, less did.
+    let single = by_id("proxy.single-point");
+    assert!(figure(single, "one_instance.failed_after_loss_share") >= 0.9);
+    assert!(
+        figure(single, "two_instances.failed_after_loss_share")
+            < figure(single, "one_instance.failed_after_loss_share")
+    );
+    assert_eq!(figure(single, "two_instances.failed_before_loss"), 0.0);
+
     // The shared database: reads counted at every pool count, by each way.
     let shared = by_id("shared-data.bottleneck");
     for way in ["interface", "shared_view"] {
