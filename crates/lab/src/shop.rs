@@ -365,3 +365,38 @@ impl Shops {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the outage experiments rely on: a stopped service refuses connections, comes
+    /// back on the same port, and the shop still shuts down after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_service_stops_and_starts_again_on_its_port() {
+        let shop = LabShop::start(ShopSpec::MAIN, &Backend::default(), 0)
+            .await
+            .unwrap();
+        let addr = shop.service(ServiceName::Catalog);
+        let health = format!("http://{addr}/openapi.json");
+        assert_eq!(shop.http.get(&health).send().await.unwrap().status(), 200);
+
+        assert!(shop.system.stop_service(ServiceName::Catalog).await);
+        assert!(!shop.system.stop_service(ServiceName::Catalog).await);
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        // The others still serve.
+        let users = format!("http://{}/openapi.json", shop.service(ServiceName::Users));
+        assert_eq!(shop.http.get(&users).send().await.unwrap().status(), 200);
+
+        shop.system
+            .restart_service(ServiceName::Catalog)
+            .await
+            .unwrap();
+        assert_eq!(shop.service(ServiceName::Catalog), addr);
+        let fresh = client().unwrap();
+        assert_eq!(fresh.get(&health).send().await.unwrap().status(), 200);
+        tokio::time::timeout(Duration::from_secs(20), shop.stop())
+            .await
+            .expect("the shop stops with a restarted service");
+    }
+}
