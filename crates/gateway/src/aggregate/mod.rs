@@ -68,11 +68,23 @@ struct PartPlan {
     enrich: Option<Enrich>,
     /// Parts whose answers this one reads.
     deps: Vec<usize>,
-    /// Whether the answer is parsed into a tree. Otherwise (nothing reshapes it, nothing
-    /// reads it) it is only validated and copied into the merged document as it came.
-    parse: bool,
+    /// How much of the answer is parsed: into a tree when something reshapes or reads it;
+    /// otherwise it is only validated and copied into the merged document as it came (or
+    /// the part of it that `extract` names).
+    read: Read,
     /// `cfg.fallback`, shared rather than copied per request.
     fallback: Arc<Value>,
+}
+
+/// How a part's answer is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Read {
+    /// Parsed into a [`Value`].
+    Tree,
+    /// Validated, kept as it came.
+    Raw,
+    /// Validated; only the value at this `extract` path is kept, as it came.
+    RawAt(Arc<[String]>),
 }
 
 #[derive(Debug)]
@@ -249,7 +261,7 @@ impl Plan {
             deps.sort_unstable();
             deps.dedup();
             parts.push(PartPlan {
-                parse: true,
+                read: Read::Tree,
                 fallback: Arc::new(p.fallback.clone()),
                 cfg: p.clone(),
                 name: p.name.as_str().into(),
@@ -293,12 +305,16 @@ impl Plan {
         let any_enrich = parts.iter().any(|p| p.enrich.is_some());
         let read: HashSet<usize> = parts.iter().flat_map(|p| p.deps.iter().copied()).collect();
         for (i, p) in parts.iter_mut().enumerate() {
-            p.parse = any_enrich
+            let tree = any_enrich
                 || read.contains(&i)
-                || p.extract.is_some()
                 || !p.cfg.fields.is_empty()
                 || !p.cfg.rename.is_empty()
                 || !matches!(p.place, Place::At(_));
+            p.read = match (&p.extract, tree) {
+                (_, true) => Read::Tree,
+                (None, false) => Read::Raw,
+                (Some(path), false) => Read::RawAt(path.as_slice().into()),
+            };
         }
         Ok(Self { parts })
     }
@@ -320,7 +336,7 @@ pub(crate) struct Fetched {
 #[derive(Clone, Debug)]
 pub(crate) enum Answer {
     Parsed(Arc<Value>),
-    Raw(Bytes),
+    Raw(Arc<RawValue>),
 }
 
 /// Why a part has no answer.
@@ -437,7 +453,7 @@ impl Composite {
                             .zip(&prev.clusters)
                             .position(|(o, oc)| {
                                 o.cfg == p.cfg
-                                    && o.parse == p.parse
+                                    && o.read == p.read
                                     && endpoints(oc) == endpoints(&now)
                             })
                             .map(|i| prev.caches[i].clone())
@@ -484,8 +500,8 @@ pub struct Incoming<'a> {
 struct Report {
     /// Its parsed answer, or its fallback (`None`: skipped or raw, nothing to read).
     value: Option<Arc<Value>>,
-    /// Its answer as it came, when it is not parsed.
-    raw: Option<Bytes>,
+    /// Its answer as it came (or the part `extract` names), when it is not parsed.
+    raw: Option<Arc<RawValue>>,
     failure: Option<Failure>,
     status: Option<u16>,
     elapsed: Duration,
@@ -757,7 +773,7 @@ impl Composite {
         let cluster = self.clusters[i].clone();
         let timeout = part.timeout;
         let max = part.cfg.max_body_bytes;
-        let parse = part.parse;
+        let read = part.read.clone();
         let fallback = (!part.cfg.required).then(|| part.fallback.clone());
         let route = self.route.clone();
         let name = part.name.clone();
@@ -771,7 +787,7 @@ impl Composite {
             } = req;
             let (result, via) = cache
                 .get(key, move || {
-                    fetch(cluster, path_and_query, headers, timeout, max, parse).boxed()
+                    fetch(cluster, path_and_query, headers, timeout, max, read).boxed()
                 })
                 .await;
             let elapsed = t0.elapsed();
@@ -944,14 +960,8 @@ impl Composite {
                 continue;
             }
             let out = if let Some(raw) = &r.raw {
-                // Validated when it arrived; borrowed, not copied.
-                match std::str::from_utf8(raw)
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<&RawValue>(t).ok())
-                {
-                    Some(v) => Out::Raw(v),
-                    None => continue,
-                }
+                // Validated (and extracted) when it arrived; borrowed, not copied.
+                Out::Raw(raw)
             } else if let Some(value) = &r.value {
                 Out::Value(if r.failure.is_some() {
                     (**value).clone()
@@ -1022,7 +1032,7 @@ async fn fetch(
     headers: HeaderMap,
     timeout: Duration,
     max: usize,
-    parse: bool,
+    read: Read,
 ) -> Result<Fetched, Failure> {
     let Some(lease) = cluster.pick(None, None) else {
         return Err(Failure::NoEndpoint);
@@ -1069,16 +1079,19 @@ async fn fetch(
         return Err(Failure::Status(status, detail));
     }
     let not_json = |_| Failure::Invalid("the answer is not JSON");
-    let answer = if parse {
-        Answer::Parsed(Arc::new(serde_json::from_slice(&bytes).map_err(not_json)?))
-    } else {
-        // Checked (whole, UTF-8, one JSON value) without building a tree.
-        let text =
-            std::str::from_utf8(&bytes).map_err(|_| Failure::Invalid("the answer is not JSON"))?;
-        serde_json::from_str::<&RawValue>(text).map_err(not_json)?;
-        // A right-sized copy: the body may be a slice of a much larger read buffer, which a
-        // cached answer would otherwise keep alive.
-        Answer::Raw(Bytes::copy_from_slice(&bytes))
+    // Checked (whole, UTF-8, one JSON value) without building a tree where none is needed;
+    // what is kept is a right-sized copy (the body may be a slice of a much larger read
+    // buffer, which a cached answer would otherwise keep alive).
+    let answer = match read {
+        Read::Tree => Answer::Parsed(Arc::new(serde_json::from_slice(&bytes).map_err(not_json)?)),
+        Read::Raw => Answer::Raw(Arc::from(
+            serde_json::from_slice::<Box<RawValue>>(&bytes).map_err(not_json)?,
+        )),
+        Read::RawAt(path) => {
+            let whole = serde_json::from_slice::<&RawValue>(&bytes).map_err(not_json)?;
+            let at = raw_at(whole, &path).map_err(not_json)?;
+            Answer::Raw(Arc::from(at.unwrap_or(RawValue::NULL).to_owned()))
+        }
     };
     Ok(Fetched {
         status: status.as_u16(),
@@ -1155,6 +1168,105 @@ fn get<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
         Value::Array(a) => a.get(step.parse::<usize>().ok()?),
         _ => None,
     })
+}
+
+/// What [`get`] finds, read from the answer's text without building a tree: the value at
+/// `path` as it came (`None` where the path leads nowhere).
+fn raw_at<'a>(
+    mut at: &'a RawValue,
+    path: &[String],
+) -> Result<Option<&'a RawValue>, serde_json::Error> {
+    use serde::Deserializer as _;
+    for step in path {
+        let text = at.get();
+        let mut de = serde_json::Deserializer::from_str(text);
+        let found = match text.trim_start().as_bytes().first() {
+            Some(b'{') => de.deserialize_map(Find::Key(step))?,
+            Some(b'[') => match step.parse::<usize>() {
+                Ok(n) => de.deserialize_seq(Find::Index(n))?,
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        match found {
+            Some(v) => at = v,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(at))
+}
+
+/// One step of [`raw_at`]: an object's member (the last of that name, as [`Value`] keeps
+/// it) or an array's element, borrowed from the text; everything else is skipped.
+enum Find<'k> {
+    Key(&'k str),
+    Index(usize),
+}
+
+impl<'de> serde::de::Visitor<'de> for Find<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object or array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let Find::Key(want) = self else {
+            return Ok(None);
+        };
+        let mut found = None;
+        while let Some(hit) = map.next_key_seed(KeyIs(want))? {
+            if hit {
+                found = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let Find::Index(want) = self else {
+            return Ok(None);
+        };
+        let mut found = None;
+        let mut i = 0;
+        loop {
+            if i == want {
+                match seq.next_element::<&'de RawValue>()? {
+                    Some(v) => found = Some(v),
+                    None => break,
+                }
+            } else if seq.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                break;
+            }
+            i += 1;
+        }
+        Ok(found)
+    }
+}
+
+/// Whether an object's key is the one wanted (escaped or not, without keeping it).
+struct KeyIs<'k>(&'k str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(key == self.0)
+    }
 }
 
 fn put<'a>(doc: &mut BTreeMap<String, Out<'a>>, path: &[String], value: Out<'a>) {
@@ -1319,6 +1431,48 @@ mod tests {
         assert_eq!(max_age(&h("no-store")), None);
         assert_eq!(max_age(&h("private, max-age=60")), None);
         assert_eq!(max_age(&h("max-age=banana")), None);
+    }
+
+    #[test]
+    fn extracting_from_the_text_finds_what_the_tree_would() {
+        let text = r#" {"a": {"items": [1, {"b": "x\"y"}, [3]], "n": null}, "a\u0062": 7, "dup": 1, "dup": 2} "#;
+        let raw = serde_json::from_str::<&RawValue>(text).unwrap();
+        let tree: Value = serde_json::from_str(text).unwrap();
+        for path in [
+            "a",
+            "a.items",
+            "a.items.1",
+            "a.items.1.b",
+            "a.items.2.0",
+            "a.n",
+            "ab",
+            "dup",
+            "a.items.9",
+            "a.items.x",
+            "a.n.deeper",
+            "missing",
+            "a.items.1.b.c",
+        ] {
+            let steps = dotted(path).unwrap();
+            let from_text = raw_at(raw, &steps)
+                .unwrap()
+                .map(|v| serde_json::from_str::<Value>(v.get()).unwrap());
+            assert_eq!(from_text.as_ref(), get(&tree, &steps), "{path}");
+        }
+        // Kept as it came, not re-serialised.
+        let spaced = serde_json::from_str::<&RawValue>(r#"{"items": [ 1,  2 ]}"#).unwrap();
+        assert_eq!(
+            raw_at(spaced, &["items".into()]).unwrap().unwrap().get(),
+            "[ 1,  2 ]"
+        );
+        // A part whose answer is only extracted is not parsed into a tree.
+        let plan = compile(
+            "parts:\n- {name: p, cluster: a, path: /p, extract: items}\n- {name: q, cluster: a, path: /q, extract: items, fields: [id]}\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(plan.parts[0].read, Read::RawAt(["items".to_owned()].into()));
+        assert_eq!(plan.parts[1].read, Read::Tree);
     }
 
     #[test]
