@@ -11,8 +11,10 @@
 //!   sidecars with the gateway's [`Cluster`] (balancer, per-endpoint breakers as outlier
 //!   detection, retry budget, timeouts) and speaks mutual TLS, accepting only a peer whose
 //!   certificate names the target's SPIFFE id. A request that could not be connected is
-//!   sent elsewhere whatever its method (its body is buffered, ≤ 1 MiB); one that failed
-//!   after sending only if idempotent; both within the cluster's attempts and budget.
+//!   sent elsewhere whatever its method (its body is buffered, ≤ 1 MiB), and so is one
+//!   the target's sidecar answered 503 with `x-shopmesh-not-delivered` (its local service
+//!   refused the connection: the request never reached it); one that failed after
+//!   sending only if idempotent; all within the cluster's attempts and budget.
 //! - **Reload** ([`Sidecar::reload`]; on SIGHUP and when the configuration or a TLS file
 //!   changes): a whole new generation (TLS material, policy, targets; endpoints and their
 //!   breakers kept) is swapped in atomically; connections and requests under way keep the
@@ -54,6 +56,12 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// The header carrying the calling service's verified identity to the local service.
 pub const PEER_HEADER: HeaderName = HeaderName::from_static("x-shopmesh-peer-service");
+
+/// Set by an inbound sidecar on its 503 when the local service could not be connected to:
+/// the request never reached it, so the caller's sidecar may send it to another instance
+/// whatever its method. Removed from the local service's own answers (a service cannot
+/// claim it) and from what the outbound side hands back.
+pub const NOT_DELIVERED_HEADER: HeaderName = HeaderName::from_static("x-shopmesh-not-delivered");
 
 /// Bodies buffered by the outbound side (so that a request can go to another endpoint).
 const MAX_BODY: usize = 1 << 20;
@@ -495,7 +503,16 @@ async fn inbound_inner(g: &Generation, caller: &str, req: Request<Incoming>) -> 
         Ok(Ok(res)) => {
             let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(&NOT_DELIVERED_HEADER);
             Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            // Nothing was sent: the caller's sidecar may try another instance.
+            tracing::warn!(error = %e, "local service not reachable");
+            let mut res = problem(Problem::unavailable("the local service is not reachable"));
+            res.headers_mut()
+                .insert(NOT_DELIVERED_HEADER, HeaderValue::from_static("1"));
+            res
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "local service failed");
@@ -635,6 +652,20 @@ async fn outbound_inner(
             attempt < cluster.retry_attempts && (connect_failed || idempotent) && cluster.withdraw()
         };
         match result {
+            // The target's sidecar could not reach its service: nothing was delivered, so
+            // any method may go elsewhere, as after a refused connection.
+            Ok(Ok(res))
+                if res.status() == StatusCode::SERVICE_UNAVAILABLE
+                    && res.headers().contains_key(&NOT_DELIVERED_HEADER) =>
+            {
+                lease.finish(false);
+                if retry_allowed(true) {
+                    attempt += 1;
+                    avoid = Some(endpoint);
+                    continue;
+                }
+                return (upstream_answer(res), Some(endpoint.url.to_string()));
+            }
             Ok(Ok(res)) if res.status().is_server_error() && idempotent => {
                 lease.finish(false);
                 if retry_allowed(false) {
@@ -685,5 +716,6 @@ async fn outbound_inner(
 fn upstream_answer(res: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(&NOT_DELIVERED_HEADER);
     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }

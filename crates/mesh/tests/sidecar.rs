@@ -519,47 +519,327 @@ async fn a_sidecar_watching_its_files_picks_up_a_new_certificate() {
     orders.shutdown();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_one_of_two_instances_under_load_moves_to_the_other() {
-    let m = mesh(&["orders", "payments"]);
-    let (l1, l2) = (backend("p1").await, backend("p2").await);
-    let p1 = inbound_sidecar(m.dir.path(), "payments", l1, "").await;
-    let p2 = inbound_sidecar(m.dir.path(), "payments", l2, "").await;
-    let (orders, _) = outbound_sidecar(
-        m.dir.path(),
-        "orders",
-        "payments",
-        &[p1.inbound_addr.unwrap(), p2.inbound_addr.unwrap()],
-    )
-    .await;
+/// A service instance that can be killed abruptly: its accept loop and every one of its
+/// connections end at once (sockets closed mid-request, nothing drained), as when the
+/// process is killed; each request takes `delay` so that some are in flight at the kill.
+struct KillableService {
+    addr: SocketAddr,
+    kill: tokio_util::sync::CancellationToken,
+}
+
+async fn killable_service(instance: &'static str, delay: Duration) -> KillableService {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let kill = tokio_util::sync::CancellationToken::new();
+    let stop = kill.clone();
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = l.accept() => match r {
+                    Ok((tcp, _)) => tcp,
+                    Err(_) => continue,
+                },
+            };
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(instance)),
+                        ))
+                    },
+                );
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    KillableService { addr, kill }
+}
+
+/// What is killed: the whole instance (its sidecar and its service, a pod or host lost),
+/// or only the service process (its sidecar lives on and finds nothing on loopback).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kill {
+    Instance,
+    ServiceOnly,
+}
+
+/// One request of the load: when it started and ended (relative to the kill), its method,
+/// and which instance answered (or why it failed).
+struct Record {
+    start: f64,
+    end: f64,
+    post: bool,
+    outcome: Result<String, String>,
+}
+
+/// A request through the outbound sidecar with a small body (a POST is what a saga step
+/// sends: not idempotent, so it may go elsewhere only when it surely was not delivered).
+async fn call_with_body(
+    c: &Client<HttpConnector, http_body_util::Full<Bytes>>,
+    outbound: SocketAddr,
+    target: &str,
+    post: bool,
+) -> Result<String, String> {
+    let req = http::Request::builder()
+        .method(if post {
+            http::Method::POST
+        } else {
+            http::Method::GET
+        })
+        .uri(format!("http://{outbound}/api/payment-methods"))
+        .header("host", target)
+        .body(http_body_util::Full::new(Bytes::from_static(
+            b"{\"amount\":1}",
+        )))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), c.request(req))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.map_err(|e| e.to_string())?;
+    let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(format!("{status} {body}"))
+    }
+}
+
+/// The value of the gauge `name` for the series whose labels include all of `labels`.
+fn gauge(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The sum of the counter `name` over the series whose labels include all of `labels`.
+fn counter_sum(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// How long after the kill the dead instance's sockets may still be being torn down (its
+/// tasks end when next polled; a killed process's kernel closes them at once). Requests
+/// started later than this must all succeed.
+const TEARDOWN: f64 = 0.1;
+
+/// A caller's outbound sidecar, a target with two instances (each a service behind its own
+/// inbound sidecar), steady load of GETs and POSTs, and one instance killed mid-load.
+async fn kill_one_of_two_under_load(kill: Kill) {
+    let (caller, target): (&str, &'static str) = match kill {
+        Kill::Instance => ("orders-a", "payments-a"),
+        Kill::ServiceOnly => ("orders-b", "payments-b"),
+    };
+    let m = mesh(&[caller, target]);
+    let delay = Duration::from_millis(2);
+    let s1 = killable_service("p1", delay).await;
+    let s2 = killable_service("p2", delay).await;
+    let p1 = inbound_sidecar(m.dir.path(), target, s1.addr, "").await;
+    let p2 = inbound_sidecar(m.dir.path(), target, s2.addr, "").await;
+    let p1_url = format!("https://{}", p1.inbound_addr.unwrap());
+    let p2_url = format!("https://{}", p2.inbound_addr.unwrap());
+    // Breaker: 3 consecutive failures open it for 1 s, then one probe; retries: the
+    // gateway's defaults (1 more attempt, 20 % of requests, at least 10/s).
+    let open_ms = 1000;
+    let yaml = format!(
+        "service: {caller}\noutbound: {{ listen: '127.0.0.1:0' }}\n{}targets:\n  - name: {target}\n    endpoints: ['{p1_url}', '{p2_url}']\n    circuit_breaker: {{ consecutive_failures: 3, open_ms: {open_ms} }}\n",
+        tls_yaml(m.dir.path(), caller),
+    );
+    let orders = Sidecar::start(SidecarConfig::from_yaml(&yaml).unwrap())
+        .await
+        .unwrap();
     let outbound = orders.outbound_addr.unwrap();
+
+    let base = std::time::Instant::now();
+    let records = Arc::new(std::sync::Mutex::new(Vec::<Record>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let workers = 8;
-    let (ok, failed, tasks) = load(outbound, "payments", workers, stop.clone());
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (records, stop) = (records.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let post = (w + n).is_multiple_of(2);
+                    n += 1;
+                    let start = base.elapsed().as_secs_f64();
+                    let outcome = call_with_body(&c, outbound, target, post).await;
+                    let end = base.elapsed().as_secs_f64();
+                    records.lock().unwrap().push(Record {
+                        start,
+                        end,
+                        post,
+                        outcome,
+                    });
+                }
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before_kill = ok.load(Ordering::Relaxed);
-    p1.shutdown();
-    // Within the breaker's bound (3 consecutive failures; connects refused are retried on
-    // the other instance meanwhile), everything goes to p2.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let c = client();
-    for _ in 0..50 {
-        let r = call(&c, outbound, "payments", http::Method::GET, "/api/x")
-            .await
-            .unwrap();
-        assert_eq!(r.0, 200);
-        assert!(r.1.starts_with("p2 "), "{}", r.1);
+    let breaker = |text: &str| {
+        gauge(
+            text,
+            "gateway_breaker_state",
+            &[&format!("endpoint=\"{p1_url}\"")],
+        )
+    };
+    assert_ne!(
+        breaker(&shopmesh_platform::telemetry::prometheus().render()),
+        Some(1.0),
+        "p1's breaker is open before the kill"
+    );
+    let killed = std::time::Instant::now();
+    s1.kill.cancel();
+    if kill == Kill::Instance {
+        p1.shutdown();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kill_t = killed.duration_since(base).as_secs_f64();
+    // The breaker's move, watched from the metrics.
+    let mut opened_after = None;
+    while killed.elapsed() < Duration::from_millis(2 * open_ms + 600) {
+        if opened_after.is_none()
+            && breaker(&shopmesh_platform::telemetry::prometheus().render()) == Some(1.0)
+        {
+            opened_after = Some(killed.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("kill: {before_kill} ok before, {ok} ok in all, {failed} failed");
-    assert!(before_kill > 50);
-    assert!(
-        failed <= workers as u64,
-        "only requests in flight on the killed instance may fail: {failed}"
+    let metrics = shopmesh_platform::telemetry::prometheus().render();
+    let records = std::mem::take(&mut *records.lock().unwrap());
+    let rel = |t: f64| t - kill_t;
+    let served_by = |who: &str, r: &Record| r.outcome.as_deref() == Ok(who);
+    let before: Vec<&Record> = records.iter().filter(|r| r.end < kill_t).collect();
+    let (p1_before, p2_before) = (
+        before.iter().filter(|r| served_by("p1", r)).count(),
+        before.iter().filter(|r| served_by("p2", r)).count(),
     );
+    let failed: Vec<&Record> = records.iter().filter(|r| r.outcome.is_err()).collect();
+    let failed_get = failed.iter().filter(|r| !r.post).count();
+    let failed_post = failed.iter().filter(|r| r.post).count();
+    let after: Vec<&Record> = records.iter().filter(|r| rel(r.start) > TEARDOWN).collect();
+    let last_p1 = records
+        .iter()
+        .filter(|r| served_by("p1", r))
+        .map(|r| rel(r.end))
+        .fold(f64::MIN, f64::max);
+    let ms = |t: Option<f64>| t.map(|t| format!("{:.1} ms", t * 1e3));
+    let latest_failed_start = ms(failed.iter().map(|r| rel(r.start)).reduce(f64::max));
+    let last_failure_end = ms(failed.iter().map(|r| rel(r.end)).reduce(f64::max));
+    eprintln!(
+        "kill {kill:?}: {} requests ({} before the kill: p1 {p1_before}, p2 {p2_before}); \
+         failed: {failed_get} GET, {failed_post} POST (latest started {latest_failed_start:?} after the kill, \
+         last ended {last_failure_end:?} after); last p1 answer {:.1} ms after the kill; breaker open \
+         after {:?} ms; {} requests started > {:.0} ms after the kill, all on p2: {}",
+        records.len(),
+        before.len(),
+        last_p1 * 1e3,
+        opened_after.map(|t| (t * 1e4).round() / 10.0),
+        after.len(),
+        TEARDOWN * 1e3,
+        after.iter().all(|r| served_by("p2", r)),
+    );
+    for r in &failed {
+        eprintln!(
+            "  failed {} started {:+.1} ms: {:?}",
+            if r.post { "POST" } else { "GET" },
+            rel(r.start) * 1e3,
+            r.outcome
+        );
+    }
+    // Both instances carried the load before.
+    assert!(
+        p1_before > 20 && p2_before > 20,
+        "p1 {p1_before}, p2 {p2_before}"
+    );
+    // A GET is retried on the survivor whatever happened to it: none fails.
+    assert_eq!(failed_get, 0, "GETs failed");
+    // Only POSTs already in flight on the killed instance may fail (at most one per worker),
+    // and only those: none that started after the dead instance's teardown.
+    assert!(failed_post <= workers, "{failed_post} POSTs failed");
+    assert!(
+        failed.iter().all(|r| rel(r.start) <= TEARDOWN),
+        "a request started after the kill failed"
+    );
+    // After that bound every request succeeds, on the survivor, through the breaker's
+    // half-open probes (a probe that finds p1 dead is sent on to p2).
+    assert!(
+        after.len() > 200,
+        "{} requests only after the kill",
+        after.len()
+    );
+    assert!(
+        after.iter().all(|r| served_by("p2", r)),
+        "a request after the kill was not answered by p2"
+    );
+    assert!(
+        after.iter().filter(|r| r.post).count() > 100,
+        "POSTs were sent after the kill"
+    );
+    // The breaker shows the move: open within the bound, and still open at the end (each
+    // probe failed), never closed again.
+    let opened_after = opened_after.expect("p1's breaker never opened");
+    assert!(
+        opened_after < 0.5,
+        "the breaker opened {opened_after} s after the kill"
+    );
+    assert_eq!(breaker(&metrics), Some(1.0), "p1's breaker at the end");
+    assert_ne!(
+        gauge(
+            &metrics,
+            "gateway_breaker_state",
+            &[&format!("endpoint=\"{p2_url}\"")]
+        ),
+        Some(1.0),
+        "p2's breaker opened"
+    );
+    // The caller's sidecar counted what the callers saw.
+    let src = format!("source_workload=\"{caller}\"");
+    let dst = format!("destination_workload=\"{target}\"");
+    let labels = ["reporter=\"source\"", src.as_str(), dst.as_str()];
+    let ok_counted = counter_sum(
+        &metrics,
+        "istio_requests_total",
+        &[&labels[..], &["response_code=\"200\""]].concat(),
+    );
+    let all_counted = counter_sum(&metrics, "istio_requests_total", &labels);
+    let ok = records.iter().filter(|r| r.outcome.is_ok()).count() as u64;
+    assert_eq!(ok_counted, ok, "200s counted");
+    assert_eq!(
+        all_counted - ok_counted,
+        failed.len() as u64,
+        "failures counted"
+    );
+    orders.shutdown();
+    p2.shutdown();
+    p1.shutdown();
+    s2.kill.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_two_instances_under_load_moves_to_the_other() {
+    kill_one_of_two_under_load(Kill::Instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_service_behind_one_of_two_sidecars_under_load_moves_to_the_other() {
+    kill_one_of_two_under_load(Kill::ServiceOnly).await;
 }
