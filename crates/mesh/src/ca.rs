@@ -12,6 +12,8 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use crate::error::MeshError;
+
 /// The trust domain of every mesh identity.
 pub const TRUST_DOMAIN: &str = "shopmesh";
 
@@ -63,14 +65,10 @@ pub struct Leaf {
     pub not_after: OffsetDateTime,
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
 impl Ca {
     /// A new CA valid for `days` days (from an hour ago, for clock skew).
-    pub fn generate(days: u32) -> Result<Self, String> {
-        let key = KeyPair::generate().map_err(err)?;
+    pub fn generate(days: u32) -> Result<Self, MeshError> {
+        let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "shopmesh");
@@ -85,7 +83,7 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::from_secs(3600);
         params.not_after = now + Duration::from_secs(u64::from(days) * 86_400);
-        let cert = params.self_signed(&key).map_err(err)?;
+        let cert = params.self_signed(&key)?;
         Ok(Self {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -93,10 +91,9 @@ impl Ca {
     }
 
     /// Reads `ca.pem` and `ca-key.pem` from `dir`.
-    pub fn load(dir: &Path) -> Result<Self, String> {
+    pub fn load(dir: &Path) -> Result<Self, MeshError> {
         let (cert, key) = ca_paths(dir);
-        let read =
-            |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|error| io(p, error));
         Ok(Self {
             cert_pem: read(&cert)?,
             key_pem: read(&key)?,
@@ -105,17 +102,14 @@ impl Ca {
 
     /// Writes `ca.pem` and `ca-key.pem` into `dir` (created if missing); refuses to
     /// overwrite an existing CA.
-    pub fn save(&self, dir: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    pub fn save(&self, dir: &Path) -> Result<(), MeshError> {
+        std::fs::create_dir_all(dir).map_err(|error| io(dir, error))?;
         let (cert, key) = ca_paths(dir);
         if key.exists() {
-            return Err(format!(
-                "{} exists: a CA is already there (remove it to start over)",
-                key.display()
-            ));
+            return Err(MeshError::CaExists(key));
         }
         write_secret(&key, &self.key_pem)?;
-        std::fs::write(&cert, &self.cert_pem).map_err(|e| format!("{}: {e}", cert.display()))
+        std::fs::write(&cert, &self.cert_pem).map_err(|error| io(&cert, error))
     }
 
     /// Issues a leaf for `service`, valid from `not_before` for `ttl`: URI SAN
@@ -125,22 +119,27 @@ impl Ca {
         service: &str,
         not_before: OffsetDateTime,
         ttl: Duration,
-    ) -> Result<Leaf, String> {
+    ) -> Result<Leaf, MeshError> {
         if !valid_service_name(service) {
-            return Err(format!(
-                "`{service}` is not a service name (lower-case letters, digits, `-`)"
-            ));
+            return Err(MeshError::ServiceName(service.to_owned()));
         }
-        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|e| format!("CA key: {e}"))?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key)
-            .map_err(|e| format!("CA certificate: {e}"))?;
-        let key = KeyPair::generate().map_err(err)?;
+        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|error| MeshError::CaMaterial {
+            what: "CA key",
+            error,
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(|error| {
+            MeshError::CaMaterial {
+                what: "CA certificate",
+                error,
+            }
+        })?;
+        let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "shopmesh");
         dn.push(DnType::CommonName, service);
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(spiffe_id(service).try_into().map_err(err)?)];
+        params.subject_alt_names = vec![SanType::URI(spiffe_id(service).try_into()?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -153,7 +152,7 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before;
         params.not_after = not_before + ttl;
-        let cert = params.signed_by(&key, &issuer).map_err(err)?;
+        let cert = params.signed_by(&key, &issuer)?;
         Ok(Leaf {
             chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
             key_pem: key.serialize_pem(),
@@ -162,7 +161,7 @@ impl Ca {
     }
 
     /// Issues a leaf valid from five minutes ago (clock skew) for `ttl`.
-    pub fn issue(&self, service: &str, ttl: Duration) -> Result<Leaf, String> {
+    pub fn issue(&self, service: &str, ttl: Duration) -> Result<Leaf, MeshError> {
         let skew = Duration::from_secs(300);
         self.issue_at(service, OffsetDateTime::now_utc() - skew, ttl + skew)
     }
@@ -173,7 +172,7 @@ impl Leaf {
     /// reloading meanwhile reads either the old file or the new one, never half of one.
     /// The key is renamed in first; a reload that sees a new key with the old certificate
     /// fails to build and keeps serving with what it had, and the next one succeeds.
-    pub fn save(&self, dir: &Path, service: &str) -> Result<(PathBuf, PathBuf), String> {
+    pub fn save(&self, dir: &Path, service: &str) -> Result<(PathBuf, PathBuf), MeshError> {
         let (cert, key) = leaf_paths(dir, service);
         write_secret(&key, &self.key_pem)?;
         write_atomic(&cert, self.chain_pem.as_bytes(), None)?;
@@ -181,11 +180,18 @@ impl Leaf {
     }
 }
 
-fn write_secret(path: &Path, text: &str) -> Result<(), String> {
+fn io(path: &Path, error: std::io::Error) -> MeshError {
+    MeshError::Io {
+        path: path.to_owned(),
+        error,
+    }
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<(), MeshError> {
     write_atomic(path, text.as_bytes(), Some(0o600))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), String> {
+fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), MeshError> {
     use std::io::Write as _;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -195,7 +201,7 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), Stri
     #[cfg(unix)]
     opts.mode(mode.unwrap_or(0o644));
     let _ = mode;
-    let ctx = |e: std::io::Error| format!("{}: {e}", path.display());
+    let ctx = |error| io(path, error);
     let mut f = opts.open(&tmp).map_err(ctx)?;
     f.write_all(bytes).map_err(ctx)?;
     f.sync_all().map_err(ctx)?;

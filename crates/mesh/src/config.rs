@@ -23,6 +23,7 @@ use serde::Deserialize;
 use shopmesh_gateway::config::ClusterConfig;
 
 use crate::ca::valid_service_name;
+use crate::error::MeshError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,18 +92,29 @@ pub struct Rule {
 }
 
 impl SidecarConfig {
-    pub fn from_yaml(text: &str) -> Result<Self, String> {
-        let cfg: Self = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_yaml(text: &str) -> Result<Self, MeshError> {
+        let cfg: Self =
+            serde_saphyr::from_str(text).map_err(|e| MeshError::Parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn load(path: &str) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-        Self::from_yaml(&text).map_err(|e| format!("{path}: {e}"))
+    pub fn load(path: &str) -> Result<Self, MeshError> {
+        let text = std::fs::read_to_string(path).map_err(|error| MeshError::Io {
+            path: path.into(),
+            error,
+        })?;
+        Self::from_yaml(&text).map_err(|e| MeshError::InFile {
+            path: path.to_owned(),
+            error: Box::new(e),
+        })
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), MeshError> {
+        self.check().map_err(MeshError::Invalid)
+    }
+
+    fn check(&self) -> Result<(), String> {
         if !valid_service_name(&self.service) {
             return Err(format!("service `{}` is not a service name", self.service));
         }
@@ -230,10 +242,34 @@ policy:
         assert!(
             SidecarConfig::from_yaml(&bad)
                 .unwrap_err()
+                .to_string()
                 .contains("https")
         );
         let bad = YAML.replace("methods: [GET, POST]", "methods: [get]");
         assert!(SidecarConfig::from_yaml(&bad).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_keep_the_cause() {
+        let e = SidecarConfig::load("/nonexistent/sidecar.yaml").unwrap_err();
+        assert!(matches!(e, MeshError::Io { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with("/nonexistent/sidecar.yaml: "),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.yaml");
+        std::fs::write(&path, YAML.replace("outbound:", "outbund:")).unwrap();
+        let e = SidecarConfig::load(path.to_str().unwrap()).unwrap_err();
+        assert!(
+            matches!(&e, MeshError::InFile { error, .. } if matches!(**error, MeshError::Parse(_))),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("outbund"), "{e}");
+        let e =
+            SidecarConfig::from_yaml(&YAML.replace("from: gateway", "from: Gateway")).unwrap_err();
+        assert!(matches!(e, MeshError::Invalid(_)), "{e:?}");
+        assert_eq!(e.to_string(), "policy: `Gateway` is not a service name");
     }
 
     #[test]

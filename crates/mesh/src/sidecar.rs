@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ca::service_of_cert;
 use crate::config::{Policy, SidecarConfig};
+use crate::error::MeshError;
 use crate::tls::Material;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -81,7 +82,7 @@ struct Generation {
 }
 
 impl Generation {
-    fn build(cfg: SidecarConfig, previous: Option<&Generation>) -> Result<Self, String> {
+    fn build(cfg: SidecarConfig, previous: Option<&Generation>) -> Result<Self, MeshError> {
         cfg.validate()?;
         let material = Material::load(&cfg.tls, &cfg.service)?;
         let acceptor = match &cfg.inbound {
@@ -91,7 +92,11 @@ impl Generation {
         let mut targets = HashMap::new();
         for t in &cfg.targets {
             let prev = previous.and_then(|p| p.targets.get(&t.name));
-            let cluster = Cluster::new(t, prev.map(|p| &p.cluster), 0)?;
+            let cluster =
+                Cluster::new(t, prev.map(|p| &p.cluster), 0).map_err(|e| MeshError::Target {
+                    target: t.name.clone(),
+                    reason: e.to_string(),
+                })?;
             let mut http = HttpConnector::new();
             http.enforce_http(false);
             http.set_nodelay(true);
@@ -114,7 +119,9 @@ impl Generation {
         }
         let local = match &cfg.inbound {
             Some(i) => Some((
-                i.local.parse::<Uri>().map_err(|e| e.to_string())?,
+                i.local
+                    .parse::<Uri>()
+                    .map_err(|e| MeshError::Invalid(format!("inbound.local `{}`: {e}", i.local)))?,
                 Duration::from_millis(i.timeout_ms),
             )),
             None => None,
@@ -147,21 +154,21 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Reads the configuration file, binds the listeners and starts serving.
-    pub async fn start_file(path: impl Into<std::path::PathBuf>) -> Result<Self, String> {
+    pub async fn start_file(path: impl Into<std::path::PathBuf>) -> Result<Self, MeshError> {
         let path = path.into();
         let cfg = SidecarConfig::load(&path.to_string_lossy())?;
         Self::start_with(cfg, Some(path)).await
     }
 
     /// Starts from a configuration in memory ([`Sidecar::reload`] then re-reads nothing).
-    pub async fn start(cfg: SidecarConfig) -> Result<Self, String> {
+    pub async fn start(cfg: SidecarConfig) -> Result<Self, MeshError> {
         Self::start_with(cfg, None).await
     }
 
     async fn start_with(
         cfg: SidecarConfig,
         path: Option<std::path::PathBuf>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, MeshError> {
         let _ = shopmesh_platform::telemetry::prometheus();
         let generation = Generation::build(cfg.clone(), None)?;
         let shared = Arc::new(Shared {
@@ -173,7 +180,7 @@ impl Sidecar {
         let bind = |addr: String| async move {
             TcpListener::bind(&addr)
                 .await
-                .map_err(|e| format!("bind {addr}: {e}"))
+                .map_err(|error| MeshError::Bind { addr, error })
         };
         let mut me = Self {
             shared: shared.clone(),
@@ -209,13 +216,16 @@ impl Sidecar {
 
     /// Re-reads the configuration file (if started from one) and the TLS files, and swaps
     /// the new generation in. On error the serving one stays.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), MeshError> {
         let cfg = match &self.shared.path {
             Some(p) => SidecarConfig::load(&p.to_string_lossy())?,
             None => self.shared.generation.load().cfg.clone(),
         };
         if cfg.service != self.shared.service {
-            return Err("a reload cannot change the service".into());
+            return Err(MeshError::ServiceChanged {
+                from: self.shared.service.clone(),
+                to: cfg.service,
+            });
         }
         let current = self.shared.generation.load_full();
         let next = Generation::build(cfg, Some(&current)).inspect_err(|e| {

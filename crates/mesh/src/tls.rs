@@ -14,6 +14,7 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 
 use crate::ca::{service_of_cert, spiffe_id};
 use crate::config::MeshTls;
+use crate::error::MeshError;
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -29,36 +30,40 @@ pub struct Material {
 }
 
 impl Material {
-    pub fn load(cfg: &MeshTls, service: &str) -> Result<Self, String> {
-        let certs = |path: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+    pub fn load(cfg: &MeshTls, service: &str) -> Result<Self, MeshError> {
+        let certs = |path: &str| -> Result<Vec<CertificateDer<'static>>, MeshError> {
             let v = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("`{path}`: {e}"))?;
+                .map_err(|error| MeshError::Pem {
+                    path: path.to_owned(),
+                    error,
+                })?;
             if v.is_empty() {
-                return Err(format!("`{path}`: no certificate in it"));
+                return Err(MeshError::NoCertificate(path.to_owned()));
             }
             Ok(v)
         };
         let mut roots = RootCertStore::empty();
         for c in certs(&cfg.ca_file)? {
-            roots
-                .add(c)
-                .map_err(|e| format!("tls.ca_file `{}`: {e}", cfg.ca_file))?;
+            roots.add(c).map_err(|error| MeshError::CaFile {
+                path: cfg.ca_file.clone(),
+                error,
+            })?;
         }
         let chain = certs(&cfg.cert_file)?;
-        let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
-            .map_err(|e| format!("tls.key_file `{}`: {e}", cfg.key_file))?;
-        let named = service_of_cert(&chain[0]).ok_or_else(|| {
-            format!(
-                "tls.cert_file `{}`: no single spiffe://shopmesh/service/NAME SAN",
-                cfg.cert_file
-            )
-        })?;
+        let key =
+            PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|error| MeshError::KeyFile {
+                path: cfg.key_file.clone(),
+                error,
+            })?;
+        let named = service_of_cert(&chain[0])
+            .ok_or_else(|| MeshError::NoIdentity(cfg.cert_file.clone()))?;
         if named != service {
-            return Err(format!(
-                "tls.cert_file `{}` is {named}'s certificate, not {service}'s",
-                cfg.cert_file
-            ));
+            return Err(MeshError::WrongIdentity {
+                path: cfg.cert_file.clone(),
+                named,
+                service: service.to_owned(),
+            });
         }
         Ok(Self {
             roots: Arc::new(roots),
@@ -69,23 +74,23 @@ impl Material {
     }
 
     /// The inbound side: client certificates required, chained to the mesh CA.
-    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, MeshError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
-            .map_err(|e| format!("tls: {e}"))?;
+            .map_err(MeshError::Verifier)?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| format!("tls: {e}"))?
+            .map_err(MeshError::Tls)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| format!("tls: the key does not fit the certificate: {e}"))?;
+            .map_err(MeshError::KeyMismatch)?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }
 
     /// The outbound side towards `target`: presents this sidecar's certificate and accepts
     /// only `spiffe://shopmesh/service/<target>`.
-    pub fn client_config(&self, target: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    pub fn client_config(&self, target: &str) -> Result<Arc<rustls::ClientConfig>, MeshError> {
         let verifier = Arc::new(SpiffeServerVerifier {
             roots: self.roots.clone(),
             expected: target.to_owned(),
@@ -93,11 +98,11 @@ impl Material {
         });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| format!("tls: {e}"))?
+            .map_err(MeshError::Tls)?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| format!("tls: the key does not fit the certificate: {e}"))?;
+            .map_err(MeshError::KeyMismatch)?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }

@@ -59,9 +59,7 @@ pub fn run(a: MeshArgs) -> anyhow::Result<()> {
         MeshCommand::Ca {
             action: CaAction::Init { dir, days },
         } => {
-            Ca::generate(days)
-                .and_then(|ca| ca.save(&dir))
-                .map_err(anyhow::Error::msg)?;
+            Ca::generate(days).and_then(|ca| ca.save(&dir))?;
             println!("{}", ca_paths(&dir).0.display());
         }
         MeshCommand::Cert {
@@ -73,11 +71,9 @@ pub fn run(a: MeshArgs) -> anyhow::Result<()> {
                 },
         } => {
             anyhow::ensure!(ttl_hours > 0, "--ttl-hours must be at least 1");
-            let ca = Ca::load(&dir).map_err(anyhow::Error::msg)?;
-            let leaf = ca
-                .issue(&service, Duration::from_secs(ttl_hours * 3600))
-                .map_err(anyhow::Error::msg)?;
-            let (cert, _key) = leaf.save(&dir, &service).map_err(anyhow::Error::msg)?;
+            let ca = Ca::load(&dir)?;
+            let leaf = ca.issue(&service, Duration::from_secs(ttl_hours * 3600))?;
+            let (cert, _key) = leaf.save(&dir, &service)?;
             println!("{} (until {})", cert.display(), leaf.not_after);
         }
     }
@@ -100,15 +96,13 @@ pub struct SidecarArgs {
 
 pub async fn sidecar(a: SidecarArgs) -> anyhow::Result<()> {
     if a.check {
-        let cfg = shopmesh_mesh::SidecarConfig::load(&a.config.to_string_lossy())
-            .map_err(anyhow::Error::msg)?;
-        shopmesh_mesh::tls::Material::load(&cfg.tls, &cfg.service).map_err(anyhow::Error::msg)?;
+        let cfg = shopmesh_mesh::SidecarConfig::load(&a.config.to_string_lossy())?;
+        shopmesh_mesh::tls::Material::load(&cfg.tls, &cfg.service)?;
         println!("{}: valid", a.config.display());
         return Ok(());
     }
     let s = shopmesh_mesh::Sidecar::start_file(&a.config)
         .await
-        .map_err(anyhow::Error::msg)
         .with_context(|| format!("sidecar {}", a.config.display()))?;
     s.watch(Duration::from_millis(a.reload_poll_ms.max(10)));
     crate::shutdown_signal().await;
