@@ -17,6 +17,7 @@ use crate::breaker::{Breaker, Permit, State};
 use crate::config::{
     BreakerConfig, ClusterConfig, HashOn, HealthCheckConfig, LoadBalancer, UpstreamProtocol,
 };
+use crate::upstream::{Kept, Settings};
 use crate::wire::{HttpClient, empty};
 
 /// One upstream endpoint. Survives reloads that keep it (same cluster, URL and breaker
@@ -34,6 +35,8 @@ pub struct Endpoint {
     probe_fail: AtomicU32,
     /// Unix milliseconds of the last active health check's answer (0: none yet).
     last_check: AtomicU64,
+    /// Idle HTTP/1 connections of the composites' part calls, per worker.
+    pub kept: Kept,
 }
 
 impl Endpoint {
@@ -50,6 +53,7 @@ impl Endpoint {
             probe_ok: AtomicU32::new(0),
             probe_fail: AtomicU32::new(0),
             last_check: AtomicU64::new(0),
+            kept: Kept::default(),
         })
     }
 
@@ -121,6 +125,8 @@ pub struct Cluster {
     budget: TpsBudget,
     health: Option<HealthCheckConfig>,
     protocol: UpstreamProtocol,
+    /// How the composites' part calls connect and keep connections (HTTP/1 clusters).
+    pub upstream: Settings,
 }
 
 impl Cluster {
@@ -192,6 +198,11 @@ impl Cluster {
             ),
             health: cfg.health_check.clone(),
             protocol: cfg.protocol,
+            upstream: Settings {
+                connect: Duration::from_millis(cfg.timeouts.connect_ms),
+                idle: Duration::from_millis(cfg.timeouts.idle_ms),
+                max_idle: cfg.timeouts.max_idle_per_endpoint,
+            },
         })
     }
 

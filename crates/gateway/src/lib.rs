@@ -40,6 +40,7 @@ pub mod runtime;
 pub mod server;
 pub mod tls;
 pub mod traffic;
+mod upstream;
 mod wire;
 pub mod worker;
 

@@ -1037,16 +1037,40 @@ async fn fetch(
     let Some(lease) = cluster.pick(None, None) else {
         return Err(Failure::NoEndpoint);
     };
-    let uri = Uri::builder()
-        .scheme(lease.endpoint.scheme.clone())
-        .authority(lease.endpoint.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| Failure::Invalid("the request is not valid"))?;
-    let mut req = Request::new(empty());
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
+    let too_large = |_| Failure::Invalid("the answer is too large or broken");
     let call = async {
+        if cluster.version() == http::Version::HTTP_11 {
+            // This worker's own connections to the endpoint (see `upstream`).
+            let ep = &lease.endpoint;
+            let build = || {
+                let mut req = Request::new(empty());
+                *req.uri_mut() = Uri::from(path_and_query.clone());
+                *req.headers_mut() = headers.clone();
+                req
+            };
+            let (res, conn) = ep
+                .kept
+                .send(&ep.authority, &cluster.upstream, build)
+                .await
+                .map_err(|_| Failure::Unreachable)?;
+            let (parts, body) = res.into_parts();
+            let bytes = Limited::new(body, max)
+                .collect()
+                .await
+                .map_err(too_large)?
+                .to_bytes();
+            ep.kept.keep(conn, &cluster.upstream);
+            return Ok::<_, Failure>((parts.status, parts.headers, bytes));
+        }
+        let uri = Uri::builder()
+            .scheme(lease.endpoint.scheme.clone())
+            .authority(lease.endpoint.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| Failure::Invalid("the request is not valid"))?;
+        let mut req = Request::new(empty());
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
         let res = cluster
             .client()
             .request(req)
@@ -1056,9 +1080,9 @@ async fn fetch(
         let bytes = Limited::new(body, max)
             .collect()
             .await
-            .map_err(|_| Failure::Invalid("the answer is too large or broken"))?
+            .map_err(too_large)?
             .to_bytes();
-        Ok::<_, Failure>((parts.status, parts.headers, bytes))
+        Ok((parts.status, parts.headers, bytes))
     };
     let (status, headers, bytes) = match tokio::time::timeout(timeout, call).await {
         Err(_) => {

@@ -1,0 +1,331 @@
+//! HTTP/1 connections to one endpoint, kept per worker thread: a composite's part calls
+//! take an idle connection of their own worker (no lock another worker contends for, no
+//! endpoint key hashed per request, as the shared client pool does), send over it, and put
+//! it back once the answer has been read whole.
+//!
+//! A kept connection the endpoint has closed meanwhile is found out when it is taken
+//! (closed, or not ready) or when the request fails on it; the request, which has no body,
+//! then goes once more over a new connection, as a client pool retries a request its
+//! kept connection could not carry.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, header};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::wire::Body;
+use crate::worker::{MAX_WORKERS, worker_index};
+
+/// How connections to a cluster's endpoints are made and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub connect: Duration,
+    /// An idle connection older than this is closed rather than used.
+    pub idle: Duration,
+    /// Idle connections kept per endpoint and worker.
+    pub max_idle: usize,
+}
+
+#[derive(Debug)]
+struct Idle {
+    tx: SendRequest<Body>,
+    since: Instant,
+}
+
+/// One endpoint's idle connections, one list per worker thread (index 0: the main runtime).
+#[derive(Debug)]
+pub struct Kept {
+    per_worker: [Mutex<Vec<Idle>>; MAX_WORKERS + 1],
+}
+
+impl Default for Kept {
+    fn default() -> Self {
+        Self {
+            per_worker: std::array::from_fn(|_| Mutex::new(Vec::new())),
+        }
+    }
+}
+
+/// Why a call got no answer.
+#[derive(Debug)]
+pub enum Error {
+    /// No connection could be made in time.
+    Connect,
+    /// The connection failed while the request was out.
+    Request,
+}
+
+/// A connection that carried a request; [`Conn::keep`] gives it back once its answer has
+/// been read whole (dropped otherwise, which closes it).
+pub struct Conn {
+    tx: SendRequest<Body>,
+}
+
+impl Kept {
+    fn list(&self) -> &Mutex<Vec<Idle>> {
+        &self.per_worker[worker_index().min(MAX_WORKERS)]
+    }
+
+    /// Sends `build()`'s request (origin-form, no body) to `authority` over a kept
+    /// connection of this worker, or a new one.
+    pub async fn send(
+        &self,
+        authority: &http::uri::Authority,
+        s: &Settings,
+        build: impl Fn() -> Request<Body>,
+    ) -> Result<(Response<Incoming>, Conn), Error> {
+        let with_host = || {
+            let mut req = build();
+            if let Ok(v) = header::HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            req
+        };
+        // A kept connection that fails under the request was closed by the endpoint
+        // meanwhile: the request goes once more, over a new connection.
+        if let Some(mut tx) = self.take(s).await
+            && let Ok(res) = tx.send_request(with_host()).await
+        {
+            return Ok((res, Conn { tx }));
+        }
+        let mut tx = connect(authority, s).await?;
+        match tx.send_request(with_host()).await {
+            Ok(res) => Ok((res, Conn { tx })),
+            Err(_) => Err(Error::Request),
+        }
+    }
+
+    /// This worker's most recently kept connection that is still open and ready.
+    async fn take(&self, s: &Settings) -> Option<SendRequest<Body>> {
+        loop {
+            let idle = self
+                .list()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()?;
+            if idle.since.elapsed() >= s.idle || idle.tx.is_closed() {
+                continue;
+            }
+            let mut tx = idle.tx;
+            // Ready at once, or as soon as its connection has seen the last answer off.
+            if tx.ready().await.is_ok() {
+                return Some(tx);
+            }
+        }
+    }
+
+    /// Keeps `conn` for the next call on this worker (closes it when enough are kept).
+    pub fn keep(&self, conn: Conn, s: &Settings) {
+        if conn.tx.is_closed() {
+            return;
+        }
+        let mut list = self.list().lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() < s.max_idle {
+            list.push(Idle {
+                tx: conn.tx,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+async fn connect(
+    authority: &http::uri::Authority,
+    s: &Settings,
+) -> Result<SendRequest<Body>, Error> {
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(s.connect, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| Error::Connect)?
+        .map_err(|_| Error::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| Error::Connect)?;
+    // Driven by this worker's runtime, as its requests are.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::wire::empty;
+
+    /// A backend that counts the connections it accepts; `keep_alive: false` closes each
+    /// connection after its answer, as an endpoint that drops idle connections does.
+    async fn backend(keep_alive: bool) -> (http::uri::Authority, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let host = req.headers().get(header::HOST).cloned();
+                        let body = format!("{} {:?}", req.uri(), host);
+                        Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from(body))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), accepted)
+    }
+
+    fn settings(idle_ms: u64, max_idle: usize) -> Settings {
+        Settings {
+            connect: Duration::from_secs(1),
+            idle: Duration::from_millis(idle_ms),
+            max_idle,
+        }
+    }
+
+    async fn call(kept: &Kept, authority: &http::uri::Authority, s: &Settings) -> String {
+        let build = || {
+            let mut req = Request::new(empty());
+            *req.uri_mut() = "/p?x=1".parse().unwrap();
+            req
+        };
+        let (res, conn) = kept.send(authority, s, build).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        kept.keep(conn, s);
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_kept_and_reused_with_origin_form_and_host() {
+        let (authority, accepted) = backend(true).await;
+        let kept = Kept::default();
+        let s = settings(60_000, 4);
+        for _ in 0..5 {
+            let answer = call(&kept, &authority, &s).await;
+            assert_eq!(answer, format!("/p?x=1 Some({:?})", authority.as_str()));
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for five calls"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_endpoint_closed_is_replaced_without_a_failure() {
+        let (authority, accepted) = backend(false).await;
+        let kept = Kept::default();
+        let s = settings(60_000, 4);
+        for _ in 0..5 {
+            call(&kept, &authority, &s).await;
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            5,
+            "each call on a new connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_that_fails_under_the_request_is_retried_on_a_new_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Each connection answers its first request and closes, unanswered, on its second:
+        // the client learns only by sending that its kept connection is gone.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: http::uri::Authority =
+            listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    let _ = stream.read(&mut buf).await;
+                });
+            }
+        });
+        let kept = Kept::default();
+        let s = settings(60_000, 4);
+        for _ in 0..3 {
+            assert_eq!(call(&kept, &authority, &s).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire_and_are_bounded() {
+        let (authority, accepted) = backend(true).await;
+        let kept = Kept::default();
+        let s = settings(100, 4);
+        call(&kept, &authority, &s).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        call(&kept, &authority, &s).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "an expired connection is not used"
+        );
+
+        // Three calls at once need three connections; only two are kept.
+        let s = settings(60_000, 2);
+        let kept = Kept::default();
+        let (authority, accepted) = backend(true).await;
+        let build = || {
+            let mut req = Request::new(empty());
+            *req.uri_mut() = "/p".parse().unwrap();
+            req
+        };
+        let (a, b, c) = tokio::join!(
+            kept.send(&authority, &s, build),
+            kept.send(&authority, &s, build),
+            kept.send(&authority, &s, build)
+        );
+        for (res, conn) in [a.unwrap(), b.unwrap(), c.unwrap()] {
+            res.into_body().collect().await.unwrap();
+            kept.keep(conn, &s);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(kept.list().lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_refuses_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: http::uri::Authority =
+            listener.local_addr().unwrap().to_string().parse().unwrap();
+        drop(listener);
+        let kept = Kept::default();
+        let r = kept
+            .send(&authority, &settings(1000, 1), || Request::new(empty()))
+            .await;
+        assert!(matches!(r, Err(Error::Connect)));
+    }
+}
