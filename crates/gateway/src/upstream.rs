@@ -1,17 +1,23 @@
-//! HTTP/1 connections to one endpoint, kept per worker thread: a composite's part calls
-//! take an idle connection of their own worker (no lock another worker contends for, no
-//! endpoint key hashed per request, as the shared client pool does), send over it, and put
-//! it back once the answer has been read whole.
+//! HTTP/1 connections to one endpoint, kept per worker thread: a request (proxied, or a
+//! composite's part call) takes an idle connection of its own worker (no lock another
+//! worker contends for, no endpoint key hashed per request, as a shared client pool does),
+//! is sent over it, and the connection goes back once the answer has been read to its end
+//! ([`KeepAtEnd`]).
 //!
 //! A kept connection the endpoint has closed meanwhile is found out when it is taken
-//! (closed, or not ready) or when the request fails on it; the request, which has no body,
-//! then goes once more over a new connection, as a client pool retries a request its
-//! kept connection could not carry.
+//! (closed, or not ready) or when the request fails on it; the request then goes once more
+//! over a new connection when it was not sent at all, or when the caller can build it
+//! again (a request without a body), as a client pool retries what its kept connection
+//! could not carry.
 
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response, header};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -55,8 +61,8 @@ impl Default for Kept {
 pub enum Error {
     /// No connection could be made in time.
     Connect,
-    /// The connection failed while the request was out.
-    Request,
+    /// The connection failed while the request was out (or its body failed).
+    Request(hyper::Error),
 }
 
 /// A connection that carried a request; [`Conn::keep`] gives it back once its answer has
@@ -70,32 +76,39 @@ impl Kept {
         &self.per_worker[worker_index().min(MAX_WORKERS)]
     }
 
-    /// Sends `build()`'s request (origin-form, no body) to `authority` over a kept
-    /// connection of this worker, or a new one.
+    /// Sends `req` (origin-form; its `Host` is set to `authority` when it has none) over a
+    /// kept connection of this worker, or a new one. `again` builds the request once more
+    /// if a kept connection fails under it after it was sent (`None`: it cannot be).
     pub async fn send(
         &self,
         authority: &http::uri::Authority,
         s: &Settings,
-        build: impl Fn() -> Request<Body>,
+        req: Request<Body>,
+        again: impl FnOnce() -> Option<Request<Body>>,
     ) -> Result<(Response<Incoming>, Conn), Error> {
-        let with_host = || {
-            let mut req = build();
-            if let Ok(v) = header::HeaderValue::from_str(authority.as_str()) {
+        let with_host = |mut req: Request<Body>| {
+            if !req.headers().contains_key(header::HOST)
+                && let Ok(v) = header::HeaderValue::from_str(authority.as_str())
+            {
                 req.headers_mut().insert(header::HOST, v);
             }
             req
         };
-        // A kept connection that fails under the request was closed by the endpoint
-        // meanwhile: the request goes once more, over a new connection.
-        if let Some(mut tx) = self.take(s).await
-            && let Ok(res) = tx.send_request(with_host()).await
-        {
-            return Ok((res, Conn { tx }));
+        let mut req = with_host(req);
+        if let Some(mut tx) = self.take(s).await {
+            match tx.try_send_request(req).await {
+                Ok(res) => return Ok((res, Conn { tx })),
+                // Closed by the endpoint meanwhile: once more, over a new connection.
+                Err(mut e) => match e.take_message().or_else(again) {
+                    Some(r) => req = with_host(r),
+                    None => return Err(Error::Request(e.into_error())),
+                },
+            }
         }
         let mut tx = connect(authority, s).await?;
-        match tx.send_request(with_host()).await {
+        match tx.send_request(req).await {
             Ok(res) => Ok((res, Conn { tx })),
-            Err(_) => Err(Error::Request),
+            Err(e) => Err(Error::Request(e)),
         }
     }
 
@@ -150,11 +163,71 @@ async fn connect(
     let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|_| Error::Connect)?;
-    // Driven by this worker's runtime, as its requests are.
+    // Driven by this worker's runtime, as its requests are; a WebSocket's answer hands the
+    // connection over to its tunnel.
     tokio::spawn(async move {
-        let _ = conn.await;
+        let _ = conn.with_upgrades().await;
     });
     Ok(tx)
+}
+
+/// An answer's body that gives its connection back to `kept` once read to its end (a body
+/// dropped before that closes the connection with it).
+pub struct KeepAtEnd {
+    body: Incoming,
+    give_back: Option<(Conn, Arc<super::cluster::Endpoint>, Settings)>,
+}
+
+impl KeepAtEnd {
+    pub fn new(
+        body: Incoming,
+        conn: Conn,
+        endpoint: Arc<super::cluster::Endpoint>,
+        s: Settings,
+    ) -> Self {
+        let mut this = Self {
+            body,
+            give_back: Some((conn, endpoint, s)),
+        };
+        if this.body.is_end_stream() {
+            this.done();
+        }
+        this
+    }
+
+    fn done(&mut self) {
+        if let Some((conn, endpoint, s)) = self.give_back.take() {
+            endpoint.kept.keep(conn, &s);
+        }
+    }
+}
+
+impl http_body::Body for KeepAtEnd {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.done(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.done(),
+            // A failed body: its connection goes with it.
+            Poll::Ready(Some(Err(_))) => self.give_back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]
@@ -211,7 +284,10 @@ mod tests {
             *req.uri_mut() = "/p?x=1".parse().unwrap();
             req
         };
-        let (res, conn) = kept.send(authority, s, build).await.unwrap();
+        let (res, conn) = kept
+            .send(authority, s, build(), || Some(build()))
+            .await
+            .unwrap();
         let body = res.into_body().collect().await.unwrap().to_bytes();
         kept.keep(conn, s);
         String::from_utf8(body.to_vec()).unwrap()
@@ -304,9 +380,9 @@ mod tests {
             req
         };
         let (a, b, c) = tokio::join!(
-            kept.send(&authority, &s, build),
-            kept.send(&authority, &s, build),
-            kept.send(&authority, &s, build)
+            kept.send(&authority, &s, build(), || None),
+            kept.send(&authority, &s, build(), || None),
+            kept.send(&authority, &s, build(), || None)
         );
         for (res, conn) in [a.unwrap(), b.unwrap(), c.unwrap()] {
             res.into_body().collect().await.unwrap();
@@ -324,7 +400,12 @@ mod tests {
         drop(listener);
         let kept = Kept::default();
         let r = kept
-            .send(&authority, &settings(1000, 1), || Request::new(empty()))
+            .send(
+                &authority,
+                &settings(1000, 1),
+                Request::new(empty()),
+                || None,
+            )
             .await;
         assert!(matches!(r, Err(Error::Connect)));
     }

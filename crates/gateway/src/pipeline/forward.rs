@@ -26,6 +26,7 @@ use crate::config::HashOn;
 use crate::ratelimit::Decision;
 use crate::runtime::Route;
 use crate::traffic::cookie;
+use crate::upstream::{self, KeepAtEnd};
 use crate::wire::{Body, empty, is_length_limit, names, problem, strip_hop_by_hop};
 use crate::worker::ConnInfo;
 
@@ -204,20 +205,27 @@ pub(super) async fn run(
             ));
         };
         ctx.outcome.endpoint = Some(lease.endpoint.url.clone());
-        let uri = match Uri::builder()
-            .scheme(lease.endpoint.scheme.clone())
-            .authority(lease.endpoint.authority.clone())
-            .path_and_query(path_and_query.clone())
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => {
-                return problem(Problem::bad_request("the request target is not valid"));
+        // HTTP/1: this worker's own connections to the endpoint, in origin-form
+        // (`upstream`); HTTP/2: the cluster's client, in absolute-form.
+        let h1 = cluster.version() == http::Version::HTTP_11;
+        let uri = if h1 {
+            Uri::from(path_and_query.clone())
+        } else {
+            match Uri::builder()
+                .scheme(lease.endpoint.scheme.clone())
+                .authority(lease.endpoint.authority.clone())
+                .path_and_query(path_and_query.clone())
+                .build()
+            {
+                Ok(u) => u,
+                Err(_) => {
+                    return problem(Problem::bad_request("the request target is not valid"));
+                }
             }
         };
         let mut upstream_req = Request::new(body.take().unwrap_or_else(empty));
         *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri;
+        *upstream_req.uri_mut() = uri.clone();
         *upstream_req.headers_mut() = if retryable {
             parts.headers.clone()
         } else {
@@ -225,7 +233,57 @@ pub(super) async fn run(
         };
         *upstream_req.version_mut() = parts.version;
 
-        let sent = tokio::time::timeout(timeout, cluster.client().request(upstream_req)).await;
+        let call = async {
+            if !h1 {
+                return match cluster.client().request(upstream_req).await {
+                    Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed())),
+                    Err(e) => Err(Failed {
+                        connect: e.is_connect(),
+                        too_large: is_length_limit(&e),
+                        error: e.into(),
+                    }),
+                };
+            }
+            let ep = &lease.endpoint;
+            // A body-less idempotent request can be built again if a kept connection fails
+            // under it.
+            let again = || {
+                retryable.then(|| {
+                    let mut r = Request::new(empty());
+                    *r.method_mut() = parts.method.clone();
+                    *r.uri_mut() = uri.clone();
+                    *r.headers_mut() = parts.headers.clone();
+                    *r.version_mut() = parts.version;
+                    r
+                })
+            };
+            match ep
+                .kept
+                .send(&ep.authority, &cluster.upstream, upstream_req, again)
+                .await
+            {
+                // A WebSocket's connection is its tunnel's from now on.
+                Ok((res, _)) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    Ok(res.map(|b| b.map_err(Into::into).boxed()))
+                }
+                Ok((res, conn)) => Ok(res.map(|b| {
+                    KeepAtEnd::new(b, conn, ep.clone(), cluster.upstream)
+                        .map_err(Into::into)
+                        .boxed()
+                })),
+                Err(upstream::Error::Connect) => Err(Failed {
+                    connect: true,
+                    too_large: false,
+                    error: "the connection to the endpoint could not be made".into(),
+                }),
+                Err(upstream::Error::Request(e)) => Err(Failed {
+                    connect: false,
+                    too_large: is_length_limit(&e),
+                    error: e.into(),
+                }),
+            }
+        };
+        let sent = tokio::time::timeout(timeout, call).await;
         let can_retry = retryable && ctx.outcome.attempts <= cluster.retry_attempts;
         match sent {
             Err(_) => {
@@ -238,14 +296,18 @@ pub(super) async fn run(
                     "the upstream service did not answer in time",
                 ));
             }
-            Ok(Err(e)) => {
-                if is_length_limit(&e) {
+            Ok(Err(Failed {
+                connect,
+                too_large,
+                error: e,
+            })) => {
+                if too_large {
                     // The client's fault: the lease goes back without a verdict.
                     return problem(Problem::payload_too_large(f.route.max_body as usize));
                 }
                 let ep = lease.endpoint.clone();
                 // A broken request body is the client's doing, not the endpoint's.
-                if bodiless || e.is_connect() {
+                if bodiless || connect {
                     lease.finish(false);
                 }
                 tracing::warn!(error = %e, route = &*f.route.name, endpoint = %ctx.outcome.endpoint.as_deref().unwrap_or(""), "upstream request failed");
@@ -305,7 +367,7 @@ pub(super) async fn run(
                         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                     rparts.headers.insert(header::UPGRADE, proto);
                 }
-                let mut res = Response::from_parts(rparts, rbody.map_err(Into::into).boxed());
+                let mut res = Response::from_parts(rparts, rbody);
                 if let Some(d) = &f.limit {
                     limit::headers(&mut res, d);
                 }
@@ -316,6 +378,15 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// An upstream call that got no answer.
+struct Failed {
+    /// No connection could be made (a verdict on the endpoint whatever the request).
+    connect: bool,
+    /// The request's body went past the route's limit (the client's doing).
+    too_large: bool,
+    error: crate::wire::BoxError,
 }
 
 /// The path and query sent upstream: `path` (normalised, maybe rewritten) and the client's
