@@ -40,7 +40,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(url: &str, breaker: BreakerConfig) -> Option<Self> {
+    pub(crate) fn new(url: &str, breaker: BreakerConfig) -> Option<Self> {
         let parts = url.parse::<http::Uri>().ok()?.into_parts();
         Some(Self {
             url: url.trim_end_matches('/').into(),

@@ -393,6 +393,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_streamed_answer_gives_its_connection_back_only_at_its_end() {
+        let (authority, accepted) = backend(true).await;
+        let endpoint = Arc::new(
+            crate::cluster::Endpoint::new(
+                &format!("http://{authority}"),
+                crate::config::BreakerConfig::default(),
+            )
+            .unwrap(),
+        );
+        let s = settings(60_000, 4);
+        let get = || {
+            let mut req = Request::new(empty());
+            *req.uri_mut() = "/p".parse().unwrap();
+            req
+        };
+        let kept_now = || endpoint.kept.list().lock().unwrap().len();
+        // Read to its end: kept, and the next request uses it.
+        for _ in 0..3 {
+            let (res, conn) = endpoint
+                .kept
+                .send(&authority, &s, get(), || None)
+                .await
+                .unwrap();
+            let body = KeepAtEnd::new(res.into_body(), conn, endpoint.clone(), s);
+            assert_eq!(kept_now(), 0, "not before the answer is read");
+            body.collect().await.unwrap();
+            assert_eq!(kept_now(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Dropped unread: closed with it, and the next request needs a new connection.
+        let (res, conn) = endpoint
+            .kept
+            .send(&authority, &s, get(), || None)
+            .await
+            .unwrap();
+        drop(KeepAtEnd::new(res.into_body(), conn, endpoint.clone(), s));
+        assert_eq!(kept_now(), 0);
+        let (res, conn) = endpoint
+            .kept
+            .send(&authority, &s, get(), || None)
+            .await
+            .unwrap();
+        KeepAtEnd::new(res.into_body(), conn, endpoint.clone(), s)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn an_endpoint_that_refuses_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority: http::uri::Authority =
