@@ -95,7 +95,7 @@ impl Kept {
             req
         };
         let mut req = with_host(req);
-        if let Some(mut tx) = self.take(s).await {
+        if let Some(mut tx) = self.take(s) {
             match tx.try_send_request(req).await {
                 Ok(res) => return Ok((res, Conn { tx })),
                 // Closed by the endpoint meanwhile: once more, over a new connection.
@@ -112,23 +112,16 @@ impl Kept {
         }
     }
 
-    /// This worker's most recently kept connection that is still open and ready.
-    async fn take(&self, s: &Settings) -> Option<SendRequest<Body>> {
-        loop {
-            let idle = self
-                .list()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop()?;
-            if idle.since.elapsed() >= s.idle || idle.tx.is_closed() {
-                continue;
-            }
-            let mut tx = idle.tx;
-            // Ready at once, or as soon as its connection has seen the last answer off.
-            if tx.ready().await.is_ok() {
-                return Some(tx);
-            }
-        }
+    /// This worker's most recently kept connection that is ready now. Never waits: one
+    /// not ready yet (its connection has not yet seen the last answer off, or is still
+    /// sending a request body the endpoint answered before reading) stays for later, until
+    /// it is ready, closed, or idle too long.
+    fn take(&self, s: &Settings) -> Option<SendRequest<Body>> {
+        let mut list = self.list().lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        list.retain(|c| now.duration_since(c.since) < s.idle && !c.tx.is_closed());
+        let i = list.iter().rposition(|c| c.tx.is_ready())?;
+        Some(list.remove(i).tx)
     }
 
     /// Keeps `conn` for the next call on this worker (closes it when enough are kept).
@@ -439,6 +432,58 @@ mod tests {
             .collect()
             .await
             .unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_a_body_is_not_waited_for() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The endpoint answers as soon as it has the request's head, and never reads the
+        // body, which never ends: the connection is kept, but never ready again.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: http::uri::Authority =
+            listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                open.push(stream);
+            }
+        });
+        struct Endless;
+        impl http_body::Body for Endless {
+            type Data = Bytes;
+            type Error = crate::wire::BoxError;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                Poll::Pending
+            }
+        }
+        let kept = Kept::default();
+        let s = settings(60_000, 4);
+        let mut post = Request::new(Endless.boxed());
+        *post.method_mut() = http::Method::POST;
+        *post.uri_mut() = "/slow".parse().unwrap();
+        let (res, conn) = kept.send(&authority, &s, post, || None).await.unwrap();
+        res.into_body().collect().await.unwrap();
+        kept.keep(conn, &s);
+        let next = tokio::time::timeout(
+            Duration::from_secs(2),
+            kept.send(&authority, &s, Request::new(empty()), || None),
+        )
+        .await
+        .expect("the next request is not held up by the busy connection");
+        next.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
