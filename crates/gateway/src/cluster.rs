@@ -35,17 +35,19 @@ pub struct Endpoint {
     probe_fail: AtomicU32,
     /// Unix milliseconds of the last active health check's answer (0: none yet).
     last_check: AtomicU64,
-    /// Idle HTTP/1 connections of the composites' part calls, per worker.
-    pub kept: Kept,
+    /// Idle HTTP/1 connections to it, per worker (proxied requests and part calls).
+    pub kept: Arc<Kept>,
 }
 
 impl Endpoint {
-    pub(crate) fn new(url: &str, breaker: BreakerConfig) -> Option<Self> {
+    fn new(url: &str, breaker: BreakerConfig) -> Option<Self> {
         let parts = url.parse::<http::Uri>().ok()?.into_parts();
+        let authority = parts.authority?;
         Some(Self {
+            kept: Arc::new(Kept::new(&authority)),
             url: url.trim_end_matches('/').into(),
             scheme: parts.scheme.unwrap_or(Scheme::HTTP),
-            authority: parts.authority?,
+            authority,
             breaker: Breaker::new(breaker.clone()),
             breaker_cfg: breaker,
             healthy: AtomicBool::new(true),
@@ -53,7 +55,6 @@ impl Endpoint {
             probe_ok: AtomicU32::new(0),
             probe_fail: AtomicU32::new(0),
             last_check: AtomicU64::new(0),
-            kept: Kept::default(),
         })
     }
 
@@ -125,8 +126,9 @@ pub struct Cluster {
     budget: TpsBudget,
     health: Option<HealthCheckConfig>,
     protocol: UpstreamProtocol,
-    /// How the composites' part calls connect and keep connections (HTTP/1 clusters).
+    /// How connections to HTTP/1 endpoints are made and kept (see `upstream`).
     pub upstream: Settings,
+    pub connector: HttpConnector,
 }
 
 impl Cluster {
@@ -199,10 +201,10 @@ impl Cluster {
             health: cfg.health_check.clone(),
             protocol: cfg.protocol,
             upstream: Settings {
-                connect: Duration::from_millis(cfg.timeouts.connect_ms),
                 idle: Duration::from_millis(cfg.timeouts.idle_ms),
                 max_idle: cfg.timeouts.max_idle_per_endpoint,
             },
+            connector,
         })
     }
 

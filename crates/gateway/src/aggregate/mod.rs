@@ -1050,7 +1050,9 @@ async fn fetch(
             };
             let (res, conn) = ep
                 .kept
-                .send(&ep.authority, &cluster.upstream, build(), || Some(build()))
+                .send(&cluster.connector, &cluster.upstream, build(), || {
+                    Some(build())
+                })
                 .await
                 .map_err(|_| Failure::Unreachable)?;
             let (parts, body) = res.into_parts();

@@ -259,7 +259,7 @@ pub(super) async fn run(
             };
             match ep
                 .kept
-                .send(&ep.authority, &cluster.upstream, upstream_req, again)
+                .send(&cluster.connector, &cluster.upstream, upstream_req, again)
                 .await
             {
                 // A WebSocket's connection is its tunnel's from now on.
@@ -267,7 +267,7 @@ pub(super) async fn run(
                     Ok(res.map(|b| b.map_err(Into::into).boxed()))
                 }
                 Ok((res, conn)) => Ok(res.map(|b| {
-                    KeepAtEnd::new(b, conn, ep.clone(), cluster.upstream)
+                    KeepAtEnd::new(b, conn, ep.kept.clone(), cluster.upstream)
                         .map_err(Into::into)
                         .boxed()
                 })),
