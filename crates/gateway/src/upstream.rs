@@ -343,28 +343,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_kept_connection_that_fails_under_the_request_is_retried_on_a_new_one() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // Each connection answers its first request and closes, unanswered, on its second:
         // the client learns only by sending that its kept connection is gone.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: http::uri::Authority =
-            listener.local_addr().unwrap().to_string().parse().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let _ = stream.read(&mut buf).await;
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    let _ = stream.read(&mut buf).await;
-                });
-            }
-        });
+        let (authority, accepted) =
+            scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b"").await;
         let kept = Kept::new(&authority);
         let s = settings(60_000, 4);
         for _ in 0..3 {
@@ -444,27 +426,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_still_sending_a_body_is_not_waited_for() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // The endpoint answers as soon as it has the request's head, and never reads the
         // body, which never ends: the connection is kept, but never ready again.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: http::uri::Authority =
-            listener.local_addr().unwrap().to_string().parse().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            let mut open = Vec::new();
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                open.push(stream);
-            }
-        });
+        let (authority, accepted) =
+            scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b"").await;
         struct Endless;
         impl http_body::Body for Endless {
             type Data = Bytes;

@@ -1037,7 +1037,16 @@ async fn fetch(
     let Some(lease) = cluster.pick(None, None) else {
         return Err(Failure::NoEndpoint);
     };
-    let too_large = |_| Failure::Invalid("the answer is too large or broken");
+    // The answer whole, within `max` bytes.
+    let whole = |res: Response<hyper::body::Incoming>| async move {
+        let (parts, body) = res.into_parts();
+        let bytes = Limited::new(body, max)
+            .collect()
+            .await
+            .map_err(|_| Failure::Invalid("the answer is too large or broken"))?
+            .to_bytes();
+        Ok::<_, Failure>((parts.status, parts.headers, bytes))
+    };
     let call = async {
         if cluster.version() == http::Version::HTTP_11 {
             // This worker's own connections to the endpoint (see `upstream`).
@@ -1055,14 +1064,9 @@ async fn fetch(
                 })
                 .await
                 .map_err(|_| Failure::Unreachable)?;
-            let (parts, body) = res.into_parts();
-            let bytes = Limited::new(body, max)
-                .collect()
-                .await
-                .map_err(too_large)?
-                .to_bytes();
+            let answer = whole(res).await?;
             ep.kept.keep(conn, &cluster.upstream);
-            return Ok::<_, Failure>((parts.status, parts.headers, bytes));
+            return Ok(answer);
         }
         let uri = Uri::builder()
             .scheme(lease.endpoint.scheme.clone())
@@ -1078,13 +1082,7 @@ async fn fetch(
             .request(req)
             .await
             .map_err(|_| Failure::Unreachable)?;
-        let (parts, body) = res.into_parts();
-        let bytes = Limited::new(body, max)
-            .collect()
-            .await
-            .map_err(too_large)?
-            .to_bytes();
-        Ok((parts.status, parts.headers, bytes))
+        whole(res).await
     };
     let (status, headers, bytes) = match tokio::time::timeout(timeout, call).await {
         Err(_) => {
