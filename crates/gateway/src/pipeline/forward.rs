@@ -205,9 +205,11 @@ pub(super) async fn run(
             ));
         };
         ctx.outcome.endpoint = Some(lease.endpoint.url.clone());
-        // HTTP/1: this worker's own connections to the endpoint, in origin-form
-        // (`upstream`); HTTP/2: the cluster's client, in absolute-form.
-        let h1 = cluster.version() == http::Version::HTTP_11;
+        // An idempotent request without a body to an HTTP/1 cluster: this worker's own
+        // connections to the endpoint, in origin-form (`upstream`), where a kept connection
+        // the endpoint closed under it can be retried safely. Anything else (a body, a
+        // method a retry could repeat, HTTP/2): the cluster's client, in absolute-form.
+        let h1 = retryable && cluster.version() == http::Version::HTTP_11;
         let uri = if h1 {
             Uri::from(path_and_query.clone())
         } else {
@@ -245,10 +247,9 @@ pub(super) async fn run(
                 };
             }
             let ep = &lease.endpoint;
-            // A body-less idempotent request can be built again if a kept connection fails
-            // under it.
+            // Built again if a kept connection ends under it before any answer.
             let again = || {
-                retryable.then(|| {
+                Some({
                     let mut r = Request::new(empty());
                     *r.method_mut() = parts.method.clone();
                     *r.uri_mut() = uri.clone();
