@@ -115,7 +115,7 @@ pub struct LabShop {
 const LAB_LOGIN_LIMITS: (u32, u32) = (1_000, 100_000);
 
 /// The password of every account the lab registers.
-const PASSWORD: &str = "correct horse battery staple";
+pub const PASSWORD: &str = "correct horse battery staple";
 
 /// A reqwest client for loopback measurements: no proxy from the environment, bounded time.
 pub fn client() -> Result<reqwest::Client, LabError> {
@@ -183,6 +183,16 @@ impl LabShop {
 
     /// Registers an account and signs in: (user id, access token).
     pub async fn user(&self) -> Result<(String, String), LabError> {
+        let (email, id) = self.register().await?;
+        let token = self
+            .sign_in(&email)
+            .await?
+            .ok_or_else(|| LabError::Shop("sign-in refused".into()))?;
+        Ok((id, token))
+    }
+
+    /// Registers an account: (email, user id).
+    pub async fn register(&self) -> Result<(String, String), LabError> {
         let email = format!("{}@lab.example", uuid::Uuid::new_v4().simple());
         let res = self
             .http
@@ -197,6 +207,14 @@ impl LabShop {
             )));
         }
         let user: Value = res.json().await?;
+        let id = user["id"]
+            .as_str()
+            .ok_or_else(|| LabError::Shop("registration without an id".into()))?;
+        Ok((email, id.to_owned()))
+    }
+
+    /// A sign-in's access token, `None` when refused.
+    pub async fn sign_in(&self, email: &str) -> Result<Option<String>, LabError> {
         let res = self
             .http
             .post(self.url("/api/auth/token"))
@@ -204,15 +222,10 @@ impl LabShop {
             .send()
             .await?;
         if res.status() != 200 {
-            return Err(LabError::Shop(format!("sign-in answered {}", res.status())));
+            return Ok(None);
         }
         let token: Value = res.json().await?;
-        match (user["id"].as_str(), token["access_token"].as_str()) {
-            (Some(id), Some(t)) => Ok((id.to_owned(), t.to_owned())),
-            _ => Err(LabError::Shop(
-                "registration or sign-in without an id or token".into(),
-            )),
-        }
+        Ok(token["access_token"].as_str().map(str::to_owned))
     }
 
     /// A connection pool of its own to a service's database (for audits: totals, states).

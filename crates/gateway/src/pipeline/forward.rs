@@ -209,8 +209,8 @@ pub(super) async fn run(
         // connections to the endpoint, in origin-form (`upstream`), where a kept connection
         // the endpoint closed under it can be retried safely. Anything else (a body, a
         // method a retry could repeat, HTTP/2): the cluster's client, in absolute-form.
-        let h1 = retryable && cluster.version() == http::Version::HTTP_11;
-        let uri = if h1 {
+        let kept = retryable && cluster.version() == http::Version::HTTP_11;
+        let uri = if kept {
             Uri::from(path_and_query.clone())
         } else {
             match Uri::builder()
@@ -236,7 +236,7 @@ pub(super) async fn run(
         *upstream_req.version_mut() = parts.version;
 
         let call = async {
-            if !h1 {
+            if !kept {
                 return match cluster.client().request(upstream_req).await {
                     Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed())),
                     Err(e) => Err(Failed {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::saga::{GOOD_CARD, stocked};
 use super::{Ctx, Measured, Meta};
 use crate::report::{Figures, Group, Outcome, Verdict};
-use crate::shop::{LabShop, ShopSpec};
+use crate::shop::{LabShop, PASSWORD, ShopSpec};
 use crate::{LabError, Scale};
 
 pub const META: Meta = Meta {
@@ -85,41 +85,13 @@ struct Session {
     token: String,
 }
 
-const PASSWORD: &str = "correct horse battery staple";
-
 async fn session(shop: &LabShop) -> Result<Session, LabError> {
-    let email = format!("{}@lab.example", uuid::Uuid::new_v4().simple());
-    let res = shop
-        .http
-        .post(shop.url("/api/users"))
-        .json(&json!({"email": email, "password": PASSWORD, "name": "Lab"}))
-        .send()
-        .await?;
-    if res.status() != 201 {
-        return Err(LabError::Shop(format!(
-            "registration answered {}",
-            res.status()
-        )));
-    }
-    let token = sign_in(shop, &email)
+    let (email, _) = shop.register().await?;
+    let token = shop
+        .sign_in(&email)
         .await?
         .ok_or_else(|| LabError::Shop("sign-in refused before the stop".into()))?;
     Ok(Session { email, token })
-}
-
-/// A sign-in's access token, `None` when refused.
-async fn sign_in(shop: &LabShop, email: &str) -> Result<Option<String>, LabError> {
-    let res = shop
-        .http
-        .post(shop.url("/api/auth/token"))
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await?;
-    if res.status() != 200 {
-        return Ok(None);
-    }
-    let v: serde_json::Value = res.json().await?;
-    Ok(v["access_token"].as_str().map(str::to_owned))
 }
 
 /// Tries `op` once: did it answer as it does when all is well?
@@ -202,7 +174,7 @@ async fn way(ctx: &Ctx<'_>, shop: &LabShop, label: &str) -> Result<Way, LabError
     let restarted = Instant::now();
     let mut recovered_ms = None;
     while restarted.elapsed() < RECOVERY_LIMIT {
-        if sign_in(shop, &known.email).await?.is_some() {
+        if shop.sign_in(&known.email).await?.is_some() {
             recovered_ms = Some(restarted.elapsed().as_secs_f64() * 1e3);
             break;
         }
