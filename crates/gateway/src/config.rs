@@ -376,7 +376,10 @@ pub struct TimeoutsConfig {
     /// Time allowed for the upstream to answer with headers.
     #[serde(default = "default_request_timeout")]
     pub request_ms: u64,
-    /// Idle upstream connections are closed after this long.
+    /// Idle upstream connections are closed after this long. Keep it below the upstream's
+    /// own keep-alive timeout (the shop's services close an idle connection after 10 s;
+    /// Node and uvicorn after 5 s), or a request may go out on a connection the upstream is
+    /// closing at that moment: an idempotent body-less one is sent again, any other fails.
     #[serde(default = "default_idle_timeout")]
     pub idle_ms: u64,
     /// Idle connections kept per endpoint and worker thread (more are closed when freed).
@@ -892,7 +895,7 @@ fn default_request_timeout() -> u64 {
     15_000
 }
 fn default_idle_timeout() -> u64 {
-    90_000
+    4_000
 }
 fn default_max_idle() -> usize {
     64

@@ -15,7 +15,18 @@
 //! test resends, once, a request HTTP/2 refused unprocessed (RFC 9113 §8.7: a stream above
 //! the last one a GOAWAY names, or opened after the GOAWAY arrived, or reset with
 //! REFUSED_STREAM), which hyper's client leaves to its caller (hyperium/hyper#2500).
-//! Those are counted (`resent=`). Nothing else is retried.
+//! Those are counted (`resent=`). And it resends, once, a request whose new connection was
+//! reset in its handshake, before a byte of the request was written (`handshake_resets=`):
+//! a listener closing in a `SO_REUSEPORT` group resets a connection whose final ACK the
+//! kernel was processing for that listener at that instant, even with `tcp_migrate_req`
+//! (`inet_csk_reqsk_queue_add` finds the listener no longer listening and drops the child it
+//! just made; the migration covers only what was queued or half-open before the close). No
+//! process ever saw such a connection, and a client knows nothing of its request was sent.
+//! The rolling restart allows at most one per instance stopped (one CI run in many saw one);
+//! the upgrade, whose listeners are handed over and never closed, allows none. (With
+//! `tcp_migrate_req=0` what a closing listener had queued is reset after the client wrote its
+//! request: a failure here, not a handshake reset.)
+//! Nothing else is retried.
 //!
 //! The restart scenarios run in a network namespace of their own (`unshare --net`, as
 //! root): a loopback nobody else uses and their own `net.ipv4.tcp_migrate_req`, which the
@@ -367,6 +378,7 @@ const KINDS: [&str; 3] = ["h1", "h1-new", "h2"];
 struct Tally {
     ok: [AtomicU64; 3],
     resent: AtomicU64,
+    handshake_resets: AtomicU64,
     failed: Mutex<Vec<Failure>>,
 }
 
@@ -411,15 +423,22 @@ impl Load {
                 while !stop.is_cancelled() {
                     let started = Instant::now();
                     let mut sent = send(&client, &uri).await;
-                    if let Err(Unprocessed(_)) = &sent {
-                        tally.resent.fetch_add(1, Ordering::Relaxed);
-                        sent = send(&client, &uri).await;
+                    match &sent {
+                        Err(Unprocessed(_)) => {
+                            tally.resent.fetch_add(1, Ordering::Relaxed);
+                            sent = send(&client, &uri).await;
+                        }
+                        Err(HandshakeReset(_)) => {
+                            tally.handshake_resets.fetch_add(1, Ordering::Relaxed);
+                            sent = send(&client, &uri).await;
+                        }
+                        _ => {}
                     }
                     match sent {
                         Ok(()) => {
                             tally.ok[kind].fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(Unprocessed(error) | Failed(error)) => {
+                        Err(Unprocessed(error) | HandshakeReset(error) | Failed(error)) => {
                             tally.failed.lock().unwrap().push(Failure {
                                 client: KINDS[kind],
                                 started,
@@ -467,6 +486,7 @@ impl Load {
         Outcome {
             ok: self.tally.ok.each_ref().map(|c| c.load(Ordering::Relaxed)),
             resent: self.tally.resent.load(Ordering::Relaxed),
+            handshake_resets: self.tally.handshake_resets.load(Ordering::Relaxed),
             failed,
             started: self.started,
         }
@@ -476,9 +496,11 @@ impl Load {
 enum SendError {
     /// HTTP/2 says the server did not process it.
     Unprocessed(String),
+    /// The new connection was reset before the request was written.
+    HandshakeReset(String),
     Failed(String),
 }
-use SendError::{Failed, Unprocessed};
+use SendError::{Failed, HandshakeReset, Unprocessed};
 
 async fn send(client: &Http, uri: &hyper::Uri) -> Result<(), SendError> {
     let req = hyper::Request::get(uri.clone())
@@ -488,6 +510,8 @@ async fn send(client: &Http, uri: &hyper::Uri) -> Result<(), SendError> {
         let res = client.request(req).await.map_err(|e| {
             if unprocessed(&e) {
                 Unprocessed(format!("{e:?}"))
+            } else if handshake_reset(&e) {
+                HandshakeReset(format!("{e:?}"))
             } else {
                 Failed(format!("{e:?}"))
             }
@@ -524,9 +548,22 @@ fn unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A new connection reset while it was being made: nothing of the request was written.
+fn handshake_reset(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return e.is_connect() && io.kind() == std::io::ErrorKind::ConnectionReset;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 struct Outcome {
     ok: [u64; 3],
     resent: u64,
+    handshake_resets: u64,
     failed: Vec<Failure>,
     started: Instant,
 }
@@ -551,10 +588,11 @@ impl Outcome {
             );
         }
         println!(
-            "ha: scenario={scenario} client=all failed={} total={} resent={}",
+            "ha: scenario={scenario} client=all failed={} total={} resent={} handshake_resets={}",
             self.failed.len(),
             self.total(),
-            self.resent
+            self.resent,
+            self.handshake_resets
         );
         for f in self.failed.iter().take(10) {
             println!(
@@ -729,7 +767,7 @@ fn a_rolling_restart_of_two_instances_under_load_fails_no_request() {
     if !in_netns(
         "a_rolling_restart_of_two_instances_under_load_fails_no_request",
         // bench/ha.sh sets 0 to show what a reuseport restart loses without it (this
-        // test then fails).
+        // test then usually fails: 0-2 requests of ~3,300 here).
         std::env::var("SHOPMESH_HA_TCP_MIGRATE_REQ").map_or(true, |v| v != "0"),
     ) {
         return;
@@ -763,10 +801,18 @@ fn a_rolling_restart_of_two_instances_under_load_fails_no_request() {
         }
         let outcome = load.finish().await;
         outcome.print("rolling-restart");
+        let stopped = times.len() as u64;
         for (who, t) in times {
             print_times("rolling-restart", &who, t);
         }
         outcome.assert_none_failed(&s);
+        // The kernel's race at a listener's close (module documentation): rare, and at most
+        // one per instance stopped.
+        assert!(
+            outcome.handshake_resets <= stopped,
+            "{} connections reset in their handshake over {stopped} stops",
+            outcome.handshake_resets
+        );
     });
 }
 
@@ -870,6 +916,11 @@ fn an_upgrade_to_a_new_binary_under_load_fails_no_request() {
         let t = gw.stop(&s).await;
         print_times("upgrade", "last", t);
         outcome.assert_none_failed(&s);
+        // Handed over, never closed: no handshake is reset.
+        assert_eq!(
+            outcome.handshake_resets, 0,
+            "connections reset in their handshake"
+        );
     });
 }
 
