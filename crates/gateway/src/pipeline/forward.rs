@@ -22,6 +22,7 @@ use shopmesh_platform::problem::Problem;
 
 use super::variant::Chosen;
 use super::{Ctx, limit, tunnel};
+use crate::cluster::{Cluster, Endpoint};
 use crate::config::HashOn;
 use crate::ratelimit::Decision;
 use crate::runtime::Route;
@@ -43,14 +44,10 @@ pub(super) struct Forward<'rt> {
 
 pub(super) async fn run(
     ctx: &mut Ctx<'_>,
-    f: Forward<'_>,
+    mut f: Forward<'_>,
     mut req: Request<Body>,
 ) -> Response<Body> {
     let cluster = f.chosen.cluster;
-    let client = ctx.client;
-    let client_ip = client.map(|c| c.ip);
-    let client_ip_value = ctx.client_ip_value.clone();
-    let tls = ctx.tls;
     let forwarded_path = if f.route.strip_prefix.is_some() || f.route.add_prefix.is_some() {
         crate::router::rewrite(
             &f.path,
@@ -58,7 +55,7 @@ pub(super) async fn run(
             f.route.add_prefix.as_deref(),
         )
     } else {
-        f.path
+        std::mem::take(&mut f.path)
     };
     let Some(path_and_query) = upstream_target(req.uri(), forwarded_path) else {
         return problem(Problem::bad_request("the request target is not valid"));
@@ -69,76 +66,7 @@ pub(super) async fn run(
         (ctx.websocket && f.route.websocket && cluster.version() == http::Version::HTTP_11)
             .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let original_host = parts.headers.remove(header::HOST);
-    // Forwarding headers: believed (and extended) only from trusted proxies; from anyone
-    // else they are replaced, so an upstream reading any of them sees the truth.
-    let peer = client.map(|c| c.peer);
-    let trusted = client.is_some_and(|c| c.trusted);
-    let prior_xff = trusted
-        .then(|| {
-            parts
-                .headers
-                .get_all(&names::X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .filter(|x| !x.is_empty());
-    if !trusted {
-        for h in [
-            "forwarded",
-            "x-real-ip",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-        ] {
-            parts.headers.remove(h);
-        }
-    }
-    parts.headers.remove(&names::X_FORWARDED_FOR);
-    if let Some(ip) = peer {
-        let xff = match (prior_xff, &client_ip_value) {
-            (None, Some(v)) if client_ip == Some(ip) => Some(v.clone()),
-            (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
-            (None, _) => HeaderValue::from_str(&ip.to_string()).ok(),
-        };
-        if let Some(v) = xff {
-            parts.headers.insert(names::X_FORWARDED_FOR.clone(), v);
-        }
-    }
-    if !parts.headers.contains_key(&names::X_FORWARDED_HOST)
-        && let Some(host) = original_host.or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        })
-    {
-        parts.headers.insert(names::X_FORWARDED_HOST.clone(), host);
-    }
-    if !parts.headers.contains_key(&names::X_FORWARDED_PROTO) {
-        let proto = if tls { "https" } else { "http" };
-        parts.headers.insert(
-            names::X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(proto),
-        );
-    }
-    if client_upgrade.is_some() {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts
-            .headers
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    } else if cluster.version() == http::Version::HTTP_11 && parts.headers.contains_key(header::TE)
-    {
-        // `te: trailers` is hop-by-hop in HTTP/1.1: named in `Connection`.
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("te"));
-    }
-    parts.version = cluster.version();
-
+    upstream_headers(ctx, cluster, &mut parts, client_upgrade.is_some());
     let hash_key: Option<Vec<u8>> = match &cluster.hash_on {
         Some(HashOn::Header(h)) => parts.headers.get(h).map(|v| v.as_bytes().to_vec()),
         Some(HashOn::Cookie(name)) => cookie(&parts.headers, name).map(|c| c.into_bytes()),
@@ -147,55 +75,17 @@ pub(super) async fn run(
     let bodiless = body.is_end_stream();
     let retryable = idempotent(&parts.method) && bodiless;
     let timeout = f.route.timeout.unwrap_or(cluster.request_timeout);
-    // Shadow traffic: the copy leaves before the request, on its own task. A copied body
-    // is read first (it is small, and must arrive within the route's timeout).
-    let mirror = f
-        .route
-        .mirror
-        .as_ref()
-        .filter(|m| client_upgrade.is_none() && m.sample(f.content_length, bodiless));
-    let body = match mirror {
-        None => body,
-        Some(m) => {
-            let buffered = if bodiless {
-                None
-            } else {
-                match tokio::time::timeout(timeout, crate::traffic::buffer(body, m.max_body)).await
-                {
-                    Ok(Some(b)) => Some(b),
-                    Ok(None) => {
-                        return problem(Problem::bad_request("the request body could not be read"));
-                    }
-                    Err(_) => {
-                        return problem(
-                            Problem::typed(
-                                http::StatusCode::REQUEST_TIMEOUT,
-                                "request-timeout",
-                                "Request Timeout",
-                            )
-                            .detail("the request body did not arrive in time"),
-                        );
-                    }
-                }
-            };
-            if let Some(shadow) = m.slot() {
-                shadow.send(
-                    parts.method.clone(),
-                    path_and_query.clone(),
-                    parts.headers.clone(),
-                    buffered.clone(),
-                    m.cluster.request_timeout,
-                );
-            }
-            match buffered {
-                Some(b) => Full::new(b).map_err(|never| match never {}).boxed(),
-                None => empty(),
-            }
+    let body = if client_upgrade.is_some() {
+        body
+    } else {
+        match mirror(&f, &parts, &path_and_query, body, timeout).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
         }
     };
     let mut body = Some(Limited::new(body, f.route.max_body as usize).boxed());
     cluster.deposit();
-    let mut last_endpoint: Option<Arc<crate::cluster::Endpoint>> = None;
+    let mut last_endpoint: Option<Arc<Endpoint>> = None;
     loop {
         ctx.outcome.attempts += 1;
         let Some(lease) = cluster.pick(hash_key.as_deref(), last_endpoint.as_deref()) else {
@@ -210,80 +100,17 @@ pub(super) async fn run(
         // the endpoint closed under it can be retried safely. Anything else (a body, a
         // method a retry could repeat, HTTP/2): the cluster's client, in absolute-form.
         let kept = retryable && cluster.version() == http::Version::HTTP_11;
-        let uri = if kept {
-            Uri::from(path_and_query.clone())
-        } else {
-            match Uri::builder()
-                .scheme(lease.endpoint.scheme.clone())
-                .authority(lease.endpoint.authority.clone())
-                .path_and_query(path_and_query.clone())
-                .build()
-            {
-                Ok(u) => u,
-                Err(_) => {
-                    return problem(Problem::bad_request("the request target is not valid"));
-                }
-            }
+        let Some(uri) = attempt_uri(kept, &lease.endpoint, &path_and_query) else {
+            return problem(Problem::bad_request("the request target is not valid"));
         };
-        let mut upstream_req = Request::new(body.take().unwrap_or_else(empty));
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri.clone();
-        *upstream_req.headers_mut() = if retryable {
+        // A request that may be sent again keeps the headers for the next attempt.
+        let headers = if retryable {
             parts.headers.clone()
         } else {
             std::mem::take(&mut parts.headers)
         };
-        *upstream_req.version_mut() = parts.version;
-
-        let call = async {
-            if !kept {
-                return match cluster.client().request(upstream_req).await {
-                    Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed())),
-                    Err(e) => Err(Failed {
-                        connect: e.is_connect(),
-                        too_large: is_length_limit(&e),
-                        error: e.into(),
-                    }),
-                };
-            }
-            let ep = &lease.endpoint;
-            // Built again if a kept connection ends under it before any answer.
-            let again = || {
-                Some({
-                    let mut r = Request::new(empty());
-                    *r.method_mut() = parts.method.clone();
-                    *r.uri_mut() = uri.clone();
-                    *r.headers_mut() = parts.headers.clone();
-                    *r.version_mut() = parts.version;
-                    r
-                })
-            };
-            match ep
-                .kept
-                .send(&cluster.connector, &cluster.upstream, upstream_req, again)
-                .await
-            {
-                // A WebSocket's connection is its tunnel's from now on.
-                Ok((res, _)) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                    Ok(res.map(|b| b.map_err(Into::into).boxed()))
-                }
-                Ok((res, conn)) => Ok(res.map(|b| {
-                    KeepAtEnd::new(b, conn, ep.kept.clone(), cluster.upstream)
-                        .map_err(Into::into)
-                        .boxed()
-                })),
-                Err(upstream::Error::Connect) => Err(Failed {
-                    connect: true,
-                    too_large: false,
-                    error: "the connection to the endpoint could not be made".into(),
-                }),
-                Err(upstream::Error::Request(e)) => Err(Failed {
-                    connect: false,
-                    too_large: is_length_limit(&e),
-                    error: e.into(),
-                }),
-            }
-        };
+        let upstream_req = build(&parts, uri, headers, body.take().unwrap_or_else(empty));
+        let call = send(cluster, &lease.endpoint, kept, upstream_req, &parts);
         let sent = tokio::time::timeout(timeout, call).await;
         let can_retry = retryable && ctx.outcome.attempts <= cluster.retry_attempts;
         match sent {
@@ -335,50 +162,278 @@ pub(super) async fn run(
                     last_endpoint = Some(ep);
                     continue;
                 }
-                let mut res = res;
-                let tunnel = if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    let agreed = res
-                        .headers()
-                        .get(header::UPGRADE)
-                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-                    let Some(client_side) = client_upgrade.filter(|_| agreed) else {
-                        tracing::warn!(
-                            route = &*f.route.name,
-                            "upstream switched protocols unasked"
-                        );
-                        return problem(Problem::bad_gateway("the upstream answered unexpectedly"));
-                    };
-                    let upstream_side = hyper::upgrade::on(&mut res);
-                    tunnel::open(
-                        client_side,
-                        upstream_side,
-                        f.route.name.clone(),
-                        parts.extensions.get::<ConnInfo>().cloned(),
-                        Duration::from_millis(ctx.rt.config.limits.websocket_idle_timeout_ms),
-                    );
-                    Some(HeaderValue::from_static("websocket"))
-                } else {
-                    None
-                };
-                let (mut rparts, rbody) = res.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
-                if let Some(proto) = tunnel {
-                    rparts
-                        .headers
-                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    rparts.headers.insert(header::UPGRADE, proto);
-                }
-                let mut res = Response::from_parts(rparts, rbody);
-                if let Some(d) = &f.limit {
-                    limit::headers(&mut res, d);
-                }
-                if let Some(c) = f.chosen.set_cookie {
-                    res.headers_mut().append(header::SET_COOKIE, c);
-                }
-                return res;
+                let conn = parts.extensions.get::<ConnInfo>().cloned();
+                return answer(ctx, f, res, client_upgrade, conn);
             }
         }
     }
+}
+
+/// The request's headers as the upstream gets them: `Host` removed (the client sets the
+/// endpoint's), forwarding headers (believed and extended only from trusted proxies; from
+/// anyone else replaced, so an upstream reading any of them sees the truth), a WebSocket's
+/// upgrade or `te: trailers` named as hop-by-hop, and the cluster's HTTP version.
+fn upstream_headers(
+    ctx: &Ctx<'_>,
+    cluster: &Cluster,
+    parts: &mut http::request::Parts,
+    upgrading: bool,
+) {
+    let client = ctx.client;
+    let original_host = parts.headers.remove(header::HOST);
+    let peer = client.map(|c| c.peer);
+    let trusted = client.is_some_and(|c| c.trusted);
+    let prior_xff = trusted
+        .then(|| {
+            parts
+                .headers
+                .get_all(&names::X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|x| !x.is_empty());
+    if !trusted {
+        for h in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ] {
+            parts.headers.remove(h);
+        }
+    }
+    parts.headers.remove(&names::X_FORWARDED_FOR);
+    if let Some(ip) = peer {
+        let xff = match (prior_xff, &ctx.client_ip_value) {
+            (None, Some(v)) if client.map(|c| c.ip) == Some(ip) => Some(v.clone()),
+            (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
+            (None, _) => HeaderValue::from_str(&ip.to_string()).ok(),
+        };
+        if let Some(v) = xff {
+            parts.headers.insert(names::X_FORWARDED_FOR.clone(), v);
+        }
+    }
+    if !parts.headers.contains_key(&names::X_FORWARDED_HOST)
+        && let Some(host) = original_host.or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+    {
+        parts.headers.insert(names::X_FORWARDED_HOST.clone(), host);
+    }
+    if !parts.headers.contains_key(&names::X_FORWARDED_PROTO) {
+        let proto = if ctx.tls { "https" } else { "http" };
+        parts.headers.insert(
+            names::X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(proto),
+        );
+    }
+    if upgrading {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    } else if cluster.version() == http::Version::HTTP_11 && parts.headers.contains_key(header::TE)
+    {
+        // `te: trailers` is hop-by-hop in HTTP/1.1: named in `Connection`.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("te"));
+    }
+    parts.version = cluster.version();
+}
+
+/// Shadow traffic: when the route mirrors this request, the copy leaves before the request,
+/// on its own task. A copied body is read first (it is small, and must arrive within the
+/// route's timeout); the body to send on is then that copy. Refused (400, 408) when the
+/// body cannot be read in time.
+async fn mirror(
+    f: &Forward<'_>,
+    parts: &http::request::Parts,
+    path_and_query: &http::uri::PathAndQuery,
+    body: Body,
+    timeout: Duration,
+) -> Result<Body, Response<Body>> {
+    let bodiless = body.is_end_stream();
+    let Some(m) = f
+        .route
+        .mirror
+        .as_ref()
+        .filter(|m| m.sample(f.content_length, bodiless))
+    else {
+        return Ok(body);
+    };
+    let buffered = if bodiless {
+        None
+    } else {
+        match tokio::time::timeout(timeout, crate::traffic::buffer(body, m.max_body)).await {
+            Ok(Some(b)) => Some(b),
+            Ok(None) => {
+                return Err(problem(Problem::bad_request(
+                    "the request body could not be read",
+                )));
+            }
+            Err(_) => {
+                return Err(problem(
+                    Problem::typed(
+                        http::StatusCode::REQUEST_TIMEOUT,
+                        "request-timeout",
+                        "Request Timeout",
+                    )
+                    .detail("the request body did not arrive in time"),
+                ));
+            }
+        }
+    };
+    if let Some(shadow) = m.slot() {
+        shadow.send(
+            parts.method.clone(),
+            path_and_query.clone(),
+            parts.headers.clone(),
+            buffered.clone(),
+            m.cluster.request_timeout,
+        );
+    }
+    Ok(match buffered {
+        Some(b) => Full::new(b).map_err(|never| match never {}).boxed(),
+        None => empty(),
+    })
+}
+
+/// The target of one attempt: origin-form over a kept connection, absolute-form (the
+/// endpoint's scheme and authority) for the cluster's client.
+fn attempt_uri(kept: bool, ep: &Endpoint, path_and_query: &http::uri::PathAndQuery) -> Option<Uri> {
+    if kept {
+        return Some(Uri::from(path_and_query.clone()));
+    }
+    Uri::builder()
+        .scheme(ep.scheme.clone())
+        .authority(ep.authority.clone())
+        .path_and_query(path_and_query.clone())
+        .build()
+        .ok()
+}
+
+/// The upstream request: the client's method and the upstream's version from `parts`.
+fn build(
+    parts: &http::request::Parts,
+    uri: Uri,
+    headers: http::HeaderMap,
+    body: Body,
+) -> Request<Body> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = uri;
+    *r.headers_mut() = headers;
+    *r.version_mut() = parts.version;
+    r
+}
+
+/// One attempt: over this worker's kept connections to the endpoint (`kept`: the request
+/// is idempotent and body-less, so it can be built again from `parts` if a kept connection
+/// ends under it before any answer), or through the cluster's client.
+async fn send(
+    cluster: &Cluster,
+    ep: &Arc<Endpoint>,
+    kept: bool,
+    req: Request<Body>,
+    parts: &http::request::Parts,
+) -> Result<Response<Body>, Failed> {
+    if !kept {
+        return match cluster.client().request(req).await {
+            Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed())),
+            Err(e) => Err(Failed {
+                connect: e.is_connect(),
+                too_large: is_length_limit(&e),
+                error: e.into(),
+            }),
+        };
+    }
+    let uri = req.uri().clone();
+    let again = || Some(build(parts, uri.clone(), parts.headers.clone(), empty()));
+    match ep
+        .kept
+        .send(&cluster.connector, &cluster.upstream, req, again)
+        .await
+    {
+        // A WebSocket's connection is its tunnel's from now on.
+        Ok((res, _)) if res.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+            Ok(res.map(|b| b.map_err(Into::into).boxed()))
+        }
+        Ok((res, conn)) => Ok(res.map(|b| {
+            KeepAtEnd::new(b, conn, ep.kept.clone(), cluster.upstream)
+                .map_err(Into::into)
+                .boxed()
+        })),
+        Err(upstream::Error::Connect) => Err(Failed {
+            connect: true,
+            too_large: false,
+            error: "the connection to the endpoint could not be made".into(),
+        }),
+        Err(upstream::Error::Request(e)) => Err(Failed {
+            connect: false,
+            too_large: is_length_limit(&e),
+            error: e.into(),
+        }),
+    }
+}
+
+/// The upstream's answer as the client gets it: a WebSocket's tunnel opened (when the
+/// upstream agreed to what the client asked), hop-by-hop headers stripped, the rate-limit
+/// headers and a variant's cookie added.
+fn answer(
+    ctx: &Ctx<'_>,
+    f: Forward<'_>,
+    mut res: Response<Body>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    conn: Option<ConnInfo>,
+) -> Response<Body> {
+    let tunnel = if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let agreed = res
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let Some(client_side) = client_upgrade.filter(|_| agreed) else {
+            tracing::warn!(
+                route = &*f.route.name,
+                "upstream switched protocols unasked"
+            );
+            return problem(Problem::bad_gateway("the upstream answered unexpectedly"));
+        };
+        let upstream_side = hyper::upgrade::on(&mut res);
+        tunnel::open(
+            client_side,
+            upstream_side,
+            f.route.name.clone(),
+            conn,
+            Duration::from_millis(ctx.rt.config.limits.websocket_idle_timeout_ms),
+        );
+        Some(HeaderValue::from_static("websocket"))
+    } else {
+        None
+    };
+    let (mut rparts, rbody) = res.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    if let Some(proto) = tunnel {
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        rparts.headers.insert(header::UPGRADE, proto);
+    }
+    let mut res = Response::from_parts(rparts, rbody);
+    if let Some(d) = &f.limit {
+        limit::headers(&mut res, d);
+    }
+    if let Some(c) = f.chosen.set_cookie {
+        res.headers_mut().append(header::SET_COOKIE, c);
+    }
+    res
 }
 
 /// An upstream call that got no answer.
