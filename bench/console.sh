@@ -10,7 +10,7 @@
 # divided by the requests wrk completed) is printed: on 2 cores shared by wrk, the backend
 # and the gateway it is steadier than requests/s.
 #
-# Needs: wrk, curl (Debian: apt-get install wrk curl). Uses ports 18290-18292.
+# Needs: wrk, curl (Debian: apt-get install wrk curl). Uses ports 18480-18482.
 # Usage: bench/console.sh [seconds-per-run (default 10)]
 # Prints each run, then
 #   console: viewer/idle rps=<x> cpu_per_req=<y>
@@ -35,9 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-UP=127.0.0.1:18290
-GW=127.0.0.1:18291
-ADMIN=127.0.0.1:18292
+UP=127.0.0.1:18480
+GW=127.0.0.1:18481
+ADMIN=127.0.0.1:18482
 "$BIN" bench backend --listen "$UP" >"$WORK/backend.log" 2>&1 &
 PIDS+=("$!")
 cat >"$WORK/gateway.yaml" <<EOF

@@ -5,7 +5,7 @@
 # would pay for every route before it. Routes are found through the compiled index
 # (crates/gateway/src/router.rs `RouteIndex`), so the ratio should stay near 1.
 #
-# Needs: wrk, curl (Debian: apt-get install wrk curl). Uses ports 18280-18283.
+# Needs: wrk, curl (Debian: apt-get install wrk curl). Uses ports 18580-18584.
 # Usage: bench/routes.sh [seconds-per-run (default 10)]
 # Prints: `routes: 10000/10 rps=<x> p99=<y>` and each run's figures.
 set -euo pipefail
@@ -28,9 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-UP=127.0.0.1:18280
-SMALL=127.0.0.1:18281
-LARGE=127.0.0.1:18282
+UP=127.0.0.1:18580
+SMALL=127.0.0.1:18581
+LARGE=127.0.0.1:18582
 
 "$BIN" bench backend --listen "$UP" >"$WORK/backend.log" 2>&1 &
 PIDS+=("$!")
@@ -57,8 +57,8 @@ config() { # listen admin n
     routes "$3"
   } >"$WORK/gateway-$3.yaml"
 }
-config "$SMALL" 127.0.0.1:18283 10
-config "$LARGE" 127.0.0.1:18284 10000
+config "$SMALL" 127.0.0.1:18583 10
+config "$LARGE" 127.0.0.1:18584 10000
 "$BIN" gateway --check --config "$WORK/gateway-10000.yaml" >/dev/null
 "$BIN" gateway --config "$WORK/gateway-10.yaml" >"$WORK/small.log" 2>&1 &
 PIDS+=("$!")

@@ -9,7 +9,7 @@
 # with the same load (hey -n $REQUESTS -c $CONNS) against each.
 #
 # Needs: strace, hey, nginx, openssl, curl (Debian: apt-get install strace hey nginx-light
-# openssl curl). Uses ports 18280-18285.
+# openssl curl). Uses ports 18680-18685.
 # Usage: [SHOPMESH_BIN=path] bench/syscalls.sh [requests (default 20000)] [connections (default 8)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,10 +35,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-UP=127.0.0.1:18280
-NGX=127.0.0.1:18281
-GW_MIN=127.0.0.1:18282
-GW=127.0.0.1:18283
+UP=127.0.0.1:18680
+NGX=127.0.0.1:18681
+GW_MIN=127.0.0.1:18682
+GW=127.0.0.1:18683
 
 # A token the full chain verifies (EdDSA, made with openssl).
 b64url() { basenc --base64url -w0 | tr -d '='; }
@@ -93,14 +93,14 @@ nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 
 cat >"$WORK/gateway-min.yaml" <<CONF
 listen: $GW_MIN
-admin: { listen: 127.0.0.1:18284 }
+admin: { listen: 127.0.0.1:18684 }
 workers: 2
 clusters: [{ name: up, endpoints: ["http://$UP"] }]
 routes: [{ name: r, match: { prefix: / }, cluster: up }]
 CONF
 cat >"$WORK/gateway.yaml" <<CONF
 listen: $GW
-admin: { listen: 127.0.0.1:18285 }
+admin: { listen: 127.0.0.1:18685 }
 workers: 2
 access_log: true
 jwt: { jwks_url: "http://$UP/jwks.json", issuer: bench, audience: bench }
