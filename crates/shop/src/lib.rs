@@ -106,6 +106,12 @@ pub struct SystemConfig {
     /// Calls between services through mesh sidecars over mutual TLS ([`mesh`]), the mesh
     /// CA and certificates in this directory. `None`: services call each other directly.
     pub mesh: Option<PathBuf>,
+    /// Further instances of pricing or payments (`(service, n)`: n more), mesh only: each
+    /// on the same storage and broker, with its own server, background work and inbound
+    /// sidecar on a runtime of its own (as a process of its own would be; see
+    /// [`System::kill_replica`]); orders' outbound sidecar balances over all instances. The
+    /// gateway reaches the first instance only.
+    pub replicas: Vec<(ServiceName, usize)>,
 }
 
 impl SystemConfig {
@@ -117,6 +123,7 @@ impl SystemConfig {
             saga_deadline: DEFAULT_SAGA_DEADLINE,
             silent: Vec::new(),
             mesh: None,
+            replicas: Vec::new(),
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 8080,
             admin_port: 9901,
@@ -153,9 +160,56 @@ pub struct System {
     stages: [(CancellationToken, JoinSet<()>); 3],
     /// The sidecars, when calls between services go through the mesh.
     pub mesh: Option<mesh::Mesh>,
-    /// Each service as started, stoppable on its own ([`System::stop_service`]).
+    /// Each service as started, stoppable on its own ([`System::stop_service`]); a
+    /// service's first instance comes before its replicas.
     units: tokio::sync::Mutex<Vec<Unit>>,
     respawn: Respawn,
+    /// The replicas' runtimes ([`SystemConfig::replicas`]), in the order they were asked for.
+    replicas: tokio::sync::Mutex<Vec<ReplicaRuntime>>,
+}
+
+/// The runtime of one replica, on a thread of its own: dropped (every task of the replica,
+/// its sidecar's included, dropped with it, sockets closed, nothing drained) when `end` is
+/// sent or dropped.
+struct ReplicaRuntime {
+    service: ServiceName,
+    handle: tokio::runtime::Handle,
+    end: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplicaRuntime {
+    fn start(service: ServiceName, n: usize) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("{service}-{n}"))
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = ended.await;
+                });
+                drop(rt);
+            })?;
+        Ok(Self {
+            service,
+            handle,
+            end: Some(end),
+            thread: Some(thread),
+        })
+    }
+
+    /// Drops the runtime and waits until it is gone. False when it already was.
+    async fn kill(&mut self) -> bool {
+        let (Some(end), Some(thread)) = (self.end.take(), self.thread.take()) else {
+            return false;
+        };
+        let _ = end.send(());
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        true
+    }
 }
 
 /// What opening a service again takes ([`System::restart_service`]).
@@ -351,8 +405,43 @@ impl System {
                 .map(|(_, a)| *a)
                 .expect("every service has an address")
         };
+        // The replicas' runtimes and listeners, before the mesh that fronts them.
+        let mut replicas = Vec::new();
+        let mut replica_listeners = Vec::new();
+        for &(service, n) in &cfg.replicas {
+            if n == 0 {
+                continue;
+            }
+            if cfg.mesh.is_none()
+                || !matches!(service, ServiceName::Pricing | ServiceName::Payments)
+            {
+                return Err(Error::Service {
+                    service: service.as_str(),
+                    reason: "replicas are for pricing and payments behind the mesh".into(),
+                });
+            }
+            for i in 0..n {
+                let l = std::net::TcpListener::bind(SocketAddr::new(cfg.host, 0))?;
+                l.set_nonblocking(true)?;
+                replicas.push(ReplicaRuntime::start(service, i + 1)?);
+                replica_listeners.push(l);
+            }
+        }
         let mesh = match &cfg.mesh {
-            Some(dir) => Some(mesh::Mesh::start(dir.clone(), cfg.host, addr_of).await?),
+            Some(dir) => {
+                let fronted = replicas
+                    .iter()
+                    .zip(&replica_listeners)
+                    .map(|(r, l)| {
+                        Ok(mesh::Replica {
+                            service: r.service,
+                            local: l.local_addr()?,
+                            runtime: r.handle.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, std::io::Error>>()?;
+                Some(mesh::Mesh::start(dir.clone(), cfg.host, addr_of, &fronted).await?)
+            }
             None => None,
         };
         let deps = services::Deps {
@@ -452,6 +541,40 @@ impl System {
                 running: Some(running),
             });
         }
+        // Each replica opened (after its first instance migrated the storage) and run on its
+        // own runtime.
+        for (r, l) in replicas.iter().zip(replica_listeners) {
+            let name = r.service;
+            let (storage, deps, users, m) = (
+                cfg.storage.clone(),
+                deps.clone(),
+                users.clone(),
+                messaging.clone(),
+            );
+            let b = r
+                .handle
+                .spawn(async move { services::open(name, &storage, &deps, &users, &m).await })
+                .await
+                .map_err(|e| Error::Service {
+                    service: name.as_str(),
+                    reason: e.to_string(),
+                })??;
+            let listener = {
+                let _on = r.handle.enter();
+                TcpListener::from_std(l)?
+            };
+            let addr = listener.local_addr()?;
+            let (running, serve, tasks) = launch(b, listener, cfg.drain, &services, &work);
+            r.handle.spawn(serve);
+            for task in tasks {
+                r.handle.spawn(task);
+            }
+            units.push(Unit {
+                name,
+                addr,
+                running: Some(running),
+            });
+        }
 
         let gateway = Gateway::new(gateway_config(&cfg, addr_of))?;
         let gateway_addr = gateway_listener.local_addr()?;
@@ -504,6 +627,7 @@ impl System {
                 work: work.clone(),
             },
             units: tokio::sync::Mutex::new(units),
+            replicas: tokio::sync::Mutex::new(replicas),
             stages: [
                 (front, front_tasks),
                 (services, service_tasks),
@@ -561,6 +685,24 @@ impl System {
         Ok(())
     }
 
+    /// Kills replica `n` (1-based, in [`SystemConfig::replicas`]'s order) of `service`
+    /// abruptly, as `kill -9` would its process: its runtime is dropped, and with it its
+    /// server, every connection (mid-request or not), its relay and consumer and its inbound
+    /// sidecar; nothing is drained. What it had leased from the broker comes back when the
+    /// lease runs out; what it had not committed is rolled back. False when there is no such
+    /// replica or it is dead already.
+    pub async fn kill_replica(&self, service: ServiceName, n: usize) -> bool {
+        let mut replicas = self.replicas.lock().await;
+        match replicas
+            .iter_mut()
+            .filter(|r| r.service == service)
+            .nth(n.wrapping_sub(1))
+        {
+            Some(r) => r.kill().await,
+            None => false,
+        }
+    }
+
     pub fn service_addr(&self, name: ServiceName) -> SocketAddr {
         self.services
             .iter()
@@ -589,6 +731,10 @@ impl System {
         }
         if let Some(mesh) = self.mesh {
             mesh.shutdown().await;
+        }
+        // Their servers and work have ended with the stages; their runtimes go now.
+        for r in self.replicas.into_inner().iter_mut() {
+            r.kill().await;
         }
     }
 }

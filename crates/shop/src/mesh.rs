@@ -3,11 +3,14 @@
 //!
 //! - The mesh CA lives in the mesh directory (`ca.pem`, `ca-key.pem`); it is made on first
 //!   start and kept.
-//! - Each service that is called by another (pricing, payments, users) gets an inbound
-//!   sidecar in front of it, with the shop's policy: only orders may call it, on the routes
-//!   orders uses ([`policy`]); anything else is 403 problem+json.
+//! - Each instance of a service that is called by another (pricing, payments, users) gets
+//!   an inbound sidecar in front of it, with the shop's policy: only orders may call it, on
+//!   the routes orders uses ([`policy`]); anything else is 403 problem+json. A replica
+//!   ([`Replica`], `SystemConfig::replicas`) has its sidecar on its own runtime, so that it
+//!   dies with it.
 //! - orders gets an outbound sidecar; its clients send plain HTTP to it by service name
-//!   ([`shopmesh_platform::client::ServiceClient::through`]).
+//!   ([`shopmesh_platform::client::ServiceClient::through`]); it balances over the
+//!   instances of each.
 //! - Leaf certificates live [`LEAF_TTL`] and are re-issued at a third of it; the sidecars
 //!   reload them in place, so a rotation drops nothing.
 //!
@@ -56,7 +59,8 @@ pub fn policy(service: ServiceName) -> Vec<Rule> {
 pub struct Mesh {
     /// orders' outbound sidecar, as an HTTP proxy URL.
     pub outbound: String,
-    /// Each inbound sidecar: the service behind it and its mutual-TLS address.
+    /// Each inbound sidecar: the service behind it and its mutual-TLS address; a service's
+    /// first instance first, then its replicas in order.
     pub inbound: Vec<(ServiceName, SocketAddr)>,
     sidecars: Vec<Sidecar>,
     stop: CancellationToken,
@@ -89,12 +93,38 @@ fn issue_all(ca: &Ca, dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// A further instance of a callee: where it listens, and the runtime its inbound sidecar
+/// runs on (the instance's own, so that killing the instance kills its sidecar too).
+pub struct Replica {
+    pub service: ServiceName,
+    pub local: SocketAddr,
+    pub runtime: tokio::runtime::Handle,
+}
+
+fn inbound_config(dir: &Path, any: &str, service: ServiceName, local: SocketAddr) -> SidecarConfig {
+    SidecarConfig {
+        service: service.as_str().to_owned(),
+        inbound: Some(InboundConfig {
+            listen: any.to_owned(),
+            local: format!("http://{local}"),
+            timeout_ms: 15_000,
+        }),
+        outbound: None,
+        admin: None,
+        tls: tls(dir, service),
+        targets: Vec::new(),
+        policy: Some(policy(service)),
+    }
+}
+
 impl Mesh {
-    /// Starts the sidecars on `host` (any free ports), in front of the services at `addr`.
+    /// Starts the sidecars on `host` (any free ports), in front of the services at `addr`
+    /// and of the `replicas`.
     pub async fn start(
         dir: PathBuf,
         host: IpAddr,
         addr: impl Fn(ServiceName) -> SocketAddr,
+        replicas: &[Replica],
     ) -> Result<Self, Error> {
         let ca = if ca_paths(&dir).1.exists() {
             Ca::load(&dir).map_err(mesh_error)?
@@ -108,26 +138,26 @@ impl Mesh {
         let mut sidecars = Vec::new();
         let mut inbound = Vec::new();
         for service in CALLEES {
-            let sidecar = Sidecar::start(SidecarConfig {
-                service: service.as_str().to_owned(),
-                inbound: Some(InboundConfig {
-                    listen: any.clone(),
-                    local: format!("http://{}", addr(service)),
-                    timeout_ms: 15_000,
-                }),
-                outbound: None,
-                admin: None,
-                tls: tls(&dir, service),
-                targets: Vec::new(),
-                policy: Some(policy(service)),
-            })
-            .await
-            .map_err(mesh_error)?;
-            let at = sidecar
-                .inbound_addr
-                .ok_or_else(|| mesh_error("an inbound sidecar has no address"))?;
-            inbound.push((service, at));
-            sidecars.push(sidecar);
+            let first = Sidecar::start(inbound_config(&dir, &any, service, addr(service)));
+            let mut started = vec![first.await.map_err(mesh_error)?];
+            for r in replicas.iter().filter(|r| r.service == service) {
+                let cfg = inbound_config(&dir, &any, service, r.local);
+                // Started on the replica's runtime: its tasks are spawned there.
+                let sidecar = r
+                    .runtime
+                    .spawn(Sidecar::start(cfg))
+                    .await
+                    .map_err(mesh_error)?
+                    .map_err(mesh_error)?;
+                started.push(sidecar);
+            }
+            for sidecar in started {
+                let at = sidecar
+                    .inbound_addr
+                    .ok_or_else(|| mesh_error("an inbound sidecar has no address"))?;
+                inbound.push((service, at));
+                sidecars.push(sidecar);
+            }
         }
         let orders = Sidecar::start(SidecarConfig {
             service: ServiceName::Orders.as_str().to_owned(),
@@ -137,9 +167,16 @@ impl Mesh {
             }),
             admin: None,
             tls: tls(&dir, ServiceName::Orders),
-            targets: inbound
+            targets: CALLEES
                 .iter()
-                .map(|(s, at)| ClusterConfig::new(s.as_str(), vec![format!("https://{at}")]))
+                .map(|s| {
+                    let endpoints = inbound
+                        .iter()
+                        .filter(|(t, _)| t == s)
+                        .map(|(_, at)| format!("https://{at}"))
+                        .collect();
+                    ClusterConfig::new(s.as_str(), endpoints)
+                })
                 .collect(),
             policy: None,
         })
