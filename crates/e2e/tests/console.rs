@@ -1270,6 +1270,7 @@ async fn the_pattern_labs_report_renders_without_errors() {
         only: vec![shopmesh_lab::Group::Proxy],
         backend: shopmesh_lab::Backend::default(),
         progress: false,
+        shopmesh: None,
     };
     let report = shopmesh_lab::run(&opts).await.expect("the lab runs");
     let charts: usize = report.findings.iter().map(|f| f.charts.len()).sum();

@@ -181,6 +181,9 @@ pub struct Options {
     pub backend: Backend,
     /// Draw a progress bar per experiment (on stderr, when it is a terminal).
     pub progress: bool,
+    /// The `shopmesh` executable, for the experiments that run the shop as a process of its
+    /// own (`shopmesh lab` gives itself); without it they report that they did not run.
+    pub shopmesh: Option<std::path::PathBuf>,
 }
 
 /// The experiments of the patterns in `only` (all when empty), in their running order.
@@ -195,9 +198,13 @@ pub fn chosen(only: &[Group]) -> Vec<experiments::Kind> {
 /// would measure each other) and returns the report. An experiment that fails is reported
 /// as failed with its error; the others still run.
 pub async fn run(opts: &Options) -> Result<Report, LabError> {
+    run_kinds(opts, &chosen(&opts.only)).await
+}
+
+/// Runs these experiments, in this order, as [`run`] does.
+pub async fn run_kinds(opts: &Options, chosen: &[experiments::Kind]) -> Result<Report, LabError> {
     let started = Instant::now();
     let started_at = shopmesh_platform::millis_to_rfc3339(shopmesh_platform::now_millis());
-    let chosen = chosen(&opts.only);
     let bars = MultiProgress::with_draw_target(if opts.progress {
         ProgressDrawTarget::stderr()
     } else {
@@ -230,6 +237,8 @@ pub async fn run(opts: &Options) -> Result<Report, LabError> {
                     shops: &shops,
                     scale: &opts.scale,
                     bar,
+                    backend: &opts.backend,
+                    shopmesh: opts.shopmesh.as_deref(),
                 };
                 kind.run(&ctx).await
             }

@@ -72,9 +72,19 @@ impl Backend {
 
     /// The broker under a fresh namespace (its queues expire once unused).
     fn broker_url(&self, ns: &str) -> Result<shopmesh_messaging::BrokerUrl, LabError> {
-        match &self.broker {
+        match self.broker_arg(ns) {
             None => Ok(shopmesh_messaging::BrokerUrl::Embedded),
-            Some(url) if url == "embedded" => Ok(shopmesh_messaging::BrokerUrl::Embedded),
+            Some(url) => url
+                .parse()
+                .map_err(|e| LabError::Usage(format!("--broker: {e}"))),
+        }
+    }
+
+    /// The URL of a real broker under the namespace `ns`; `None` for the embedded broker.
+    pub fn broker_arg(&self, ns: &str) -> Option<String> {
+        match &self.broker {
+            None => None,
+            Some(url) if url == "embedded" => None,
             Some(url) => {
                 let sep = if url.contains('?') { '&' } else { '?' };
                 // Kafka: a short session lets a fresh shop's consumer groups form quickly.
@@ -83,10 +93,39 @@ impl Backend {
                 } else {
                     ""
                 };
-                format!("{url}{sep}namespace={ns}&expires=120{extra}")
-                    .parse()
-                    .map_err(|e| LabError::Usage(format!("--broker: {e}")))
+                Some(format!("{url}{sep}namespace={ns}&expires=120{extra}"))
             }
+        }
+    }
+
+    /// Where a shop under the namespace `ns` keeps its data: fresh PostgreSQL schemas, or
+    /// SQLite files in `data_dir`.
+    pub fn storage(&self, ns: &str, data_dir: &std::path::Path) -> Storage {
+        match &self.database {
+            Some(url) => Storage::Postgres {
+                url: url.clone(),
+                schema_prefix: format!("{ns}_"),
+            },
+            None => Storage::Sqlite {
+                data_dir: data_dir.to_owned(),
+            },
+        }
+    }
+}
+
+/// A fresh namespace for a shop's schemas and queues.
+pub fn namespace() -> String {
+    format!("lab{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Drops a shop's PostgreSQL schemas (nothing for SQLite: its directory goes with it).
+pub async fn drop_schemas(storage: &Storage) {
+    if let Storage::Postgres { schema_prefix, .. } = storage
+        && let Ok(db) = Db::open(&storage.for_service("users"), 1).await
+    {
+        for name in ServiceName::ALL {
+            let drop = format!("DROP SCHEMA IF EXISTS \"{schema_prefix}{name}\" CASCADE");
+            let _ = sqlx::query(&drop).execute(&db.pool).await;
         }
     }
 }
@@ -97,6 +136,18 @@ pub struct Product {
     pub id: String,
     pub category: String,
     pub on_hand: i64,
+}
+
+/// The first `n` products of the deterministic catalog a shop seeds.
+pub fn seeded(n: usize) -> Vec<Product> {
+    shopmesh_shop::seed::products(n)
+        .into_iter()
+        .map(|p| Product {
+            id: p.product.id,
+            category: p.product.category,
+            on_hand: p.on_hand,
+        })
+        .collect()
 }
 
 /// A running shop.
@@ -133,16 +184,8 @@ impl LabShop {
         products: usize,
     ) -> Result<LabShop, LabError> {
         let dir = tempfile::tempdir()?;
-        let ns = format!("lab{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let storage = match &backend.database {
-            Some(url) => Storage::Postgres {
-                url: url.clone(),
-                schema_prefix: format!("{ns}_"),
-            },
-            None => Storage::Sqlite {
-                data_dir: dir.path().to_owned(),
-            },
-        };
+        let ns = namespace();
+        let storage = backend.storage(&ns, dir.path());
         let mut cfg = SystemConfig::new(storage.clone(), dir.path());
         cfg.port = 0;
         cfg.admin_port = 0;
@@ -154,14 +197,7 @@ impl LabShop {
         cfg.login_limits = LAB_LOGIN_LIMITS;
         let system = System::start(cfg.clone()).await?;
         let base = format!("http://{}", system.gateway);
-        let products = shopmesh_shop::seed::products(products)
-            .into_iter()
-            .map(|p| Product {
-                id: p.product.id,
-                category: p.product.category,
-                on_hand: p.on_hand,
-            })
-            .collect();
+        let products = seeded(products);
         Ok(LabShop {
             system,
             cfg,
@@ -193,39 +229,12 @@ impl LabShop {
 
     /// Registers an account: (email, user id).
     pub async fn register(&self) -> Result<(String, String), LabError> {
-        let email = format!("{}@lab.example", uuid::Uuid::new_v4().simple());
-        let res = self
-            .http
-            .post(self.url("/api/users"))
-            .json(&json!({"email": email, "password": PASSWORD, "name": "Lab"}))
-            .send()
-            .await?;
-        if res.status() != 201 {
-            return Err(LabError::Shop(format!(
-                "registration answered {}",
-                res.status()
-            )));
-        }
-        let user: Value = res.json().await?;
-        let id = user["id"]
-            .as_str()
-            .ok_or_else(|| LabError::Shop("registration without an id".into()))?;
-        Ok((email, id.to_owned()))
+        register_at(&self.http, &self.base).await
     }
 
     /// A sign-in's access token, `None` when refused.
     pub async fn sign_in(&self, email: &str) -> Result<Option<String>, LabError> {
-        let res = self
-            .http
-            .post(self.url("/api/auth/token"))
-            .json(&json!({"email": email, "password": PASSWORD}))
-            .send()
-            .await?;
-        if res.status() != 200 {
-            return Ok(None);
-        }
-        let token: Value = res.json().await?;
-        Ok(token["access_token"].as_str().map(str::to_owned))
+        sign_in_at(&self.http, &self.base, email).await
     }
 
     /// A connection pool of its own to a service's database (for audits: totals, states).
@@ -258,15 +267,47 @@ impl LabShop {
     /// Stops the shop; its PostgreSQL schemas are dropped, its temporary directory removed.
     pub async fn stop(self) {
         self.system.shutdown().await;
-        if let Storage::Postgres { schema_prefix, .. } = &self.storage
-            && let Ok(db) = Db::open(&self.storage.for_service("users"), 1).await
-        {
-            for name in ServiceName::ALL {
-                let drop = format!("DROP SCHEMA IF EXISTS \"{schema_prefix}{name}\" CASCADE");
-                let _ = sqlx::query(&drop).execute(&db.pool).await;
-            }
-        }
+        drop_schemas(&self.storage).await;
     }
+}
+
+/// Registers an account through the gateway at `base`: (email, user id).
+pub async fn register_at(http: &reqwest::Client, base: &str) -> Result<(String, String), LabError> {
+    let email = format!("{}@lab.example", uuid::Uuid::new_v4().simple());
+    let res = http
+        .post(format!("{base}/api/users"))
+        .json(&json!({"email": email, "password": PASSWORD, "name": "Lab"}))
+        .send()
+        .await?;
+    if res.status() != 201 {
+        return Err(LabError::Shop(format!(
+            "registration answered {}",
+            res.status()
+        )));
+    }
+    let user: Value = res.json().await?;
+    let id = user["id"]
+        .as_str()
+        .ok_or_else(|| LabError::Shop("registration without an id".into()))?;
+    Ok((email, id.to_owned()))
+}
+
+/// A sign-in's access token through the gateway at `base`, `None` when refused.
+pub async fn sign_in_at(
+    http: &reqwest::Client,
+    base: &str,
+    email: &str,
+) -> Result<Option<String>, LabError> {
+    let res = http
+        .post(format!("{base}/api/auth/token"))
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await?;
+    if res.status() != 200 {
+        return Ok(None);
+    }
+    let token: Value = res.json().await?;
+    Ok(token["access_token"].as_str().map(str::to_owned))
 }
 
 /// Points a cluster of `g` at `to` instead (e.g. a relay).

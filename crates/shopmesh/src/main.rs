@@ -448,6 +448,8 @@ async fn lab(a: LabArgs) -> anyhow::Result<()> {
             broker: a.broker,
         },
         progress: true,
+        // The crash experiment runs this executable as `shopmesh up` and kills it.
+        shopmesh: std::env::current_exe().ok(),
     };
     let report = shopmesh_lab::run(&opts).await?;
     // The files first: a reader of the table that stops early (`| head`) loses nothing.
