@@ -93,6 +93,8 @@ pub struct Scale {
     pub outage_secs: f64,
     /// Seconds of requests of the gateway-loss experiment (an instance is lost halfway).
     pub loss_secs: f64,
+    /// Product pages, and as many plain requests, of the gateway CPU experiment.
+    pub cpu_requests: usize,
 }
 
 impl Scale {
@@ -118,6 +120,7 @@ impl Scale {
             reader_secs: 4.0,
             outage_secs: 30.0,
             loss_secs: 10.0,
+            cpu_requests: 1500,
         }
     }
 
@@ -143,6 +146,7 @@ impl Scale {
             reader_secs: 1.5,
             outage_secs: 4.0,
             loss_secs: 4.0,
+            cpu_requests: 400,
         }
     }
 
@@ -168,6 +172,7 @@ impl Scale {
             reader_secs: 0.75,
             outage_secs: 2.0,
             loss_secs: 2.0,
+            cpu_requests: 200,
         }
     }
 }
