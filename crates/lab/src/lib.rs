@@ -95,6 +95,8 @@ pub struct Scale {
     pub loss_secs: f64,
     /// Product pages, and as many plain requests, of the gateway CPU experiment.
     pub cpu_requests: usize,
+    /// How long the broker's connections stay cut mid-burst (the broker outage experiment).
+    pub broker_cut_secs: f64,
 }
 
 impl Scale {
@@ -121,6 +123,7 @@ impl Scale {
             outage_secs: 30.0,
             loss_secs: 10.0,
             cpu_requests: 1500,
+            broker_cut_secs: 10.0,
         }
     }
 
@@ -147,6 +150,7 @@ impl Scale {
             outage_secs: 4.0,
             loss_secs: 4.0,
             cpu_requests: 400,
+            broker_cut_secs: 3.0,
         }
     }
 
@@ -173,6 +177,7 @@ impl Scale {
             outage_secs: 2.0,
             loss_secs: 2.0,
             cpu_requests: 200,
+            broker_cut_secs: 2.0,
         }
     }
 }

@@ -5,18 +5,20 @@
 //! connection's first bytes leave one round trip after it was accepted, as a TCP handshake
 //! costs; and the bytes are counted in each direction. The queue between the reading and the
 //! writing side of a direction is bounded (backpressure reaches the sender), and so is the
-//! number of connections.
+//! number of connections. [`Relay::cut`] drops every open connection (both sides closed) and
+//! stops listening (new connections are refused) until [`Relay::restore`] listens again on
+//! the same port: a server restarting, to its clients.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +52,16 @@ struct Shared {
     up: AtomicU64,
     down: AtomicU64,
     connections: AtomicU64,
+    /// Connections being relayed now.
+    open: AtomicU64,
+    /// Set while cut: nothing listens, new connections are refused.
+    cut: AtomicBool,
+    /// Wakes the accept loop when the cut is made or lifted.
+    changed: Notify,
+    /// Connections accepted just as the cut was made, and closed at once.
+    turned_away: AtomicU64,
+    /// Cancelled by a cut: every connection accepted before it ends.
+    epoch: Mutex<CancellationToken>,
 }
 
 impl Shared {
@@ -104,6 +116,31 @@ impl Relay {
         }
     }
 
+    /// Drops every open connection (both sides closed) and stops listening, so that new
+    /// connections are refused, until [`Relay::restore`]; returns how many were open.
+    pub fn cut(&self) -> u64 {
+        // The flag first: a connection accepted from here on is turned away, and one accepted
+        // before holds the epoch cancelled below.
+        self.shared.cut.store(true, Ordering::SeqCst);
+        let open = self.shared.open.load(Ordering::SeqCst);
+        if let Ok(mut epoch) = self.shared.epoch.lock() {
+            std::mem::replace(&mut *epoch, CancellationToken::new()).cancel();
+        }
+        self.shared.changed.notify_one();
+        open
+    }
+
+    /// Listens (on the same port) and relays new connections again after a [`Relay::cut`].
+    pub fn restore(&self) {
+        self.shared.cut.store(false, Ordering::SeqCst);
+        self.shared.changed.notify_one();
+    }
+
+    /// Connections accepted just as a cut was made, and closed at once.
+    pub fn turned_away(&self) -> u64 {
+        self.shared.turned_away.load(Ordering::Relaxed)
+    }
+
     /// Zeroes the counters.
     pub fn reset(&self) {
         self.shared.up.store(0, Ordering::Relaxed);
@@ -125,26 +162,65 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let Ok(addr) = listener.local_addr() else {
+        return;
+    };
+    let mut listener = Some(listener);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        if shared.cut.load(Ordering::SeqCst) {
+            // Cut: nobody listens on the port (connections are refused) until restored.
+            listener = None;
+            while shared.cut.load(Ordering::SeqCst) {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = shared.changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+        let l = match &listener {
+            Some(l) => l,
+            None => match TcpListener::bind(addr).await {
+                Ok(l) => listener.insert(l),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            a = listener.accept() => a,
+            _ = shared.changed.notified() => continue,
+            a = l.accept() => a,
         };
         let Ok((client, _)) = accepted else {
             // Out of descriptors, say: try again shortly rather than spin.
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        // The epoch before the flag (see `Relay::cut`).
+        let epoch = match shared.epoch.lock() {
+            Ok(e) => e.clone(),
+            Err(_) => return,
+        };
+        if shared.cut.load(Ordering::SeqCst) {
+            shared.turned_away.fetch_add(1, Ordering::Relaxed);
+            drop(client);
+            continue;
+        }
         shared.connections.fetch_add(1, Ordering::Relaxed);
+        shared.open.fetch_add(1, Ordering::SeqCst);
         let (shared, stop) = (shared.clone(), stop.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = relay(client, upstream, shared) => {}
+                _ = epoch.cancelled() => {}
+                _ = relay(client, upstream, shared.clone()) => {}
             }
+            shared.open.fetch_sub(1, Ordering::SeqCst);
             drop(slot);
         });
     }
@@ -288,6 +364,35 @@ mod tests {
         assert_eq!((t.bytes_up, t.bytes_down, t.connections), (12, 12, 1));
         relay.reset();
         assert_eq!(relay.traffic().bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cut_drops_open_connections_and_refuses_new_ones_until_restored() {
+        let echo = echo_server().await;
+        let relay = Relay::start(echo, Duration::ZERO).await.unwrap();
+        let mut s = TcpStream::connect(relay.addr()).await.unwrap();
+        round_trip(&mut s).await;
+        assert_eq!(relay.cut(), 1);
+        let mut buf = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the cut closes the client's side");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(TcpStream::connect(relay.addr()).await.is_err(), "refused");
+        relay.restore();
+        let mut again = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match TcpStream::connect(relay.addr()).await {
+                    Ok(s) => return s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await
+        .expect("the relay listens again on its port");
+        round_trip(&mut again).await;
+        assert_eq!(relay.traffic().connections, 2);
     }
 
     #[tokio::test]

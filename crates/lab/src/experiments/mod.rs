@@ -6,6 +6,7 @@ pub mod aggregation_cpu;
 pub mod aggregation_load;
 pub mod aggregation_rtt;
 pub mod aggregation_slow_part;
+pub mod messaging_broker_outage;
 pub mod messaging_burst;
 pub mod messaging_compensation;
 pub mod messaging_crash;
@@ -92,10 +93,11 @@ pub enum Kind {
     MessagingDecoupling,
     MessagingDuplicates,
     MessagingCrash,
+    MessagingBrokerOutage,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::AggregationRtt,
         Kind::AggregationSlowPart,
         Kind::AggregationLoad,
@@ -111,6 +113,7 @@ impl Kind {
         Kind::MessagingDecoupling,
         Kind::MessagingDuplicates,
         Kind::MessagingCrash,
+        Kind::MessagingBrokerOutage,
     ];
 
     pub fn meta(self) -> &'static Meta {
@@ -130,6 +133,7 @@ impl Kind {
             Kind::MessagingDecoupling => &messaging_decoupling::META,
             Kind::MessagingDuplicates => &messaging_duplicates::META,
             Kind::MessagingCrash => &messaging_crash::META,
+            Kind::MessagingBrokerOutage => &messaging_broker_outage::META,
         }
     }
 
@@ -150,6 +154,7 @@ impl Kind {
             Kind::MessagingDecoupling => messaging_decoupling::steps(s),
             Kind::MessagingDuplicates => messaging_duplicates::steps(s),
             Kind::MessagingCrash => messaging_crash::steps(s),
+            Kind::MessagingBrokerOutage => messaging_broker_outage::steps(s),
         }
     }
 
@@ -170,6 +175,7 @@ impl Kind {
             Kind::MessagingDecoupling => messaging_decoupling::run(ctx).await,
             Kind::MessagingDuplicates => messaging_duplicates::run(ctx).await,
             Kind::MessagingCrash => messaging_crash::run(ctx).await,
+            Kind::MessagingBrokerOutage => messaging_broker_outage::run(ctx).await,
         }
     }
 }
@@ -212,8 +218,8 @@ pub fn not_measured() -> Vec<NotMeasured> {
         },
         NotMeasured {
             group: Group::Messaging,
-            claim: "Reliable MQ system required: a real broker restarted on its own mid-burst",
-            why: "messaging.crash kills the shop's process, which holds the embedded broker; a real broker (--broker) survives that kill, and restarting it is the broker's operator's tool (docker, systemctl), not the lab's",
+            claim: "Reliable MQ system required: a Kafka broker gone mid-burst",
+            why: "messaging.broker-outage cuts a RabbitMQ or NATS broker's connections through a relay the lab controls; Kafka's clients reach the addresses the broker advertises, not the relay, and restarting the broker itself is its operator's tool (docker, systemctl), not the lab's",
         },
     ]
 }
