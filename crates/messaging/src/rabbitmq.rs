@@ -56,6 +56,13 @@ pub const DELIVERY_LIMIT: i32 = 100;
 /// How long `publish` and `subscribe` wait for a connection before reporting the broker
 /// unavailable.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How long opening a connection (TCP, the AMQP handshake, the topology) may take: a server
+/// (or anything between) that accepts the connection and then says nothing must not hold
+/// the reconnection up for ever.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a batch's publisher confirms may take before the batch is reported failed (the
+/// outbox sends it again; the consumers' inboxes absorb what had arrived).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// An instance not heard from for this long has left its group.
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(4);
@@ -133,7 +140,27 @@ pub struct RabbitMqBroker {
     _guard: Arc<DropGuard>,
 }
 
+/// A new connection and its publishing channel, with the topology declared, within
+/// [`OPEN_TIMEOUT`].
 async fn open_link(
+    options: &crate::BrokerOptions,
+    names: &Names,
+    generation: u64,
+) -> Result<Link, BrokerError> {
+    match tokio::time::timeout(
+        OPEN_TIMEOUT,
+        open_link_unbounded(options, names, generation),
+    )
+    .await
+    {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(BrokerError::Unavailable(format!(
+            "RabbitMQ connection not open after {OPEN_TIMEOUT:?}"
+        ))),
+    }
+}
+
+async fn open_link_unbounded(
     options: &crate::BrokerOptions,
     names: &Names,
     generation: u64,
@@ -256,7 +283,7 @@ impl RabbitMqBroker {
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
         let options = crate::BrokerOptions::parse(url)?;
         let names = Names::new(&options.namespace);
-        let link = open_link(&options, &names, 1).await.map_err(unavailable)?;
+        let link = open_link(&options, &names, 1).await?;
         set_connected(true);
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
@@ -315,7 +342,14 @@ impl RabbitMqBroker {
             confirms.push(c);
         }
         for c in confirms {
-            match c.await.map_err(unavailable)? {
+            let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, c)
+                .await
+                .map_err(|_| {
+                    BrokerError::Unavailable(format!(
+                        "RabbitMQ did not confirm a message within {CONFIRM_TIMEOUT:?}"
+                    ))
+                })?;
+            match confirmed.map_err(unavailable)? {
                 Confirmation::Ack(_) => {}
                 Confirmation::Nack(_) => {
                     return Err(BrokerError::Unavailable(
