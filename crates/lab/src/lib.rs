@@ -10,12 +10,14 @@
 //!   and extra gateways built from the shop's own gateway configuration.
 //! - [`relay`]: the delaying TCP relay that simulates a client's network.
 //! - [`load`]: the open-loop load driver and latency summaries.
+//! - [`cpu`]: a gateway on a thread of its own and that thread's CPU time.
 //! - [`report`]: findings, figures, verdicts, the table and the JSON; [`html`] and
 //!   [`chart`]: the self-contained HTML report with its SVG charts.
 
 #![forbid(unsafe_code)]
 
 pub mod chart;
+pub mod cpu;
 pub mod experiments;
 pub mod html;
 pub mod load;
@@ -93,7 +95,8 @@ pub struct Scale {
     pub outage_secs: f64,
     /// Seconds of requests of the gateway-loss experiment (an instance is lost halfway).
     pub loss_secs: f64,
-    /// Product pages, and as many plain requests, of the gateway CPU experiment.
+    /// Product pages, and as many plain requests, of the gateway CPU experiment; stock
+    /// lookups per filter set and round of the filter-cost experiment.
     pub cpu_requests: usize,
     /// How long the broker's connections stay cut mid-burst (the broker outage experiment).
     pub broker_cut_secs: f64,

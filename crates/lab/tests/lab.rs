@@ -127,6 +127,26 @@ async fn every_claim_gets_figures_and_a_verdict_computed_from_them() {
     );
     assert_eq!(figure(single, "two_instances.failed_before_loss"), 0.0);
 
+    // The overhead: every way answered, the sidecar hop (two more proxies and mutual TLS)
+    // included.
+    let overhead = by_id("proxy.overhead");
+    for way in ["direct", "gateway", "sidecars"] {
+        assert!(figure(overhead, &format!("{way}.requests")) > 0.0, "{way}");
+        assert_eq!(figure(overhead, &format!("{way}.failures")), 0.0, "{way}");
+    }
+
+    // The filters: each set costs the gateway CPU, and a signature checked on every request
+    // costs more than one found in the verified-token cache.
+    let filters = by_id("proxy.filters");
+    assert_eq!(figure(filters, "failed"), 0.0);
+    for f in shopmesh_lab::experiments::proxy_filters::Filters::ALL {
+        assert!(figure(filters, &format!("{}.cpu_per_request", f.key())) > 0.0);
+    }
+    assert!(
+        figure(filters, "token_uncached.cpu_per_request")
+            > figure(filters, "token_cached.cpu_per_request")
+    );
+
     // The shared database: reads counted at every pool count, by each way.
     let shared = by_id("shared-data.bottleneck");
     for way in ["interface", "shared_view"] {

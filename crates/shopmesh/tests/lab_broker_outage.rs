@@ -6,6 +6,7 @@
 //! never skips, when the variable does not name a server.
 
 use shopmesh_lab::experiments::Kind;
+use shopmesh_lab::experiments::saga::ZERO_WHEN_EXACT;
 use shopmesh_lab::{Backend, Options, Outcome, Scale};
 
 fn required(var: &str) -> String {
@@ -44,18 +45,7 @@ async fn a_broker_gone_mid_burst_loses_and_doubles_nothing() {
     assert!(figure("orders.accepted_before_cut") > 0.0);
     assert!(figure("orders.accepted_during_cut") > 0.0);
     assert!(figure("orders.accepted_after_restore") > 0.0);
-    for key in [
-        "orders.lost",
-        "orders.pending",
-        "orders.unanswered",
-        "orders.unacknowledged",
-        "payments.double_authorizations",
-        "payments.double_charges",
-        "money.difference_minor",
-        "stock.difference",
-        "stock.reserved_left",
-        "effects.unsettled",
-    ] {
+    for key in ZERO_WHEN_EXACT {
         assert_eq!(figure(key), 0.0, "{key}: {}", f.verdict.because);
     }
     assert!(figure("recovered_after_restore_ms") >= 0.0);

@@ -4,6 +4,7 @@
 //! charged twice. (The lab's own test has no executable to give it.)
 
 use shopmesh_lab::experiments::Kind;
+use shopmesh_lab::experiments::saga::ZERO_WHEN_EXACT;
 use shopmesh_lab::{Backend, Options, Outcome, Scale};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,18 +30,7 @@ async fn a_kill_mid_burst_loses_and_doubles_nothing() {
     assert_eq!(figure("kills"), 1.0);
     assert!(figure("orders.accepted_before_kill") > 0.0);
     assert!(figure("orders.accepted_after_kill") > 0.0);
-    for key in [
-        "orders.lost",
-        "orders.pending",
-        "orders.unanswered",
-        "orders.unacknowledged",
-        "payments.double_authorizations",
-        "payments.double_charges",
-        "money.difference_minor",
-        "stock.difference",
-        "stock.reserved_left",
-        "effects.unsettled",
-    ] {
+    for key in ZERO_WHEN_EXACT {
         assert_eq!(figure(key), 0.0, "{key}: {}", f.verdict.because);
     }
     assert!(figure("kill_to_serving_ms") > 0.0);

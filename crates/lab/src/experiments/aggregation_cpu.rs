@@ -1,14 +1,10 @@
 //! Aggregation: what does one composite page cost the gateway itself, against the plain
 //! requests a client would send instead?
 
-use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use shopmesh_gateway::Gateway;
-use tokio_util::sync::CancellationToken;
-
 use super::{Ctx, Measured, Meta};
+use crate::cpu::{self, Worker};
 use crate::report::{Figures, Group, Outcome, Verdict, num};
 use crate::shop::{LabShop, ShopSpec};
 use crate::{LabError, Scale};
@@ -56,119 +52,25 @@ impl Cost {
     }
 }
 
-/// The gateway on its worker thread, and that thread's id.
-struct Worker {
-    addr: SocketAddr,
-    tid: Option<u32>,
-    stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Worker {
-    fn start(shop: &LabShop) -> Result<Worker, LabError> {
-        let mut g = shopmesh_shop::gateway_config(&shop.cfg, |n| shop.service(n));
-        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        g.listen = any;
-        g.admin.listen = None;
-        let gateway = Gateway::new(g)?;
-        let stop = CancellationToken::new();
-        let before = threads();
-        let (addr, thread) = shopmesh_gateway::server::serve_workers(
-            any,
-            gateway,
-            stop.clone(),
-            Duration::from_secs(1),
-            1,
-        )?;
-        // The worker thread names itself `gateway-1` as it starts.
-        let mut tid = None;
-        for _ in 0..100 {
-            tid = threads()
-                .difference(&before)
-                .copied()
-                .find(|t| comm(*t).is_some_and(|c| c == "gateway-1"));
-            if tid.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(Worker {
-            addr,
-            tid,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// CPU time the thread has had so far (ns).
-    fn cpu_ns(&self) -> Option<u64> {
-        let t = self.tid?;
-        let text = std::fs::read_to_string(format!("/proc/self/task/{t}/schedstat")).ok()?;
-        text.split_whitespace().next()?.parse().ok()
-    }
-
-    async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// This process's thread ids (empty where /proc is not there).
-fn threads() -> HashSet<u32> {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn comm(tid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
 /// `n` GETs of `path` + a product id, `CLIENTS` at a time; the number that failed.
 async fn load(shop: &LabShop, base: &str, path: &str, n: usize, offset: usize) -> usize {
     let ids: Vec<&str> = shop.products.iter().map(|p| p.id.as_str()).collect();
     if ids.is_empty() {
         return n;
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicUsize::new(0);
-    let client = || async {
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if i >= n {
-                break;
-            }
-            let url = format!("{base}{path}{}", ids[(offset + i) % ids.len()]);
-            let ok = match shop.http.get(url).send().await {
-                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                _ => false,
-            };
-            if !ok {
-                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    };
-    futures::future::join_all((0..CLIENTS).map(|_| client())).await;
-    failed.into_inner()
+    cpu::load(n, CLIENTS, |i| {
+        shop.http
+            .get(format!("{base}{path}{}", ids[(offset + i) % ids.len()]))
+    })
+    .await
 }
 
 pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
     let shop = ctx.shop(ShopSpec::MAIN)?;
-    let worker = Worker::start(shop)?;
-    let base = format!("http://{}", worker.addr);
+    let worker = Worker::start(shopmesh_shop::gateway_config(&shop.cfg, |n| {
+        shop.service(n)
+    }))?;
+    let base = worker.base();
     // Connections opened, caches and pools filled, before anything counts; then products
     // the warm-up did not ask for, once each (the product part is cached 2 s), after the
     // cache has forgotten what earlier experiments asked.
@@ -180,13 +82,7 @@ pub async fn run(ctx: &Ctx<'_>) -> Result<Measured, LabError> {
         async move {
             let failed_warm = load(shop, &base, path, warm, 0).await;
             tokio::time::sleep(CACHE_FORGETS).await;
-            let before = worker.cpu_ns();
-            let failed = load(shop, &base, path, n, warm).await;
-            let after = worker.cpu_ns();
-            let us = match (before, after) {
-                (Some(b), Some(a)) if n > 0 => Some(a.saturating_sub(b) as f64 / 1e3 / n as f64),
-                _ => None,
-            };
+            let (failed, us) = worker.per(n, load(shop, &base, path, n, warm)).await;
             (failed_warm + failed, us)
         }
     };
@@ -287,21 +183,5 @@ mod tests {
             verdict(&c(Some(150.0), Some(50.0), 1)).outcome,
             Outcome::Inconclusive
         );
-    }
-
-    #[test]
-    fn this_threads_cpu_time_is_read_from_proc() {
-        let me = threads();
-        assert!(
-            !me.is_empty(),
-            "/proc/self/task lists this process's threads"
-        );
-        let worker = Worker {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            tid: me.iter().copied().min(),
-            stop: CancellationToken::new(),
-            thread: None,
-        };
-        assert!(worker.cpu_ns().is_some_and(|ns| ns > 0));
     }
 }

@@ -3,22 +3,17 @@
 //! lost, doubled or stuck, and how long until every order is settled after it returns?
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use shopmesh_platform::db::Db;
 use tokio::time::Instant;
 
-use super::saga::{
-    Audit, DECLINED_CARD, GOOD_CARD, OrderKind, Placed, SagaDbs, Setup, audit, audit_figures,
-    settled_count,
-};
+use super::burst::Burst;
+use super::saga::{Audit, SagaDbs, Setup, audit, audit_figures, settled_count};
 use super::{Ctx, Measured, Meta};
 use crate::relay::Relay;
 use crate::report::{Chart, Figures, Group, Outcome, Series, Verdict, num};
-use crate::shop::{Backend, LabShop, Product, ShopSpec};
+use crate::shop::{Backend, LabShop, ShopSpec};
 use crate::{LabError, Scale};
 
 pub const META: Meta = Meta {
@@ -48,9 +43,9 @@ pub fn steps(_: &Scale) -> u64 {
 }
 
 /// When an order was accepted, against the cut.
-const BEFORE: u8 = 0;
-const DURING: u8 = 1;
-const AFTER: u8 = 2;
+const BEFORE: usize = 0;
+const DURING: usize = 1;
+const AFTER: usize = 2;
 
 /// What the outage did.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -258,25 +253,15 @@ async fn measure(
     let n = ctx.scale.saga_orders.max(CLIENTS * 2);
     let span = LEAD_SECS + cut_for.as_secs_f64() + TAIL_SECS;
     let start = Instant::now();
-    let burst = Burst {
-        http: &shop.http,
-        base: &shop.base,
-        setup: &setup,
-        n,
-        pace: Duration::from_secs_f64(span / n as f64),
-        start,
-        next: AtomicUsize::new(0),
-        phase: AtomicU8::new(BEFORE),
-        until: start + Duration::from_secs_f64(span) + RETRY_LIMIT,
-        tally: Mutex::new(Tally::default()),
-    };
+    let until = start + Duration::from_secs_f64(span) + RETRY_LIMIT;
+    let burst = Burst::new(&shop.http, &shop.base, setup.mix(), n, "lab-outage", until)
+        .paced(start, Duration::from_secs_f64(span / n as f64));
     ctx.step("orders placed, the broker's connections cut and restored");
-    let clients = futures::future::join_all((0..CLIENTS).map(|c| burst.client(c)));
     let controller = async {
         tokio::time::sleep_until(start + Duration::from_secs_f64(LEAD_SECS)).await;
         let cut_at = Instant::now();
         let connections_cut = relay.cut();
-        burst.phase.store(DURING, Ordering::SeqCst);
+        burst.set_phase(DURING);
         let (mut outbox_max, mut outbox_last) = (0, 0);
         while cut_at.elapsed() < cut_for {
             if let Ok(c) = outbox(&setup.dbs).await {
@@ -286,7 +271,7 @@ async fn measure(
             tokio::time::sleep(OUTBOX_EVERY.min(cut_for.saturating_sub(cut_at.elapsed()))).await;
         }
         // An answer counted as during the cut was sent before the broker returned.
-        burst.phase.store(AFTER, Ordering::SeqCst);
+        burst.set_phase(AFTER);
         relay.restore();
         let restored = Instant::now();
         let cut_ms = cut_at.elapsed().as_secs_f64() * 1e3;
@@ -315,7 +300,7 @@ async fn measure(
             outbox_empty_after_ms,
         ))
     };
-    let (_, cut) = tokio::join!(clients, controller);
+    let (_, cut) = tokio::join!(burst.run(CLIENTS), controller);
     let (
         restored,
         cut_ms,
@@ -326,10 +311,7 @@ async fn measure(
         mut outbox_empty_after_ms,
     ) = cut?;
     let placed = burst.placed();
-    let tally = burst
-        .tally
-        .into_inner()
-        .map_err(|_| LabError::Shop("a client panicked".into()))?;
+    let tally = burst.into_tally()?;
 
     ctx.step("waiting until every order is settled");
     let mut pending_curve = Vec::new();
@@ -362,9 +344,9 @@ async fn measure(
             connections_cut,
             connections_turned_away: relay.turned_away(),
             offered: n,
-            accepted_before_cut: tally.accepted[BEFORE as usize],
-            accepted_during_cut: tally.accepted[DURING as usize],
-            accepted_after_restore: tally.accepted[AFTER as usize],
+            accepted_before_cut: tally.accepted[BEFORE],
+            accepted_during_cut: tally.accepted[DURING],
+            accepted_after_restore: tally.accepted[AFTER],
             refused: tally.refused,
             unanswered: tally.unanswered,
             retried: tally.retried,
@@ -444,145 +426,6 @@ fn after(ms: Option<f64>) -> String {
     ms.map_or("not within 120 s".into(), |ms| {
         format!("{} ms after it returned", num(ms))
     })
-}
-
-/// How the clients' orders went.
-#[derive(Debug, Default)]
-struct Tally {
-    placed: Vec<Placed>,
-    /// Accepted before the cut, during it, after the broker returned.
-    accepted: [usize; 3],
-    refused: usize,
-    unanswered: usize,
-    retried: usize,
-}
-
-/// The burst's clients and what they share.
-struct Burst<'a> {
-    http: &'a reqwest::Client,
-    base: &'a str,
-    setup: &'a Setup,
-    n: usize,
-    /// Order `i` is due at `start + i × pace`.
-    pace: Duration,
-    start: Instant,
-    next: AtomicUsize,
-    /// Where the cut stands: [`BEFORE`], [`DURING`], [`AFTER`].
-    phase: AtomicU8,
-    /// Retries stop here.
-    until: Instant,
-    tally: Mutex<Tally>,
-}
-
-/// A placing's answer.
-enum Answer {
-    Accepted(String),
-    Refused,
-    /// No answer, or the shop's failure: to retry with the same key.
-    Failed,
-}
-
-impl Burst<'_> {
-    fn placed(&self) -> Vec<Placed> {
-        self.tally
-            .lock()
-            .map(|t| t.placed.clone())
-            .unwrap_or_default()
-    }
-
-    fn record(&self, f: impl FnOnce(&mut Tally)) {
-        if let Ok(mut t) = self.tally.lock() {
-            f(&mut t);
-        }
-    }
-
-    /// Places orders of the mix, each at its time, until the burst's are all taken.
-    async fn client(&self, c: usize) {
-        let s = self.setup;
-        let customer = &s.customers[c % s.customers.len()];
-        loop {
-            let i = self.next.fetch_add(1, Ordering::SeqCst);
-            if i >= self.n {
-                break;
-            }
-            tokio::time::sleep_until(self.start + self.pace * i as u32).await;
-            let kind = OrderKind::of_mix(i);
-            let (product, card): (&Product, &str) = match kind {
-                OrderKind::Good => (&s.products[i % s.products.len()], GOOD_CARD),
-                OrderKind::Declined => (&s.products[i % s.products.len()], DECLINED_CARD),
-                OrderKind::OutOfStock => (&s.none_left[i % s.none_left.len()], GOOD_CARD),
-            };
-            let quantity = 1 + (i % 3) as i64;
-            let key = format!("lab-outage-{i}-{}", uuid::Uuid::new_v4().simple());
-            loop {
-                match self
-                    .place(&customer.token, &key, &product.id, quantity, card)
-                    .await
-                {
-                    Answer::Accepted(id) => {
-                        let phase = usize::from(self.phase.load(Ordering::SeqCst).min(AFTER));
-                        self.record(|t| {
-                            t.accepted[phase] += 1;
-                            t.placed.push(Placed {
-                                id,
-                                kind,
-                                product: product.id.clone(),
-                                quantity,
-                            });
-                        });
-                        break;
-                    }
-                    Answer::Refused => {
-                        self.record(|t| t.refused += 1);
-                        break;
-                    }
-                    Answer::Failed if Instant::now() >= self.until => {
-                        self.record(|t| t.unanswered += 1);
-                        break;
-                    }
-                    Answer::Failed => {
-                        self.record(|t| t.retried += 1);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn place(
-        &self,
-        token: &str,
-        key: &str,
-        product: &str,
-        quantity: i64,
-        card: &str,
-    ) -> Answer {
-        let sent = self
-            .http
-            .post(format!("{}/api/orders", self.base))
-            .bearer_auth(token)
-            .header("Idempotency-Key", key)
-            .timeout(Duration::from_secs(5))
-            .json(&json!({"items": [{"product_id": product, "quantity": quantity}], "card": card}))
-            .send()
-            .await;
-        let Ok(res) = sent else {
-            return Answer::Failed;
-        };
-        let status = res.status();
-        if status.is_server_error() || status == 429 {
-            return Answer::Failed;
-        }
-        if !status.is_success() {
-            return Answer::Refused;
-        }
-        match res.json::<Value>().await {
-            Ok(o) => o["id"]
-                .as_str()
-                .map_or(Answer::Failed, |id| Answer::Accepted(id.to_owned())),
-            Err(_) => Answer::Failed,
-        }
-    }
 }
 
 #[cfg(test)]

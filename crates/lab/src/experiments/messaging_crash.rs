@@ -5,19 +5,14 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use shopmesh_platform::db::{Db, Storage};
 use shopmesh_shop::ServiceName;
 use tokio::time::Instant;
 
-use super::saga::{
-    Audit, Customer, DECLINED_CARD, GOOD_CARD, OrderKind, Placed, SagaDbs, audit, audit_figures,
-    settled_count, stock,
-};
+use super::burst::{Burst, Mix};
+use super::saga::{Audit, Customer, SagaDbs, audit, audit_figures, settled_count, stock};
 use super::{Ctx, Measured, Meta};
 use crate::report::{Chart, Figures, Group, Outcome, Series, Verdict, num};
 use crate::shop::{Product, register_at, sign_in_at};
@@ -35,6 +30,10 @@ pub const META: Meta = Meta {
 
 /// Concurrent clients of the burst.
 const CLIENTS: usize = 8;
+/// The burst's phases: acceptances before the kill, and after it (only the new process can
+/// answer those).
+const BEFORE_KILL: usize = 0;
+const AFTER_KILL: usize = 1;
 /// Products seeded in the process's shop.
 const PRODUCTS: usize = 400;
 /// How long the process may take to answer after a start.
@@ -209,32 +208,28 @@ async fn measure(
 
     ctx.step("orders placed, the process killed and started again");
     let n = ctx.scale.saga_orders.max(2);
-    let burst = Burst {
-        http: &http,
-        base: &base,
+    let mix = Mix {
         customers: &customers,
         products: &products,
         none_left: &none_left,
-        n,
-        next: AtomicUsize::new(0),
-        accepted: AtomicUsize::new(0),
-        killed: AtomicBool::new(false),
-        done: AtomicUsize::new(0),
-        until: Instant::now() + RETRY_LIMIT,
-        tally: Mutex::new(Tally::default()),
     };
-    let clients = futures::future::join_all((0..CLIENTS).map(|c| burst.client(c)));
+    let burst = Burst::new(
+        &http,
+        &base,
+        mix,
+        n,
+        "lab-crash",
+        Instant::now() + RETRY_LIMIT,
+    );
     let controller = async {
         // Half the burst accepted (or every client finished, which leaves nothing after).
-        while burst.accepted.load(Ordering::SeqCst) < n / 2
-            && burst.done.load(Ordering::SeqCst) < CLIENTS
-        {
+        while burst.accepted() < n / 2 && burst.clients_done() < CLIENTS {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let killing = Instant::now();
         shop.kill();
         // After the kill: an answer counted after it can only come from the new process.
-        burst.killed.store(true, Ordering::SeqCst);
+        burst.set_phase(AFTER_KILL);
         let reaped_ms = killing.elapsed().as_secs_f64() * 1e3;
         // What the crash left: accepted orders whose saga was still under way.
         let placed_so_far = burst.placed();
@@ -245,13 +240,10 @@ async fn measure(
         let serving_ms = reaped_ms + restarting.elapsed().as_secs_f64() * 1e3;
         Ok::<_, LabError>((restarting, serving_ms, not_settled(&at_kill)))
     };
-    let (_, kill) = tokio::join!(clients, controller);
+    let (_, kill) = tokio::join!(burst.run(CLIENTS), controller);
     let (restarted, serving_again_ms, unsettled_at_kill) = kill?;
     let placed = burst.placed();
-    let tally = burst
-        .tally
-        .into_inner()
-        .map_err(|_| LabError::Shop("a client panicked".into()))?;
+    let tally = burst.into_tally()?;
 
     ctx.step("waiting until every order is settled");
     let mut pending_curve = Vec::new();
@@ -271,7 +263,7 @@ async fn measure(
     let users: Vec<String> = customers.iter().map(|c| c.id.clone()).collect();
     let (_, in_db) = settled_count(&dbs.orders, &users).await?;
     ctx.step("done");
-    let accepted_before_kill = tally.accepted_before_kill;
+    let accepted_before_kill = tally.accepted[BEFORE_KILL];
     Ok((
         Crash {
             offered: n,
@@ -332,146 +324,6 @@ pub fn verdict(c: &Crash) -> Verdict {
         Verdict::new(Outcome::Mitigated, because)
     } else {
         Verdict::new(Outcome::Holds, because)
-    }
-}
-
-/// How the clients' orders went.
-#[derive(Debug, Default)]
-struct Tally {
-    placed: Vec<Placed>,
-    accepted_before_kill: usize,
-    refused: usize,
-    unanswered: usize,
-    retried: usize,
-}
-
-/// The burst's clients and what they share.
-struct Burst<'a> {
-    http: &'a reqwest::Client,
-    base: &'a str,
-    customers: &'a [Customer],
-    products: &'a [Product],
-    none_left: &'a [Product],
-    n: usize,
-    /// The next order to place.
-    next: AtomicUsize,
-    accepted: AtomicUsize,
-    /// Set just after the kill.
-    killed: AtomicBool,
-    /// Clients finished.
-    done: AtomicUsize,
-    /// Retries stop here.
-    until: Instant,
-    tally: Mutex<Tally>,
-}
-
-/// A placing's answer.
-enum Answer {
-    Accepted(String),
-    Refused,
-    /// No answer, or the shop's failure: to retry with the same key.
-    Failed,
-}
-
-impl Burst<'_> {
-    fn placed(&self) -> Vec<Placed> {
-        self.tally
-            .lock()
-            .map(|t| t.placed.clone())
-            .unwrap_or_default()
-    }
-
-    fn record(&self, f: impl FnOnce(&mut Tally)) {
-        if let Ok(mut t) = self.tally.lock() {
-            f(&mut t);
-        }
-    }
-
-    /// Places orders of the mix, one at a time, until the burst's are all taken.
-    async fn client(&self, c: usize) {
-        let customer = &self.customers[c % self.customers.len()];
-        loop {
-            let i = self.next.fetch_add(1, Ordering::SeqCst);
-            if i >= self.n {
-                break;
-            }
-            let kind = OrderKind::of_mix(i);
-            let (product, card) = match kind {
-                OrderKind::Good => (&self.products[i % self.products.len()], GOOD_CARD),
-                OrderKind::Declined => (&self.products[i % self.products.len()], DECLINED_CARD),
-                OrderKind::OutOfStock => (&self.none_left[i % self.none_left.len()], GOOD_CARD),
-            };
-            let quantity = 1 + (i % 3) as i64;
-            let key = format!("lab-crash-{i}-{}", uuid::Uuid::new_v4().simple());
-            loop {
-                match self
-                    .place(&customer.token, &key, &product.id, quantity, card)
-                    .await
-                {
-                    Answer::Accepted(id) => {
-                        let before_kill = !self.killed.load(Ordering::SeqCst);
-                        self.accepted.fetch_add(1, Ordering::SeqCst);
-                        self.record(|t| {
-                            t.accepted_before_kill += usize::from(before_kill);
-                            t.placed.push(Placed {
-                                id,
-                                kind,
-                                product: product.id.clone(),
-                                quantity,
-                            });
-                        });
-                        break;
-                    }
-                    Answer::Refused => {
-                        self.record(|t| t.refused += 1);
-                        break;
-                    }
-                    Answer::Failed if Instant::now() >= self.until => {
-                        self.record(|t| t.unanswered += 1);
-                        break;
-                    }
-                    Answer::Failed => {
-                        self.record(|t| t.retried += 1);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }
-        self.done.fetch_add(1, Ordering::SeqCst);
-    }
-
-    async fn place(
-        &self,
-        token: &str,
-        key: &str,
-        product: &str,
-        quantity: i64,
-        card: &str,
-    ) -> Answer {
-        let sent = self
-            .http
-            .post(format!("{}/api/orders", self.base))
-            .bearer_auth(token)
-            .header("Idempotency-Key", key)
-            .json(&json!({"items": [{"product_id": product, "quantity": quantity}], "card": card}))
-            .send()
-            .await;
-        let Ok(res) = sent else {
-            return Answer::Failed;
-        };
-        let status = res.status();
-        if status.is_server_error() || status == 429 {
-            return Answer::Failed;
-        }
-        if !status.is_success() {
-            return Answer::Refused;
-        }
-        match res.json::<Value>().await {
-            Ok(o) => o["id"]
-                .as_str()
-                .map_or(Answer::Failed, |id| Answer::Accepted(id.to_owned())),
-            Err(_) => Answer::Failed,
-        }
     }
 }
 

@@ -6,12 +6,14 @@ pub mod aggregation_cpu;
 pub mod aggregation_load;
 pub mod aggregation_rtt;
 pub mod aggregation_slow_part;
+pub mod burst;
 pub mod messaging_broker_outage;
 pub mod messaging_burst;
 pub mod messaging_compensation;
 pub mod messaging_crash;
 pub mod messaging_decoupling;
 pub mod messaging_duplicates;
+pub mod proxy_filters;
 pub mod proxy_gray;
 pub mod proxy_overhead;
 pub mod proxy_single_point;
@@ -83,6 +85,7 @@ pub enum Kind {
     AggregationLoad,
     AggregationCpu,
     ProxyOverhead,
+    ProxyFilters,
     ProxySinglePoint,
     ProxyGray,
     SharedDataConsistency,
@@ -97,12 +100,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::AggregationRtt,
         Kind::AggregationSlowPart,
         Kind::AggregationLoad,
         Kind::AggregationCpu,
         Kind::ProxyOverhead,
+        Kind::ProxyFilters,
         Kind::ProxySinglePoint,
         Kind::ProxyGray,
         Kind::SharedDataConsistency,
@@ -123,6 +127,7 @@ impl Kind {
             Kind::AggregationLoad => &aggregation_load::META,
             Kind::AggregationCpu => &aggregation_cpu::META,
             Kind::ProxyOverhead => &proxy_overhead::META,
+            Kind::ProxyFilters => &proxy_filters::META,
             Kind::ProxySinglePoint => &proxy_single_point::META,
             Kind::ProxyGray => &proxy_gray::META,
             Kind::SharedDataConsistency => &shared_data_consistency::META,
@@ -144,6 +149,7 @@ impl Kind {
             Kind::AggregationLoad => aggregation_load::steps(s),
             Kind::AggregationCpu => aggregation_cpu::steps(s),
             Kind::ProxyOverhead => proxy_overhead::steps(s),
+            Kind::ProxyFilters => proxy_filters::steps(s),
             Kind::ProxySinglePoint => proxy_single_point::steps(s),
             Kind::ProxyGray => proxy_gray::steps(s),
             Kind::SharedDataConsistency => shared_data_consistency::steps(s),
@@ -165,6 +171,7 @@ impl Kind {
             Kind::AggregationLoad => aggregation_load::run(ctx).await,
             Kind::AggregationCpu => aggregation_cpu::run(ctx).await,
             Kind::ProxyOverhead => proxy_overhead::run(ctx).await,
+            Kind::ProxyFilters => proxy_filters::run(ctx).await,
             Kind::ProxySinglePoint => proxy_single_point::run(ctx).await,
             Kind::ProxyGray => proxy_gray::run(ctx).await,
             Kind::SharedDataConsistency => shared_data_consistency::run(ctx).await,

@@ -483,6 +483,22 @@ pub async fn run_mix(
     Ok((placed, refused, audit))
 }
 
+/// The figures an exact run of a failure experiment (`messaging.crash`,
+/// `messaging.broker-outage`) has at zero: nothing lost, stuck, unanswered or unacknowledged,
+/// no second authorization or charge, money and stock exact, no effect left under way.
+pub const ZERO_WHEN_EXACT: [&str; 10] = [
+    "orders.lost",
+    "orders.pending",
+    "orders.unanswered",
+    "orders.unacknowledged",
+    "payments.double_authorizations",
+    "payments.double_charges",
+    "money.difference_minor",
+    "stock.difference",
+    "stock.reserved_left",
+    "effects.unsettled",
+];
+
 pub fn audit_figures(a: &Audit, f: &mut crate::report::Figures) {
     f.push("orders.placed", a.placed as f64, "orders");
     f.push("orders.confirmed", a.confirmed as f64, "orders");
@@ -527,6 +543,15 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// Its customers and products, for a [`super::burst::Burst`].
+    pub fn mix(&self) -> super::burst::Mix<'_> {
+        super::burst::Mix {
+            customers: &self.customers,
+            products: &self.products,
+            none_left: &self.none_left,
+        }
+    }
+
     /// `skip` well-stocked products are left to other experiments.
     pub async fn new(shop: &LabShop, skip: usize) -> Result<Setup, LabError> {
         let customers = customers(shop, 6).await?;
