@@ -19,31 +19,31 @@
 //!     methods: [GET, POST]          # absent: any
 //! ```
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shopmesh_gateway::config::ClusterConfig;
 
 use crate::ca::valid_service_name;
 use crate::error::MeshError;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SidecarConfig {
     pub service: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<InboundConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound: Option<OutboundConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,
     pub tls: MeshTls,
     #[serde(default)]
     pub targets: Vec<ClusterConfig>,
     /// Present: default deny, only what a rule allows. Absent: every mesh peer.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Vec<Rule>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
     pub listen: String,
@@ -58,19 +58,19 @@ fn default_local_timeout_ms() -> u64 {
     15_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MeshTls {
     pub ca_file: String,
@@ -78,7 +78,7 @@ pub struct MeshTls {
     pub key_file: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// The calling service.

@@ -101,11 +101,28 @@ pub struct Replica {
     pub runtime: tokio::runtime::Handle,
 }
 
-fn inbound_config(dir: &Path, any: &str, service: ServiceName, local: SocketAddr) -> SidecarConfig {
+/// Where orders' outbound sidecar listens by default when each service runs as a process of
+/// its own (`shopmesh mesh sidecar-config`).
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Where a callee's inbound sidecar listens by default in that mode: its service's port
+/// plus 8000 (pricing 15003, users 15005, payments 15007).
+pub fn inbound_port(service: ServiceName) -> u16 {
+    service.default_port() + 8000
+}
+
+/// The inbound sidecar of a callee (`service`, one of [`CALLEES`]) listening on `listen`,
+/// in front of its instance at `local`, with the shop's [`policy`]; TLS files in `dir`.
+pub fn inbound_config(
+    dir: &Path,
+    listen: &str,
+    service: ServiceName,
+    local: SocketAddr,
+) -> SidecarConfig {
     SidecarConfig {
         service: service.as_str().to_owned(),
         inbound: Some(InboundConfig {
-            listen: any.to_owned(),
+            listen: listen.to_owned(),
             local: format!("http://{local}"),
             timeout_ms: 15_000,
         }),
@@ -114,6 +131,32 @@ fn inbound_config(dir: &Path, any: &str, service: ServiceName, local: SocketAddr
         tls: tls(dir, service),
         targets: Vec::new(),
         policy: Some(policy(service)),
+    }
+}
+
+/// orders' outbound sidecar listening on `listen`, calling each of [`CALLEES`] at the
+/// inbound sidecars `at(callee)` gives; TLS files in `dir`.
+pub fn outbound_config(
+    dir: &Path,
+    listen: &str,
+    at: impl Fn(ServiceName) -> Vec<SocketAddr>,
+) -> SidecarConfig {
+    SidecarConfig {
+        service: ServiceName::Orders.as_str().to_owned(),
+        inbound: None,
+        outbound: Some(OutboundConfig {
+            listen: listen.to_owned(),
+        }),
+        admin: None,
+        tls: tls(dir, ServiceName::Orders),
+        targets: CALLEES
+            .iter()
+            .map(|s| {
+                let endpoints = at(*s).iter().map(|a| format!("https://{a}")).collect();
+                ClusterConfig::new(s.as_str(), endpoints)
+            })
+            .collect(),
+        policy: None,
     }
 }
 
@@ -159,27 +202,13 @@ impl Mesh {
                 sidecars.push(sidecar);
             }
         }
-        let orders = Sidecar::start(SidecarConfig {
-            service: ServiceName::Orders.as_str().to_owned(),
-            inbound: None,
-            outbound: Some(OutboundConfig {
-                listen: any.clone(),
-            }),
-            admin: None,
-            tls: tls(&dir, ServiceName::Orders),
-            targets: CALLEES
+        let orders = Sidecar::start(outbound_config(&dir, &any, |s| {
+            inbound
                 .iter()
-                .map(|s| {
-                    let endpoints = inbound
-                        .iter()
-                        .filter(|(t, _)| t == s)
-                        .map(|(_, at)| format!("https://{at}"))
-                        .collect();
-                    ClusterConfig::new(s.as_str(), endpoints)
-                })
-                .collect(),
-            policy: None,
-        })
+                .filter(|(t, _)| *t == s)
+                .map(|(_, at)| *at)
+                .collect()
+        }))
         .await
         .map_err(mesh_error)?;
         let outbound = orders

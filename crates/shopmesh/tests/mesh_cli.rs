@@ -102,3 +102,140 @@ fn a_ca_its_certificates_and_a_sidecar_from_the_command_line() {
     let _ = child.wait();
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
 }
+
+/// A free port on 127.0.0.1 (bound, then released).
+fn free_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// One HTTP/1.1 request through `at`, its status line.
+fn status_of(at: std::net::SocketAddr, method: &str, host: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(at).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Kills the child processes when the test ends, however it ends.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn the_shops_sidecars_run_from_the_configurations_it_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = shopmesh().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["mesh", "ca", "init", "--dir", d]);
+    for s in ["orders", "pricing"] {
+        run(&["mesh", "cert", "issue", "--service", s, "--dir", d]);
+    }
+    // pricing's local service: the bench backend answers GET /api/prices/{id}.
+    let (backend, inbound, outbound) = (free_addr(), free_addr(), free_addr());
+    let (b, i, o) = (
+        backend.to_string(),
+        inbound.to_string(),
+        outbound.to_string(),
+    );
+    let pricing = run(&[
+        "mesh",
+        "sidecar-config",
+        "--service",
+        "pricing",
+        "--dir",
+        d,
+        "--listen",
+        &i,
+        "--local",
+        &b,
+    ]);
+    let orders = run(&[
+        "mesh",
+        "sidecar-config",
+        "--service",
+        "orders",
+        "--dir",
+        d,
+        "--listen",
+        &o,
+        "--target",
+        &format!("pricing={i}"),
+    ]);
+    // A service outside the mesh, and a flag of the other side, are refused.
+    for bad in [
+        &["--service", "catalog"][..],
+        &["--service", "pricing", "--target", "users=127.0.0.1:1"][..],
+        &["--service", "orders", "--local", "127.0.0.1:1"][..],
+    ] {
+        let out = shopmesh()
+            .args(["mesh", "sidecar-config", "--dir", d])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+    }
+    let mut children = Children(Vec::new());
+    let spawn = |args: &[&str]| {
+        shopmesh()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    children
+        .0
+        .push(spawn(&["bench", "backend", "--listen", &b]));
+    for (name, text) in [("pricing", &pricing), ("orders", &orders)] {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let p = path.to_str().unwrap();
+        run(&["sidecar", "--config", p, "--check"]);
+        children.0.push(spawn(&["sidecar", "--config", p]));
+    }
+    // orders → pricing through both sidecars, over mutual TLS, as the policy allows.
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect(outbound).is_ok() {
+            last = status_of(outbound, "GET", "pricing", "/api/prices/1");
+            if last.starts_with("HTTP/1.1 200") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(last.starts_with("HTTP/1.1 200"), "{last}");
+    // The shop's policy came with the configuration: orders may only read prices.
+    let denied = status_of(outbound, "POST", "pricing", "/api/prices/1");
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    // No sidecar of payments runs: the call fails at the outbound sidecar, not elsewhere.
+    let absent = status_of(outbound, "GET", "payments", "/api/payment-methods");
+    assert!(
+        absent.starts_with("HTTP/1.1 502") || absent.starts_with("HTTP/1.1 503"),
+        "{absent}"
+    );
+}
