@@ -16,7 +16,11 @@
 # linkerd2-proxy) measure a whole application's end-to-end latency with and without the
 # mesh, not one hop, so they are not beside this number.
 #
-# Needs: wrk, curl, and for the orders line hey and sqlite3 (Debian: apt-get install wrk curl hey sqlite3). Uses ports 18390-18394.
+# Beside both, the same call through `shopmesh gateway` (one route, routing and metrics: the
+# proxy pattern's first form, plain HTTP) against the same backend, so the sidecar hop's cost
+# reads against a gateway hop's.
+#
+# Needs: wrk, curl, and for the orders line hey and sqlite3 (Debian: apt-get install wrk curl hey sqlite3). Uses ports 18390-18396.
 # Usage: bench/mesh.sh [seconds per run (default 10)] [connections (default 8)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +45,8 @@ P_IN=127.0.0.1:18391
 O_OUT=127.0.0.1:18392
 P_ADMIN=127.0.0.1:18393
 O_ADMIN=127.0.0.1:18394
+GW=127.0.0.1:18395
+GW_ADMIN=127.0.0.1:18396
 
 "$BIN" mesh ca init --dir "$WORK/mesh" >/dev/null
 "$BIN" mesh cert issue --service orders --dir "$WORK/mesh" --ttl-hours 1 >/dev/null
@@ -66,7 +72,21 @@ targets:
     endpoints: ["https://$P_IN"]
 EOF
 
+cat >"$WORK/gateway.yaml" <<EOF
+listen: $GW
+admin: { listen: $GW_ADMIN }
+clusters:
+  - name: payments
+    endpoints: ["http://$BACKEND"]
+routes:
+  - name: prices
+    match: { prefix: /api/prices }
+    cluster: payments
+EOF
+
 "$BIN" bench backend --listen "$BACKEND" >"$WORK/backend.log" 2>&1 &
+PIDS+=($!)
+"$BIN" gateway --config "$WORK/gateway.yaml" >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
 SHOPMESH_LOG_FORMAT=json "$BIN" sidecar --config "$WORK/payments.yaml" >"$WORK/payments.log" 2>&1 &
 PIDS+=($!)
@@ -77,6 +97,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 curl -sf -o /dev/null -H 'Host: payments' "http://$O_OUT/api/prices/1" || { echo "the mesh hop does not answer"; tail "$WORK"/*.log; exit 1; }
+curl -sf -o /dev/null "http://$GW/api/prices/1" || { echo "the gateway hop does not answer"; tail "$WORK"/gateway.log; exit 1; }
 
 to_ms() { # wrk latency value (e.g. 812.00us, 1.23ms, 1.02s) → ms
   awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
@@ -95,8 +116,10 @@ run_wrk() { # url [header] → "rps p50 p99"
 echo "wrk -t1 -c$CONNS -d${DURATION}s; $(nproc) cores shared by wrk, two sidecars and the backend"
 read -r D_RPS D_P50 D_P99 < <(run_wrk "http://$BACKEND/api/prices/1")
 read -r M_RPS M_P50 M_P99 < <(run_wrk "http://$O_OUT/api/prices/1" "Host: payments")
+read -r G_RPS G_P50 G_P99 < <(run_wrk "http://$GW/api/prices/1")
 printf 'mesh: direct        %7d req/s p50=%sms p99=%sms\n' "$D_RPS" "$D_P50" "$D_P99"
 printf 'mesh: via sidecars  %7d req/s p50=%sms p99=%sms (mTLS, policy, metrics, access log)\n' "$M_RPS" "$M_P50" "$M_P99"
+printf 'mesh: via gateway   %7d req/s p50=%sms p99=%sms (plain HTTP, routing, metrics)\n' "$G_RPS" "$G_P50" "$G_P99"
 printf 'mesh: added per hop p50=%.3fms p99=%.3fms (targets: ≤ 0.3 / ≤ 1 ms; Linkerd states < 1 ms p95 per hop at 1000 qps)\n' \
   "$(echo "$M_P50-$D_P50" | bc -l)" "$(echo "$M_P99-$D_P99" | bc -l)"
 # The same hop at a fixed 1,000 req/s (Linkerd's stated condition), where a closed loop's
@@ -111,9 +134,13 @@ hey_q() { # url [header] → "p50 p95 p99 rps" in ms
 if command -v hey >/dev/null; then
   read -r QD50 QD95 QD99 QDR < <(hey_q "http://$BACKEND/api/prices/1")
   read -r QM50 QM95 QM99 QMR < <(hey_q "http://$O_OUT/api/prices/1" "Host: payments")
+  read -r QG50 QG95 QG99 QGR < <(hey_q "http://$GW/api/prices/1")
   printf 'mesh: at a fixed 1000 req/s: direct p50=%sms p95=%sms p99=%sms (%d req/s reached); via sidecars p50=%sms p95=%sms p99=%sms (%d); added per hop p50=%.3fms p95=%.3fms p99=%.3fms\n' \
     "$QD50" "$QD95" "$QD99" "$QDR" "$QM50" "$QM95" "$QM99" "$QMR" \
     "$(echo "$QM50-$QD50" | bc -l)" "$(echo "$QM95-$QD95" | bc -l)" "$(echo "$QM99-$QD99" | bc -l)"
+  printf 'mesh: at a fixed 1000 req/s, the gateway hop: p50=%sms p95=%sms p99=%sms (%d); added p50=%.3fms p95=%.3fms p99=%.3fms\n' \
+    "$QG50" "$QG95" "$QG99" "$QGR" \
+    "$(echo "$QG50-$QD50" | bc -l)" "$(echo "$QG95-$QD95" | bc -l)" "$(echo "$QG99-$QD99" | bc -l)"
 else
   echo "mesh: the fixed-rate line needs hey (apt-get install hey)"
 fi
