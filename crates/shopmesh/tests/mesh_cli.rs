@@ -239,3 +239,128 @@ fn the_shops_sidecars_run_from_the_configurations_it_generates() {
         "{absent}"
     );
 }
+
+#[test]
+fn a_callee_sidecar_killed_under_load_loses_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = shopmesh().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["mesh", "ca", "init", "--dir", d]);
+    for s in ["orders", "pricing"] {
+        run(&["mesh", "cert", "issue", "--service", s, "--dir", d]);
+    }
+    let spawn = |args: &[&str]| {
+        shopmesh()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut children = Children(Vec::new());
+    // Two instances of pricing (bench backends), each behind its own inbound sidecar process.
+    let mut inbound = Vec::new();
+    for n in 0..2 {
+        let (backend, at) = (free_addr().to_string(), free_addr());
+        children
+            .0
+            .push(spawn(&["bench", "backend", "--listen", &backend]));
+        let cfg = run(&[
+            "mesh",
+            "sidecar-config",
+            "--service",
+            "pricing",
+            "--dir",
+            d,
+            "--listen",
+            &at.to_string(),
+            "--local",
+            &backend,
+        ]);
+        let path = dir.path().join(format!("pricing-{n}.yaml"));
+        std::fs::write(&path, cfg).unwrap();
+        children
+            .0
+            .push(spawn(&["sidecar", "--config", path.to_str().unwrap()]));
+        inbound.push(at);
+    }
+    let outbound = free_addr();
+    let cfg = run(&[
+        "mesh",
+        "sidecar-config",
+        "--service",
+        "orders",
+        "--dir",
+        d,
+        "--listen",
+        &outbound.to_string(),
+        "--target",
+        &format!("pricing={}", inbound[0]),
+        "--target",
+        &format!("pricing={}", inbound[1]),
+    ]);
+    let path = dir.path().join("orders.yaml");
+    std::fs::write(&path, cfg).unwrap();
+    children
+        .0
+        .push(spawn(&["sidecar", "--config", path.to_str().unwrap()]));
+    let started = Instant::now();
+    while !(std::net::TcpStream::connect(outbound).is_ok()
+        && inbound
+            .iter()
+            .all(|a| std::net::TcpStream::connect(a).is_ok())
+        && status_of(outbound, "GET", "pricing", "/api/prices/1").starts_with("HTTP/1.1 200"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the mesh did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Four clients call pricing through orders' sidecar for 3 s; after 1 s the first
+    // instance's sidecar process is killed (SIGKILL: its connections reset, its port closed).
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failed) = (
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::Mutex::new(Vec::new()),
+    );
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let status = status_of(outbound, "GET", "pricing", "/api/prices/1");
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if !status.starts_with("HTTP/1.1 200") {
+                        failed.lock().unwrap().push(status);
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let victim = &mut children.0[1];
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let sent = sent.into_inner();
+    let failed = failed.into_inner().unwrap();
+    assert!(sent > 100, "only {sent} requests sent");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // The survivor carries everything now.
+    assert!(std::net::TcpStream::connect(inbound[0]).is_err());
+    eprintln!("{sent} requests, 0 failed, one of two callee sidecars killed");
+}
