@@ -12,15 +12,6 @@ fn shopmesh() -> Command {
 fn a_ca_its_certificates_and_a_sidecar_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let ok = |args: &[&str]| {
-        let out = shopmesh().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
     ok(&["mesh", "ca", "init", "--dir", d]);
     let again = shopmesh()
         .args(["mesh", "ca", "init", "--dir", d])
@@ -136,23 +127,54 @@ impl Drop for Children {
     }
 }
 
-#[test]
-fn the_shops_sidecars_run_from_the_configurations_it_generates() {
+/// `shopmesh ARGS`, which must succeed: its standard output.
+fn ok(args: &[&str]) -> String {
+    let out = shopmesh().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `shopmesh ARGS` in the background, its output dropped.
+fn spawn(args: &[&str]) -> std::process::Child {
+    shopmesh()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A mesh directory with its CA and a certificate for orders and for pricing.
+fn mesh_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let run = |args: &[&str]| {
-        let out = shopmesh().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    run(&["mesh", "ca", "init", "--dir", d]);
+    ok(&["mesh", "ca", "init", "--dir", d]);
     for s in ["orders", "pricing"] {
-        run(&["mesh", "cert", "issue", "--service", s, "--dir", d]);
+        ok(&["mesh", "cert", "issue", "--service", s, "--dir", d]);
     }
+    dir
+}
+
+/// `shopmesh mesh sidecar-config --dir DIR ARGS` written to DIR/NAME.yaml, checked, and the
+/// sidecar started from it.
+fn sidecar(dir: &std::path::Path, name: &str, args: &[&str]) -> std::process::Child {
+    let d = dir.to_str().unwrap();
+    let cfg = ok(&[&["mesh", "sidecar-config", "--dir", d][..], args].concat());
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, cfg).unwrap();
+    let p = path.to_str().unwrap();
+    ok(&["sidecar", "--config", p, "--check"]);
+    spawn(&["sidecar", "--config", p])
+}
+
+#[test]
+fn the_shops_sidecars_run_from_the_configurations_it_generates() {
+    let dir = mesh_dir();
+    let d = dir.path().to_str().unwrap();
     // pricing's local service: the bench backend answers GET /api/prices/{id}.
     let (backend, inbound, outbound) = (free_addr(), free_addr(), free_addr());
     let (b, i, o) = (
@@ -160,30 +182,6 @@ fn the_shops_sidecars_run_from_the_configurations_it_generates() {
         inbound.to_string(),
         outbound.to_string(),
     );
-    let pricing = run(&[
-        "mesh",
-        "sidecar-config",
-        "--service",
-        "pricing",
-        "--dir",
-        d,
-        "--listen",
-        &i,
-        "--local",
-        &b,
-    ]);
-    let orders = run(&[
-        "mesh",
-        "sidecar-config",
-        "--service",
-        "orders",
-        "--dir",
-        d,
-        "--listen",
-        &o,
-        "--target",
-        &format!("pricing={i}"),
-    ]);
     // A service outside the mesh, and a flag of the other side, are refused.
     for bad in [
         &["--service", "catalog"][..],
@@ -197,25 +195,19 @@ fn the_shops_sidecars_run_from_the_configurations_it_generates() {
             .unwrap();
         assert!(!out.status.success(), "{bad:?}");
     }
-    let mut children = Children(Vec::new());
-    let spawn = |args: &[&str]| {
-        shopmesh()
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    children
-        .0
-        .push(spawn(&["bench", "backend", "--listen", &b]));
-    for (name, text) in [("pricing", &pricing), ("orders", &orders)] {
-        let path = dir.path().join(format!("{name}.yaml"));
-        std::fs::write(&path, text).unwrap();
-        let p = path.to_str().unwrap();
-        run(&["sidecar", "--config", p, "--check"]);
-        children.0.push(spawn(&["sidecar", "--config", p]));
-    }
+    let mut children = Children(vec![spawn(&["bench", "backend", "--listen", &b])]);
+    let p = dir.path();
+    children.0.push(sidecar(
+        p,
+        "pricing",
+        &["--service", "pricing", "--listen", &i, "--local", &b],
+    ));
+    let target = format!("pricing={i}");
+    children.0.push(sidecar(
+        p,
+        "orders",
+        &["--service", "orders", "--listen", &o, "--target", &target],
+    ));
     // orders → pricing through both sidecars, over mutual TLS, as the policy allows.
     let started = Instant::now();
     let mut last = String::new();
@@ -242,29 +234,8 @@ fn the_shops_sidecars_run_from_the_configurations_it_generates() {
 
 #[test]
 fn a_callee_sidecar_killed_under_load_loses_no_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
-    let run = |args: &[&str]| {
-        let out = shopmesh().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    run(&["mesh", "ca", "init", "--dir", d]);
-    for s in ["orders", "pricing"] {
-        run(&["mesh", "cert", "issue", "--service", s, "--dir", d]);
-    }
-    let spawn = |args: &[&str]| {
-        shopmesh()
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let dir = mesh_dir();
+    let p = dir.path();
     let mut children = Children(Vec::new());
     // Two instances of pricing (bench backends), each behind its own inbound sidecar process.
     let mut inbound = Vec::new();
@@ -273,45 +244,41 @@ fn a_callee_sidecar_killed_under_load_loses_no_request() {
         children
             .0
             .push(spawn(&["bench", "backend", "--listen", &backend]));
-        let cfg = run(&[
-            "mesh",
-            "sidecar-config",
-            "--service",
-            "pricing",
-            "--dir",
-            d,
-            "--listen",
-            &at.to_string(),
-            "--local",
-            &backend,
-        ]);
-        let path = dir.path().join(format!("pricing-{n}.yaml"));
-        std::fs::write(&path, cfg).unwrap();
-        children
-            .0
-            .push(spawn(&["sidecar", "--config", path.to_str().unwrap()]));
+        let listen = at.to_string();
+        children.0.push(sidecar(
+            p,
+            &format!("pricing-{n}"),
+            &[
+                "--service",
+                "pricing",
+                "--listen",
+                &listen,
+                "--local",
+                &backend,
+            ],
+        ));
         inbound.push(at);
     }
     let outbound = free_addr();
-    let cfg = run(&[
-        "mesh",
-        "sidecar-config",
-        "--service",
+    let (o, t0, t1) = (
+        outbound.to_string(),
+        format!("pricing={}", inbound[0]),
+        format!("pricing={}", inbound[1]),
+    );
+    children.0.push(sidecar(
+        p,
         "orders",
-        "--dir",
-        d,
-        "--listen",
-        &outbound.to_string(),
-        "--target",
-        &format!("pricing={}", inbound[0]),
-        "--target",
-        &format!("pricing={}", inbound[1]),
-    ]);
-    let path = dir.path().join("orders.yaml");
-    std::fs::write(&path, cfg).unwrap();
-    children
-        .0
-        .push(spawn(&["sidecar", "--config", path.to_str().unwrap()]));
+        &[
+            "--service",
+            "orders",
+            "--listen",
+            &o,
+            "--target",
+            &t0,
+            "--target",
+            &t1,
+        ],
+    ));
     let started = Instant::now();
     while !(std::net::TcpStream::connect(outbound).is_ok()
         && inbound
