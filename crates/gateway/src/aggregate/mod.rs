@@ -130,193 +130,231 @@ impl Plan {
             None => Vec::new(),
         };
         let params: Vec<&str> = route_params.iter().map(String::as_str).collect();
-        let mut names = HashSet::new();
-        for p in &cfg.parts {
-            let valid = !p.name.is_empty()
-                && p.name.len() <= 64
-                && p.name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if !valid {
-                return Err(format!(
-                    "part `{}`: a name is 1 to 64 letters, digits, `_` or `-`",
-                    p.name
-                ));
-            }
-            if RESERVED.contains(&p.name.as_str()) {
-                return Err(format!("part `{}`: the name is reserved", p.name));
-            }
-            if !names.insert(p.name.as_str()) {
-                return Err(format!("part `{}`: duplicate name", p.name));
-            }
-        }
+        check_names(&cfg.parts)?;
         let index = |name: &str| cfg.parts.iter().position(|p| p.name == name);
-        let mut parts = Vec::with_capacity(cfg.parts.len());
         let mut places = HashSet::new();
+        let mut parts = Vec::with_capacity(cfg.parts.len());
         for p in &cfg.parts {
             let err = |reason: String| format!("part `{}`: {reason}", p.name);
-            if !known_cluster(&p.cluster) {
-                return Err(err(format!("unknown cluster `{}`", p.cluster)));
-            }
-            if !p.path.starts_with('/')
-                || p.path.contains(['?', '#'])
-                || p.path.contains(char::is_whitespace)
-            {
-                return Err(err(format!(
-                    "path `{}` must start with `/` and hold no `?`, `#` or spaces (use `query`)",
-                    p.path
-                )));
-            }
-            let path = Template::parse(&p.path, &index, &params).map_err(err)?;
-            let mut query = Vec::new();
-            for (k, v) in &p.query {
-                if k.is_empty() {
-                    return Err(err("a query parameter needs a name".into()));
-                }
-                query.push((k.clone(), Template::parse(v, &index, &params).map_err(err)?));
-            }
-            let mut headers = Vec::new();
-            for (k, v) in &p.headers {
-                let name = HeaderName::from_bytes(k.as_bytes())
-                    .map_err(|_| err(format!("`{k}` is not a header name")))?;
-                if name
-                    .as_str()
-                    .starts_with(shopmesh_platform::TRUSTED_HEADER_PREFIX)
-                    || name == header::HOST
-                    || name == header::CONTENT_LENGTH
-                    || name == header::TRANSFER_ENCODING
-                    || name == header::CONNECTION
-                {
-                    return Err(err(format!("header `{k}` cannot be set")));
-                }
-                headers.push((name, Template::parse(v, &index, &params).map_err(err)?));
-            }
-            if p.timeout_ms == 0 || p.timeout_ms > MAX_PART_TIMEOUT_MS {
-                return Err(err(format!(
-                    "timeout_ms must be within 1–{MAX_PART_TIMEOUT_MS}"
-                )));
-            }
-            if p.max_body_bytes == 0 || p.max_body_bytes > MAX_PART_BODY {
-                return Err(err(format!(
-                    "max_body_bytes must be within 1–{MAX_PART_BODY}"
-                )));
-            }
-            if let Some(c) = &p.cache
-                && (c.ttl_ms == 0 || c.max_bytes < 4096 || c.max_bytes > 1 << 40)
-            {
-                return Err(err(
-                    "cache: ttl_ms must be positive, max_bytes within 4 KiB–1 TiB".into(),
-                ));
-            }
-            for (from, to) in &p.rename {
-                if from.is_empty() || to.is_empty() {
-                    return Err(err("rename: empty field name".into()));
-                }
-            }
-            let extract = p.extract.as_deref().map(dotted).transpose().map_err(err)?;
-            let (place, enrich) = match (&p.into, &p.enrich) {
-                (Some(_), Some(_)) => {
-                    return Err(err("`into` and `enrich` exclude each other".into()));
-                }
-                (_, Some(e)) => {
-                    if e.key.is_empty() || e.by.is_empty() || e.into.is_empty() {
-                        return Err(err("enrich: key, by and into must be named".into()));
-                    }
-                    (
-                        Place::At(Vec::new()),
-                        Some(Enrich {
-                            each: dotted(&e.each).map_err(err)?,
-                            key: e.key.clone(),
-                            by: e.by.clone(),
-                            into: e.into.clone(),
-                        }),
-                    )
-                }
-                (Some(i), None) if i == "." => (Place::Root, None),
-                (into, None) => {
-                    let at = dotted(into.as_deref().unwrap_or(&p.name)).map_err(err)?;
-                    if at.first().is_some_and(|f| f == "_parts") {
-                        return Err(err("`_parts` is reserved".into()));
-                    }
-                    // One part per place, and no place inside another's.
-                    let joined = at.join(".");
-                    if let Some(other) = places.iter().find(|o: &&String| {
-                        **o == joined
-                            || joined.starts_with(&format!("{o}."))
-                            || o.starts_with(&format!("{joined}."))
-                    }) {
-                        return Err(err(format!(
-                            "`into` `{joined}` overlaps another part's `{other}`"
-                        )));
-                    }
-                    places.insert(joined);
-                    (Place::At(at), None)
-                }
-            };
-            let mut deps: Vec<usize> = path
-                .parts()
-                .chain(query.iter().flat_map(|(_, t)| t.parts()))
-                .chain(headers.iter().flat_map(|(_, t)| t.parts()))
-                .collect();
-            deps.sort_unstable();
-            deps.dedup();
-            parts.push(PartPlan {
-                read: Read::Tree,
-                fallback: Arc::new(p.fallback.clone()),
-                cfg: p.clone(),
-                name: p.name.as_str().into(),
-                path,
-                query,
-                headers,
-                timeout: Duration::from_millis(p.timeout_ms),
-                extract,
-                place,
-                enrich,
-                deps,
-            });
+            parts.push(part_plan(p, known_cluster, &index, &params, &mut places).map_err(err)?);
         }
-        // Kahn's algorithm: whatever cannot be ordered is on or behind a cycle.
-        let mut done = vec![false; parts.len()];
-        loop {
-            let ready: Vec<usize> = (0..parts.len())
-                .filter(|&i| !done[i] && parts[i].deps.iter().all(|&d| done[d]))
-                .collect();
-            if ready.is_empty() {
-                break;
-            }
-            for i in ready {
-                done[i] = true;
-            }
-        }
-        let stuck: Vec<&str> = (0..parts.len())
-            .filter(|&i| !done[i])
-            .map(|i| &*parts[i].name)
-            .collect();
-        if !stuck.is_empty() {
+        check_acyclic(&parts)?;
+        choose_reads(&mut parts);
+        Ok(Self { parts })
+    }
+}
+
+/// Every part named: 1 to 64 letters, digits, `_` or `-`, not reserved, not twice.
+fn check_names(parts: &[PartConfig]) -> Result<(), String> {
+    let mut names = HashSet::new();
+    for p in parts {
+        let valid = !p.name.is_empty()
+            && p.name.len() <= 64
+            && p.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
             return Err(format!(
-                "aggregate: the parts {} depend on each other in a cycle",
-                stuck
-                    .iter()
-                    .map(|n| format!("`{n}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "part `{}`: a name is 1 to 64 letters, digits, `_` or `-`",
+                p.name
             ));
         }
-        let any_enrich = parts.iter().any(|p| p.enrich.is_some());
-        let read: HashSet<usize> = parts.iter().flat_map(|p| p.deps.iter().copied()).collect();
-        for (i, p) in parts.iter_mut().enumerate() {
-            let tree = any_enrich
-                || read.contains(&i)
-                || !p.cfg.fields.is_empty()
-                || !p.cfg.rename.is_empty()
-                || !matches!(p.place, Place::At(_));
-            p.read = match (&p.extract, tree) {
-                (_, true) => Read::Tree,
-                (None, false) => Read::Raw,
-                (Some(path), false) => Read::RawAt(path.as_slice().into()),
-            };
+        if RESERVED.contains(&p.name.as_str()) {
+            return Err(format!("part `{}`: the name is reserved", p.name));
         }
-        Ok(Self { parts })
+        if !names.insert(p.name.as_str()) {
+            return Err(format!("part `{}`: duplicate name", p.name));
+        }
+    }
+    Ok(())
+}
+
+/// One part checked and compiled (its call's templates, limits, where its answer goes);
+/// `places` holds the places other parts took. The error names no part (the caller does).
+fn part_plan(
+    p: &PartConfig,
+    known_cluster: &dyn Fn(&str) -> bool,
+    index: &dyn Fn(&str) -> Option<usize>,
+    params: &[&str],
+    places: &mut HashSet<String>,
+) -> Result<PartPlan, String> {
+    if !known_cluster(&p.cluster) {
+        return Err(format!("unknown cluster `{}`", p.cluster));
+    }
+    if !p.path.starts_with('/')
+        || p.path.contains(['?', '#'])
+        || p.path.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "path `{}` must start with `/` and hold no `?`, `#` or spaces (use `query`)",
+            p.path
+        ));
+    }
+    let path = Template::parse(&p.path, index, params)?;
+    let mut query = Vec::new();
+    for (k, v) in &p.query {
+        if k.is_empty() {
+            return Err("a query parameter needs a name".into());
+        }
+        query.push((k.clone(), Template::parse(v, index, params)?));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in &p.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("`{k}` is not a header name"))?;
+        if name
+            .as_str()
+            .starts_with(shopmesh_platform::TRUSTED_HEADER_PREFIX)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            return Err(format!("header `{k}` cannot be set"));
+        }
+        headers.push((name, Template::parse(v, index, params)?));
+    }
+    check_limits(p)?;
+    let extract = p.extract.as_deref().map(dotted).transpose()?;
+    let (place, enrich) = place_of(p, places)?;
+    let mut deps: Vec<usize> = path
+        .parts()
+        .chain(query.iter().flat_map(|(_, t)| t.parts()))
+        .chain(headers.iter().flat_map(|(_, t)| t.parts()))
+        .collect();
+    deps.sort_unstable();
+    deps.dedup();
+    Ok(PartPlan {
+        read: Read::Tree,
+        fallback: Arc::new(p.fallback.clone()),
+        cfg: p.clone(),
+        name: p.name.as_str().into(),
+        path,
+        query,
+        headers,
+        timeout: Duration::from_millis(p.timeout_ms),
+        extract,
+        place,
+        enrich,
+        deps,
+    })
+}
+
+/// A part's timeout, body and cache limits, and its renames.
+fn check_limits(p: &PartConfig) -> Result<(), String> {
+    if p.timeout_ms == 0 || p.timeout_ms > MAX_PART_TIMEOUT_MS {
+        return Err(format!("timeout_ms must be within 1–{MAX_PART_TIMEOUT_MS}"));
+    }
+    if p.max_body_bytes == 0 || p.max_body_bytes > MAX_PART_BODY {
+        return Err(format!("max_body_bytes must be within 1–{MAX_PART_BODY}"));
+    }
+    if let Some(c) = &p.cache
+        && (c.ttl_ms == 0 || c.max_bytes < 4096 || c.max_bytes > 1 << 40)
+    {
+        return Err("cache: ttl_ms must be positive, max_bytes within 4 KiB–1 TiB".into());
+    }
+    if p.rename
+        .iter()
+        .any(|(from, to)| from.is_empty() || to.is_empty())
+    {
+        return Err("rename: empty field name".into());
+    }
+    Ok(())
+}
+
+/// Where a part's answer goes (`into`: one place per part, none inside another's; or
+/// `enrich`: into each element of another list).
+fn place_of(
+    p: &PartConfig,
+    places: &mut HashSet<String>,
+) -> Result<(Place, Option<Enrich>), String> {
+    match (&p.into, &p.enrich) {
+        (Some(_), Some(_)) => Err("`into` and `enrich` exclude each other".into()),
+        (_, Some(e)) => {
+            if e.key.is_empty() || e.by.is_empty() || e.into.is_empty() {
+                return Err("enrich: key, by and into must be named".into());
+            }
+            Ok((
+                Place::At(Vec::new()),
+                Some(Enrich {
+                    each: dotted(&e.each)?,
+                    key: e.key.clone(),
+                    by: e.by.clone(),
+                    into: e.into.clone(),
+                }),
+            ))
+        }
+        (Some(i), None) if i == "." => Ok((Place::Root, None)),
+        (into, None) => {
+            let at = dotted(into.as_deref().unwrap_or(&p.name))?;
+            if at.first().is_some_and(|f| f == "_parts") {
+                return Err("`_parts` is reserved".into());
+            }
+            let joined = at.join(".");
+            if let Some(other) = places.iter().find(|o: &&String| {
+                **o == joined
+                    || joined.starts_with(&format!("{o}."))
+                    || o.starts_with(&format!("{joined}."))
+            }) {
+                return Err(format!(
+                    "`into` `{joined}` overlaps another part's `{other}`"
+                ));
+            }
+            places.insert(joined);
+            Ok((Place::At(at), None))
+        }
+    }
+}
+
+/// No cycle among the parts' dependencies (Kahn's algorithm: whatever cannot be ordered is
+/// on or behind a cycle).
+fn check_acyclic(parts: &[PartPlan]) -> Result<(), String> {
+    let mut done = vec![false; parts.len()];
+    loop {
+        let ready: Vec<usize> = (0..parts.len())
+            .filter(|&i| !done[i] && parts[i].deps.iter().all(|&d| done[d]))
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for i in ready {
+            done[i] = true;
+        }
+    }
+    let stuck: Vec<&str> = (0..parts.len())
+        .filter(|&i| !done[i])
+        .map(|i| &*parts[i].name)
+        .collect();
+    if stuck.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "aggregate: the parts {} depend on each other in a cycle",
+        stuck
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// How each part's answer is read: whole into a tree where it is reshaped, enriched,
+/// placed at the root or read by another part; otherwise kept raw (or the raw value at its
+/// `extract` path), validated once.
+fn choose_reads(parts: &mut [PartPlan]) {
+    let any_enrich = parts.iter().any(|p| p.enrich.is_some());
+    let read: HashSet<usize> = parts.iter().flat_map(|p| p.deps.iter().copied()).collect();
+    for (i, p) in parts.iter_mut().enumerate() {
+        let tree = any_enrich
+            || read.contains(&i)
+            || !p.cfg.fields.is_empty()
+            || !p.cfg.rename.is_empty()
+            || !matches!(p.place, Place::At(_));
+        p.read = match (&p.extract, tree) {
+            (_, true) => Read::Tree,
+            (None, false) => Read::Raw,
+            (Some(path), false) => Read::RawAt(path.as_slice().into()),
+        };
     }
 }
 
