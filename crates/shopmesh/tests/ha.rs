@@ -101,12 +101,23 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A port free now and never handed out before in this process: ports are chosen long
+/// before their process binds them, so the kernel may offer one again meanwhile (a service's
+/// admin port once came out as another service's port, and its `/readyz` answered for it).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -1246,7 +1257,11 @@ mod services {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(res.status(), 201);
+            let status = res.status();
+            if status != 201 {
+                let body = res.text().await.unwrap_or_default();
+                panic!("registering {email}: {status} {body}\n{}", self.logs());
+            }
             let tok: Value = self
                 .http
                 .post(format!("{base}/api/auth/token"))
