@@ -4,23 +4,15 @@
 //! come in; then it restarts cleanly and every order must reach a terminal state with stock
 //! and payments adding up exactly.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use shopmesh_test_support::free_port;
 
 const FAILPOINTS: &str =
     "relay.before_publish=0.03,relay.after_publish=0.05,consumer.after_commit=0.05";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Shop {
     child: Child,

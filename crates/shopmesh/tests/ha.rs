@@ -60,6 +60,7 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use shopmesh_test_support::free_port;
 use tokio_util::sync::CancellationToken;
 
 const INNER: &str = "SHOPMESH_HA_NETNS";
@@ -99,25 +100,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// A port free now and never handed out before in this process: ports are chosen long
-/// before their process binds them, so the kernel may offer one again meanwhile (a service's
-/// admin port once came out as another service's port, and its `/readyz` answered for it).
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
 }
 
 fn signal(pid: u32, sig: libc::c_int) {

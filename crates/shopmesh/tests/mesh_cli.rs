@@ -94,10 +94,9 @@ fn a_ca_its_certificates_and_a_sidecar_from_the_command_line() {
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
 }
 
-/// A free port on 127.0.0.1 (bound, then released).
+/// A free address on 127.0.0.1, never handed out before in this process.
 fn free_addr() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    std::net::SocketAddr::from(([127, 0, 0, 1], shopmesh_test_support::free_port()))
 }
 
 /// One HTTP/1.1 request through `at`, its status line.

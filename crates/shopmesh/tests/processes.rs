@@ -6,12 +6,12 @@
 //! Each test has its own schemas, broker namespace and ports.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use shopmesh_test_support::free_port;
 
 const SERVICES: [&str; 7] = [
     "catalog",
@@ -22,24 +22,6 @@ const SERVICES: [&str; 7] = [
     "orders",
     "payments",
 ];
-
-/// A port free now and never handed out before in this process (ports are chosen before
-/// their process binds them, so the kernel may offer one twice).
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
 
 fn required(var: &str) -> String {
     std::env::var(var)

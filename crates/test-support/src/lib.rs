@@ -37,6 +37,27 @@ pub struct TestStorage {
     pub broker: shopmesh_shop::BrokerUrl,
 }
 
+/// A port on 127.0.0.1 free now and never handed out before in this process. Ports are
+/// chosen before their process binds them, so the kernel may offer one again meanwhile (an
+/// HA test's service once got as its admin port another service's port, chosen earlier and
+/// bound since, and that service's `/readyz` answered for it).
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port on 127.0.0.1")
+            .port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
 /// Whether `SHOPMESH_TEST_MESH` asks for the mesh (`1` or `true`).
 pub fn test_mesh() -> bool {
     matches!(
