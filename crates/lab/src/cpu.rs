@@ -1,6 +1,6 @@
 //! A gateway on a worker thread of its own, and the CPU time the kernel accounts to that
 //! thread: how the experiments that price the gateway's work (`aggregation.cpu`,
-//! `proxy.filters`) read it. Linux only (`/proc/self/task/TID/schedstat`); elsewhere the
+//! `proxy.filters`) read it; `proxy.single-point` starts and loses its instances the same way. Linux only (`/proc/self/task/TID/schedstat`); elsewhere the
 //! time is `None` and those experiments say so.
 
 use std::collections::HashSet;
@@ -24,20 +24,28 @@ pub struct Worker {
 impl Worker {
     /// Serves `cfg` on one worker thread (as `shopmesh gateway` runs each worker), on an
     /// ephemeral port of 127.0.0.1; the admin listener is left off.
-    pub fn start(mut cfg: GatewayConfig) -> Result<Worker, LabError> {
-        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        cfg.listen = any;
+    pub fn start(cfg: GatewayConfig) -> Result<Worker, LabError> {
+        Self::serve(
+            cfg,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            Duration::from_secs(1),
+        )
+    }
+
+    /// The same on `addr` (port 0: any; a bound port: joining its `SO_REUSEPORT` group),
+    /// draining for `drain` when stopped (zero: stopping it is losing it).
+    pub fn serve(
+        mut cfg: GatewayConfig,
+        addr: SocketAddr,
+        drain: Duration,
+    ) -> Result<Worker, LabError> {
+        cfg.listen = addr;
         cfg.admin.listen = None;
         let gateway = Gateway::new(cfg)?;
         let stop = CancellationToken::new();
         let before = threads();
-        let (addr, thread) = shopmesh_gateway::server::serve_workers(
-            any,
-            gateway,
-            stop.clone(),
-            Duration::from_secs(1),
-            1,
-        )?;
+        let (addr, thread) =
+            shopmesh_gateway::server::serve_workers(addr, gateway, stop.clone(), drain, 1)?;
         // The worker thread names itself `gateway-1` as it starts.
         let mut tid = None;
         for _ in 0..100 {
@@ -81,6 +89,8 @@ impl Worker {
         (out, us)
     }
 
+    /// Closes its listener and stops its runtime (with every connection on it, at once when
+    /// it was started with no drain).
     pub async fn stop(mut self) {
         self.stop.cancel();
         if let Some(t) = self.thread.take() {

@@ -5,11 +5,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shopmesh_gateway::Gateway;
 use shopmesh_shop::ServiceName;
-use tokio_util::sync::CancellationToken;
 
 use super::{Ctx, Measured, Meta, product_window};
+use crate::cpu::Worker;
 use crate::load::{Phase, open_loop};
 use crate::relay::Relay;
 use crate::report::{Chart, Figures, Group, Outcome, Series, Verdict, num};
@@ -39,56 +38,14 @@ pub fn steps(_: &Scale) -> u64 {
     2
 }
 
-/// A gateway instance on a worker thread of its own (as `shopmesh gateway` runs it).
-struct Instance {
-    stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Instance {
-    /// On `addr` (port 0: any), joining the `SO_REUSEPORT` group already there; its calls
-    /// to the pricing service cross `relay` (which counts what this instance forwarded).
-    fn start(
-        shop: &LabShop,
-        addr: SocketAddr,
-        relay: &Relay,
-    ) -> Result<(SocketAddr, Instance), LabError> {
-        let mut g = shopmesh_shop::gateway_config(&shop.cfg, |n| shop.service(n));
-        redirect(&mut g, "pricing", relay.addr());
-        g.listen = addr;
-        g.admin.listen = None;
-        let gateway = Gateway::new(g)?;
-        let stop = CancellationToken::new();
-        // No drain: stopping it is losing it.
-        let (bound, thread) = shopmesh_gateway::server::serve_workers(
-            addr,
-            gateway,
-            stop.clone(),
-            Duration::ZERO,
-            1,
-        )?;
-        Ok((
-            bound,
-            Instance {
-                stop,
-                thread: Some(thread),
-            },
-        ))
-    }
-
-    /// Closes its listener and drops its runtime with every connection on it.
-    async fn lose(mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+/// One instance: a gateway on a worker thread of its own, on `addr` (port 0: any),
+/// joining the `SO_REUSEPORT` group already there; its calls to the pricing service cross
+/// `relay` (which counts what this instance forwarded). No drain: stopping it is losing it
+/// (its listener closed, its runtime dropped with every connection on it).
+fn instance(shop: &LabShop, addr: SocketAddr, relay: &Relay) -> Result<Worker, LabError> {
+    let mut g = shopmesh_shop::gateway_config(&shop.cfg, |n| shop.service(n));
+    redirect(&mut g, "pricing", relay.addr());
+    Worker::serve(g, addr, Duration::ZERO)
 }
 
 /// One run: requests due before and after the loss, and those of each that failed.
@@ -130,11 +87,11 @@ async fn run_once(
             Relay::start(shop.service(ServiceName::Pricing), Duration::ZERO).await?,
         ));
     }
-    let (addr, first) =
-        Instance::start(shop, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &relays[0])?;
+    let first = instance(shop, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &relays[0])?;
+    let addr = first.addr;
     let mut running = vec![first];
     for relay in &relays[1..] {
-        running.push(Instance::start(shop, addr, relay)?.1);
+        running.push(instance(shop, addr, relay)?);
     }
     // Several callers, each with its own keep-alive connections (spread over the instances).
     let clients = (0..CLIENTS)
@@ -163,7 +120,7 @@ async fn run_once(
     let loser = tokio::spawn(async move {
         tokio::time::sleep(loss_at).await;
         let forwarded: Vec<u64> = counted.iter().map(|r| r.traffic().bytes_up).collect();
-        lost.lose().await;
+        lost.stop().await;
         let all: u64 = forwarded.iter().sum();
         forwarded
             .last()
@@ -190,7 +147,7 @@ async fn run_once(
     .await;
     let lost_share = loser.await.unwrap_or(0.0);
     for survivor in running {
-        survivor.lose().await;
+        survivor.stop().await;
     }
     let mut loss = Loss {
         instances,
