@@ -1,7 +1,8 @@
 //! A gateway on a worker thread of its own, and the CPU time the kernel accounts to that
 //! thread: how the experiments that price the gateway's work (`aggregation.cpu`,
-//! `proxy.filters`) read it; `proxy.single-point` starts and loses its instances the same way. Linux only (`/proc/self/task/TID/schedstat`); elsewhere the
-//! time is `None` and those experiments say so.
+//! `proxy.filters`) read it; `proxy.single-point` starts and loses its instances the same
+//! way. Linux only (`/proc/self/task/TID/schedstat`); elsewhere the time is `None` and
+//! those experiments say so.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
