@@ -146,8 +146,8 @@ fn unix_ms() -> i64 {
 impl Console {
     /// A console over `source`, its figures read from the process's Prometheus registry.
     pub fn new(source: impl Source) -> Self {
-        let handle = shopmesh_platform::telemetry::prometheus();
-        Self::with_metrics(source, move || handle.render())
+        let _ = shopmesh_platform::telemetry::prometheus();
+        Self::with_metrics(source, shopmesh_platform::telemetry::render)
     }
 
     /// A console whose metrics text comes from `render`.

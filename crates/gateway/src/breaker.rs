@@ -6,11 +6,19 @@
 //! when every endpoint is open the client gets a fast 503) until `open_ms` passes →
 //! half-open: `half_open_requests` probes are let through; all succeed → closed, one fails
 //! → open again.
+//!
+//! The closed state's common case takes no shared lock: the state is read from an atomic
+//! copy, a request is counted in its own worker's per-second slots (a cache line no other
+//! core writes) and a success clears the consecutive-failure count only when it is not
+//! already clear. A failure, a transition and the half-open probes go through one lock; a
+//! failure's rate check sums every worker's slots.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::BreakerConfig;
+use crate::worker::PerWorker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -42,8 +50,9 @@ struct Inner {
     state: State,
     opened_at: Instant,
     consecutive: u32,
-    /// Per-second buckets of (requests, failures); `epoch` is the second of `buckets[0]`.
-    buckets: Vec<(u32, u32)>,
+    /// Per-second buckets of failures; `epoch` is the second of `buckets[0]`. (Requests are
+    /// counted per worker, in [`Breaker::counts`].)
+    buckets: Vec<u32>,
     epoch: u64,
     probes_in_flight: u32,
     probes_ok: u32,
@@ -70,6 +79,27 @@ pub struct Breaker {
     cfg: BreakerConfig,
     start: Instant,
     inner: Mutex<Inner>,
+    /// `Inner::state`, as the fast path reads it: written under the lock at every change.
+    state: AtomicU8,
+    /// Whether `Inner::consecutive` is above 0 (a success then takes the lock to clear it).
+    failing: AtomicBool,
+    /// Requests per second, per worker (index 0: threads off the workers).
+    counts: PerWorker<Counts>,
+}
+
+/// One worker's requests per second: `(second, requests)` in slot `second % slots`.
+type Counts = Mutex<Vec<(u64, u32)>>;
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+fn code(s: State) -> u8 {
+    match s {
+        State::Closed => CLOSED,
+        State::Open => OPEN,
+        State::HalfOpen => HALF_OPEN,
+    }
 }
 
 /// What [`Breaker::try_acquire`] granted: a normal request, or one of the probes of a
@@ -87,11 +117,14 @@ impl Breaker {
         Self {
             cfg,
             start: now,
+            state: AtomicU8::new(CLOSED),
+            failing: AtomicBool::new(false),
+            counts: PerWorker::new(|| Mutex::new(vec![(u64::MAX, 0); slots])),
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 opened_at: now,
                 consecutive: 0,
-                buckets: vec![(0, 0); slots],
+                buckets: vec![0; slots],
                 epoch: 0,
                 probes_in_flight: 0,
                 probes_ok: 0,
@@ -104,6 +137,46 @@ impl Breaker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the state (under the lock) and its atomic copy.
+    fn set(&self, g: &mut Inner, s: State) {
+        g.state = s;
+        self.state.store(code(s), Ordering::Release);
+    }
+
+    /// Counts one request in the calling worker's slot for `sec`.
+    fn count(&self, sec: u64) {
+        let mut slots = self.counts.mine().lock().unwrap_or_else(|p| p.into_inner());
+        let n = slots.len() as u64;
+        let s = &mut slots[(sec % n) as usize];
+        if s.0 != sec {
+            *s = (sec, 0);
+        }
+        s.1 = s.1.saturating_add(1);
+    }
+
+    /// Requests counted by every worker in the window ending at second `sec`.
+    fn requests(&self, sec: u64) -> u64 {
+        self.counts
+            .iter()
+            .map(|c| {
+                let slots = c.lock().unwrap_or_else(|p| p.into_inner());
+                let n = slots.len() as u64;
+                slots
+                    .iter()
+                    .filter(|(s, _)| *s <= sec && sec - *s < n)
+                    .map(|(_, r)| u64::from(*r))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    fn forget_requests(&self) {
+        for c in self.counts.iter() {
+            let mut slots = c.lock().unwrap_or_else(|p| p.into_inner());
+            slots.iter_mut().for_each(|s| *s = (u64::MAX, 0));
+        }
     }
 
     fn open_for(&self) -> Duration {
@@ -138,6 +211,9 @@ impl Breaker {
 
     /// Whether a request may go to this endpoint now, without taking a probe slot.
     pub fn is_available(&self) -> bool {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return true;
+        }
         let g = self.lock();
         match g.state {
             State::Closed => true,
@@ -148,12 +224,15 @@ impl Breaker {
 
     /// Takes permission for one request, or `None` when the breaker refuses it.
     pub fn try_acquire(&self) -> Option<Permit> {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Some(Permit::Normal);
+        }
         let mut g = self.lock();
         if g.state == State::Open {
             if g.opened_at.elapsed() < self.open_for() {
                 return None;
             }
-            g.state = State::HalfOpen;
+            self.set(&mut g, State::HalfOpen);
             g.changed_at = g.opened_at + self.open_for();
             g.probes_in_flight = 0;
             g.probes_ok = 0;
@@ -184,6 +263,21 @@ impl Breaker {
     /// state when it changed.
     pub fn record(&self, permit: Permit, success: bool) -> Option<State> {
         let now_sec = self.start.elapsed().as_secs();
+        if permit == Permit::Normal {
+            if self.state.load(Ordering::Acquire) != CLOSED {
+                // A late answer from before the state changed: it says nothing about now.
+                return None;
+            }
+            self.count(now_sec);
+            if success {
+                if self.failing.load(Ordering::Relaxed) {
+                    let mut g = self.lock();
+                    g.consecutive = 0;
+                    self.failing.store(false, Ordering::Relaxed);
+                }
+                return None;
+            }
+        }
         let mut g = self.lock();
         let before = g.state;
         match (permit, g.state) {
@@ -192,36 +286,31 @@ impl Breaker {
                 if success {
                     g.probes_ok += 1;
                     if g.probes_ok >= self.cfg.half_open_requests {
-                        g.state = State::Closed;
+                        self.set(&mut g, State::Closed);
                         g.consecutive = 0;
-                        let n = g.buckets.len();
-                        g.buckets = vec![(0, 0); n];
+                        self.failing.store(false, Ordering::Relaxed);
+                        g.buckets.iter_mut().for_each(|b| *b = 0);
+                        self.forget_requests();
                     }
                 } else {
-                    g.state = State::Open;
+                    self.set(&mut g, State::Open);
                     g.opened_at = Instant::now();
                 }
             }
+            // A failure (successes in the closed state ended above).
             (Permit::Normal, State::Closed) => {
                 advance(&mut g, now_sec);
                 let slot = (now_sec % g.buckets.len() as u64) as usize;
-                let b = &mut g.buckets[slot];
-                b.0 += 1;
-                if success {
-                    g.consecutive = 0;
-                } else {
-                    b.1 += 1;
-                    g.consecutive += 1;
-                    let (reqs, fails) = g
-                        .buckets
-                        .iter()
-                        .fold((0u64, 0u64), |(r, f), b| (r + b.0 as u64, f + b.1 as u64));
-                    let rate_trips = reqs >= self.cfg.min_requests as u64
-                        && fails as f64 >= self.cfg.failure_rate * reqs as f64;
-                    if g.consecutive >= self.cfg.consecutive_failures || rate_trips {
-                        g.state = State::Open;
-                        g.opened_at = Instant::now();
-                    }
+                g.buckets[slot] += 1;
+                g.consecutive += 1;
+                self.failing.store(true, Ordering::Relaxed);
+                let fails: u64 = g.buckets.iter().map(|f| u64::from(*f)).sum();
+                let reqs = self.requests(now_sec);
+                let rate_trips = reqs >= self.cfg.min_requests as u64
+                    && fails as f64 >= self.cfg.failure_rate * reqs as f64;
+                if g.consecutive >= self.cfg.consecutive_failures || rate_trips {
+                    self.set(&mut g, State::Open);
+                    g.opened_at = Instant::now();
                 }
             }
             // A late answer from before the state changed: it says nothing about now.
@@ -247,7 +336,7 @@ fn advance(g: &mut Inner, now_sec: u64) {
     let stale = (now_sec - newest).min(n);
     for i in 0..stale {
         let slot = ((newest + 1 + i) % n) as usize;
-        g.buckets[slot] = (0, 0);
+        g.buckets[slot] = 0;
     }
     g.epoch = now_sec + 1 - n;
 }
@@ -385,5 +474,36 @@ mod tests {
             }
         }
         assert_eq!(b.state(), State::Closed);
+    }
+
+    /// Requests are counted per worker; the failure rate is over all of them.
+    #[test]
+    fn every_workers_requests_count_toward_the_failure_rate() {
+        // Alternating failures and successes on this thread (worker 0): half fail, so
+        // alone they trip the rate once 10 requests were seen.
+        let alternate = |b: &Breaker| {
+            for _ in 0..8 {
+                for ok in [false, true] {
+                    let Some(p) = b.try_acquire() else { return };
+                    b.record(p, ok);
+                }
+            }
+        };
+        let alone = Breaker::new(cfg());
+        alternate(&alone);
+        assert_eq!(alone.state(), State::Open);
+        // With 10 successes on worker 1 in the same window the rate stays under half.
+        let shared = Breaker::new(cfg());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::worker::enter_worker(1);
+                for _ in 0..10 {
+                    let p = shared.try_acquire().unwrap();
+                    shared.record(p, true);
+                }
+            });
+        });
+        alternate(&shared);
+        assert_eq!(shared.state(), State::Closed);
     }
 }

@@ -19,6 +19,7 @@ use crate::config::{
 };
 use crate::upstream::{Kept, Settings};
 use crate::wire::{HttpClient, empty};
+use crate::worker::PerWorker;
 
 /// One upstream endpoint. Survives reloads that keep it (same cluster, URL and breaker
 /// settings), so its health and breaker state are not forgotten.
@@ -30,7 +31,8 @@ pub struct Endpoint {
     pub breaker: Breaker,
     breaker_cfg: BreakerConfig,
     healthy: AtomicBool,
-    in_flight: AtomicUsize,
+    /// Requests in flight, counted per worker (summed when read).
+    in_flight: PerWorker<AtomicUsize>,
     probe_ok: AtomicU32,
     probe_fail: AtomicU32,
     /// Unix milliseconds of the last active health check's answer (0: none yet).
@@ -51,7 +53,7 @@ impl Endpoint {
             breaker: Breaker::new(breaker.clone()),
             breaker_cfg: breaker,
             healthy: AtomicBool::new(true),
-            in_flight: AtomicUsize::new(0),
+            in_flight: PerWorker::new(AtomicUsize::default),
             probe_ok: AtomicU32::new(0),
             probe_fail: AtomicU32::new(0),
             last_check: AtomicU64::new(0),
@@ -64,7 +66,10 @@ impl Endpoint {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .fold(0, usize::wrapping_add)
     }
 
     /// When the last active health check answered, in Unix milliseconds.
@@ -83,6 +88,8 @@ pub struct Lease {
     /// Taken by [`Lease::finish`]; a lease dropped without an outcome gives it back.
     permit: Option<Permit>,
     cluster: Arc<str>,
+    /// The worker whose `in_flight` count it is in.
+    worker: usize,
 }
 
 impl Lease {
@@ -100,7 +107,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint
+            .in_flight
+            .at(self.worker)
+            .fetch_sub(1, Ordering::Relaxed);
         if let Some(permit) = self.permit.take() {
             self.endpoint.breaker.release(permit);
         }
@@ -117,13 +127,16 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
     lb: LoadBalancer,
     pub hash_on: Option<HashOn>,
-    next: AtomicUsize,
+    /// The round-robin cursor, per worker (each worker goes round on its own).
+    next: PerWorker<AtomicUsize>,
     /// One connection pool per worker thread (index 0: the main runtime, health checks),
     /// so a worker's requests only ever use connections its own runtime drives.
     clients: Box<[HttpClient]>,
     pub request_timeout: Duration,
     pub retry_attempts: u32,
-    budget: TpsBudget,
+    /// The retry budget, per worker: each holds its share of `min_per_sec`; the percentage
+    /// is the same (a worker's retries are a share of its own requests).
+    budget: PerWorker<TpsBudget>,
     health: Option<HealthCheckConfig>,
     protocol: UpstreamProtocol,
     /// How connections to HTTP/1 endpoints are made and kept (see `upstream`).
@@ -189,15 +202,17 @@ impl Cluster {
             endpoints,
             lb: cfg.load_balancer,
             hash_on: cfg.hash_on.clone(),
-            next: AtomicUsize::new(0),
+            next: PerWorker::new(AtomicUsize::default),
             clients,
             request_timeout: Duration::from_millis(cfg.timeouts.request_ms),
             retry_attempts: r.attempts,
-            budget: TpsBudget::new(
-                Duration::from_secs(10),
-                r.min_per_sec,
-                r.budget_percent / 100.0,
-            ),
+            budget: PerWorker::new(|| {
+                TpsBudget::new(
+                    Duration::from_secs(10),
+                    r.min_per_sec.div_ceil(workers.max(1) as u32),
+                    r.budget_percent / 100.0,
+                )
+            }),
             health: cfg.health_check.clone(),
             protocol: cfg.protocol,
             upstream: Settings {
@@ -223,12 +238,12 @@ impl Cluster {
 
     /// Counts a first attempt toward the retry budget.
     pub fn deposit(&self) {
-        self.budget.deposit();
+        self.budget.mine().deposit();
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn withdraw(&self) -> bool {
-        self.budget.withdraw()
+        self.budget.mine().withdraw()
     }
 
     /// Chooses an endpoint for one request. `avoid` is skipped when another is usable (a
@@ -261,17 +276,19 @@ impl Cluster {
                     a
                 }
             }
-            _ => self.next.fetch_add(1, Ordering::Relaxed) % usable.len(),
+            _ => self.next.mine().fetch_add(1, Ordering::Relaxed) % usable.len(),
         };
         // The chosen one may have just used up its half-open probes: try the others.
         for i in 0..usable.len() {
             let e = usable[(first + i) % usable.len()];
             if let Some(permit) = e.breaker.try_acquire() {
-                e.in_flight.fetch_add(1, Ordering::Relaxed);
+                let worker = crate::worker::worker_index();
+                e.in_flight.at(worker).fetch_add(1, Ordering::Relaxed);
                 return Some(Lease {
                     endpoint: e.clone(),
                     permit: Some(permit),
                     cluster: self.name.clone(),
+                    worker,
                 });
             }
         }

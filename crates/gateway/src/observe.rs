@@ -1,22 +1,28 @@
-//! The per-request metric handles, looked up once per label set and then reused.
+//! The per-request metrics, tallied per core and handed to the shared recorder in batches.
 //!
-//! `metrics::counter!` with labels builds a `Key` (a vector of label strings), hashes it and
-//! searches the recorder's registry on every call. The request metrics' labels are this
-//! configuration generation's own `Arc<str>`s (route, variant, cluster and endpoint names)
-//! and a status code, so a handle can be found by the labels' identity instead: a few
-//! pointer-sized words hashed, no allocation. The cache lives in the [`Runtime`] and goes
-//! with it on reload; it is bounded, and a miss falls back to the recorder, which returns
-//! the same underlying metric.
+//! Written straight to the process's recorder, every request of every core would write the
+//! same cache lines: a handle cache's lock, the counter's atomic, the histogram's sample
+//! block. So a request's count and duration go first into its worker's own tally (a lock no
+//! other core takes in the steady state, on a cache line of its own, found by the labels'
+//! identity: the configuration generation's `Arc<str>`s and the status, a few words hashed,
+//! no allocation), and reach the recorder in a batch: when a tally holds [`BATCH`]
+//! durations, when its generation goes (reload), and whenever the metrics are read
+//! ([`flush_all`] runs before every `telemetry::render`). What a scrape reads is therefore
+//! exact; a crash loses at most [`BATCH`] requests' metrics per worker.
 //!
 //! [`Runtime`]: crate::runtime::Runtime
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use metrics::{Counter, Histogram, SharedString};
 
-/// Distinct label sets kept (each a few dozen bytes); beyond this the least used go and are
-/// looked up in the recorder again when they come back.
+/// Distinct label sets a worker keeps handles for (each a few dozen bytes); past this its
+/// tally is handed over and the handles are looked up in the recorder again.
 const CAPACITY: usize = 4096;
+
+/// Durations a worker's tally holds before it hands them over.
+const BATCH: usize = 256;
 
 /// The identity of an optional label value: its allocation, or 0 for none.
 fn id(v: Option<&Arc<str>>) -> usize {
@@ -39,32 +45,95 @@ pub(crate) struct Labels<'a> {
     pub status: u16,
 }
 
-/// A handle and the label values it was made for: holding them keeps their allocations
-/// alive, so an address in a key is never reused by another value while the key exists.
-#[derive(Clone)]
-struct Held<T> {
+/// A handle, what is not yet handed to it, and the label values it was made for: holding
+/// them keeps their allocations alive, so an address in a key is never reused by another
+/// value while the key exists.
+struct Held<T, P> {
     handle: T,
+    pending: P,
     _labels: Arc<[Option<Arc<str>>; 4]>,
 }
 
+#[derive(Default)]
+struct Tally {
+    counters: HashMap<[usize; 5], Held<Counter, u64>>,
+    durations: HashMap<[usize; 2], Held<Histogram, Vec<f64>>>,
+    samples: usize,
+}
+
+impl Tally {
+    /// Hands everything pending to the recorder.
+    fn flush(&mut self) {
+        for c in self.counters.values_mut() {
+            if c.pending > 0 {
+                c.handle.increment(std::mem::take(&mut c.pending));
+            }
+        }
+        for h in self.durations.values_mut() {
+            for v in h.pending.drain(..) {
+                h.handle.record(v);
+            }
+        }
+        self.samples = 0;
+    }
+}
+
+type Slots = crate::worker::PerWorker<Mutex<Tally>>;
+
+/// Every live generation's tallies, for [`flush_all`].
+static LIVE: Mutex<Vec<Weak<Slots>>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Hands every worker's tally, of every live generation, to the recorder. Registered with
+/// `telemetry::before_render`, so every reading of the metrics is exact.
+pub fn flush_all() {
+    let live: Vec<Arc<Slots>> = {
+        let mut live = lock(&LIVE);
+        live.retain(|w| w.strong_count() > 0);
+        live.iter().filter_map(Weak::upgrade).collect()
+    };
+    for slots in live {
+        for t in slots.iter() {
+            lock(t).flush();
+        }
+    }
+}
+
 pub(crate) struct RequestMetrics {
-    counters: quick_cache::sync::Cache<[usize; 5], Held<Counter>>,
-    durations: quick_cache::sync::Cache<[usize; 2], Held<Histogram>>,
+    slots: Arc<Slots>,
 }
 
 impl Default for RequestMetrics {
     fn default() -> Self {
-        Self {
-            counters: quick_cache::sync::Cache::new(CAPACITY),
-            durations: quick_cache::sync::Cache::new(CAPACITY),
+        let slots: Arc<Slots> = Arc::new(Slots::new(Mutex::default));
+        lock(&LIVE).push(Arc::downgrade(&slots));
+        shopmesh_platform::telemetry::before_render(flush_all);
+        Self { slots }
+    }
+}
+
+impl Drop for RequestMetrics {
+    /// A generation's last requests are counted when it goes.
+    fn drop(&mut self) {
+        for t in self.slots.iter() {
+            lock(t).flush();
         }
     }
 }
 
 impl RequestMetrics {
     /// Counts the request in `gateway_requests_total` and records its duration in
-    /// `gateway_request_duration_seconds`.
+    /// `gateway_request_duration_seconds` (in the calling worker's tally).
     pub(crate) fn record(&self, l: &Labels<'_>, seconds: f64) {
+        let mut t = lock(self.slots.mine());
+        if t.counters.len() >= CAPACITY || t.durations.len() >= CAPACITY {
+            t.flush();
+            t.counters.clear();
+            t.durations.clear();
+        }
         let held = || {
             Arc::new([
                 Some(l.route.clone()),
@@ -80,43 +149,34 @@ impl RequestMetrics {
             id(l.endpoint),
             usize::from(l.status),
         ];
-        let counter = match self.counters.get(&ckey) {
-            Some(c) => c.handle,
-            None => {
-                let handle = metrics::counter!("gateway_requests_total",
+        t.counters
+            .entry(ckey)
+            .or_insert_with(|| Held {
+                handle: metrics::counter!("gateway_requests_total",
                     "route" => l.route.clone(),
                     "variant" => label(l.variant),
                     "cluster" => label(l.cluster),
                     "endpoint" => label(l.endpoint),
-                    "status" => status_label(l.status));
-                self.counters.insert(
-                    ckey,
-                    Held {
-                        handle: handle.clone(),
-                        _labels: held(),
-                    },
-                );
-                handle
-            }
-        };
-        counter.increment(1);
+                    "status" => status_label(l.status)),
+                pending: 0,
+                _labels: held(),
+            })
+            .pending += 1;
         let hkey = [id(Some(l.route)), id(l.variant)];
-        let histogram = match self.durations.get(&hkey) {
-            Some(h) => h.handle,
-            None => {
-                let handle = metrics::histogram!("gateway_request_duration_seconds",
-                    "route" => l.route.clone(), "variant" => label(l.variant));
-                self.durations.insert(
-                    hkey,
-                    Held {
-                        handle: handle.clone(),
-                        _labels: held(),
-                    },
-                );
-                handle
-            }
-        };
-        histogram.record(seconds);
+        t.durations
+            .entry(hkey)
+            .or_insert_with(|| Held {
+                handle: metrics::histogram!("gateway_request_duration_seconds",
+                    "route" => l.route.clone(), "variant" => label(l.variant)),
+                pending: Vec::new(),
+                _labels: held(),
+            })
+            .pending
+            .push(seconds);
+        t.samples += 1;
+        if t.samples >= BATCH {
+            t.flush();
+        }
     }
 }
 
@@ -194,8 +254,14 @@ mod tests {
             at(&b, 200);
             at(&a_again, 200);
             at(&a, 418);
-            assert_eq!(m.counters.len(), 5, "one cached handle per label identity");
-            assert_eq!(m.durations.len(), 1);
+            let t = lock(m.slots.at(0));
+            assert_eq!(t.counters.len(), 5, "one cached handle per label identity");
+            assert_eq!(t.durations.len(), 1);
+            drop(t);
+            // Nothing reaches the recorder before the tally is handed over.
+            let before = series(&handle.render(), "gateway_requests_total");
+            assert!(before.iter().all(|l| l.ends_with(" 0")), "{before:?}");
+            flush_all();
         });
         let text = handle.render();
         assert_eq!(

@@ -18,13 +18,10 @@ use tracing::Instrument;
 
 use crate::config::{ConfigError, GatewayConfig};
 use crate::runtime::Runtime;
+use crate::worker::PerWorker;
 
 pub use crate::wire::{Body, BoxError, HttpClient, empty};
 use crate::wire::{connection_has, names, strip_hop_by_hop};
-
-/// The peer address of the connection a request came on (set by the server loop).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
 
 /// The gateway service: a handle on the serving configuration generation. Cheap to clone.
 #[derive(Clone)]
@@ -34,6 +31,10 @@ pub struct Gateway {
 
 struct Shared {
     current: ArcSwap<Runtime>,
+    /// Each worker's own handle on `current`: a request clones its worker's handle, so the
+    /// reference count it writes is on a cache line no other core writes (cloning `current`
+    /// itself would bounce one count between every core, twice per request).
+    held: PerWorker<std::sync::Mutex<Option<Arc<Held>>>>,
     /// Given to every configuration applied, so that a reload neither undoes nor warns of
     /// what the command line set.
     overrides: Overrides,
@@ -85,6 +86,41 @@ impl Overrides {
     }
 }
 
+/// A worker's handle on a configuration generation.
+pub(crate) struct Held(Arc<Runtime>);
+
+impl std::ops::Deref for Held {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        &self.0
+    }
+}
+
+impl Shared {
+    /// The serving generation, through the calling worker's handle on it (made again when
+    /// the generation changed).
+    fn held(&self) -> Arc<Held> {
+        let current = self.current.load();
+        let mut mine = self.held.mine().lock().unwrap_or_else(|p| p.into_inner());
+        match &*mine {
+            Some(h) if Arc::ptr_eq(&h.0, &current) => h.clone(),
+            _ => {
+                let h = Arc::new(Held(Arc::clone(&current)));
+                *mine = Some(h.clone());
+                h
+            }
+        }
+    }
+
+    /// Lets go of the workers' handles (after a reload: the old generation goes as soon as
+    /// its last request ends, not at its worker's next request).
+    fn release_held(&self) {
+        for h in self.held.iter() {
+            *h.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+}
+
 /// What the admin API reports about configuration.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConfigStatus {
@@ -111,6 +147,7 @@ impl Gateway {
         Ok(Self {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(rt),
+                held: PerWorker::new(Default::default),
                 overrides,
                 reload: std::sync::Mutex::new({
                     let mut st = ReloadState {
@@ -187,6 +224,7 @@ impl Gateway {
                 old.stop.cancel();
                 rt.start();
                 self.shared.current.store(Arc::new(rt));
+                self.shared.release_held();
                 metrics::counter!("gateway_config_reloads_total", "result" => "ok").increment(1);
                 metrics::gauge!("gateway_config_version").set(version as f64);
                 tracing::info!(version, "configuration applied");
@@ -256,7 +294,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let rt = self.shared.current.load_full();
+        let rt = self.shared.held();
         Box::pin(async move { Ok(handle(rt, req.map(|b| b.map_err(Into::into).boxed())).await) })
     }
 }
@@ -321,7 +359,7 @@ fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
     )
 }
 
-async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
+async fn handle(rt: Arc<Held>, mut req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
     // What survives the hop-by-hop cleaning: a WebSocket upgrade (HTTP/1.1 `GET` asking
     // for exactly `websocket`, with its key; honoured only on routes that allow it) and
@@ -387,8 +425,8 @@ async fn handle(rt: Arc<Runtime>, mut req: Request<Body>) -> Response<Body> {
     req.headers_mut().insert(names::TRACEPARENT.clone(), tp);
     let client = req
         .extensions()
-        .get::<ClientAddr>()
-        .map(|a| crate::pipeline::Sender::of(&rt, a.0.ip(), req.headers()));
+        .get::<crate::worker::ConnInfo>()
+        .map(|i| crate::pipeline::Sender::of(&rt, i.peer.ip(), req.headers()));
     let client_ip = client.map(|c| c.ip);
     let (outcome, mut res) = crate::pipeline::run(&rt, req, client, websocket)
         .instrument(span.clone())

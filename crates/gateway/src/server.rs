@@ -37,15 +37,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use crate::proxy::{Body, ClientAddr, Gateway};
+use crate::proxy::{Body, Gateway};
 pub use crate::worker::{ConnInfo, MAX_WORKERS, worker_index};
 
-/// The gateway as one connection sees it: every request carries the peer and [`ConnInfo`].
+/// The gateway as one connection sees it: every request carries its [`ConnInfo`] (the peer,
+/// TLS, its place under the connection limit).
 /// Cloned for every request: one `Arc` besides the gateway's.
 #[derive(Clone)]
 struct ConnService {
     gateway: Gateway,
-    peer: std::net::SocketAddr,
     info: ConnInfo,
     conn: Arc<ConnState>,
 }
@@ -71,7 +71,6 @@ impl Service<http::Request<Incoming>> for ConnService {
         if !h1 {
             self.conn.h2.store(true, Ordering::Relaxed);
         }
-        req.extensions_mut().insert(ClientAddr(self.peer));
         req.extensions_mut().insert(self.info.clone());
         let answer = self.gateway.call(req);
         if !h1 || !self.conn.phases.closing() {
@@ -304,10 +303,11 @@ async fn serve_phases(listener: TcpListener, gateway: Gateway, phases: Phases, d
         let tls = gateway.runtime().tls.clone();
         let svc = ConnService {
             gateway: gateway.clone(),
-            peer: addr,
             info: ConnInfo {
+                peer: addr,
                 tls: tls.is_some(),
                 slot: Arc::new(permit),
+                peer_ip: crate::wire::ip_value(addr.ip()),
             },
             conn: Arc::new(ConnState {
                 h2: AtomicBool::new(false),

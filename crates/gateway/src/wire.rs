@@ -76,24 +76,54 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names instead of nine removals.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the names marks the hop-by-hop ones present (most messages carry none,
+    // or only `Connection`); only those are removed.
+    let mut present = 0u16;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    // Headers named in `Connection` are hop-by-hop too. A name of the list goes anyway when
+    // present; any other is removed by name (the rare case that allocates).
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present & 1 != 0 {
+        let tokens = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.is_empty()
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(t))
+            });
+        named.extend(tokens.filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()));
+    }
     for n in named {
         headers.remove(n);
     }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(n);
+        }
     }
+}
+
+/// An address as a header value, formatted on the stack (no `String` per request).
+pub(crate) fn ip_value(ip: std::net::IpAddr) -> Option<http::HeaderValue> {
+    use std::io::Write;
+    // The longest text of an address: an IPv6 one with an embedded IPv4 one, 45 bytes.
+    let mut buf = [0u8; 48];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    write!(cur, "{ip}").ok()?;
+    let n = cur.position() as usize;
+    http::HeaderValue::from_bytes(&buf[..n]).ok()
 }
 
 pub(crate) fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -150,5 +180,42 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("accept"));
+        // Without `Connection`: the listed names still go; named in any case, a listed
+        // name that is absent removes nothing else.
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("proxy-authorization", HeaderValue::from_static("x"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["accept"]);
+        let mut h = HeaderMap::new();
+        h.append(
+            "connection",
+            HeaderValue::from_static("Keep-Alive, Upgrade"),
+        );
+        h.append("connection", HeaderValue::from_static(" X-Other ,"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["accept"]);
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn addresses_become_header_values() {
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        ] {
+            let v = ip_value(ip.parse().unwrap()).unwrap();
+            assert_eq!(
+                v.to_str().unwrap(),
+                ip.parse::<std::net::IpAddr>().unwrap().to_string()
+            );
+        }
     }
 }

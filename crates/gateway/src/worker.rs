@@ -36,12 +36,55 @@ pub(crate) fn enter_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
+/// A value alone on its cache lines (128 bytes: two lines, as adjacent-line prefetching
+/// pairs them), so that one worker's writes never invalidate another's.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// One `T` per worker (index 0: threads off the workers), each on cache lines of its own.
+#[derive(Debug)]
+pub struct PerWorker<T>(Box<[Padded<T>]>);
+
+impl<T> PerWorker<T> {
+    pub fn new(mut make: impl FnMut() -> T) -> Self {
+        Self((0..=MAX_WORKERS).map(|_| Padded(make())).collect())
+    }
+
+    /// The calling worker's own.
+    pub fn mine(&self) -> &T {
+        &self.0[worker_index().min(MAX_WORKERS)]
+    }
+
+    /// Worker `index`'s (0..=MAX_WORKERS).
+    pub fn at(&self, index: usize) -> &T {
+        &self.0[index.min(MAX_WORKERS)]
+    }
+
+    /// Every worker's.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|p| &p.0)
+    }
+}
+
 /// What the gateway knows of the connection a request came on (a request extension).
 #[derive(Clone)]
 pub struct ConnInfo {
+    /// The connection's peer.
+    pub peer: std::net::SocketAddr,
     /// The client spoke TLS.
     pub tls: bool,
     /// The connection's place under `limits.max_connections`, held as long as any clone
     /// lives: an upgraded connection (a WebSocket tunnel) keeps it.
     pub slot: Arc<OwnedSemaphorePermit>,
+    /// The peer's address as a header value, made once per connection (the client's
+    /// address header whenever the peer is not a trusted proxy).
+    pub peer_ip: Option<http::HeaderValue>,
 }

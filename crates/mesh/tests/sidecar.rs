@@ -374,7 +374,7 @@ async fn the_policy_allows_orders_and_denies_catalog() {
     assert_eq!(denied.2.as_deref(), Some("application/problem+json"));
     assert!(denied.1.contains("catalog"), "{}", denied.1);
     // Counted, with Istio's names.
-    let metrics = shopmesh_platform::telemetry::prometheus().render();
+    let metrics = shopmesh_platform::telemetry::render();
     assert!(
         metrics
             .lines()
@@ -488,7 +488,7 @@ async fn a_sidecar_watching_its_files_picks_up_a_new_certificate() {
     )
     .await;
     orders.watch(Duration::from_millis(50));
-    let before = shopmesh_platform::telemetry::prometheus().render();
+    let before = shopmesh_platform::telemetry::render();
     let count = |text: &str| {
         text.lines()
             .filter(|l| l.starts_with("mesh_reloads_total") && l.contains("\"ok\""))
@@ -499,7 +499,7 @@ async fn a_sidecar_watching_its_files_picks_up_a_new_certificate() {
     let mut reloaded = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if count(&shopmesh_platform::telemetry::prometheus().render()) > count(&before) {
+        if count(&shopmesh_platform::telemetry::render()) > count(&before) {
             reloaded = true;
             break;
         }
@@ -719,7 +719,7 @@ async fn kill_one_of_two_under_load(kill: Kill) {
         )
     };
     assert_ne!(
-        breaker(&shopmesh_platform::telemetry::prometheus().render()),
+        breaker(&shopmesh_platform::telemetry::render()),
         Some(1.0),
         "p1's breaker is open before the kill"
     );
@@ -742,9 +742,7 @@ async fn kill_one_of_two_under_load(kill: Kill) {
     };
     let mut polls = 0u32;
     loop {
-        if opened_after.is_none()
-            && breaker(&shopmesh_platform::telemetry::prometheus().render()) == Some(1.0)
-        {
+        if opened_after.is_none() && breaker(&shopmesh_platform::telemetry::render()) == Some(1.0) {
             opened_after = Some(killed.elapsed().as_secs_f64());
         }
         polls += 1;
@@ -761,7 +759,7 @@ async fn kill_one_of_two_under_load(kill: Kill) {
     for t in tasks {
         t.await.unwrap();
     }
-    let metrics = shopmesh_platform::telemetry::prometheus().render();
+    let metrics = shopmesh_platform::telemetry::render();
     let records = std::mem::take(&mut *records.lock().unwrap());
     let rel = |t: f64| t - kill_t;
     let served_by = |who: &str, r: &Record| r.outcome.as_deref() == Ok(who);

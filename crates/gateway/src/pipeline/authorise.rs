@@ -50,9 +50,14 @@ pub(super) fn run(
         }
         None => {}
     }
-    ctx.client_ip_value = ctx
-        .client
-        .and_then(|c| HeaderValue::from_str(&c.ip.to_string()).ok());
+    ctx.client_ip_value = ctx.client.and_then(|c| {
+        // The peer's own (made once per connection) unless a trusted proxy named another.
+        req.extensions()
+            .get::<crate::worker::ConnInfo>()
+            .and_then(|i| i.peer_ip.clone())
+            .filter(|_| c.ip == c.peer)
+            .or_else(|| crate::wire::ip_value(c.ip))
+    });
     if let Some(v) = &ctx.client_ip_value {
         req.headers_mut()
             .insert(names::CLIENT_IP.clone(), v.clone());

@@ -173,6 +173,16 @@ pub(super) async fn run(
 /// endpoint's), forwarding headers (believed and extended only from trusted proxies; from
 /// anyone else replaced, so an upstream reading any of them sees the truth), a WebSocket's
 /// upgrade or `te: trailers` named as hop-by-hop, and the cluster's HTTP version.
+/// The forwarding headers: `X-Forwarded-For` (extended from trusted proxies, replaced from
+/// anyone else), then those only a trusted proxy's are believed of.
+static FORWARDING: [header::HeaderName; 5] = [
+    header::HeaderName::from_static("x-forwarded-for"),
+    header::FORWARDED,
+    header::HeaderName::from_static("x-real-ip"),
+    header::HeaderName::from_static("x-forwarded-proto"),
+    header::HeaderName::from_static("x-forwarded-host"),
+];
+
 fn upstream_headers(
     ctx: &Ctx<'_>,
     cluster: &Cluster,
@@ -194,22 +204,20 @@ fn upstream_headers(
                 .join(", ")
         })
         .filter(|x| !x.is_empty());
-    if !trusted {
-        for h in [
-            "forwarded",
-            "x-real-ip",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-        ] {
-            parts.headers.remove(h);
+    // One pass over the names: most requests carry none of these.
+    if parts.headers.keys().any(|k| FORWARDING.contains(k)) {
+        if !trusted {
+            for h in &FORWARDING[1..] {
+                parts.headers.remove(h);
+            }
         }
+        parts.headers.remove(&names::X_FORWARDED_FOR);
     }
-    parts.headers.remove(&names::X_FORWARDED_FOR);
     if let Some(ip) = peer {
         let xff = match (prior_xff, &ctx.client_ip_value) {
             (None, Some(v)) if client.map(|c| c.ip) == Some(ip) => Some(v.clone()),
             (Some(prev), _) => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
-            (None, _) => HeaderValue::from_str(&ip.to_string()).ok(),
+            (None, _) => crate::wire::ip_value(ip),
         };
         if let Some(v) = xff {
             parts.headers.insert(names::X_FORWARDED_FOR.clone(), v);
