@@ -11,12 +11,15 @@
 //! | topic `{ns}._replay.{group}`, same partitions | dead-letter replay to one subscription only ([`Broker::deliver_to`]) |
 //! | consumer group `{ns}.{group}` | one per subscription; its instances (competing consumers) share the partitions through the group protocol (eager `roundrobin` assignment) |
 //! | consumer group `{ns}.{group}._fetched` | no members; its offsets record how far `{ns}.{group}` fetched (delivery counts) |
+//! | consumer group `{ns}.{group}._attempts` | no members; per partition, its head's offset and attempt (the delivery limit), in one committed offset |
+//! | topic `{ns}._dead-letter`, same partitions | messages delivered `delivery_limit` times (100 by default) and never settled: a message that crashes its consumer before it can be dead-lettered in the service's database |
 //!
 //! Ordering: a key's records are in one partition of a topic, in publish order. Of what an
 //! instance has fetched, the adapter hands the consumer one message per key at a time, in
 //! partition order (the others of that key wait in the adapter, like the RabbitMQ adapter's
 //! prefetch), so one key's messages are handled in order while the partition's other keys
-//! proceed.
+//! proceed (except behind a partition's first message of an assignment: see the delivery
+//! limit).
 //!
 //! Offsets: committed only for messages the consumer has settled (acked after its
 //! transaction committed). Messages of a partition settle out of order (different keys), so
@@ -26,17 +29,62 @@
 //! partitions goes back to Kafka: the commit stops at the oldest such message, so the next
 //! owner fetches it (with any later one already settled: at least once).
 //! Commits are asynchronous, batched every [`COMMIT_EVERY`], and synchronous when partitions
-//! are given up. Before giving partitions up in a rebalance, an instance waits (up to
+//! are given up (and when a partition's head is settled: see the delivery limit). Before giving partitions up in a rebalance, an instance waits (up to
 //! [`DRAIN_WAIT`]) until the consumer has settled what it holds of them, so the next owner
 //! does not hand a key's message out while the previous one still works on the one before.
 //!
 //! Delivery counts: Kafka has none, and Tansu drops a commit's metadata. So each group has
 //! a second, member-less group `{ns}.{group}._fetched` whose committed offsets say how far the
 //! group had fetched each partition: a message fetched before a crash or a rebalance says
-//! `attempt >= 2` when it comes again. (A message that crashes its consumer process every time
-//! therefore comes again with attempt 2 after every restart: there is no broker-side delivery
-//! limit as on RabbitMQ and NATS; handler failures are counted and dead-lettered by the
-//! consumer as everywhere.)
+//! `attempt >= 2` when it comes again. That group is committed asynchronously (with the
+//! offsets), so it cannot count a message that crashes its consumer process every time: that
+//! one would come again with attempt 2 after every restart, for good.
+//!
+//! Delivery limit: the first message an instance fetches of a partition in an assignment
+//! (the partition's head: the oldest message not settled, where the group's committed
+//! offset stands) is counted durably. Before it is offered, its offset and attempt go into
+//! a third, member-less group `{ns}.{group}._attempts` (one synchronous commit for the
+//! heads fetched within 10 ms of each other; Tansu drops commit metadata, so both go in the
+//! committed offset, `offset << 16 | attempt`); the next owner of the partition reads it at
+//! assignment, and if its head is the same message, offers it with the next attempt. Each
+//! subscription has a third librdkafka client for that group. A message whose attempt would
+//! pass the `delivery_limit` (URL, default [`DELIVERY_LIMIT`], as RabbitMQ's
+//! `x-delivery-limit` and NATS's `max_deliver`) is not offered: it is parked on the topic
+//! `{ns}._dead-letter` (its key, value and headers, plus `x-topic`, `x-group`,
+//! `x-partition`, `x-offset` and `x-delivery-count`) and the partition's committed offset
+//! passes it, as RabbitMQ moves it to its dead-letter queue and NATS stops delivering it.
+//! The consumer never sees it: like there, it is for an operator (subscribing to the
+//! shopmesh topic [`DEAD_LETTER_TOPIC`] reads it), not in the service's own dead letters,
+//! since the consumer could not record it there without running its handler again.
+//!
+//! So that a count means "this message was in the consumer's hands when the process died":
+//! - a partition's head is offered alone: the partition's later messages wait until it is
+//!   settled (or parked) and the group's committed offset has passed it, synchronously (a
+//!   crash right after must not bring it back and count it again);
+//! - a head that came twice already without being settled (attempt 3 and up, a suspect) is
+//!   offered only while no other suspect of the subscription is in the consumer's hands, so
+//!   that the messages that crashed in the same batch as a poison message are not parked
+//!   with it (they settle, one per life at least, and the poison message becomes its
+//!   partition's head and counts alone).
+//!
+//! A message that crashes every time is therefore parked after `delivery_limit` deliveries,
+//! plus about one life per unsettled message before it in its partition. Only heads count:
+//! the other redelivered messages say attempt 2 as before, and a retry delay counts in memory
+//! only. The price, paid after every assignment (start, rebalance, reconnection), not per
+//! message: each partition hands out its first message alone, and its other keys wait until
+//! that one is settled (through its retries, if it fails: a few seconds with the consumer's
+//! defaults) and committed past; two synchronous round trips per partition, batched across
+//! partitions.
+//!
+//! What a crash can do to the counts: before a head's record is written it was not offered,
+//! and nothing counts; after it, the attempt counts even if the consumer never had the
+//! message (it was waiting behind its key, or given back in a rebalance: one too many). A
+//! crash after a message is parked and before the committed offset passes it parks it again
+//! (twice on the dead-letter topic). A head that was settled but whose partition's commit did
+//! not land comes again and counts again (the inbox absorbs it; only at its last attempt
+//! could it be parked although it was applied). A record that fails to be written (warned)
+//! does not count, and if `_attempts` cannot be read at assignment that assignment counts
+//! nothing and gates nothing: the limit is then passed by those lives.
 //!
 //! Retries: a retry delay keeps the message in the adapter (its key's later messages wait
 //! behind it, the partition's other keys do not) and offers it again after the delay; the
@@ -69,7 +117,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -89,8 +137,24 @@ const JOIN_WAIT: Duration = Duration::from_secs(15);
 pub const DRAIN_WAIT: Duration = Duration::from_secs(20);
 const TIMEOUT: Duration = Duration::from_secs(5);
 const PUBLISHED_MS: &str = "x-published-ms";
-/// Header naming the topic a replayed message was published to.
+/// Header naming the topic a replayed message was published to (or a parked one came from).
 const ORIGINAL_TOPIC: &str = "x-topic";
+/// Headers of a parked message: the group that gave up, where it was, and its deliveries.
+const PARKED_GROUP: &str = "x-group";
+const PARKED_PARTITION: &str = "x-partition";
+const PARKED_OFFSET: &str = "x-offset";
+const PARKED_DELIVERIES: &str = "x-delivery-count";
+/// Deliveries after which a message that is never settled is parked on the dead-letter topic
+/// rather than delivered again (the consumers give up on handler failures, into their
+/// database's dead letters, long before); `?delivery_limit=N` in the URL changes it.
+pub const DELIVERY_LIMIT: u16 = 100;
+/// The shopmesh topic whose Kafka topic (`{ns}._dead-letter`) holds the parked messages: a
+/// subscription to it reads them.
+pub const DEAD_LETTER_TOPIC: &str = "_dead-letter";
+/// From this attempt on, a head is a suspect: offered only while no other suspect is out.
+const SUSPECT: u32 = 3;
+/// Low bits of an `_attempts` record holding the attempt; the offset is in the others.
+const ATTEMPT_BITS: u32 = 16;
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
@@ -128,6 +192,35 @@ impl Names {
     pub fn fetched(&self, group: &str) -> String {
         format!("{}.{group}._fetched", self.namespace)
     }
+    /// The member-less group recording the attempt of each of `group`'s partition heads.
+    pub fn attempts(&self, group: &str) -> String {
+        format!("{}.{group}._attempts", self.namespace)
+    }
+    /// The topic messages past the delivery limit are parked on (every group's).
+    pub fn dead_letter(&self) -> String {
+        self.topic(DEAD_LETTER_TOPIC)
+    }
+}
+
+/// An `_attempts` record: a head's offset and the attempt it was offered with, in one
+/// committed offset (Tansu drops commit metadata). `None` for an offset too large to hold
+/// (2^47 and up: not counted).
+fn record(offset: i64, attempt: u32) -> Option<i64> {
+    let max_attempt = (1u32 << ATTEMPT_BITS) - 1;
+    if !(0..(1i64 << (63 - ATTEMPT_BITS))).contains(&offset) {
+        return None;
+    }
+    Some((offset << ATTEMPT_BITS) | i64::from(attempt.min(max_attempt)))
+}
+
+/// The offset and attempt of an `_attempts` record (`None`: no record, such as librdkafka's
+/// negative "invalid offset").
+fn unrecord(committed: i64) -> Option<(i64, u32)> {
+    if committed < 0 {
+        return None;
+    }
+    let attempt = u32::try_from(committed & ((1i64 << ATTEMPT_BITS) - 1)).ok()?;
+    Some((committed >> ATTEMPT_BITS, attempt))
 }
 
 /// librdkafka's logs and errors into `tracing`; errors also say whether the broker is there.
@@ -279,7 +372,7 @@ impl Shared {
     /// Creates the topics that are not known to exist yet, with shopmesh's partition count,
     /// and checks that those that existed have it.
     async fn ensure(&self, topics: &[String]) -> Result<(), BrokerError> {
-        let missing: Vec<String> = {
+        let mut missing: Vec<String> = {
             let created = self.created.lock().unwrap_or_else(|p| p.into_inner());
             topics
                 .iter()
@@ -287,6 +380,10 @@ impl Shared {
                 .cloned()
                 .collect()
         };
+        // A name twice in one request is refused (a subscription to the dead-letter topic
+        // needs it twice).
+        missing.sort();
+        missing.dedup();
         if missing.is_empty() {
             return Ok(());
         }
@@ -511,7 +608,10 @@ impl Broker for KafkaBroker {
     ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BrokerError>> {
         async move {
             let all = self.shared.group_topics(group, topics);
-            self.shared.ensure(&all).await?;
+            // With the topic it parks what passes the delivery limit on.
+            let mut needed = all.clone();
+            needed.push(self.shared.names.dead_letter());
+            self.shared.ensure(&needed).await?;
             let (tx, rx) = mpsc::unbounded_channel();
             let stop = CancellationToken::new();
             let sub = Arc::new(SubState {
@@ -530,6 +630,20 @@ impl Broker for KafkaBroker {
                     &[
                         ("group.id", self.shared.names.fetched(group).as_str()),
                         ("enable.auto.commit", "false"),
+                    ],
+                )
+                .create()
+                .map_err(unavailable)?,
+            );
+            let attempts: Arc<BaseConsumer> = Arc::new(
+                client_config(
+                    &self.shared.settings,
+                    &[
+                        ("group.id", self.shared.names.attempts(group).as_str()),
+                        ("enable.auto.commit", "false"),
+                        // A commit waits this long at most for an unavailable coordinator
+                        // (librdkafka's default is 45 s); the poll thread waits for it.
+                        ("session.timeout.ms", "6000"),
                     ],
                 )
                 .create()
@@ -556,6 +670,7 @@ impl Broker for KafkaBroker {
             .create_with_context(SubCtx {
                 sub: sub.clone(),
                 tracker: tracker.clone(),
+                attempts: attempts.clone(),
             })
             .map_err(unavailable)?;
             let names: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -563,6 +678,8 @@ impl Broker for KafkaBroker {
             let poller = Poller {
                 consumer,
                 tracker,
+                attempts,
+                group: group.to_owned(),
                 sub: sub.clone(),
                 shared: self.shared.clone(),
                 topics: all,
@@ -595,6 +712,34 @@ enum State {
     Taken,
     /// Retried: offered again after its delay.
     Delayed,
+    /// A partition head whose attempt is being recorded (or which is being parked) before it
+    /// is offered.
+    Recording,
+    /// Behind its partition's head, which is not settled (or not committed past) yet.
+    Gated,
+}
+
+/// What `_attempts` held for a partition at assignment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Tally {
+    /// Not read (it failed): the head is neither counted nor offered alone in this assignment,
+    /// so that an unread count is not overwritten with a lower one.
+    #[default]
+    Unread,
+    /// Read: the offset and attempt it names (`None`: nothing recorded).
+    Read(Option<(i64, u32)>),
+}
+
+/// Whether a partition's messages wait behind its head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Gate {
+    #[default]
+    Open,
+    /// The head (this tag) is held: the partition's later messages wait.
+    Closed(i64),
+    /// The head is settled or parked: they wait until the group's committed offset has
+    /// passed it.
+    Opening,
 }
 
 type Tp = (Arc<str>, i32);
@@ -629,6 +774,11 @@ struct Part {
     /// offset must not pass it, or nobody would ever handle it.
     returned: Option<i64>,
     paused: bool,
+    /// What `_attempts` held for it at assignment.
+    tally: Tally,
+    gate: Gate,
+    /// The messages waiting behind the head (tags, in offset order; at most `prefetch`).
+    gated: VecDeque<i64>,
 }
 
 impl Default for Part {
@@ -643,6 +793,9 @@ impl Default for Part {
             recorded: -1,
             returned: None,
             paused: false,
+            tally: Tally::Unread,
+            gate: Gate::Open,
+            gated: VecDeque::new(),
         }
     }
 }
@@ -666,14 +819,41 @@ struct Holding {
     busy: HashSet<String>,
     waiting: HashMap<String, VecDeque<i64>>,
     parts: HashMap<Tp, Part>,
+    /// Heads fetched (state `Recording`) and not offered yet, with what parking them takes;
+    /// one per assigned partition at most.
+    heads: Vec<(i64, OwnedMessage)>,
+    /// Partitions whose gate is opening.
+    opening: HashSet<Tp>,
+    /// The suspect head (attempt [`SUSPECT`] or more) in the consumer's hands, if any.
+    suspect: Option<i64>,
 }
 
 impl Holding {
     /// Removes `tag`; returns it and the next message of its key, now offered, if one waits.
+    /// A partition head's removal opens its partition's gate (once its commit passes it).
     fn remove(&mut self, tag: i64) -> Option<(Held, Option<Delivery>)> {
         let h = self.held.remove(&tag)?;
         if let Some(p) = self.parts.get_mut(&h.tp) {
             p.outstanding.remove(&h.offset);
+            if p.gate == Gate::Closed(tag) {
+                p.gate = Gate::Opening;
+                self.opening.insert(h.tp.clone());
+            }
+            if h.state == State::Gated {
+                p.gated.retain(|t| *t != tag);
+            }
+        }
+        if self.suspect == Some(tag) {
+            self.suspect = None;
+        }
+        match h.state {
+            // Neither offered nor behind its key.
+            State::Gated => return Some((h, None)),
+            State::Recording => {
+                self.heads.retain(|(t, _)| *t != tag);
+                return Some((h, None));
+            }
+            _ => {}
         }
         if h.state == State::Waiting {
             if let Some(q) = self.waiting.get_mut(&h.key) {
@@ -701,6 +881,45 @@ impl Holding {
             self.busy.remove(&h.key);
         }
         Some((h, next))
+    }
+
+    /// Offers `tag` (returned, to be sent) unless a message of its key is offered already: it
+    /// then waits behind it.
+    fn offer(&mut self, tag: i64) -> Option<Delivery> {
+        let h = self.held.get_mut(&tag)?;
+        if self.busy.insert(h.key.clone()) {
+            h.state = State::Ready;
+            Some(h.delivery.clone())
+        } else {
+            h.state = State::Waiting;
+            self.waiting
+                .entry(h.key.clone())
+                .or_default()
+                .push_back(tag);
+            None
+        }
+    }
+
+    /// Opens the gates of `tps` (the group's committed offset has passed their heads): the
+    /// messages that waited are offered in offset order, each behind its key. Returns those
+    /// offered, to be sent.
+    fn open(&mut self, tps: &HashSet<Tp>) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        for tp in tps {
+            self.opening.remove(tp);
+            let Some(part) = self.parts.get_mut(tp) else {
+                continue;
+            };
+            if part.gate != Gate::Opening {
+                continue;
+            }
+            part.gate = Gate::Open;
+            let gated = std::mem::take(&mut part.gated);
+            for tag in gated {
+                out.extend(self.offer(tag));
+            }
+        }
+        out
     }
 
     /// Gives `tag` back to Kafka unsettled (its partition is revoked): the partition's commit
@@ -783,6 +1002,8 @@ struct SubCtx {
     sub: Arc<SubState>,
     /// A member-less consumer of the `_fetched` group (it only commits and reads offsets).
     tracker: Arc<BaseConsumer>,
+    /// A member-less consumer of the `_attempts` group (likewise).
+    attempts: Arc<BaseConsumer>,
 }
 
 impl ClientContext for SubCtx {
@@ -864,6 +1085,7 @@ impl ConsumerContext for SubCtx {
         let commits = held.commits(Some(&revoked), true);
         let fetched = held.fetched(Some(&revoked), true);
         held.parts.retain(|tp, _| !revoked.contains(tp));
+        held.opening.retain(|tp| !revoked.contains(tp));
         drop(held);
         if commits.count() > 0
             && let Err(e) = consumer.commit(&commits, CommitMode::Sync)
@@ -881,6 +1103,7 @@ impl ConsumerContext for SubCtx {
                 // Where each partition starts, and how far the group had fetched it.
                 let committed = consumer.committed_offsets((*tpl).clone(), TIMEOUT);
                 let fetched = self.tracker.committed_offsets((*tpl).clone(), TIMEOUT);
+                let attempts = self.attempts.committed_offsets((*tpl).clone(), TIMEOUT);
                 let mut held = self.sub.lock();
                 for e in tpl.elements() {
                     held.parts
@@ -916,6 +1139,21 @@ impl ConsumerContext for SubCtx {
                     }
                     Err(e) => tracing::debug!(error = %e, "Kafka fetched offsets unavailable"),
                 }
+                match attempts {
+                    Ok(c) => {
+                        for e in c.elements() {
+                            let part = held
+                                .parts
+                                .entry((Arc::from(e.topic()), e.partition()))
+                                .or_default();
+                            part.tally = Tally::Read(e.offset().to_raw().and_then(unrecord));
+                        }
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "Kafka delivery counts unavailable: this assignment's heads are not counted"
+                    ),
+                }
                 drop(held);
                 // Assigned afresh: not paused, whatever an earlier assignment left.
                 let _ = consumer.resume(tpl);
@@ -932,6 +1170,9 @@ impl ConsumerContext for SubCtx {
 struct Poller {
     consumer: BaseConsumer<SubCtx>,
     tracker: Arc<BaseConsumer>,
+    attempts: Arc<BaseConsumer>,
+    /// The subscription's group (shopmesh's name).
+    group: String,
     sub: Arc<SubState>,
     shared: Arc<Shared>,
     /// The subscription's Kafka topics.
@@ -942,12 +1183,15 @@ struct Poller {
     stop: CancellationToken,
 }
 
-/// Takes what Kafka delivers in, commits what was settled, pauses and resumes partitions;
-/// until the subscription is dropped.
+/// Takes what Kafka delivers in, offers partition heads (recorded or parked first) and opens
+/// the partitions behind them, commits what was settled, pauses and resumes partitions; until
+/// the subscription is dropped.
 fn poll_loop(p: Poller) {
     let Poller {
         consumer,
         tracker,
+        attempts,
+        group,
         sub,
         shared,
         topics,
@@ -957,6 +1201,8 @@ fn poll_loop(p: Poller) {
     } = p;
     let mut last_commit = Instant::now();
     let mut last_flow = Instant::now();
+    // After a failed commit, partitions stay gated until this time, then it is tried again.
+    let mut gates_retry = Instant::now();
     let mut topic_names: HashMap<String, Arc<str>> = HashMap::new();
     while !stop.is_cancelled() {
         match consumer.poll(Duration::from_millis(20)) {
@@ -994,6 +1240,10 @@ fn poll_loop(p: Poller) {
         // drops what it prefetched of it and fetches again from the position on resumption).
         if last_flow.elapsed() >= FLOW_EVERY {
             last_flow = Instant::now();
+            offer_heads(&sub, &shared, &attempts, &runtime, &group);
+            if Instant::now() >= gates_retry && !open_gates(&consumer, &sub) {
+                gates_retry = Instant::now() + COMMIT_EVERY;
+            }
             let (pause, resume) = {
                 let mut held = sub.lock();
                 let mut pause = TopicPartitionList::new();
@@ -1078,7 +1328,9 @@ fn header<'m>(m: &'m rdkafka::message::BorrowedMessage<'_>, name: &str) -> Optio
 }
 
 /// Takes one fetched message in: offered now if no message of its key is in progress,
-/// otherwise queued behind it.
+/// otherwise queued behind it. The first of its partition in this assignment (its head) waits
+/// for [`offer_heads`] instead, and the partition's next ones wait behind it until
+/// [`open_gates`].
 fn admit(
     sub: &SubState,
     shared: &Arc<Shared>,
@@ -1120,36 +1372,266 @@ fn admit(
     if part.next.is_some_and(|n| offset < n) {
         return;
     }
+    let first = part.next.is_none();
     part.next = Some(offset + 1);
-    let attempt = if offset <= part.prior_seen { 2 } else { 1 };
+    // The partition's head is counted across crashes (if `_attempts` could be read).
+    let head = match part.tally {
+        Tally::Read(recorded) if first => Some(recorded),
+        _ => None,
+    };
+    let attempt = match head {
+        Some(Some((o, n))) if o == offset => n.saturating_add(1),
+        _ if offset <= part.prior_seen => 2,
+        _ => 1,
+    };
     part.seen = part.seen.max(offset);
     part.outstanding.insert(offset);
-    let delivery = Delivery {
-        tag: shared.next_tag.fetch_add(1, Ordering::Relaxed),
-        topic: shop_topic,
-        payload,
-        attempt,
+    let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed);
+    let state = if head.is_some() {
+        part.gate = Gate::Closed(tag);
+        State::Recording
+    } else if part.gate != Gate::Open {
+        part.gated.push_back(tag);
+        State::Gated
+    } else {
+        // Decided by `offer` below.
+        State::Waiting
     };
-    let free = held.busy.insert(key.clone());
-    if !free {
-        held.waiting
-            .entry(key.clone())
-            .or_default()
-            .push_back(delivery.tag);
-    }
     held.held.insert(
-        delivery.tag,
+        tag,
         Held {
             tp,
             offset,
             key,
-            state: if free { State::Ready } else { State::Waiting },
-            delivery: delivery.clone(),
+            state,
+            delivery: Delivery {
+                tag,
+                topic: shop_topic,
+                payload,
+                attempt,
+            },
         },
     );
+    let offered = match state {
+        State::Recording => {
+            held.heads.push((tag, m.detach()));
+            None
+        }
+        State::Gated => None,
+        _ => held.offer(tag),
+    };
     drop(held);
-    if free {
-        let _ = sub.ready.send(delivery);
+    if let Some(d) = offered {
+        let _ = sub.ready.send(d);
+    }
+}
+
+/// Offers the partition heads fetched since the last look. A head whose attempt would pass
+/// the delivery limit is parked (not offered) and its partition's gate opens; the others'
+/// attempts are recorded in `_attempts` (one synchronous commit for all) and then they are
+/// offered. A suspect waits while another one is in the consumer's hands.
+///
+/// A crash before the record is written loses nothing (the heads were not offered); after
+/// it, the attempts count even for a head that never reached the consumer. A record that
+/// cannot be written is warned of and the heads are offered anyway (that life does not
+/// count); a head that cannot be parked is offered too (it is parked after the next crash).
+fn offer_heads(
+    sub: &SubState,
+    shared: &Shared,
+    attempts: &BaseConsumer,
+    runtime: &tokio::runtime::Handle,
+    group: &str,
+) {
+    let limit = u32::from(shared.options.delivery_limit);
+    let mut to_park = Vec::new();
+    let mut records = TopicPartitionList::new();
+    let mut to_offer = Vec::new();
+    {
+        let mut held = sub.lock();
+        if held.heads.is_empty() {
+            return;
+        }
+        let heads = std::mem::take(&mut held.heads);
+        for (tag, m) in heads {
+            let Some((attempt, topic)) = held
+                .held
+                .get(&tag)
+                .map(|h| (h.delivery.attempt, h.delivery.topic.clone()))
+            else {
+                continue;
+            };
+            if attempt > limit {
+                to_park.push((tag, attempt, topic, m));
+                continue;
+            }
+            if attempt >= SUSPECT {
+                if held.suspect.is_some() {
+                    // Another suspect is out: this one waits for the next look.
+                    held.heads.push((tag, m));
+                    continue;
+                }
+                held.suspect = Some(tag);
+            }
+            if let Some(v) = record(m.offset(), attempt) {
+                let _ = records.add_partition_offset(m.topic(), m.partition(), Offset::Offset(v));
+            }
+            to_offer.push(tag);
+        }
+    }
+    let mut parked = Vec::new();
+    for (tag, attempt, topic, m) in to_park {
+        match park(shared, runtime, &m, &topic, group, attempt - 1) {
+            Ok(()) => {
+                tracing::error!(
+                    group,
+                    topic,
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    deliveries = attempt - 1,
+                    "Kafka message never settled in {} deliveries: parked on {}",
+                    attempt - 1,
+                    shared.names.dead_letter()
+                );
+                metrics::counter!("messaging_parked_total", "consumer" => group.to_owned())
+                    .increment(1);
+                parked.push(tag);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e, group, topic,
+                    "Kafka message past its delivery limit not parked; offered once more"
+                );
+                if let Some(v) = record(m.offset(), attempt) {
+                    let _ =
+                        records.add_partition_offset(m.topic(), m.partition(), Offset::Offset(v));
+                }
+                to_offer.push(tag);
+            }
+        }
+    }
+    if records.count() > 0
+        && let Err(e) = attempts.commit(&records, CommitMode::Sync)
+    {
+        tracing::warn!(
+            error = %e,
+            "Kafka delivery counts not recorded: these deliveries do not count to the limit"
+        );
+    }
+    let ready = {
+        let mut guard = sub.lock();
+        let held = &mut *guard;
+        for tag in parked {
+            // Settled as far as the group goes: its gate opens once the commit passes it.
+            held.remove(tag);
+        }
+        let mut ready = Vec::new();
+        for tag in to_offer {
+            // (Unless given back meanwhile.)
+            if held
+                .held
+                .get(&tag)
+                .is_some_and(|h| h.state == State::Recording)
+            {
+                ready.extend(held.offer(tag));
+            }
+        }
+        ready
+    };
+    for d in ready {
+        let _ = sub.ready.send(d);
+    }
+}
+
+/// Opens the gates of the partitions whose head was settled or parked, once the group's
+/// committed offset is past it: that commit is synchronous, or a crash right after it could
+/// bring the head back and count a delivery it did not cause. Returns `false` if the commit
+/// failed (the gates stay closed; tried again later).
+fn open_gates(consumer: &BaseConsumer<SubCtx>, sub: &SubState) -> bool {
+    let (tps, commits) = {
+        let mut held = sub.lock();
+        if held.opening.is_empty() {
+            return true;
+        }
+        let tps = held.opening.clone();
+        let commits = held.commits(Some(&tps), true);
+        (tps, commits)
+    };
+    if commits.count() > 0
+        && let Err(e) = consumer.commit(&commits, CommitMode::Sync)
+    {
+        tracing::debug!(error = %e, "Kafka commit failed; gated partitions wait for the next");
+        let mut held = sub.lock();
+        for e in commits.elements() {
+            if let Some(p) = held.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
+                p.committed = None;
+            }
+        }
+        return false;
+    }
+    let ready = sub.lock().open(&tps);
+    for d in ready {
+        let _ = sub.ready.send(d);
+    }
+    true
+}
+
+/// Parks `m`, a message of shopmesh topic `topic` that `group` never settled in `deliveries`
+/// deliveries, on the dead-letter topic: its key, value and headers, in the same partition,
+/// with where it came from. Returns once Kafka has it (`acks=all`), or fails (nothing parked,
+/// or parked without the confirmation: then it may be parked twice).
+fn park(
+    shared: &Shared,
+    runtime: &tokio::runtime::Handle,
+    m: &OwnedMessage,
+    topic: &str,
+    group: &str,
+    deliveries: u32,
+) -> Result<(), BrokerError> {
+    let dead_letter = shared.names.dead_letter();
+    runtime.block_on(shared.ensure(std::slice::from_ref(&dead_letter)))?;
+    let ours = [
+        ORIGINAL_TOPIC,
+        PARKED_GROUP,
+        PARKED_PARTITION,
+        PARKED_OFFSET,
+        PARKED_DELIVERIES,
+    ];
+    let mut headers = OwnedHeaders::new_with_capacity(16);
+    if let Some(hs) = m.headers() {
+        for h in hs.iter().filter(|h| !ours.contains(&h.key)) {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    let partition = m.partition().to_string();
+    let offset = m.offset().to_string();
+    let deliveries = deliveries.to_string();
+    for (key, value) in [
+        (ORIGINAL_TOPIC, topic),
+        (PARKED_GROUP, group),
+        (PARKED_PARTITION, partition.as_str()),
+        (PARKED_OFFSET, offset.as_str()),
+        (PARKED_DELIVERIES, deliveries.as_str()),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    let mut parked: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&dead_letter)
+        .partition(m.partition())
+        .headers(headers);
+    if let Some(k) = m.key() {
+        parked = parked.key(k);
+    }
+    if let Some(p) = m.payload() {
+        parked = parked.payload(p);
+    }
+    match runtime.block_on(shared.producer.send(parked, TIMEOUT)) {
+        Ok(_) => Ok(()),
+        Err((e, _)) => Err(unavailable(e)),
     }
 }
 
@@ -1341,6 +1823,68 @@ mod tests {
         assert_eq!(tpl.elements()[0].offset(), Offset::Offset(6));
     }
 
+    /// A partition's head is offered alone: what was fetched behind it waits until it is
+    /// settled and the commit has passed it, then goes out in offset order, behind its key.
+    #[test]
+    fn a_head_is_offered_alone_until_the_commit_passes_it() {
+        let tp: Tp = (Arc::from("ns.t"), 0);
+        let mut h = Holding::default();
+        let part = h.parts.entry(tp.clone()).or_default();
+        part.outstanding.extend([5, 6, 7, 8]);
+        part.next = Some(9);
+        part.gate = Gate::Closed(1);
+        part.gated.extend([2, 3, 4]);
+        let mut head = held(&tp, 5, "a", 1);
+        head.state = State::Taken;
+        h.held.insert(1, head);
+        for (tag, offset, key) in [(2, 6, "b"), (3, 7, "a"), (4, 8, "c")] {
+            let mut m = held(&tp, offset, key, tag);
+            m.state = State::Gated;
+            h.held.insert(tag, m);
+        }
+        h.busy.insert("a".to_owned());
+        h.suspect = Some(1);
+        // Given back (a revocation) while gated: just gone.
+        assert!(h.give_back(4).is_none());
+        assert_eq!(h.parts[&tp].gated, [2, 3]);
+        // The head settles: nothing is offered yet, its gate is opening.
+        assert!(h.remove(1).unwrap().1.is_none());
+        assert!(h.busy.is_empty() && h.suspect.is_none());
+        assert_eq!(h.parts[&tp].gate, Gate::Opening);
+        assert!(h.opening.contains(&tp));
+        // The commit that must land first stops at the first message behind the head.
+        let tps = h.opening.clone();
+        let tpl = h.commits(Some(&tps), true);
+        assert_eq!(tpl.elements()[0].offset(), Offset::Offset(6));
+        // Opened: in offset order, each behind its key (b is busy elsewhere).
+        h.busy.insert("b".to_owned());
+        let offered: Vec<i64> = h.open(&tps).iter().map(|d| d.tag).collect();
+        assert_eq!(offered, [3]);
+        assert_eq!(h.held[&2].state, State::Waiting);
+        assert_eq!(h.waiting["b"], [2]);
+        assert!(h.opening.is_empty());
+        assert_eq!(h.parts[&tp].gate, Gate::Open);
+        assert!(h.parts[&tp].gated.is_empty());
+    }
+
+    #[test]
+    fn records_hold_an_offset_and_an_attempt() {
+        for (offset, attempt) in [(0, 1), (5, 2), (123_456_789, 100), ((1 << 47) - 1, 10_001)] {
+            assert_eq!(
+                unrecord(record(offset, attempt).unwrap()),
+                Some((offset, attempt))
+            );
+        }
+        assert_eq!(record(1 << 47, 2), None, "too large: not counted");
+        assert_eq!(record(-1, 2), None);
+        assert_eq!(
+            unrecord(-1001),
+            None,
+            "librdkafka's invalid offset: nothing recorded"
+        );
+        assert_eq!(unrecord(record(7, u32::MAX).unwrap()), Some((7, 65_535)));
+    }
+
     #[test]
     fn urls() {
         let o =
@@ -1353,6 +1897,15 @@ mod tests {
         assert_eq!(c.get("bootstrap.servers"), Some("127.0.0.1:9092"));
         assert_eq!(c.get("linger.ms"), Some("5"), "the URL's setting wins");
         assert_eq!(c.get("acks"), Some("all"));
+        let o = crate::BrokerOptions::parse("kafka://h:1?delivery_limit=3&linger.ms=5").unwrap();
+        assert_eq!(o.delivery_limit, 3);
+        assert!(
+            settings(&o)
+                .unwrap()
+                .iter()
+                .all(|(k, _)| k != "delivery_limit"),
+            "shopmesh's, not librdkafka's"
+        );
         assert!(settings(&crate::BrokerOptions::parse("kafka://").unwrap()).is_err());
         assert!(settings(&crate::BrokerOptions::parse("kafka://h:1?oops").unwrap()).is_err());
     }

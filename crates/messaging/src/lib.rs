@@ -135,6 +135,11 @@ pub struct BrokerOptions {
     /// unacknowledged. The adapter still hands out one message per key at a time; more
     /// prefetch lets the other keys of a partition proceed meanwhile.
     pub prefetch: u16,
+    /// Kafka only (`delivery_limit=N`, 1 to 10,000, default [`kafka::DELIVERY_LIMIT`], 100):
+    /// deliveries of a message that is never settled (it crashes its consumer process, say)
+    /// before the adapter parks it on the dead-letter topic instead. RabbitMQ's and NATS's
+    /// limit (100) is set on their queues and consumers when they are created and stays.
+    pub delivery_limit: u16,
 }
 
 impl BrokerOptions {
@@ -148,6 +153,7 @@ impl BrokerOptions {
             expires: None,
             classic_queues: false,
             prefetch: 32,
+            delivery_limit: kafka::DELIVERY_LIMIT,
         };
         // A whole number within `range`, for setting `name`.
         let ranged = |name: &str, n: &str, range: std::ops::RangeInclusive<u16>| {
@@ -184,6 +190,9 @@ impl BrokerOptions {
                     o.expires = Some(std::time::Duration::from_secs(secs));
                 }
                 Some(("prefetch", n)) => o.prefetch = ranged("prefetch", n, 1..=1000)?,
+                Some(("delivery_limit", n)) => {
+                    o.delivery_limit = ranged("delivery_limit", n, 1..=10_000)?
+                }
                 Some(("queue_type", "classic")) => o.classic_queues = true,
                 Some(("queue_type", "quorum")) => o.classic_queues = false,
                 Some(("queue_type", t)) => {
@@ -230,6 +239,14 @@ mod tests {
             ("nats://h", 32, "shopmesh")
         );
         assert!(BrokerOptions::parse("nats://h?partitions=0").is_err());
+        assert_eq!(o.delivery_limit, 100);
+        let o = BrokerOptions::parse("kafka://h:9092?delivery_limit=3&linger.ms=5").unwrap();
+        assert_eq!(
+            (o.url.as_str(), o.delivery_limit),
+            ("kafka://h:9092?linger.ms=5", 3)
+        );
+        assert!(BrokerOptions::parse("kafka://h?delivery_limit=0").is_err());
+        assert!(BrokerOptions::parse("kafka://h?delivery_limit=many").is_err());
         assert!(BrokerOptions::parse("nats://h?namespace=a.b").is_err());
     }
 }
