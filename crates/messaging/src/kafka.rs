@@ -829,6 +829,26 @@ struct Holding {
 }
 
 impl Holding {
+    /// Calls `f` with each partition of `tpl` (made when new) and its offset there.
+    fn each(&mut self, tpl: &TopicPartitionList, mut f: impl FnMut(&mut Part, Offset)) {
+        for e in tpl.elements() {
+            let part = self
+                .parts
+                .entry((Arc::from(e.topic()), e.partition()))
+                .or_default();
+            f(part, e.offset());
+        }
+    }
+
+    /// The commit of `tpl` failed: its partitions are committed again with the next.
+    fn not_committed(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Some(p) = self.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
+                p.committed = None;
+            }
+        }
+    }
+
     /// Removes `tag`; returns it and the next message of its key, now offered, if one waits.
     /// A partition head's removal opens its partition's gate (once its commit passes it).
     fn remove(&mut self, tag: i64) -> Option<(Held, Option<Delivery>)> {
@@ -1111,44 +1131,26 @@ impl ConsumerContext for SubCtx {
                         .or_default();
                 }
                 match committed {
-                    Ok(c) => {
-                        for e in c.elements() {
-                            let part = held
-                                .parts
-                                .entry((Arc::from(e.topic()), e.partition()))
-                                .or_default();
-                            part.start = e.offset().to_raw().filter(|o| *o >= 0);
-                            part.committed = part.start;
-                        }
-                    }
+                    Ok(c) => held.each(&c, |part, o| {
+                        part.start = o.to_raw().filter(|o| *o >= 0);
+                        part.committed = part.start;
+                    }),
                     Err(e) => tracing::warn!(error = %e, "Kafka committed offsets unavailable"),
                 }
                 match fetched {
-                    Ok(c) => {
-                        for e in c.elements() {
-                            let part = held
-                                .parts
-                                .entry((Arc::from(e.topic()), e.partition()))
-                                .or_default();
-                            if let Some(o) = e.offset().to_raw().filter(|o| *o > 0) {
-                                part.prior_seen = o - 1;
-                                part.seen = o - 1;
-                                part.recorded = o - 1;
-                            }
+                    Ok(c) => held.each(&c, |part, o| {
+                        if let Some(o) = o.to_raw().filter(|o| *o > 0) {
+                            part.prior_seen = o - 1;
+                            part.seen = o - 1;
+                            part.recorded = o - 1;
                         }
-                    }
+                    }),
                     Err(e) => tracing::debug!(error = %e, "Kafka fetched offsets unavailable"),
                 }
                 match attempts {
-                    Ok(c) => {
-                        for e in c.elements() {
-                            let part = held
-                                .parts
-                                .entry((Arc::from(e.topic()), e.partition()))
-                                .or_default();
-                            part.tally = Tally::Read(e.offset().to_raw().and_then(unrecord));
-                        }
-                    }
+                    Ok(c) => held.each(&c, |part, o| {
+                        part.tally = Tally::Read(o.to_raw().and_then(unrecord));
+                    }),
                     Err(e) => tracing::warn!(
                         error = %e,
                         "Kafka delivery counts unavailable: this assignment's heads are not counted"
@@ -1285,12 +1287,7 @@ fn poll_loop(p: Poller) {
                 && let Err(e) = consumer.commit(&commits, CommitMode::Async)
             {
                 tracing::debug!(error = %e, "Kafka commit failed; retried with the next");
-                let mut held = sub.lock();
-                for e in commits.elements() {
-                    if let Some(p) = held.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
-                        p.committed = None;
-                    }
-                }
+                sub.lock().not_committed(&commits);
             }
         }
     }
@@ -1560,12 +1557,7 @@ fn open_gates(consumer: &BaseConsumer<SubCtx>, sub: &SubState) -> bool {
         && let Err(e) = consumer.commit(&commits, CommitMode::Sync)
     {
         tracing::debug!(error = %e, "Kafka commit failed; gated partitions wait for the next");
-        let mut held = sub.lock();
-        for e in commits.elements() {
-            if let Some(p) = held.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
-                p.committed = None;
-            }
-        }
+        sub.lock().not_committed(&commits);
         return false;
     }
     let ready = sub.lock().open(&tps);
