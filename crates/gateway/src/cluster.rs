@@ -18,6 +18,8 @@ use crate::config::{
     BreakerConfig, ClusterConfig, HashOn, HealthCheckConfig, LoadBalancer, UpstreamProtocol,
 };
 use crate::upstream::{Kept, Settings};
+use smallvec::SmallVec;
+
 use crate::wire::{HttpClient, empty};
 use crate::worker::PerWorker;
 
@@ -249,7 +251,7 @@ impl Cluster {
     /// Chooses an endpoint for one request. `avoid` is skipped when another is usable (a
     /// retry goes elsewhere). `None` when every endpoint is down or its breaker open.
     pub fn pick(&self, hash_key: Option<&[u8]>, avoid: Option<&Endpoint>) -> Option<Lease> {
-        let usable: Vec<&Arc<Endpoint>> = self
+        let usable: SmallVec<[&Arc<Endpoint>; 8]> = self
             .endpoints
             .iter()
             .filter(|e| e.usable() && avoid.is_none_or(|a| !std::ptr::eq(a, &***e)))

@@ -54,10 +54,13 @@ struct Held<T, P> {
     _labels: Arc<[Option<Arc<str>>; 4]>,
 }
 
+/// Keyed by a few addresses: a fast hash is enough (the keys are not the caller's to choose).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct Tally {
-    counters: HashMap<[usize; 5], Held<Counter, u64>>,
-    durations: HashMap<[usize; 2], Held<Histogram, Vec<f64>>>,
+    counters: Map<[usize; 5], Held<Counter, u64>>,
+    durations: Map<[usize; 2], Held<Histogram, Vec<f64>>>,
     samples: usize,
 }
 
