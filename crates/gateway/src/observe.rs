@@ -112,7 +112,10 @@ pub(crate) struct RequestMetrics {
 impl Default for RequestMetrics {
     fn default() -> Self {
         let slots: Arc<Slots> = Arc::new(Slots::new(Mutex::default));
-        lock(&LIVE).push(Arc::downgrade(&slots));
+        let mut live = lock(&LIVE);
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(&slots));
+        drop(live);
         shopmesh_platform::telemetry::before_render(flush_all);
         Self { slots }
     }
