@@ -316,9 +316,24 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
 }
 
+/// A trace id, 32 lower-case hex digits, kept on the stack.
+#[derive(Clone, Copy)]
+struct TraceId([u8; 32]);
+
+impl TraceId {
+    /// The id in `text` (32 hex digits), or all zeros.
+    fn of(text: &[u8]) -> Self {
+        TraceId(text.try_into().unwrap_or([b'0'; 32]))
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
 /// W3C trace context for the upstream hop: the client's trace continues (with this hop as
 /// the parent span), or a new trace starts. Returns the header and the trace id.
-fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
+fn traceparent(headers: &HeaderMap) -> (HeaderValue, TraceId) {
     fn hex(s: &[u8]) -> bool {
         s.iter().all(u8::is_ascii_hexdigit)
     }
@@ -352,7 +367,7 @@ fn traceparent(headers: &HeaderMap) -> (HeaderValue, String) {
     let mut span_id = [0u8; 32];
     uuid::Uuid::new_v4().simple().encode_lower(&mut span_id);
     value[36..52].copy_from_slice(&span_id[..16]);
-    let trace_id = String::from_utf8_lossy(&value[3..35]).into_owned();
+    let trace_id = TraceId::of(&value[3..35]);
     (
         HeaderValue::from_bytes(&value).unwrap_or_else(|_| HeaderValue::from_static("")),
         trace_id,
@@ -419,7 +434,10 @@ async fn handle(rt: Arc<Held>, mut req: Request<Body>) -> Response<Body> {
     let (tp, trace_id) = match shopmesh_platform::otel::traceparent(&span)
         .and_then(|t| Some((HeaderValue::from_str(&t).ok()?, t)))
     {
-        Some((value, text)) => (value, text[3..35].to_owned()),
+        Some((value, text)) => (
+            value,
+            TraceId::of(text.as_bytes().get(3..35).unwrap_or_default()),
+        ),
         None => traceparent(req.headers()),
     };
     req.headers_mut().insert(names::TRACEPARENT.clone(), tp);
@@ -449,7 +467,7 @@ async fn handle(rt: Arc<Held>, mut req: Request<Body>) -> Response<Body> {
             status,
             elapsed: start.elapsed(),
             request_id: &rid,
-            trace_id: &trace_id,
+            trace_id: trace_id.as_str(),
         },
     );
     res
@@ -458,6 +476,11 @@ async fn handle(rt: Arc<Held>, mut req: Request<Body>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn traceparent(h: &HeaderMap) -> (HeaderValue, String) {
+        let (v, id) = super::traceparent(h);
+        (v, id.as_str().to_owned())
+    }
 
     #[test]
     fn trace_context_continues_or_starts() {
