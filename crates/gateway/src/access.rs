@@ -18,8 +18,10 @@
 //! within a line: every chunk is whole lines, written under stdout's lock.
 
 use std::io::Write;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+
+use crate::worker::lock;
 
 /// A thread's buffer is written out once it holds this much.
 pub const FLUSH_BYTES: usize = 16 * 1024;
@@ -50,10 +52,6 @@ thread_local! {
         lock(&BUFFERS).push(b.clone());
         b
     };
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn write_out(buf: &mut Vec<u8>) {

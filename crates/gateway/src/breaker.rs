@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::BreakerConfig;
-use crate::worker::PerWorker;
+use crate::worker::{PerWorker, lock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -119,7 +119,9 @@ impl Breaker {
             start: now,
             state: AtomicU8::new(CLOSED),
             failing: AtomicBool::new(false),
-            counts: PerWorker::new(|| Mutex::new(vec![(u64::MAX, 0); slots])),
+            counts: PerWorker::new(crate::worker::MAX_WORKERS, |_| {
+                Mutex::new(vec![(u64::MAX, 0); slots])
+            }),
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 opened_at: now,
@@ -136,7 +138,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     /// Sets the state (under the lock) and its atomic copy.
@@ -147,7 +149,7 @@ impl Breaker {
 
     /// Counts one request in the calling worker's slot for `sec`.
     fn count(&self, sec: u64) {
-        let mut slots = self.counts.mine().lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = lock(self.counts.mine());
         let n = slots.len() as u64;
         let s = &mut slots[(sec % n) as usize];
         if s.0 != sec {
@@ -161,7 +163,7 @@ impl Breaker {
         self.counts
             .iter()
             .map(|c| {
-                let slots = c.lock().unwrap_or_else(|p| p.into_inner());
+                let slots = lock(c);
                 let n = slots.len() as u64;
                 slots
                     .iter()
@@ -174,7 +176,7 @@ impl Breaker {
 
     fn forget_requests(&self) {
         for c in self.counts.iter() {
-            let mut slots = c.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = lock(c);
             slots.iter_mut().for_each(|s| *s = (u64::MAX, 0));
         }
     }

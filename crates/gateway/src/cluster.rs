@@ -44,7 +44,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(url: &str, breaker: BreakerConfig) -> Option<Self> {
+    fn new(url: &str, breaker: BreakerConfig, workers: usize) -> Option<Self> {
         let parts = url.parse::<http::Uri>().ok()?.into_parts();
         let authority = parts.authority?;
         Some(Self {
@@ -55,7 +55,7 @@ impl Endpoint {
             breaker: Breaker::new(breaker.clone()),
             breaker_cfg: breaker,
             healthy: AtomicBool::new(true),
-            in_flight: PerWorker::new(AtomicUsize::default),
+            in_flight: PerWorker::new(workers, |_| AtomicUsize::default()),
             probe_ok: AtomicU32::new(0),
             probe_fail: AtomicU32::new(0),
             last_check: AtomicU64::new(0),
@@ -136,8 +136,9 @@ pub struct Cluster {
     clients: Box<[HttpClient]>,
     pub request_timeout: Duration,
     pub retry_attempts: u32,
-    /// The retry budget, per worker: each holds its share of `min_per_sec`; the percentage
-    /// is the same (a worker's retries are a share of its own requests).
+    /// The retry budget, per worker: each worker holds its share of `min_per_sec`, the
+    /// threads off the workers all of it; the percentage is the same (a worker's retries
+    /// are a share of its own requests).
     budget: PerWorker<TpsBudget>,
     health: Option<HealthCheckConfig>,
     protocol: UpstreamProtocol,
@@ -167,7 +168,7 @@ impl Cluster {
                 });
                 match reused {
                     Some(e) => Ok(e),
-                    None => Endpoint::new(url, cfg.circuit_breaker.clone())
+                    None => Endpoint::new(url, cfg.circuit_breaker.clone(), workers)
                         .map(Arc::new)
                         .ok_or_else(|| format!("endpoint `{url}` is not a valid URL")),
                 }
@@ -204,16 +205,18 @@ impl Cluster {
             endpoints,
             lb: cfg.load_balancer,
             hash_on: cfg.hash_on.clone(),
-            next: PerWorker::new(AtomicUsize::default),
+            next: PerWorker::new(workers, |_| AtomicUsize::default()),
             clients,
             request_timeout: Duration::from_millis(cfg.timeouts.request_ms),
             retry_attempts: r.attempts,
-            budget: PerWorker::new(|| {
-                TpsBudget::new(
-                    Duration::from_secs(10),
-                    r.min_per_sec.div_ceil(workers.max(1) as u32),
-                    r.budget_percent / 100.0,
-                )
+            budget: PerWorker::new(workers, |i| {
+                // Off the workers (`shopmesh up`'s shared runtime, the mesh): the whole floor.
+                let min = if i == 0 {
+                    r.min_per_sec
+                } else {
+                    r.min_per_sec.div_ceil(workers.max(1) as u32)
+                };
+                TpsBudget::new(Duration::from_secs(10), min, r.budget_percent / 100.0)
             }),
             health: cfg.health_check.clone(),
             protocol: cfg.protocol,
@@ -538,5 +541,27 @@ mod tests {
         let last = Cluster::new(&unchecked, Some(&next), 1).unwrap();
         assert!(Arc::ptr_eq(&last.endpoints[0], &c.endpoints[0]));
         assert!(last.endpoints[0].is_healthy());
+    }
+
+    /// Each worker holds its share of the retry floor; threads off the workers (the shared
+    /// runtime of `shopmesh up`) hold all of it.
+    #[test]
+    fn the_retry_floor_is_shared_among_the_workers_only() {
+        let mut cfg = ClusterConfig::new("c", vec!["http://127.0.0.1:1".into()]);
+        cfg.retry.min_per_sec = 10;
+        cfg.retry.budget_percent = 0.0;
+        let c = Cluster::new(&cfg, None, 2).unwrap();
+        let spend = |c: &Cluster| (0..1000).take_while(|_| c.withdraw()).count();
+        let off = spend(&c);
+        let on_a_worker = std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::worker::enter_worker(1);
+                spend(&c)
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(off > 0 && on_a_worker > 0);
+        assert_eq!(off, 2 * on_a_worker, "off {off}, worker 1 {on_a_worker}");
     }
 }

@@ -13,9 +13,11 @@
 //! [`Runtime`]: crate::runtime::Runtime
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use metrics::{Counter, Histogram, SharedString};
+
+use crate::worker::lock;
 
 /// Distinct label sets a worker keeps handles for (each a few dozen bytes); past this its
 /// tally is handed over and the handles are looked up in the recorder again.
@@ -86,10 +88,6 @@ type Slots = crate::worker::PerWorker<Mutex<Tally>>;
 /// Every live generation's tallies, for [`flush_all`].
 static LIVE: Mutex<Vec<Weak<Slots>>> = Mutex::new(Vec::new());
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Hands every worker's tally, of every live generation, to the recorder. Registered with
 /// `telemetry::before_render`, so every reading of the metrics is exact.
 pub fn flush_all() {
@@ -111,7 +109,8 @@ pub(crate) struct RequestMetrics {
 
 impl Default for RequestMetrics {
     fn default() -> Self {
-        let slots: Arc<Slots> = Arc::new(Slots::new(Mutex::default));
+        let slots: Arc<Slots> =
+            Arc::new(Slots::new(crate::worker::MAX_WORKERS, |_| Mutex::default()));
         let mut live = lock(&LIVE);
         live.retain(|w| w.strong_count() > 0);
         live.push(Arc::downgrade(&slots));

@@ -101,7 +101,7 @@ impl Shared {
     /// the generation changed).
     fn held(&self) -> Arc<Held> {
         let current = self.current.load();
-        let mut mine = self.held.mine().lock().unwrap_or_else(|p| p.into_inner());
+        let mut mine = crate::worker::lock(self.held.mine());
         match &*mine {
             Some(h) if Arc::ptr_eq(&h.0, &current) => h.clone(),
             _ => {
@@ -116,7 +116,7 @@ impl Shared {
     /// its last request ends, not at its worker's next request).
     fn release_held(&self) {
         for h in self.held.iter() {
-            *h.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *crate::worker::lock(h) = None;
         }
     }
 }
@@ -147,7 +147,7 @@ impl Gateway {
         Ok(Self {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(rt),
-                held: PerWorker::new(Default::default),
+                held: PerWorker::new(crate::worker::MAX_WORKERS, |_| Default::default()),
                 overrides,
                 reload: std::sync::Mutex::new({
                     let mut st = ReloadState {

@@ -54,24 +54,36 @@ impl<T> std::ops::Deref for Padded<T> {
 pub struct PerWorker<T>(Box<[Padded<T>]>);
 
 impl<T> PerWorker<T> {
-    pub fn new(mut make: impl FnMut() -> T) -> Self {
-        Self((0..=MAX_WORKERS).map(|_| Padded(make())).collect())
+    /// For `workers` workers (at most [`MAX_WORKERS`]) and the threads off them: `make`
+    /// gets each one's index.
+    pub fn new(workers: usize, make: impl FnMut(usize) -> T) -> Self {
+        Self(
+            (0..=workers.min(MAX_WORKERS))
+                .map(make)
+                .map(Padded)
+                .collect(),
+        )
     }
 
     /// The calling worker's own.
     pub fn mine(&self) -> &T {
-        &self.0[worker_index().min(MAX_WORKERS)]
+        self.at(worker_index())
     }
 
-    /// Worker `index`'s (0..=MAX_WORKERS).
+    /// Worker `index`'s (a worker beyond those made for shares the last one's).
     pub fn at(&self, index: usize) -> &T {
-        &self.0[index.min(MAX_WORKERS)]
+        &self.0[index.min(self.0.len() - 1)]
     }
 
     /// Every worker's.
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.0.iter().map(|p| &p.0)
     }
+}
+
+/// A lock that a panic elsewhere does not poison for good (what it guards stays usable).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the gateway knows of the connection a request came on (a request extension).
