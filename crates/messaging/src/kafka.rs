@@ -1423,6 +1423,13 @@ fn admit(
     }
 }
 
+/// Adds `m`'s `_attempts` record (its offset and `attempt`) to `records`.
+fn note(records: &mut TopicPartitionList, m: &OwnedMessage, attempt: u32) {
+    if let Some(v) = record(m.offset(), attempt) {
+        let _ = records.add_partition_offset(m.topic(), m.partition(), Offset::Offset(v));
+    }
+}
+
 /// Offers the partition heads fetched since the last look. A head whose attempt would pass
 /// the delivery limit is parked (not offered) and its partition's gate opens; the others'
 /// attempts are recorded in `_attempts` (one synchronous commit for all) and then they are
@@ -1469,9 +1476,7 @@ fn offer_heads(
                 }
                 held.suspect = Some(tag);
             }
-            if let Some(v) = record(m.offset(), attempt) {
-                let _ = records.add_partition_offset(m.topic(), m.partition(), Offset::Offset(v));
-            }
+            note(&mut records, &m, attempt);
             to_offer.push(tag);
         }
     }
@@ -1498,10 +1503,7 @@ fn offer_heads(
                     error = %e, group, topic,
                     "Kafka message past its delivery limit not parked; offered once more"
                 );
-                if let Some(v) = record(m.offset(), attempt) {
-                    let _ =
-                        records.add_partition_offset(m.topic(), m.partition(), Offset::Offset(v));
-                }
+                note(&mut records, &m, attempt);
                 to_offer.push(tag);
             }
         }
