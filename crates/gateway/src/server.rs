@@ -200,6 +200,7 @@ fn spawn_workers(
                 .spawn(move || {
                     crate::worker::enter_worker(i + 1);
                     rt.block_on(async move {
+                        tokio::spawn(crate::worker::timer_floor());
                         match TcpListener::from_std(listener) {
                             Ok(l) => serve_phases(l, gateway, phases, drain).await,
                             Err(e) => tracing::error!(error = %e, "worker cannot listen"),

@@ -30,6 +30,29 @@ pub fn worker_label() -> &'static str {
     LABELS[worker_index().min(MAX_WORKERS)]
 }
 
+/// How far ahead a worker's runtime always has a timer armed ([`timer_floor`]).
+pub(crate) const TIMER_FLOOR: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Keeps a timer armed at most [`TIMER_FLOOR`] ahead on the calling runtime, for as long
+/// as it runs.
+///
+/// tokio's time driver wakes its own thread (a write to an eventfd, then one more turn
+/// through epoll) whenever a timer is registered that expires before the earliest timer it
+/// planned its last sleep for, or when it planned with no timer at all. A worker whose
+/// requests finish quickly often has no timer left when it parks, so each request's
+/// timeouts (the header read, the upstream call, every part of a composite) paid for that
+/// wake-up: 1.4 of a composite page's 12.6 system calls, 0.4 of a proxied request's 5.4
+/// (`perf stat` on the syscall tracepoints, `wrk -c8`). With a timer always nearer than
+/// any request's timeout, registering one does not wake the thread; a timeout shorter
+/// than [`TIMER_FLOOR`] still does, as it must. The cost: 20 wake-ups a second.
+pub(crate) async fn timer_floor() {
+    let mut tick = tokio::time::interval(TIMER_FLOOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
 /// Marks the calling thread as worker `index` (1-based); the server calls it once per
 /// worker thread before it serves.
 pub(crate) fn enter_worker(index: usize) {

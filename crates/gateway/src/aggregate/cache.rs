@@ -8,6 +8,8 @@
 //! than there are waiting requests.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as Slot;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use futures::future::{BoxFuture, Shared, WeakShared};
 
 use super::{Failure, Fetched};
 use crate::config::PartCacheConfig;
+use crate::worker::{Padded, lock};
 
 type Call = BoxFuture<'static, Result<Fetched, Failure>>;
 
@@ -63,10 +66,21 @@ struct InFlight {
     call: WeakShared<Call>,
 }
 
+/// The calls in flight, by key. Keys carry what a client sent (its path, its query), so the
+/// hasher is seeded per map.
+type Flights = HashMap<Arc<str>, InFlight, foldhash::quality::RandomState>;
+
+/// The calls in flight are kept in this many maps, a key's map chosen by its hash: every
+/// worker's part calls take one of these locks twice, and one lock for all of them had the
+/// workers wait on each other (a futex wait and wake per composite page, on 2 cores).
+const SHARDS: usize = 16;
+
 pub struct PartCache {
     cfg: Option<PartCacheConfig>,
     store: Option<quick_cache::sync::Cache<Arc<str>, Entry, BySize>>,
-    inflight: Mutex<HashMap<Arc<str>, InFlight>>,
+    inflight: [Padded<Mutex<Flights>>; SHARDS],
+    /// Chooses a key's map.
+    shard_of: foldhash::quality::RandomState,
     next_id: AtomicU64,
 }
 
@@ -78,9 +92,21 @@ impl PartCache {
                 let estimated = (c.max_bytes / 1024).clamp(16, 1_000_000) as usize;
                 quick_cache::sync::Cache::with_weighter(estimated, c.max_bytes, BySize)
             }),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: std::array::from_fn(|_| Padded(Mutex::default())),
+            shard_of: Default::default(),
             next_id: AtomicU64::new(0),
         }
+    }
+
+    /// The map of calls in flight that holds `key`.
+    fn flights(&self, key: &str) -> &Mutex<Flights> {
+        use std::hash::BuildHasher;
+        &self.inflight[self.shard_of.hash_one(key) as usize % SHARDS]
+    }
+
+    /// Whether answers are kept (not only calls shared).
+    pub fn stores(&self) -> bool {
+        self.store.is_some()
     }
 
     /// Whether this cache was built for `cfg` (a reload keeps it when unchanged).
@@ -89,11 +115,14 @@ impl PartCache {
     }
 
     /// The answer for `key`: from the cache, from a call in flight, or from `call`.
-    pub async fn get(
+    pub async fn get<F>(
         self: &Arc<Self>,
         key: Arc<str>,
-        call: impl FnOnce() -> Call,
-    ) -> (Result<Fetched, Failure>, Via) {
+        call: impl FnOnce() -> F,
+    ) -> (Result<Fetched, Failure>, Via)
+    where
+        F: Future<Output = Result<Fetched, Failure>> + Send + 'static,
+    {
         if let Some(store) = &self.store
             && let Some(e) = store.get(&key)
         {
@@ -103,26 +132,28 @@ impl PartCache {
             store.remove(&key);
         }
         let (flight, via, id) = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            match inflight
-                .get(&key)
-                .and_then(|f| Some((f.call.upgrade()?, f.id)))
-            {
+            let mut inflight = lock(self.flights(&key));
+            // One look-up of the key, whether the call is joined or made.
+            let slot = inflight.entry(key.clone());
+            let joined = match &slot {
+                Slot::Occupied(f) => f.get().call.upgrade().map(|c| (c, f.get().id)),
+                Slot::Vacant(_) => None,
+            };
+            match joined {
                 Some((flight, id)) => (flight, Via::Shared, id),
                 None => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let this = self.clone();
-                    let k = key.clone();
-                    let fut = call();
-                    let flight: Shared<Call> = async move {
-                        let result = fut.await;
-                        this.keep(&k, &result);
-                        result
-                    }
-                    .boxed()
-                    .shared();
+                    let flight: Shared<Call> = call().boxed().shared();
                     if let Some(weak) = flight.downgrade() {
-                        inflight.insert(key.clone(), InFlight { id, call: weak });
+                        let f = InFlight { id, call: weak };
+                        match slot {
+                            Slot::Occupied(mut o) => {
+                                o.insert(f);
+                            }
+                            Slot::Vacant(v) => {
+                                v.insert(f);
+                            }
+                        }
                     }
                     (flight, Via::Miss, id)
                 }
@@ -136,8 +167,26 @@ impl PartCache {
             done: false,
         };
         let result = flight.await;
+        // Ours goes; the first request to see the call end retires it and keeps its answer.
+        drop(waiter.flight.take());
         waiter.done = true;
+        if self.retire(&waiter.key, id) {
+            self.keep(&waiter.key, &result);
+        }
         (result, via)
+    }
+
+    /// Takes call `id` out of the calls in flight if it is still there: true for the first
+    /// request to see it end.
+    fn retire(&self, key: &Arc<str>, id: u64) -> bool {
+        let mut inflight = lock(self.flights(key));
+        if let Slot::Occupied(e) = inflight.entry(key.clone())
+            && e.get().id == id
+        {
+            e.remove();
+            return true;
+        }
+        false
     }
 
     /// Caches a successful answer the backend allows to be cached.
@@ -159,8 +208,8 @@ impl PartCache {
     }
 }
 
-/// One request waiting for a call. When it goes, the call's entry goes too if the call
-/// has finished or nobody else waits for it.
+/// One request waiting for a call. When it goes before the call ends (the client left, the
+/// deadline passed), the call's entry goes too if nobody else waits for it.
 struct Waiter<'a> {
     cache: &'a PartCache,
     key: Arc<str>,
@@ -171,18 +220,121 @@ struct Waiter<'a> {
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         // Ours goes first: if it was the last, the call is dropped (cancelled) here.
         drop(self.flight.take());
-        let mut inflight = self
-            .cache
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = inflight.get(&self.key)
-            && e.id == self.id
-            && (self.done || e.call.upgrade().is_none())
+        let mut inflight = lock(self.cache.flights(&self.key));
+        if let Slot::Occupied(e) = inflight.entry(self.key.clone())
+            && e.get().id == self.id
+            && e.get().call.upgrade().is_none()
         {
-            inflight.remove(&self.key);
+            e.remove();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use futures::FutureExt;
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::aggregate::Answer;
+
+    fn answer() -> Result<Fetched, Failure> {
+        Ok(Fetched {
+            status: 200,
+            answer: Answer::Raw(Arc::from(
+                RawValue::from_string("{\"ok\":true}".into()).expect("json"),
+            )),
+            size: 11,
+            max_age: Some(Duration::MAX),
+        })
+    }
+
+    fn in_flight(cache: &PartCache) -> usize {
+        cache.inflight.iter().map(|m| lock(m).len()).sum()
+    }
+
+    /// A call that answers when `gate` opens, counting how often it is made.
+    fn gated(
+        calls: &Arc<AtomicUsize>,
+        gate: &futures::future::Shared<tokio::sync::oneshot::Receiver<()>>,
+    ) -> impl FnOnce() -> BoxFuture<'static, Result<Fetched, Failure>> {
+        let calls = calls.clone();
+        let gate = gate.clone();
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let _ = gate.await;
+                answer()
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_call_and_the_first_to_see_it_end_caches_it() {
+        let cfg = PartCacheConfig {
+            ttl_ms: 60_000,
+            max_bytes: 1 << 20,
+        };
+        let cache = Arc::new(PartCache::new(Some(&cfg)));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (open, gate) = tokio::sync::oneshot::channel::<()>();
+        let gate = gate.shared();
+        let key: Arc<str> = "/api/products/p1".into();
+        let first = cache.get(key.clone(), gated(&calls, &gate));
+        let second = cache.get(key.clone(), gated(&calls, &gate));
+        let both = futures::future::join(first, second);
+        let opener = async {
+            tokio::task::yield_now().await;
+            let _ = open.send(());
+        };
+        let ((a, via_a), (b, via_b)) = futures::future::join(both, opener).await.0;
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one backend call for both");
+        assert_eq!((via_a, via_b), (Via::Miss, Via::Shared));
+        assert_eq!(in_flight(&cache), 0, "the call is retired once it ended");
+        // Cached by the request that retired it: no call, a hit.
+        let (c, via_c) = cache.get(key, gated(&calls, &gate)).await;
+        assert!(c.is_ok());
+        assert_eq!(via_c, Via::Hit);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_nobody_waits_for_any_more_is_dropped_and_forgotten() {
+        let cache = Arc::new(PartCache::new(None));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (_open, gate) = tokio::sync::oneshot::channel::<()>();
+        let gate = gate.shared();
+        let key: Arc<str> = "/api/prices/p1".into();
+        {
+            let waiting = cache.get(key.clone(), gated(&calls, &gate));
+            // Started, then abandoned (the client left, the deadline passed).
+            let gone = tokio::time::timeout(Duration::from_millis(10), waiting).await;
+            assert!(gone.is_err());
+        }
+        assert_eq!(in_flight(&cache), 0, "no entry outlives its waiters");
+        // The next request makes a new call, which nothing caches (no store).
+        let (open, gate) = tokio::sync::oneshot::channel::<()>();
+        let gate = gate.shared();
+        let _ = open.send(());
+        let (r, via) = cache.get(key.clone(), gated(&calls, &gate)).await;
+        assert!(r.is_ok());
+        assert_eq!(via, Via::Miss);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let (_, via) = cache.get(key, gated(&calls, &gate)).await;
+        assert_eq!(
+            via,
+            Via::Miss,
+            "without a store, an ended call is not reused"
+        );
+        assert_eq!(in_flight(&cache), 0);
     }
 }

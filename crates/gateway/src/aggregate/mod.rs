@@ -13,11 +13,10 @@ pub mod template;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -25,6 +24,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use shopmesh_platform::Problem;
+use smallvec::SmallVec;
 
 use crate::cluster::Cluster;
 use crate::config::{AggregateConfig, PartConfig};
@@ -365,8 +365,8 @@ pub(crate) struct Fetched {
     answer: Answer,
     /// Its size on the wire (what a cache entry is weighed by).
     size: usize,
-    /// How long it may be cached: `None` when the backend forbids it, `Duration::MAX` when
-    /// the backend says nothing.
+    /// How long it may be cached: `None` when the backend forbids it (or the part keeps no
+    /// answers, so it was not read), `Duration::MAX` when the backend says nothing.
     max_age: Option<Duration>,
 }
 
@@ -548,11 +548,34 @@ struct Report {
     skipped: bool,
 }
 
+/// A part's request headers: a few, set in order (a later one of the same name replaces
+/// the earlier), made into a map only when the request is sent.
+/// (`Accept`, the request id and trace context inline; more spill to the heap.)
+type PartHeaders = SmallVec<[(HeaderName, HeaderValue); 3]>;
+
+fn set(headers: &mut PartHeaders, name: HeaderName, value: HeaderValue) {
+    match headers.iter_mut().find(|(n, _)| *n == name) {
+        Some(slot) => slot.1 = value,
+        None => headers.push((name, value)),
+    }
+}
+
 /// A part's request, ready to go.
 struct PartRequest {
     path_and_query: http::uri::PathAndQuery,
-    headers: HeaderMap,
+    headers: PartHeaders,
     key: Arc<str>,
+}
+
+/// The headers every part passes on from the client's request (looked up once per request).
+type Passed = [Option<HeaderValue>; 2];
+const PASSED: [&HeaderName; 2] = [&names::REQUEST_ID, &names::TRACEPARENT];
+
+/// How the composite's wait for its parts ended.
+enum Next {
+    Part(usize, Report),
+    AllDone,
+    Deadline,
 }
 
 impl Composite {
@@ -593,6 +616,7 @@ impl Composite {
             .and_then(|c| c.claims)
             .or(key_claims.as_ref());
 
+        let passed: Passed = PASSED.map(|h| inc.headers.get(h).cloned());
         let n = self.plan.parts.len();
         let mut values: Vec<Option<Arc<Value>>> = vec![None; n];
         let mut reports: Vec<Option<Report>> = (0..n).map(|_| None).collect();
@@ -600,6 +624,8 @@ impl Composite {
         let mut running = FuturesUnordered::new();
         // The first required part to fail decides the answer; nothing more is started.
         let mut fatal: Option<usize> = None;
+        // One timer for the composite's deadline, however many parts come back before it.
+        let mut deadline = std::pin::pin!(tokio::time::sleep_until(deadline));
         loop {
             // Start every part whose inputs are all in; a part that needs nothing from the
             // backends (an empty list) or cannot be asked (a missing input) is settled here,
@@ -630,7 +656,7 @@ impl Composite {
                             claims,
                             parts: &values,
                         };
-                        match self.request(i, &cx, &inc) {
+                        match self.request(i, &cx, &inc, &passed) {
                             Ok(req) => {
                                 running.push(self.run(i, req));
                                 None
@@ -661,16 +687,24 @@ impl Composite {
             if running.is_empty() {
                 break;
             }
-            match tokio::time::timeout_at(deadline, running.next()).await {
-                Ok(Some((i, report))) => {
+            let next = std::future::poll_fn(|cx| {
+                match running.poll_next_unpin(cx) {
+                    Poll::Ready(Some((i, report))) => return Poll::Ready(Next::Part(i, report)),
+                    Poll::Ready(None) => return Poll::Ready(Next::AllDone),
+                    Poll::Pending => {}
+                }
+                deadline.as_mut().poll(cx).map(|()| Next::Deadline)
+            });
+            match next.await {
+                Next::Part(i, report) => {
                     if report.failure.is_some() && self.plan.parts[i].cfg.required {
                         fatal = Some(i);
                     }
                     values[i] = report.value.clone();
                     reports[i] = Some(report);
                 }
-                Ok(None) => break,
-                Err(_) => {
+                Next::AllDone => break,
+                Next::Deadline => {
                     // The composite's deadline: whatever is still out (or never started)
                     // has missed it.
                     for (i, slot) in reports.iter_mut().enumerate() {
@@ -716,6 +750,7 @@ impl Composite {
         i: usize,
         cx: &Context<'_>,
         inc: &Incoming<'_>,
+        passed: &Passed,
     ) -> Result<PartRequest, Unresolved> {
         let part = &self.plan.parts[i];
         let path = part.path.render(cx, Encoding::Path)?;
@@ -749,20 +784,23 @@ impl Composite {
         } else {
             path
         };
+        // Taken as it is (no copy); checked as a path and query.
         let path_and_query =
-            http::uri::PathAndQuery::try_from(pq.as_str()).map_err(|_| Unresolved::Missing {
-                what: format!("(the path `{pq}`)"),
-                client: true,
+            http::uri::PathAndQuery::from_maybe_shared(Bytes::from(pq)).map_err(|_| {
+                Unresolved::Missing {
+                    what: "(the path of the part)".into(),
+                    client: true,
+                }
             })?;
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let mut headers = PartHeaders::new();
+        headers.push((header::ACCEPT, HeaderValue::from_static("application/json")));
         for (name, t) in &part.headers {
             let v = t.render(cx, Encoding::Raw)?;
             let v = HeaderValue::from_str(&v).map_err(|_| Unresolved::Missing {
                 what: format!("(header `{name}` value)"),
                 client: true,
             })?;
-            headers.insert(name.clone(), v);
+            set(&mut headers, name.clone(), v);
         }
         // The key: everything that shapes the answer, nothing per request.
         let mut key = String::with_capacity(64);
@@ -780,10 +818,10 @@ impl Composite {
                 what: "(caller id)".into(),
                 client: false,
             })?;
-            headers.insert(names::USER_ID.clone(), id);
+            set(&mut headers, names::USER_ID.clone(), id);
             let roles = c.roles.join(",");
             if let Ok(v) = HeaderValue::from_str(&roles) {
-                headers.insert(names::USER_ROLES.clone(), v);
+                set(&mut headers, names::USER_ROLES.clone(), v);
             }
             // Answers are kept per caller and per roles: a demoted caller does not see
             // what it saw as an admin.
@@ -792,9 +830,9 @@ impl Composite {
             key.push_str("\nroles:");
             key.push_str(&roles);
         }
-        for h in [&names::REQUEST_ID, &names::TRACEPARENT] {
-            if let Some(v) = inc.headers.get(h) {
-                headers.insert(h.clone(), v.clone());
+        for (h, v) in PASSED.iter().zip(passed) {
+            if let Some(v) = v {
+                set(&mut headers, (*h).clone(), v.clone());
             }
         }
         Ok(PartRequest {
@@ -805,7 +843,11 @@ impl Composite {
     }
 
     /// Runs part `i`: through its cache and the calls in flight, within its timeout.
-    fn run(&self, i: usize, req: PartRequest) -> BoxFuture<'static, (usize, Report)> {
+    fn run(
+        &self,
+        i: usize,
+        req: PartRequest,
+    ) -> impl Future<Output = (usize, Report)> + Send + 'static {
         let part = &self.plan.parts[i];
         let cache = self.caches[i].clone();
         let cluster = self.clusters[i].clone();
@@ -816,6 +858,8 @@ impl Composite {
         let route = self.route.clone();
         let name = part.name.clone();
         let m = self.metrics[i].clone();
+        // Only a cached answer needs the backend's `Cache-Control`.
+        let cached = cache.stores();
         async move {
             let t0 = Instant::now();
             let PartRequest {
@@ -823,11 +867,16 @@ impl Composite {
                 headers,
                 key,
             } = req;
-            let (result, via) = cache
-                .get(key, move || {
-                    fetch(cluster, path_and_query, headers, timeout, max, read).boxed()
-                })
-                .await;
+            let call = Call {
+                cluster,
+                path_and_query,
+                headers,
+                timeout,
+                max,
+                read,
+                cached,
+            };
+            let (result, via) = cache.get(key, move || fetch(call)).await;
             let elapsed = t0.elapsed();
             m.cache[via as usize].increment(1);
             m.duration.record(elapsed.as_secs_f64());
@@ -870,7 +919,6 @@ impl Composite {
             };
             (i, report)
         }
-        .boxed()
     }
 
     fn failed(&self, i: usize, failure: Failure, elapsed: Duration) -> Report {
@@ -1034,7 +1082,16 @@ impl Composite {
                 Out::Value(self.parts_section(reports.iter().map(Some))),
             );
         }
-        let body = serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec());
+        // Sized for the answers copied as they came, so the buffer is rarely grown.
+        let raw: usize = reports
+            .iter()
+            .filter_map(|r| r.raw.as_ref())
+            .map(|r| r.get().len())
+            .sum();
+        let mut body = Vec::with_capacity(raw + 256);
+        if serde_json::to_writer(&mut body, &doc).is_err() {
+            body = b"{}".to_vec();
+        }
         let mut res = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
         let h = res.headers_mut();
         h.insert(
@@ -1062,16 +1119,46 @@ enum Out<'a> {
     Object(BTreeMap<String, Out<'a>>),
 }
 
-/// One backend call: pick an endpoint, send, read a bounded JSON answer, all within
-/// `timeout`; the endpoint's breaker learns the outcome.
-async fn fetch(
+/// One backend call of a part.
+struct Call {
     cluster: Arc<Cluster>,
     path_and_query: http::uri::PathAndQuery,
-    headers: HeaderMap,
+    headers: PartHeaders,
     timeout: Duration,
+    /// The largest answer read.
     max: usize,
     read: Read,
-) -> Result<Fetched, Failure> {
+    /// The answer may be cached (its `Cache-Control` is read).
+    cached: bool,
+}
+
+impl Call {
+    /// The request, made anew for each attempt.
+    fn request(&self, uri: Uri) -> Request<Body> {
+        let mut req = Request::new(empty());
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        // Room for `Host` too, which a kept connection adds.
+        h.reserve(self.headers.len() + 1);
+        for (name, value) in &self.headers {
+            h.insert(name.clone(), value.clone());
+        }
+        req
+    }
+}
+
+/// One backend call: pick an endpoint, send, read a bounded JSON answer, all within
+/// `timeout`; the endpoint's breaker learns the outcome.
+async fn fetch(call: Call) -> Result<Fetched, Failure> {
+    let Call {
+        ref cluster,
+        ref path_and_query,
+        timeout,
+        max,
+        ref read,
+        cached,
+        ..
+    } = call;
     let Some(lease) = cluster.pick(None, None) else {
         return Err(Failure::NoEndpoint);
     };
@@ -1089,12 +1176,7 @@ async fn fetch(
         if cluster.version() == http::Version::HTTP_11 {
             // This worker's own connections to the endpoint (see `upstream`).
             let ep = &lease.endpoint;
-            let build = || {
-                let mut req = Request::new(empty());
-                *req.uri_mut() = Uri::from(path_and_query.clone());
-                *req.headers_mut() = headers.clone();
-                req
-            };
+            let build = || call.request(Uri::from(path_and_query.clone()));
             let (res, conn) = ep
                 .kept
                 .send(&cluster.connector, &cluster.upstream, build(), || {
@@ -1109,15 +1191,12 @@ async fn fetch(
         let uri = Uri::builder()
             .scheme(lease.endpoint.scheme.clone())
             .authority(lease.endpoint.authority.clone())
-            .path_and_query(path_and_query)
+            .path_and_query(path_and_query.clone())
             .build()
             .map_err(|_| Failure::Invalid("the request is not valid"))?;
-        let mut req = Request::new(empty());
-        *req.uri_mut() = uri;
-        *req.headers_mut() = headers;
         let res = cluster
             .client()
-            .request(req)
+            .request(call.request(uri))
             .await
             .map_err(|_| Failure::Unreachable)?;
         whole(res).await
@@ -1151,7 +1230,7 @@ async fn fetch(
         )),
         Read::RawAt(path) => {
             let whole = serde_json::from_slice::<&RawValue>(&bytes).map_err(not_json)?;
-            let at = raw_at(whole, &path).map_err(not_json)?;
+            let at = raw_at(whole, path).map_err(not_json)?;
             Answer::Raw(Arc::from(at.unwrap_or(RawValue::NULL).to_owned()))
         }
     };
@@ -1159,7 +1238,7 @@ async fn fetch(
         status: status.as_u16(),
         size: bytes.len(),
         answer,
-        max_age: max_age(&headers),
+        max_age: if cached { max_age(&headers) } else { None },
     })
 }
 
