@@ -31,10 +31,16 @@
 # Needs: wrk, hey, h2load, nginx, haproxy, openssl, curl (Debian: apt-get install wrk hey
 # nghttp2-client nginx-light haproxy openssl curl bc; HAProxy >= 2.5 for jwt_verify, Debian
 # 12 has 2.6). Uses ports 18180-18194.
-# Usage: bench/proxy-vs-peers.sh [seconds-per-run (default 10)]
+# Rounds (the second argument, default 3): the ten throughput lines run one after another, and
+# that sequence is repeated, so every line sees the machine in every state it passes
+# through. A line's figures are the medians over the rounds; a ratio is the median of the
+# ratios taken within each round (the two lines of a ratio run minutes apart at most). One
+# round is a single run of each line, as before.
+# Usage: bench/proxy-vs-peers.sh [seconds-per-run (default 10)] [rounds (default 3)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
+ROUNDS=${2:-3}
 CONNS=64
 for tool in wrk hey h2load nginx haproxy openssl curl basenc python3 bc xxd; do
   command -v $tool >/dev/null || { echo "missing: $tool (apt-get install wrk hey nghttp2-client nginx-light haproxy openssl curl)"; exit 1; }
@@ -328,7 +334,7 @@ to_ms() { # wrk latency value (e.g. 812.00us, 1.23ms, 1.02s) → ms
 run_wrk() { # name url [noauth | token (default $TOKEN)] → "rps p50 p99"
   local name=$1 url=$2 out auth=(-H "Authorization: Bearer ${3:-$TOKEN}")
   [ "${3:-}" = noauth ] && auth=()
-  wrk -t1 -c"$CONNS" -d2s "${auth[@]}" "$url" >/dev/null # warm-up
+  [ "$ROUND" -gt 1 ] || wrk -t1 -c"$CONNS" -d2s "${auth[@]}" "$url" >/dev/null # warm-up
   out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${auth[@]}" "$url")
   local rps p50 p99 errors
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
@@ -381,25 +387,53 @@ sleep 3
 n_idle_conns=$(ss -Htn state established "( sport = :${NGX##*:} )" | wc -l)
 N_ANON1=$(anon_kb "${NGX_PIDS[@]}")
 wait $IDLE_PID
-echo "wrk -t1 -c$CONNS -d${DURATION}s, 2 cores shared by load generator, proxy and upstream"
-read -r D_RPS D_P50 D_P99 < <(run_wrk direct "http://$UP/")
-read -r N_RPS N_P50 N_P99 < <(run_wrk nginx "http://$NGX/")
-read -r NL_RPS NL_P50 NL_P99 < <(run_wrk nginx-log "http://$NGX_LOG/")
-read -r H_RPS H_P50 H_P99 < <(run_wrk haproxy "http://$HAP/")
-read -r G_RPS G_P50 G_P99 < <(run_wrk gateway "http://$GW/")
-read -r B_RPS B_P50 B_P99 < <(run_wrk bare "http://$BARE/")
-read -r M0_RPS M0_P50 M0_P99 < <(run_wrk gateway-min "http://$GW_MIN/" noauth)
-read -r HJ_RPS HJ_P50 HJ_P99 < <(run_wrk haproxy-jwt "http://$HAP_JWT/" "$ES_TOKEN")
-read -r GNC_RPS GNC_P50 GNC_P99 < <(run_wrk gateway-nocache "http://$GW_NC/" "$ES_TOKEN")
-read -r GES_RPS GES_P50 GES_P99 < <(run_wrk gateway-es256 "http://$GW/" "$ES_TOKEN")
+echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds of the ten lines; 2 cores shared by load generator, proxy and upstream"
+# LINES: short name (the variables' prefix), wrk name, url, auth.
+LINES=(
+  "D direct http://$UP/ $TOKEN"
+  "N nginx http://$NGX/ $TOKEN"
+  "NL nginx-log http://$NGX_LOG/ $TOKEN"
+  "H haproxy http://$HAP/ $TOKEN"
+  "G gateway http://$GW/ $TOKEN"
+  "B bare http://$BARE/ $TOKEN"
+  "M0 gateway-min http://$GW_MIN/ noauth"
+  "HJ haproxy-jwt http://$HAP_JWT/ $ES_TOKEN"
+  "GNC gateway-nocache http://$GW_NC/ $ES_TOKEN"
+  "GES gateway-es256 http://$GW/ $ES_TOKEN"
+)
+declare -A RUN_RPS RUN_P50 RUN_P99   # short name → one figure per round, space-separated
+for ROUND in $(seq 1 "$ROUNDS"); do
+  for line in "${LINES[@]}"; do
+    read -r short name url auth <<<"$line"
+    read -r rps p50 p99 < <(run_wrk "$name" "$url" "$auth")
+    RUN_RPS[$short]+="$rps "; RUN_P50[$short]+="$p50 "; RUN_P99[$short]+="$p99 "
+  done
+  echo "round $ROUND: $(for line in "${LINES[@]}"; do read -r short name _ <<<"$line"; printf '%s=%s ' "$name" "$(awk '{print $NF}' <<<"${RUN_RPS[$short]}")"; done)"
+done
+ROUND=1   # the runs below warm up again
+median() { # numbers as arguments → their median
+  printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.6f\n", (a[NR/2]+a[NR/2+1])/2}'
+}
+ratio() { # figure (RUN_RPS, RUN_P99) A B → the median over the rounds of A/B within a round
+  local -n fig=$1
+  local a=(${fig[$2]}) b=(${fig[$3]}) r=() i
+  for i in "${!a[@]}"; do r+=("$(echo "${a[$i]}/${b[$i]}" | bc -l)"); done
+  median "${r[@]}"
+}
+for line in "${LINES[@]}"; do
+  read -r short _ <<<"$line"
+  printf -v "${short}_RPS" '%.0f' "$(median ${RUN_RPS[$short]})"
+  printf -v "${short}_P50" '%.2f' "$(median ${RUN_P50[$short]})"
+  printf -v "${short}_P99" '%.2f' "$(median ${RUN_P99[$short]})"
+done
 printf 'proxy: %-8s %7d req/s p50=%sms p99=%sms\n' direct "$D_RPS" "$D_P50" "$D_P99" \
   nginx "$N_RPS" "$N_P50" "$N_P99" haproxy "$H_RPS" "$H_P50" "$H_P99" gateway "$G_RPS" "$G_P50" "$G_P99"
 printf 'floor: hyper+tokio forwarding alone (bench bare-proxy) %d req/s p50=%sms p99=%sms; gateway/floor rps=%.2f, floor/nginx rps=%.2f\n' \
-  "$B_RPS" "$B_P50" "$B_P99" "$(echo "$G_RPS/$B_RPS" | bc -l)" "$(echo "$B_RPS/$N_RPS" | bc -l)"
+  "$B_RPS" "$B_P50" "$B_P99" "$(ratio RUN_RPS G B)" "$(ratio RUN_RPS B N)"
 printf 'chain: nginx with a JSON access log and a per-caller limit_req %d req/s p50=%sms p99=%sms (%.2f of plain nginx); gateway/that nginx rps=%.2f\n' \
-  "$NL_RPS" "$NL_P50" "$NL_P99" "$(echo "$NL_RPS/$N_RPS" | bc -l)" "$(echo "$G_RPS/$NL_RPS" | bc -l)"
-printf 'chain: gateway with the chain off (routing, metrics) %d req/s p50=%sms p99=%sms; core/floor rps=%.2f, full chain/chain off rps=%.2f\n' \
-  "$M0_RPS" "$M0_P50" "$M0_P99" "$(echo "$M0_RPS/$B_RPS" | bc -l)" "$(echo "$G_RPS/$M0_RPS" | bc -l)"
+  "$NL_RPS" "$NL_P50" "$NL_P99" "$(ratio RUN_RPS NL N)" "$(ratio RUN_RPS G NL)"
+printf 'chain: gateway with the chain off (routing, metrics) %d req/s p50=%sms p99=%sms; core/floor rps=%.2f, core/nginx rps=%.2f, full chain/chain off rps=%.2f\n' \
+  "$M0_RPS" "$M0_P50" "$M0_P99" "$(ratio RUN_RPS M0 B)" "$(ratio RUN_RPS M0 N)" "$(ratio RUN_RPS G M0)"
 if [ "${HAPROXY_LOG:-ring}" = file ]; then
   hap_lines=$(grep -c '"request_id"' "$WORK/haproxy-access.log" || true)
 else
@@ -411,8 +445,8 @@ printf 'same-work: haproxy (jwt_verify ES256, alg/exp/iss/aud/sub, stick-table l
 printf 'same-work: gateway full chain on ES256, cache off %d req/s p50=%sms p99=%sms (%d log lines); cache on %d req/s p50=%sms p99=%sms\n' \
   "$GNC_RPS" "$GNC_P50" "$GNC_P99" "$nc_lines" "$GES_RPS" "$GES_P50" "$GES_P99"
 printf 'same-work: gateway/haproxy rps=%.2f (cache off) %.2f (cache on) gateway/nginx rps=%.2f p99/haproxy=%.2f\n' \
-  "$(echo "$GNC_RPS/$HJ_RPS" | bc -l)" "$(echo "$GES_RPS/$HJ_RPS" | bc -l)" \
-  "$(echo "$GES_RPS/$NL_RPS" | bc -l)" "$(echo "$GNC_P99/$HJ_P99" | bc -l)"
+  "$(ratio RUN_RPS GNC HJ)" "$(ratio RUN_RPS GES HJ)" \
+  "$(ratio RUN_RPS GES NL)" "$(ratio RUN_P99 GNC HJ)"
 
 # 6b. RSS with 1,000 connections all sending at once (wrk -c1000), after the runs above.
 wrk -t1 -c1000 -d6s -H "Authorization: Bearer $TOKEN" "http://$GW/" >"$WORK/wrk1000.txt" &
@@ -486,4 +520,4 @@ printf 'h2 over TLS (h2load -c16 -m10): nginx %d req/s mean=%sms; gateway %d req
 lines=$(grep -c '"shopmesh::access"' "$WORK/gateway.log" || true)
 echo "access log: $lines lines written"
 printf 'ratio: gateway/nginx rps=%.2f gateway/haproxy rps=%.2f gateway/haproxy p99=%.2f\n' \
-  "$(echo "$G_RPS/$N_RPS" | bc -l)" "$(echo "$G_RPS/$H_RPS" | bc -l)" "$(echo "$G_P99/$H_P99" | bc -l)"
+  "$(ratio RUN_RPS G N)" "$(ratio RUN_RPS G H)" "$(ratio RUN_P99 G H)"
