@@ -200,7 +200,6 @@ fn spawn_workers(
                 .spawn(move || {
                     crate::worker::enter_worker(i + 1);
                     rt.block_on(async move {
-                        tokio::spawn(crate::worker::timer_floor());
                         match TcpListener::from_std(listener) {
                             Ok(l) => serve_phases(l, gateway, phases, drain).await,
                             Err(e) => tracing::error!(error = %e, "worker cannot listen"),
@@ -256,7 +255,19 @@ pub async fn serve_with_readiness(
     serve_phases(listener, gateway, phases, drain).await
 }
 
+/// A task that ends with the scope that holds it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn serve_phases(listener: TcpListener, gateway: Gateway, phases: Phases, drain: Duration) {
+    // On a worker's runtime, and on a shared one (`shopmesh up`, the mesh's sidecars): for
+    // as long as this server runs, registering a request's timeout does not wake the thread.
+    let _floor = AbortOnDrop(tokio::spawn(crate::worker::timer_floor()));
     let limits = gateway.runtime().config.limits.clone();
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());
