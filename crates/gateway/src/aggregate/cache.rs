@@ -167,26 +167,24 @@ impl PartCache {
             done: false,
         };
         let result = flight.await;
-        // Ours goes; the first request to see the call end retires it and keeps its answer.
-        drop(waiter.flight.take());
+        // The first request to see the call end retires it, holding its handle meanwhile:
+        // until the entry goes, a request for the same key joins the ended call (another
+        // thread's may come at any moment), and once it has gone, the answer is in the store.
         waiter.done = true;
-        if self.retire(&waiter.key, id) {
-            self.keep(&waiter.key, &result);
-        }
+        self.retire(&waiter.key, id, &result);
         (result, via)
     }
 
-    /// Takes call `id` out of the calls in flight if it is still there: true for the first
-    /// request to see it end.
-    fn retire(&self, key: &Arc<str>, id: u64) -> bool {
+    /// Caches the answer of call `id` and takes it out of the calls in flight, if it is
+    /// still there (the first request to see it end).
+    fn retire(&self, key: &Arc<str>, id: u64, result: &Result<Fetched, Failure>) {
         let mut inflight = lock(self.flights(key));
         if let Slot::Occupied(e) = inflight.entry(key.clone())
             && e.get().id == id
         {
+            self.keep(key, result);
             e.remove();
-            return true;
         }
-        false
     }
 
     /// Caches a successful answer the backend allows to be cached.
@@ -307,20 +305,44 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
+    /// Sets its flag when dropped.
+    struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
     #[tokio::test]
     async fn a_call_nobody_waits_for_any_more_is_dropped_and_forgotten() {
         let cache = Arc::new(PartCache::new(None));
         let calls = Arc::new(AtomicUsize::new(0));
+        // A call that never answers: it can only end by being dropped.
         let (_open, gate) = tokio::sync::oneshot::channel::<()>();
         let gate = gate.shared();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let key: Arc<str> = "/api/prices/p1".into();
         {
-            let waiting = cache.get(key.clone(), gated(&calls, &gate));
+            let call = gated(&calls, &gate);
+            let guard = Dropped(dropped.clone());
+            let waiting = cache.get(key.clone(), move || {
+                let inner = call();
+                async move {
+                    let _guard = guard;
+                    inner.await
+                }
+                .boxed()
+            });
             // Started, then abandoned (the client left, the deadline passed).
             let gone = tokio::time::timeout(Duration::from_millis(10), waiting).await;
             assert!(gone.is_err());
         }
         assert_eq!(in_flight(&cache), 0, "no entry outlives its waiters");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the backend call is dropped with its last waiter"
+        );
         // The next request makes a new call, which nothing caches (no store).
         let (open, gate) = tokio::sync::oneshot::channel::<()>();
         let gate = gate.shared();
@@ -335,6 +357,7 @@ mod tests {
             Via::Miss,
             "without a store, an ended call is not reused"
         );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(in_flight(&cache), 0);
     }
 }
