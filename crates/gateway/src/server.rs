@@ -255,19 +255,16 @@ pub async fn serve_with_readiness(
     serve_phases(listener, gateway, phases, drain).await
 }
 
-/// A task that ends with the scope that holds it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn serve_phases(listener: TcpListener, gateway: Gateway, phases: Phases, drain: Duration) {
     // On a worker's runtime, and on a shared one (`shopmesh up`, the mesh's sidecars): for
     // as long as this server runs, registering a request's timeout does not wake the thread.
-    let _floor = AbortOnDrop(tokio::spawn(crate::worker::timer_floor()));
+    let floor = CancellationToken::new();
+    tokio::spawn(
+        floor
+            .clone()
+            .run_until_cancelled_owned(crate::worker::timer_floor()),
+    );
+    let _floor = floor.drop_guard();
     let limits = gateway.runtime().config.limits.clone();
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());

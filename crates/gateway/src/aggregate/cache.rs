@@ -145,15 +145,7 @@ impl PartCache {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let flight: Shared<Call> = call().boxed().shared();
                     if let Some(weak) = flight.downgrade() {
-                        let f = InFlight { id, call: weak };
-                        match slot {
-                            Slot::Occupied(mut o) => {
-                                o.insert(f);
-                            }
-                            Slot::Vacant(v) => {
-                                v.insert(f);
-                            }
-                        }
+                        slot.insert_entry(InFlight { id, call: weak });
                     }
                     (flight, Via::Miss, id)
                 }

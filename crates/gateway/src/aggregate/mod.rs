@@ -850,32 +850,27 @@ impl Composite {
     ) -> impl Future<Output = (usize, Report)> + Send + 'static {
         let part = &self.plan.parts[i];
         let cache = self.caches[i].clone();
-        let cluster = self.clusters[i].clone();
-        let timeout = part.timeout;
-        let max = part.cfg.max_body_bytes;
-        let read = part.read.clone();
         let fallback = (!part.cfg.required).then(|| part.fallback.clone());
         let route = self.route.clone();
         let name = part.name.clone();
         let m = self.metrics[i].clone();
-        // Only a cached answer needs the backend's `Cache-Control`.
-        let cached = cache.stores();
+        let PartRequest {
+            path_and_query,
+            headers,
+            key,
+        } = req;
+        let call = Call {
+            cluster: self.clusters[i].clone(),
+            path_and_query,
+            headers,
+            timeout: part.timeout,
+            max: part.cfg.max_body_bytes,
+            read: part.read.clone(),
+            // Only a cached answer needs the backend's `Cache-Control`.
+            cached: cache.stores(),
+        };
         async move {
             let t0 = Instant::now();
-            let PartRequest {
-                path_and_query,
-                headers,
-                key,
-            } = req;
-            let call = Call {
-                cluster,
-                path_and_query,
-                headers,
-                timeout,
-                max,
-                read,
-                cached,
-            };
             let (result, via) = cache.get(key, move || fetch(call)).await;
             let elapsed = t0.elapsed();
             m.cache[via as usize].increment(1);
