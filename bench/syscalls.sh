@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # System calls per proxied request: the gateway (chain off, and full chain: JWT, rate limit,
-# JSON access log) against nginx proxying the same upstream, counted with `strace -c -f`
-# attached to the proxy's processes while a fixed number of keep-alive requests go through.
+# JSON access log) against nginx proxying the same upstream, counted with `perf stat` on the
+# kernel's system-call tracepoints (`syscalls:sys_enter_*`) of the proxy's processes while a
+# fixed number of keep-alive requests go through.
 #
-# strace slows every call down, so the throughput under it means nothing; the counts per
-# request do not depend on it (they depend on how the proxy batches reads, writes and
-# wake-ups, which a slower run can only make larger for both by the same mechanism). Run
-# with the same load (hey -n $REQUESTS -c $CONNS) against each.
+# The tracepoints count in the kernel without stopping the process, so the proxy runs at its
+# own speed and batches reads, writes and wake-ups as it does in production. (`strace -c`,
+# which this script used before, stops the process at every call: a slower proxy parks more
+# often, and a runtime's wake-ups through its eventfd tripled under it.) Run with the same
+# load (hey -n $REQUESTS -c $CONNS) against each.
 #
-# Needs: strace, hey, nginx, openssl, curl (Debian: apt-get install strace hey nginx-light
-# openssl curl). Uses ports 18680-18685.
+# Needs: perf (Debian: linux-perf), hey, nginx, openssl, curl, and permission to read the
+# tracepoints (root, or kernel.perf_event_paranoid <= -1). Uses ports 18680-18685.
+# Install: apt-get install linux-perf hey nginx-light openssl curl
 # Usage: [SHOPMESH_BIN=path] bench/syscalls.sh [requests (default 20000)] [connections (default 8)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${1:-20000}
 CONNS=${2:-8}
-for tool in strace hey nginx openssl curl basenc; do
-  command -v $tool >/dev/null || { echo "missing: $tool (apt-get install strace hey nginx-light openssl curl)"; exit 1; }
+for tool in perf hey nginx openssl curl basenc; do
+  command -v $tool >/dev/null || { echo "missing: $tool (apt-get install linux-perf hey nginx-light openssl curl)"; exit 1; }
 done
+perf stat -e 'syscalls:sys_enter_getpid' -o /dev/null -- true 2>/dev/null \
+  || { echo "perf cannot read the system-call tracepoints (run as root, or sysctl kernel.perf_event_paranoid=-1)"; exit 1; }
 
 # SHOPMESH_BIN: a binary already built (default: build the release one).
 BIN=${SHOPMESH_BIN:-}
@@ -128,12 +133,13 @@ wait_up -H "Authorization: Bearer $TOKEN" "http://$GW/"
 # count NAME URL AUTH(yes|no) PID... → "calls-per-request top-5"
 count() {
   local name=$1 url=$2 auth=$3; shift 3
-  local args=() hdr=()
+  local hdr=()
   [ "$auth" = yes ] && hdr=(-H "Authorization: Bearer $TOKEN")
-  # Every thread of every process (strace -p attaches to one thread).
-  for p in "$@"; do for t in /proc/"$p"/task/*; do args+=(-p "${t##*/}"); done; done
+  local pids
+  pids=$(tr ' ' ',' <<<"$*")
   hey -n 2000 -c "$CONNS" "${hdr[@]}" "$url" >/dev/null # warm-up
-  strace -f -c -o "$WORK/$name.strace" "${args[@]}" 2>/dev/null &
+  # Every thread of every process: perf stat -p follows all of a process's threads.
+  perf stat -e 'syscalls:sys_enter_*' -x, -o "$WORK/$name.perf" -p "${pids%,}" &
   local st=$!
   sleep 1
   local out
@@ -142,15 +148,17 @@ count() {
   local bad
   bad=$(awk '/^ *\[[0-9]+\]/ && $1 != "[200]" {s += $2} END {print s+0}' <<<"$out")
   [ "$bad" = 0 ] || { echo "$name: $bad requests did not answer 200"; exit 1; }
-  # strace -c's table: "% time, seconds, usecs/call, calls, [errors], syscall" per row.
-  awk '$1 ~ /^[0-9.]+$/ && $NF != "total" && NF >= 5 {print $4, $NF}' "$WORK/$name.strace" \
-    | sort -rn >"$WORK/$name.rows"
+  # perf stat -x, rows: "count,unit,event,…"; the calls made while idle (a timer per
+  # 50 ms, epoll's wait) are counted too, as they are part of what the proxy costs.
+  awk -F, '$3 ~ /^syscalls:sys_enter_/ && $1 ~ /^[0-9]+$/ && $1 > 0 {sub("syscalls:sys_enter_", "", $3); print $1, $3}' \
+    "$WORK/$name.perf" | sort -rn >"$WORK/$name.rows"
+  [ -s "$WORK/$name.rows" ] || { echo "$name: perf counted nothing"; cat "$WORK/$name.perf"; exit 1; }
   awk -v n="$REQUESTS" '{t += $1; if (NR <= 5) top = top sprintf(" %s=%.2f", $2, $1 / n)}
     END {printf "%.2f%s\n", t / n, top}' "$WORK/$name.rows"
 }
 
 nginx_workers=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
-echo "system calls per request: hey -n $REQUESTS -c $CONNS keep-alive, strace -c -f on the proxy's processes"
+echo "system calls per request: hey -n $REQUESTS -c $CONNS keep-alive, perf stat on the system-call tracepoints of the proxy's processes"
 N=$(count nginx "http://$NGX/" no $nginx_workers)
 M=$(count gateway-min "http://$GW_MIN/" no "$GW_MIN_PID")
 G=$(count gateway "http://$GW/" yes "$GW_PID")

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod alloc;
 mod bench;
 mod mesh;
 
 /// mimalloc: the proxy's per-request allocations (headers, bodies, log lines) cost about a
 /// sixth of its CPU under glibc's allocator; mimalloc's per-thread heaps halve that.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::MiMalloc = alloc::MiMalloc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
