@@ -11,6 +11,7 @@
 mod cache;
 pub mod template;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::task::Poll;
@@ -1023,7 +1024,9 @@ impl Composite {
 
     /// Merges the parts into one document.
     fn respond(&self, reports: &[Report], want_parts: bool) -> Response<Body> {
-        let mut doc: BTreeMap<String, Out<'_>> = BTreeMap::new();
+        // Keys borrowed from the plan where they are its names, owned only when they come
+        // from an answer's fields.
+        let mut doc: BTreeMap<Cow<'_, str>, Out<'_>> = BTreeMap::new();
         let mut failed: Vec<&str> = Vec::new();
         for ((part, r), m) in self.plan.parts.iter().zip(reports).zip(&self.metrics) {
             if r.skipped {
@@ -1056,11 +1059,12 @@ impl Composite {
             match (&part.place, out) {
                 (Place::Root, Out::Value(Value::Object(m))) => {
                     for (k, v) in m {
-                        doc.entry(k).or_insert(Out::Value(v));
+                        doc.entry(Cow::Owned(k)).or_insert(Out::Value(v));
                     }
                 }
                 (Place::Root, other) => {
-                    doc.entry(part.cfg.name.clone()).or_insert(other);
+                    doc.entry(Cow::Borrowed(part.cfg.name.as_str()))
+                        .or_insert(other);
                 }
                 (Place::At(path), out) => put(&mut doc, path, out),
             }
@@ -1111,7 +1115,7 @@ impl Composite {
 enum Out<'a> {
     Raw(&'a RawValue),
     Value(Value),
-    Object(BTreeMap<String, Out<'a>>),
+    Object(BTreeMap<Cow<'a, str>, Out<'a>>),
 }
 
 /// One backend call of a part.
@@ -1405,20 +1409,20 @@ impl serde::de::Visitor<'_> for KeyIs<'_> {
     }
 }
 
-fn put<'a>(doc: &mut BTreeMap<String, Out<'a>>, path: &[String], value: Out<'a>) {
+fn put<'a>(doc: &mut BTreeMap<Cow<'a, str>, Out<'a>>, path: &'a [String], value: Out<'a>) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
     let mut at = doc;
     for step in parents {
         let slot = at
-            .entry(step.clone())
+            .entry(Cow::Borrowed(step.as_str()))
             .or_insert_with(|| Out::Object(BTreeMap::new()));
         // Something else is already there: it stays.
         let Out::Object(m) = slot else { return };
         at = m;
     }
-    at.entry(last.clone()).or_insert(value);
+    at.entry(Cow::Borrowed(last.as_str())).or_insert(value);
 }
 
 /// The text of a scalar used as a join key.
@@ -1432,14 +1436,14 @@ fn key_text(v: &Value) -> Option<String> {
 }
 
 /// Joins a batch answer into the elements of the `each` array of the document.
-fn enrich(doc: &mut BTreeMap<String, Out<'_>>, part: &PartPlan, e: &Enrich, r: &Report) {
+fn enrich<'a>(doc: &mut BTreeMap<Cow<'a, str>, Out<'a>>, part: &PartPlan, e: &Enrich, r: &Report) {
     // Down the objects `into` paths made, then into a parsed value (with an `enrich` part
     // in the composite, every answer is parsed).
     let mut steps = e.each.iter();
     let mut out_map = doc;
     let mut value: Option<&mut Value> = None;
     for step in steps.by_ref() {
-        match out_map.get_mut(step) {
+        match out_map.get_mut(step.as_str()) {
             Some(Out::Object(m)) => out_map = m,
             Some(Out::Value(v)) => {
                 value = Some(v);
@@ -1623,14 +1627,16 @@ mod tests {
             shape(&plan.parts[0], &v),
             serde_json::json!({"id": 1, "title": "n"})
         );
+        let items: [String; 2] = ["list".into(), "items".into()];
+        let raw_at: [String; 2] = ["list".into(), "raw".into()];
         let mut doc = BTreeMap::new();
         put(
             &mut doc,
-            &["list".into(), "items".into()],
+            &items,
             Out::Value(serde_json::json!([{"id": "a"}, {"id": "b"}, {"id": 3}])),
         );
         let raw = serde_json::from_str::<&RawValue>(r#"{"kept": [1, 2]}"#).unwrap();
-        put(&mut doc, &["list".into(), "raw".into()], Out::Raw(raw));
+        put(&mut doc, &raw_at, Out::Raw(raw));
         let report = Report {
             raw: None,
             value: Some(Arc::new(serde_json::json!({"items": [

@@ -1,12 +1,14 @@
 //! Templates of a composite's backend requests: literal text with `{source.steps}`
 //! placeholders, parsed and checked once when the configuration loads.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value};
+use smallvec::{SmallVec, smallvec};
 
 /// Everything but RFC 3986's unreserved characters is escaped in a path segment.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -148,7 +150,16 @@ impl Template {
 
     /// Fills the template in.
     pub fn render(&self, cx: &Context<'_>, enc: Encoding) -> Result<String, Unresolved> {
-        let mut out = String::new();
+        // The literal text, and room for a value or two, so the string is rarely grown.
+        let literal: usize = self
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Lit(l) => l.len(),
+                Piece::Var(_) => 0,
+            })
+            .sum();
+        let mut out = String::with_capacity(literal + 32);
         for piece in &self.pieces {
             match piece {
                 Piece::Lit(l) => out.push_str(l),
@@ -258,7 +269,11 @@ impl Var {
     }
 }
 
-fn resolve(v: &Var, cx: &Context<'_>) -> Result<Vec<String>, Unresolved> {
+/// A variable's values, borrowed from the request and the parts' answers where they are text
+/// already (one value, without a list allocated, in the common case).
+type Values<'c> = SmallVec<[Cow<'c, str>; 1]>;
+
+fn resolve<'c>(v: &Var, cx: &Context<'c>) -> Result<Values<'c>, Unresolved> {
     let missing = || Unresolved::Missing {
         what: v.text.clone(),
         client: v.is_client(),
@@ -268,8 +283,7 @@ fn resolve(v: &Var, cx: &Context<'_>) -> Result<Vec<String>, Unresolved> {
             return cx
                 .params
                 .get(name)
-                .cloned()
-                .map(|p| vec![p])
+                .map(|p| smallvec![Cow::Borrowed(p.as_str())])
                 .ok_or_else(missing);
         }
         Source::Query(name) => {
@@ -277,7 +291,7 @@ fn resolve(v: &Var, cx: &Context<'_>) -> Result<Vec<String>, Unresolved> {
                 .query
                 .iter()
                 .find(|(k, _)| k == name)
-                .map(|(_, value)| vec![value.clone()])
+                .map(|(_, value)| smallvec![Cow::Borrowed(value.as_str())])
                 .ok_or_else(missing);
         }
         Source::Header(name) => {
@@ -285,7 +299,7 @@ fn resolve(v: &Var, cx: &Context<'_>) -> Result<Vec<String>, Unresolved> {
                 .headers
                 .get(name)
                 .and_then(|h| h.to_str().ok())
-                .map(|h| vec![h.to_owned()])
+                .map(|h| smallvec![Cow::Borrowed(h)])
                 .ok_or_else(missing);
         }
         Source::Claims => {
@@ -293,7 +307,7 @@ fn resolve(v: &Var, cx: &Context<'_>) -> Result<Vec<String>, Unresolved> {
                 return Err(missing());
             };
             let value = cx.claims.and_then(|c| c.get(first)).ok_or_else(missing)?;
-            let mut out = Vec::new();
+            let mut out = Values::new();
             walk(value, &v.steps[1..], &mut out).ok_or_else(missing)?;
             return finish(v, out);
         }
@@ -303,12 +317,12 @@ fn resolve(v: &Var, cx: &Context<'_>) -> Result<Vec<String>, Unresolved> {
             .and_then(Option::as_deref)
             .ok_or_else(missing)?,
     };
-    let mut out = Vec::new();
+    let mut out = Values::new();
     walk(root, &v.steps, &mut out).ok_or_else(missing)?;
     finish(v, out)
 }
 
-fn finish(v: &Var, out: Vec<String>) -> Result<Vec<String>, Unresolved> {
+fn finish<'c>(v: &Var, out: Values<'c>) -> Result<Values<'c>, Unresolved> {
     if out.is_empty() && v.steps.contains(&Step::All) {
         return Err(Unresolved::Empty);
     }
@@ -317,13 +331,13 @@ fn finish(v: &Var, out: Vec<String>) -> Result<Vec<String>, Unresolved> {
 
 /// Collects the scalar values `steps` lead to; `None` when a step finds nothing or the
 /// value is not a scalar.
-fn walk(value: &Value, steps: &[Step], out: &mut Vec<String>) -> Option<()> {
+fn walk<'c>(value: &'c Value, steps: &[Step], out: &mut Values<'c>) -> Option<()> {
     match steps.split_first() {
         None => {
             out.push(match value {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
+                Value::String(s) => Cow::Borrowed(s.as_str()),
+                Value::Number(n) => Cow::Owned(n.to_string()),
+                Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
                 _ => return None,
             });
             Some(())
