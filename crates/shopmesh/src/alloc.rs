@@ -30,10 +30,10 @@ const PLAIN_ALIGN: usize = 16;
 /// mimalloc as Rust's global allocator.
 pub struct MiMalloc;
 
-/// Whether a plain block is aligned enough for `layout`.
+/// Whether a plain block of `size` bytes is aligned enough for `align`.
 #[inline]
-fn plain(layout: &Layout) -> bool {
-    layout.align() <= PLAIN_ALIGN && layout.size().is_multiple_of(layout.align())
+fn plain(size: usize, align: usize) -> bool {
+    align <= PLAIN_ALIGN && size.is_multiple_of(align)
 }
 
 // SAFETY: each method hands mimalloc's own functions the size (and, unless a plain block is
@@ -44,7 +44,7 @@ unsafe impl GlobalAlloc for MiMalloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: mimalloc's allocation functions take any size and alignment.
         unsafe {
-            if plain(&layout) {
+            if plain(layout.size(), layout.align()) {
                 mi::mi_malloc(layout.size()).cast()
             } else {
                 mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
@@ -56,7 +56,7 @@ unsafe impl GlobalAlloc for MiMalloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
         unsafe {
-            if plain(&layout) {
+            if plain(layout.size(), layout.align()) {
                 mi::mi_zalloc(layout.size()).cast()
             } else {
                 mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
@@ -75,8 +75,7 @@ unsafe impl GlobalAlloc for MiMalloc {
         // SAFETY: `ptr` came from mimalloc; the new block keeps the layout's alignment (a
         // plain one only when the alignment also divides the new size).
         unsafe {
-            let new = Layout::from_size_align_unchecked(new_size, layout.align());
-            if plain(&new) {
+            if plain(new_size, layout.align()) {
                 mi::mi_realloc(ptr.cast::<c_void>(), new_size).cast()
             } else {
                 mi::mi_realloc_aligned(ptr.cast::<c_void>(), new_size, layout.align()).cast()

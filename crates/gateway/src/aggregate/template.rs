@@ -55,6 +55,8 @@ enum Piece {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     pieces: Vec<Piece>,
+    /// The length of the literal text, counted once: what a rendering reserves first.
+    literal: usize,
 }
 
 /// Why a template could not be filled in.
@@ -125,7 +127,14 @@ impl Template {
                 }
             }
         }
-        Ok(Self { pieces })
+        let literal = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Lit(l) => l.len(),
+                Piece::Var(_) => 0,
+            })
+            .sum();
+        Ok(Self { pieces, literal })
     }
 
     /// Whether every value comes from the client's query or headers (optional inputs: a
@@ -151,15 +160,7 @@ impl Template {
     /// Fills the template in.
     pub fn render(&self, cx: &Context<'_>, enc: Encoding) -> Result<String, Unresolved> {
         // The literal text, and room for a value or two, so the string is rarely grown.
-        let literal: usize = self
-            .pieces
-            .iter()
-            .map(|p| match p {
-                Piece::Lit(l) => l.len(),
-                Piece::Var(_) => 0,
-            })
-            .sum();
-        let mut out = String::with_capacity(literal + 32);
+        let mut out = String::with_capacity(self.literal + 32);
         for piece in &self.pieces {
             match piece {
                 Piece::Lit(l) => out.push_str(l),
